@@ -1,0 +1,108 @@
+//! The core library's error type.
+
+use crate::codec::RecordKind;
+
+/// Result alias for the core library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in shared code. Codec variants are precise so
+/// services can route bad records to the dead-letter topic with a
+/// machine-readable reason ([`Error::reason_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fewer bytes than the 10-byte single-object header.
+    #[error("record too short for an Avro single-object header: {len} bytes, need at least 10")]
+    Truncated {
+        /// Bytes received.
+        len: usize,
+    },
+    /// The record does not start with `C3 01`.
+    #[error("not an Avro single-object record: magic {found:02x?}, expected [c3, 01]")]
+    BadMagic {
+        /// The first two bytes.
+        found: [u8; 2],
+    },
+    /// The writer schema's fingerprint is not one this binary knows.
+    #[error("unknown writer schema fingerprint {fingerprint:#018x}: written by a newer or foreign producer")]
+    UnknownFingerprint {
+        /// Little-endian fingerprint.
+        fingerprint: u64,
+    },
+    /// A record of another kind arrived (e.g. a reward on the interactions topic).
+    #[error("expected a {expected} record, found a {found} record")]
+    WrongKind {
+        /// What the reader wanted.
+        expected: RecordKind,
+        /// What the writer wrote.
+        found: RecordKind,
+    },
+    /// The datum does not decode under its writer schema.
+    #[error("malformed {kind} record: {detail}")]
+    Malformed {
+        /// Kind being decoded.
+        kind: RecordKind,
+        /// Decoder message.
+        detail: String,
+    },
+    /// A value does not fit its schema.
+    #[error("cannot encode {kind} record: {detail}")]
+    Encode {
+        /// Kind being encoded.
+        kind: RecordKind,
+        /// Encoder message.
+        detail: String,
+    },
+    /// A schema file is invalid.
+    #[error("invalid schema: {0}")]
+    Schema(String),
+    /// Bad configuration (names the setting and what is wrong).
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// A Kafka client call failed.
+    #[error("kafka {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The client error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// An I/O error with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Stable machine-readable code, used as the dead-letter `reason_code`
+    /// and as a metrics label.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Error::Truncated { .. } => "truncated",
+            Error::BadMagic { .. } => "bad_magic",
+            Error::UnknownFingerprint { .. } => "unknown_schema",
+            Error::WrongKind { .. } => "wrong_record_kind",
+            Error::Malformed { .. } => "malformed_avro",
+            Error::Encode { .. } => "encode_failed",
+            Error::Schema(_) => "invalid_schema",
+            Error::Config(_) => "config",
+            Error::Kafka { .. } => "kafka",
+            Error::Io { .. } => "io",
+        }
+    }
+
+    /// Wraps a Kafka error with context.
+    pub fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka { context: context.into(), source }
+    }
+
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}

@@ -1,0 +1,228 @@
+//! Kafka client configuration shared by every service.
+//!
+//! Any librdkafka property passes through: from a Java-style properties file
+//! (`--kafka-config-file`, what a secured cluster's admins usually hand out:
+//! `security.protocol`, `sasl.mechanism`, `sasl.username`, ...) and from
+//! repeated `-X key=value` flags, which win. Flywheel's own defaults per client
+//! role come first and are overridable, except where correctness depends on
+//! them (see [`ClientRole`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::error::{Error, Result};
+use crate::topics::TopicSpec;
+
+/// Kafka connection flags; flatten into every service's config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers (host:port, comma-separated).
+    #[arg(long = "kafka-brokers", env = "FLYWHEEL_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Properties file of librdkafka settings (key=value lines, # comments),
+    /// e.g. the security settings of a production cluster.
+    #[arg(long = "kafka-config-file", env = "FLYWHEEL_KAFKA_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Extra librdkafka settings as key=value; repeatable, or comma-separated in the env var.
+    /// Applied last.
+    #[arg(short = 'X', long = "kafka-option", env = "FLYWHEEL_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub options: Vec<(String, String)>,
+    /// Consumer group session timeout in milliseconds (tests use 6000 so joins are fast).
+    #[arg(long = "kafka-session-timeout-ms", env = "FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    pub session_timeout_ms: u32,
+}
+
+impl KafkaArgs {
+    /// Arguments pointing at `brokers` with no extra settings (tests, local tools).
+    pub fn local(brokers: impl Into<String>) -> KafkaArgs {
+        KafkaArgs { brokers: brokers.into(), config_file: None, options: Vec::new(), session_timeout_ms: 6_000 }
+    }
+}
+
+fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected key=value, got '{s}'"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!("empty key in '{s}'"));
+    }
+    Ok((k.to_string(), v.trim().to_string()))
+}
+
+/// Parses a Java-style properties file: `key=value` (or `key: value`) lines,
+/// `#`/`!` comments, blank lines ignored.
+pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let sep = line.find(['=', ':']).ok_or_else(|| Error::Config(format!("line {}: expected key=value", n + 1)))?;
+        let (k, v) = (line[..sep].trim(), line[sep + 1..].trim());
+        if k.is_empty() {
+            return Err(Error::Config(format!("line {}: empty key", n + 1)));
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// What a client is for; decides Flywheel's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRole {
+    /// Idempotent producer with `acks=all`: a record acknowledged is durable
+    /// and retries never duplicate it within a producer session.
+    Producer,
+    /// Group consumer that stores offsets only after the record's effects are
+    /// durable (`enable.auto.offset.store=false`). Group offsets are for
+    /// monitoring; services seek to offsets kept in their own sinks.
+    Consumer {
+        /// Consumer group id.
+        group_id: String,
+    },
+    /// Admin client (topic creation, metadata).
+    Admin,
+}
+
+/// Keys whose values never appear in logs.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", "key.pem", "private", "ssl.key"].iter().any(|s| k.contains(s))
+}
+
+impl KafkaArgs {
+    /// Builds the librdkafka configuration for a role: Flywheel defaults,
+    /// then the properties file, then `-X` options.
+    pub fn client_config(&self, role: &ClientRole) -> Result<ClientConfig> {
+        let mut settings: Vec<(String, String)> = vec![("bootstrap.servers".into(), self.brokers.clone())];
+        let mut set = |k: &str, v: &str| settings.push((k.to_string(), v.to_string()));
+        match role {
+            ClientRole::Producer => {
+                set("enable.idempotence", "true");
+                set("acks", "all");
+                set("compression.type", "lz4");
+                set("linger.ms", "5");
+                set("message.timeout.ms", "30000");
+            }
+            ClientRole::Consumer { group_id } => {
+                set("group.id", group_id);
+                set("enable.auto.commit", "true");
+                set("enable.auto.offset.store", "false");
+                set("auto.offset.reset", "earliest");
+                set("session.timeout.ms", &self.session_timeout_ms.to_string());
+                set("heartbeat.interval.ms", &(self.session_timeout_ms / 3).max(100).to_string());
+            }
+            ClientRole::Admin => {}
+        }
+        if let Some(path) = &self.config_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading Kafka config {}", path.display()), e))?;
+            settings.extend(parse_properties(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?);
+        }
+        settings.extend(self.options.iter().cloned());
+        if let ClientRole::Producer = role
+            && settings.iter().rev().find(|(k, _)| k == "enable.idempotence").is_some_and(|(_, v)| v != "true")
+        {
+            return Err(Error::Config(
+                "enable.idempotence must stay true for producers: retries would duplicate records".into(),
+            ));
+        }
+        let mut config = ClientConfig::new();
+        for (k, v) in settings {
+            config.set(k, v);
+        }
+        Ok(config)
+    }
+}
+
+/// The configuration as `key=value` pairs with secrets masked, for logs.
+pub fn redacted(config: &ClientConfig) -> Vec<String> {
+    let mut pairs: Vec<String> = config
+        .config_map()
+        .iter()
+        .map(|(k, v)| if is_secret(k) { format!("{k}=***") } else { format!("{k}={v}") })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// Creates every topic in `specs`; topics that already exist are left as they
+/// are. Returns the names created now.
+pub async fn create_topics(args: &KafkaArgs, specs: &[TopicSpec], timeout: Duration) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> =
+        args.client_config(&ClientRole::Admin)?.create().map_err(|e| Error::kafka("creating admin client", e))?;
+    let retention: Vec<Option<String>> = specs.iter().map(|s| s.retention_ms.map(|r| r.to_string())).collect();
+    let new_topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .zip(&retention)
+        .map(|(s, r)| {
+            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication_factor))
+                .set("cleanup.policy", s.cleanup_policy.as_str());
+            if let Some(r) = r {
+                t = t.set("retention.ms", r);
+            }
+            t
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let results = admin.create_topics(&new_topics, &opts).await.map_err(|e| Error::kafka("creating topics", e))?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(Error::kafka(format!("creating topic {name}"), rdkafka::error::KafkaError::AdminOp(code)));
+            }
+        }
+    }
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_file_and_options_override_defaults_and_secrets_are_masked() {
+        let dir = std::env::temp_dir().join(format!("flywheel-kafka-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("client.properties");
+        std::fs::write(
+            &file,
+            "# production\nsecurity.protocol=SASL_SSL\nsasl.mechanism: SCRAM-SHA-512\nsasl.password=hunter2\nlinger.ms=20\n",
+        )
+        .unwrap();
+        let mut args = KafkaArgs::local("broker:9093");
+        args.config_file = Some(file);
+        args.options = vec![("linger.ms".into(), "50".into())];
+        let cfg = args.client_config(&ClientRole::Producer).unwrap();
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(cfg.get("linger.ms"), Some("50"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("bootstrap.servers"), Some("broker:9093"));
+        let shown = redacted(&cfg).join(" ");
+        assert!(shown.contains("sasl.password=***") && !shown.contains("hunter2"), "{shown}");
+
+        let consumer = args.client_config(&ClientRole::Consumer { group_id: "g".into() }).unwrap();
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn producers_refuse_to_drop_idempotence() {
+        let mut args = KafkaArgs::local("b:1");
+        args.options = vec![("enable.idempotence".into(), "false".into())];
+        let err = args.client_config(&ClientRole::Producer).unwrap_err().to_string();
+        assert!(err.contains("enable.idempotence"), "{err}");
+        assert!(parse_properties("novalue\n").is_err());
+        assert!(parse_key_value("=x").is_err());
+    }
+}

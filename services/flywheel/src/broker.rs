@@ -1,0 +1,200 @@
+//! The embedded local broker: tansu (a Kafka-protocol broker) run as a child
+//! process with SQLite storage, for `make demo`, `flywheel broker` and the
+//! integration tests. Production points Flywheel at a real Kafka cluster.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+
+/// What can go wrong starting the local broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The tansu binary is not where we looked.
+    #[error("broker binary not found at {0}: run `make setup` to install tansu 0.6.0 into .tools/")]
+    NotInstalled(PathBuf),
+    /// Spawning failed.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        /// Binary.
+        binary: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory could not be prepared.
+    #[error("preparing broker data directory {dir}: {source}")]
+    DataDir {
+        /// Directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker did not answer metadata requests in time.
+    #[error("broker on {addr} not ready after {waited:?} (exited: {exited}); see its log at {log}")]
+    NotReady {
+        /// Listener.
+        addr: SocketAddr,
+        /// Time waited.
+        waited: Duration,
+        /// Whether the process had exited.
+        exited: bool,
+        /// Log file.
+        log: PathBuf,
+    },
+}
+
+/// The tansu binary installed by `make setup`, relative to a project root.
+pub fn default_binary(project_root: &Path) -> PathBuf {
+    project_root.join(".tools").join("bin").join("tansu")
+}
+
+/// A running local broker. Dropping it stops the broker; if this process dies
+/// without dropping it (a test binary exiting, `kill -9`), a watchdog shell
+/// stops the broker within half a second, so no broker outlives its owner.
+#[derive(Debug)]
+pub struct LocalBroker {
+    child: Child,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+}
+
+impl LocalBroker {
+    /// Starts tansu on `addr` (advertised as itself) with SQLite storage in
+    /// `data_dir` (created if missing; existing data is kept), and waits until
+    /// it answers metadata requests.
+    pub fn start(binary: &Path, addr: SocketAddr, data_dir: &Path, ready_timeout: Duration) -> Result<Self, BrokerError> {
+        if !binary.is_file() {
+            return Err(BrokerError::NotInstalled(binary.to_path_buf()));
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
+        let log_path = data_dir.join("broker.log");
+        let log = std::fs::File::create(&log_path).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
+        let log_err = log.try_clone().map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
+        let url = format!("tcp://{addr}");
+        // tansu mis-joins absolute sqlite paths, so run it inside the data
+        // directory with a relative database path.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("flywheel-broker-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(data_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| BrokerError::Spawn { binary: binary.into(), source })?;
+        let mut broker = LocalBroker { child, addr, data_dir: data_dir.to_path_buf() };
+        broker.wait_ready(ready_timeout)?;
+        Ok(broker)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), BrokerError> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(self.not_ready(started.elapsed(), true));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() && metadata_ok(self.addr) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(self.not_ready(started.elapsed(), false))
+    }
+
+    fn not_ready(&self, waited: Duration, exited: bool) -> BrokerError {
+        BrokerError::NotReady { addr: self.addr, waited, exited, log: self.log_path() }
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The broker's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("broker.log")
+    }
+
+    /// Stops the broker (SIGTERM via the watchdog, then waits).
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // The watchdog forwards TERM to tansu and exits when it is gone.
+            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The exit status if the broker has exited (it should not on its own).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the broker command given as "$@" and stops it when the owning process
+/// ($1) or the watchdog itself is gone or terminated.
+const WATCHDOG: &str = r#"owner=$1; shift
+"$@" &
+child=$!
+trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM INT
+while kill -0 "$owner" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+kill -TERM $child 2>/dev/null
+wait $child"#;
+
+fn metadata_ok(addr: SocketAddr) -> bool {
+    let producer: Result<BaseProducer, _> = ClientConfig::new()
+        .set("bootstrap.servers", addr.to_string())
+        .set("log_level", "0")
+        .create();
+    match producer {
+        Ok(p) => p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty()),
+        Err(_) => false,
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
+pub fn free_local_addr() -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_says_how_to_install_it() {
+        let err = LocalBroker::start(
+            Path::new("/nonexistent/tansu"),
+            "127.0.0.1:1".parse().unwrap(),
+            &std::env::temp_dir(),
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("make setup"), "{err}");
+    }
+}

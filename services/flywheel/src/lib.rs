@@ -1,0 +1,372 @@
+//! The `flywheel` command-line tool: runs the embedded broker, creates the
+//! topic map, produces and tails Avro records as JSON, and runs the loop
+//! locally (`flywheel demo`).
+
+pub mod broker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::runtime::LogFormat;
+use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_core::{Codec, RecordKind};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{BrokerError, LocalBroker};
+
+/// Errors of the CLI's library part.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From the core library.
+    #[error(transparent)]
+    Core(#[from] flywheel_core::Error),
+    /// From the local broker.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Bad input the user can fix.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result alias for the CLI.
+pub type Result<T> = std::result::Result<T, CliError>;
+
+/// Flywheel: turn product interactions into a better model, continuously.
+#[derive(Debug, Parser)]
+#[command(name = "flywheel", version, about)]
+pub struct Cli {
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic layout file (prefix, partitions, replication); defaults to the built-in map.
+    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG", global = true)]
+    pub topics_config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long = "log-format", env = "FLYWHEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the embedded Kafka-protocol broker (tansu, SQLite storage) in the foreground.
+    Broker(BrokerArgs),
+    /// Manage the topic map.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Produce records given as JSON (array or one object per line) onto a topic, Avro-encoded.
+    Produce(ProduceArgs),
+    /// Print a topic's records as JSON lines (decoding Avro; undecodable records are reported, not skipped).
+    Tail(TailArgs),
+    /// Run the flywheel locally on the embedded broker.
+    Demo(DemoArgs),
+}
+
+/// Where the embedded broker runs.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Listener address; also advertised to clients.
+    #[arg(long = "broker-listen", env = "FLYWHEEL_BROKER_LISTEN", default_value = "127.0.0.1:9092")]
+    pub listen: SocketAddr,
+    /// Directory for the broker's SQLite database and log.
+    #[arg(long = "broker-data-dir", env = "FLYWHEEL_BROKER_DATA_DIR", default_value = ".flywheel/broker")]
+    pub data_dir: PathBuf,
+    /// The tansu binary (installed by `make setup`).
+    #[arg(long = "tansu-bin", env = "FLYWHEEL_TANSU_BIN", default_value = ".tools/bin/tansu")]
+    pub tansu_bin: PathBuf,
+}
+
+/// Topic subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create every topic of the map that does not exist yet (idempotent).
+    Create,
+    /// Show the topic map with what the broker reports.
+    List,
+}
+
+/// `flywheel produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Logical topic name (e.g. interactions); its schema decides how records are checked.
+    pub topic: String,
+    /// JSON file: an array of records or one record per line.
+    pub file: PathBuf,
+}
+
+/// `flywheel tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Logical topic name (e.g. interactions, dead-letters).
+    pub topic: String,
+    /// Stop after this many records.
+    #[arg(long, env = "FLYWHEEL_TAIL_MAX")]
+    pub max: Option<usize>,
+    /// Stop after this many seconds without a new record.
+    #[arg(long = "idle-secs", env = "FLYWHEEL_TAIL_IDLE_SECS", default_value_t = 5)]
+    pub idle_secs: u64,
+}
+
+/// `flywheel demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The embedded broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Folder of example records (`<kind>.<name>.json`).
+    #[arg(long = "fixtures", env = "FLYWHEEL_FIXTURES", default_value = "schemas/fixtures")]
+    pub fixtures: PathBuf,
+}
+
+/// Runs a parsed command until done or until `shutdown` is cancelled.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
+    let topics = match &cli.topics_config {
+        Some(path) => TopicsConfig::load(path)?,
+        None => TopicsConfig::default(),
+    };
+    match cli.command {
+        Command::Broker(args) => run_broker(&args, shutdown).await,
+        Command::Topics(TopicsCommand::Create) => {
+            let created = create_topics(&cli.kafka, &topics.specs(), Duration::from_secs(30)).await?;
+            tracing::info!(created = created.len(), total = Topic::ALL.len(), "topics ready");
+            for name in created {
+                println!("created {name}");
+            }
+            Ok(())
+        }
+        Command::Topics(TopicsCommand::List) => list_topics(&cli.kafka, &topics),
+        Command::Produce(args) => {
+            let n = produce_file(&cli.kafka, &topics, &args.topic, &args.file).await?;
+            println!("produced {n} records to {}", args.topic);
+            Ok(())
+        }
+        Command::Tail(args) => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            tail(&cli.kafka, &topics, &args, &shutdown, &mut out).map(|_| ())
+        }
+        Command::Demo(args) => demo(&cli.kafka, &topics, &args, shutdown).await,
+    }
+}
+
+async fn run_broker(args: &BrokerArgs, shutdown: CancellationToken) -> Result<()> {
+    let mut broker = LocalBroker::start(&args.tansu_bin, args.listen, &args.data_dir, Duration::from_secs(30))?;
+    println!(
+        "broker listening on {} (data in {}, log {}); Ctrl-C stops it",
+        broker.bootstrap(),
+        args.data_dir.display(),
+        broker.log_path().display()
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                broker.stop();
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(status) = broker.exit_status() {
+                    return Err(CliError::Usage(format!(
+                        "broker exited unexpectedly ({status}); see {}",
+                        broker.log_path().display()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn resolve_topic(topics: &TopicsConfig, name: &str) -> Result<Topic> {
+    Topic::from_default_name(name).ok_or_else(|| {
+        let known: Vec<_> = Topic::ALL.iter().map(|t| t.default_name()).collect();
+        CliError::Usage(format!("unknown topic '{name}'; known topics: {} (prefix '{}' is added automatically)", known.join(", "), topics.prefix))
+    })
+}
+
+fn list_topics(kafka: &KafkaArgs, topics: &TopicsConfig) -> Result<()> {
+    let consumer: BaseConsumer = kafka
+        .client_config(&ClientRole::Admin)?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating metadata client", e))?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| flywheel_core::Error::kafka("fetching metadata", e))?;
+    println!("{:<28} {:<16} {:>10} {:>9} {:<8} key", "topic", "record", "partitions", "on broker", "cleanup");
+    for spec in topics.specs() {
+        let on_broker = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == spec.name)
+            .map_or("missing".to_string(), |t| t.partitions().len().to_string());
+        println!(
+            "{:<28} {:<16} {:>10} {:>9} {:<8} {}",
+            spec.name,
+            spec.topic.record_kind().to_string(),
+            spec.partitions,
+            on_broker,
+            spec.cleanup_policy.as_str(),
+            spec.topic.key_fields().join("/")
+        );
+    }
+    Ok(())
+}
+
+/// The Kafka key of a record in JSON form: its key fields joined with `/`
+/// (null values as empty strings).
+fn key_of(topic: Topic, json: &serde_json::Value) -> Option<String> {
+    let fields = topic.key_fields();
+    if fields.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|f| match json.get(f) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        })
+        .collect();
+    Some(parts.join("/"))
+}
+
+/// Reads records from a JSON file: an array, a single object, or JSON lines.
+pub fn read_json_records(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| flywheel_core::Error::io(format!("reading {}", path.display()), e))?;
+    let bad = |e: serde_json::Error| CliError::Usage(format!("{}: invalid JSON: {e}", path.display()));
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(items)) => Ok(items),
+        Ok(v) => Ok(vec![v]),
+        Err(_) => text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(bad)).collect(),
+    }
+}
+
+/// Produces the records of a JSON file onto a logical topic; returns how many
+/// the broker acknowledged.
+pub async fn produce_file(kafka: &KafkaArgs, topics: &TopicsConfig, topic: &str, file: &Path) -> Result<usize> {
+    let topic = resolve_topic(topics, topic)?;
+    let name = topics.name(topic);
+    let codec = Codec::global();
+    let mut encoded = Vec::new();
+    for (i, json) in read_json_records(file)?.iter().enumerate() {
+        let bytes = codec
+            .encode_json(topic.record_kind(), json)
+            .map_err(|e| CliError::Usage(format!("{} record {}: {e}", file.display(), i + 1)))?;
+        encoded.push((key_of(topic, json), bytes));
+    }
+    let producer: FutureProducer = kafka
+        .client_config(&ClientRole::Producer)?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    for (key, bytes) in &encoded {
+        let mut record = FutureRecord::to(&name).payload(bytes);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| flywheel_core::Error::kafka(format!("producing to {name}"), e))?;
+    }
+    Ok(encoded.len())
+}
+
+/// Prints a topic's records as JSON lines from the beginning, without joining
+/// a consumer group. Returns the number printed.
+pub fn tail(
+    kafka: &KafkaArgs,
+    topics: &TopicsConfig,
+    args: &TailArgs,
+    shutdown: &CancellationToken,
+    out: &mut impl std::io::Write,
+) -> Result<usize> {
+    let topic = resolve_topic(topics, &args.topic)?;
+    let name = topics.name(topic);
+    let mut config = kafka.client_config(&ClientRole::Admin)?;
+    config.set("group.id", "flywheel-tail").set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create().map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+    let metadata = consumer
+        .fetch_metadata(Some(&name), Duration::from_secs(10))
+        .map_err(|e| flywheel_core::Error::kafka(format!("fetching metadata of {name}"), e))?;
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    if partitions == 0 {
+        return Err(CliError::Usage(format!("topic {name} does not exist; run `flywheel topics create`")));
+    }
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(&name, p as i32, Offset::Beginning)
+            .map_err(|e| flywheel_core::Error::kafka("building assignment", e))?;
+    }
+    consumer.assign(&assignment).map_err(|e| flywheel_core::Error::kafka("assigning partitions", e))?;
+    let codec = Codec::global();
+    let idle = Duration::from_secs(args.idle_secs);
+    let mut last = std::time::Instant::now();
+    let mut printed = 0usize;
+    while !shutdown.is_cancelled() && last.elapsed() < idle && args.max.is_none_or(|m| printed < m) {
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let msg = msg.map_err(|e| flywheel_core::Error::kafka(format!("reading {name}"), e))?;
+        last = std::time::Instant::now();
+        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let line = match msg.payload().map(|p| codec.decode_to_json(p)) {
+            Some(Ok((kind, record))) => serde_json::json!({
+                "partition": msg.partition(), "offset": msg.offset(), "key": key, "kind": kind.to_string(), "record": record,
+            }),
+            Some(Err(e)) => serde_json::json!({
+                "partition": msg.partition(), "offset": msg.offset(), "key": key, "error": e.to_string(), "reason_code": e.reason_code(),
+            }),
+            None => serde_json::json!({"partition": msg.partition(), "offset": msg.offset(), "key": key, "record": null}),
+        };
+        writeln!(out, "{line}").map_err(|e| flywheel_core::Error::io("writing output", e))?;
+        printed += 1;
+    }
+    Ok(printed)
+}
+
+/// Example records under a fixtures folder for one kind (`<kind>.*.json`), sorted by name.
+pub fn fixtures_of(dir: &Path, kind: RecordKind) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| flywheel_core::Error::io(format!("reading {}", dir.display()), e))?;
+    let prefix = format!("{}.", kind.file_stem());
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdown: CancellationToken) -> Result<()> {
+    println!("== Flywheel demo: embedded broker on {}", args.broker.listen);
+    let broker = LocalBroker::start(&args.broker.tansu_bin, args.broker.listen, &args.broker.data_dir, Duration::from_secs(30))?;
+    let mut kafka = kafka.clone();
+    kafka.brokers = broker.bootstrap();
+    let created = create_topics(&kafka, &topics.specs(), Duration::from_secs(30)).await?;
+    println!("== topics: {} created, {} in the map", created.len(), Topic::ALL.len());
+    list_topics(&kafka, topics)?;
+    let mut produced = 0;
+    for file in fixtures_of(&args.fixtures, RecordKind::Interaction)? {
+        produced += produce_file(&kafka, topics, Topic::Interactions.default_name(), &file).await?;
+    }
+    println!("== produced {produced} example interactions (from {}) to {}", args.fixtures.display(), topics.name(Topic::Interactions));
+    let tail_args = TailArgs { topic: Topic::Interactions.default_name().into(), max: None, idle_secs: 3 };
+    let mut buf = Vec::new();
+    let read = tail(&kafka, topics, &tail_args, &shutdown, &mut buf)?;
+    println!("== read back {read} interactions (all runs so far, decoded from Avro):");
+    for line in String::from_utf8_lossy(&buf).lines().take(5) {
+        println!("   {line}");
+    }
+    println!("== the services that turn these into rewards, shards and adapters arrive with the next issues; stopping the broker");
+    drop(broker);
+    Ok(())
+}
