@@ -38,13 +38,27 @@ pub fn broker() -> &'static TestBroker {
             .map(PathBuf::from)
             .unwrap_or_else(|| default_binary(&workspace_root()));
         let addr = free_local_addr().expect("finding a free port");
-        let data_dir = workspace_root().join("target").join("test-broker").join(std::process::id().to_string());
+        let runs = workspace_root().join("target").join("test-broker");
+        remove_dirs_of_dead_runs(&runs);
+        let data_dir = runs.join(std::process::id().to_string());
         let _ = std::fs::remove_dir_all(&data_dir);
         match LocalBroker::start(&binary, addr, &data_dir, Duration::from_secs(60)) {
             Ok(b) => TestBroker { bootstrap: b.bootstrap(), _broker: b },
             Err(e) => panic!("the integration tests need a real broker and could not start one: {e}"),
         }
     })
+}
+
+/// Broker data of earlier test processes that have exited (their brokers
+/// stopped with them) is of no further use.
+fn remove_dirs_of_dead_runs(runs: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(runs) else { return };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Kafka settings for tests: the shared broker, 6 s session timeout so group
@@ -58,7 +72,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A topic name no other test (or earlier run on the same broker) uses.
 pub fn unique_topic(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("t-{label}-{}-{n}-{nanos}", std::process::id())
 }
 

@@ -18,10 +18,10 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
+use apache_avro::Schema;
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::Schema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -282,10 +282,7 @@ impl Codec {
         let entry = self.kind(R::KIND);
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&entry.header);
-        entry
-            .writer
-            .write_ser(&mut out, record)
-            .map_err(|e| Error::Encode { kind: R::KIND, detail: e.to_string() })?;
+        entry.writer.write_ser(&mut out, record).map_err(|e| Error::Encode { kind: R::KIND, detail: e.to_string() })?;
         Ok(out)
     }
 
@@ -315,10 +312,15 @@ impl Codec {
             return Err(Error::WrongKind { expected: R::KIND, found: entry.kind });
         }
         let mut body = &bytes[HEADER_LEN..];
-        let record: R =
-            entry.reader.read_deser(&mut body).map_err(|e| Error::Malformed { kind: R::KIND, detail: e.to_string() })?;
+        let record: R = entry
+            .reader
+            .read_deser(&mut body)
+            .map_err(|e| Error::Malformed { kind: R::KIND, detail: e.to_string() })?;
         if !body.is_empty() {
-            return Err(Error::Malformed { kind: R::KIND, detail: format!("{} trailing bytes after the datum", body.len()) });
+            return Err(Error::Malformed {
+                kind: R::KIND,
+                detail: format!("{} trailing bytes after the datum", body.len()),
+            });
         }
         Ok(record)
     }
@@ -379,9 +381,11 @@ pub fn check_evolution(old: &str, new: &str) -> std::result::Result<(), Vec<Stri
 fn branch_id(node: &serde_json::Value) -> String {
     match node {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(m) => {
-            m.get("name").or_else(|| m.get("type")).map(|v| v.as_str().unwrap_or_default().to_string()).unwrap_or_default()
-        }
+        serde_json::Value::Object(m) => m
+            .get("name")
+            .or_else(|| m.get("type"))
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .unwrap_or_default(),
         other => other.to_string(),
     }
 }

@@ -120,8 +120,8 @@ impl KafkaArgs {
             ClientRole::Admin => {}
         }
         if let Some(path) = &self.config_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading Kafka config {}", path.display()), e))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("reading Kafka config {}", path.display()), e))?;
             settings.extend(parse_properties(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?);
         }
         settings.extend(self.options.iter().cloned());

@@ -152,7 +152,8 @@ impl SuggestionRated {
     /// violated scale.
     pub fn normalized(&self) -> Option<f64> {
         let span = self.scale_max - self.scale_min;
-        if !(span.is_finite() && span > 0.0) || !(self.scale_min..=self.scale_max).contains(&self.score) {
+        let valid = span.is_finite() && span > 0.0 && (self.scale_min..=self.scale_max).contains(&self.score);
+        if !valid {
             return None;
         }
         Some(2.0 * (self.score - self.scale_min) / span - 1.0)

@@ -176,8 +176,9 @@ impl OpsServer {
         extra: Option<Router>,
         shutdown: CancellationToken,
     ) -> Result<OpsServer> {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding ops endpoint {addr}"), e))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("binding ops endpoint {addr}"), e))?;
         let local_addr = listener.local_addr().map_err(|e| Error::io("reading ops endpoint address", e))?;
         let state = OpsState { readiness, registry: Arc::new(registry) };
         let mut app = Router::new()
@@ -211,9 +212,8 @@ async fn readyz(State(state): State<OpsState>) -> Response {
 async fn metrics(State(state): State<OpsState>) -> Response {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => {
-            ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
-        }
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
     }
 }

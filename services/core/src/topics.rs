@@ -207,7 +207,10 @@ impl TopicsConfig {
         for (name, o) in &self.topics {
             if Topic::from_default_name(name).is_none() {
                 let known: Vec<_> = Topic::ALL.iter().map(|t| t.default_name()).collect();
-                return Err(Error::Config(format!("unknown topic '{name}' in topics config; known: {}", known.join(", "))));
+                return Err(Error::Config(format!(
+                    "unknown topic '{name}' in topics config; known: {}",
+                    known.join(", ")
+                )));
             }
             if let Some(p) = o.partitions
                 && p < 1
@@ -254,10 +257,9 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_unknown_topics_are_rejected() {
-        let c: TopicsConfig = toml::from_str(
-            "prefix = \"prod.\"\nreplication_factor = 3\n[topics.interactions]\npartitions = 12\n",
-        )
-        .unwrap();
+        let c: TopicsConfig =
+            toml::from_str("prefix = \"prod.\"\nreplication_factor = 3\n[topics.interactions]\npartitions = 12\n")
+                .unwrap();
         c.validate().unwrap();
         let s = c.spec(Topic::Interactions);
         assert_eq!((s.name.as_str(), s.partitions, s.replication_factor), ("prod.interactions", 12, 3));

@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
+use flywheel_core::Error;
 use flywheel_core::codec::{AvroRecord, Codec, HEADER_LEN, RecordKind, decode, encode};
 use flywheel_core::records::*;
-use flywheel_core::Error;
 use proptest::prelude::*;
 
 fn fixtures_dir() -> PathBuf {
@@ -16,7 +16,8 @@ fn fixtures_dir() -> PathBuf {
 
 /// JSON → record → Avro → record, and the record's JSON equals the fixture's.
 fn roundtrip_fixture<R: AvroRecord + PartialEq + Debug>(json: &serde_json::Value) {
-    let record: R = serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("fixture does not parse as {}: {e}", R::KIND));
+    let record: R =
+        serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("fixture does not parse as {}: {e}", R::KIND));
     let bytes = encode(&record).unwrap();
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
     assert_eq!(Codec::global().identify(&bytes).unwrap().0, R::KIND);
@@ -34,7 +35,10 @@ fn every_fixture_round_trips_and_every_kind_has_one() {
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let stem = name.split('.').next().unwrap();
-        let kind = RecordKind::ALL.into_iter().find(|k| k.file_stem() == stem).unwrap_or_else(|| panic!("{name}: unknown kind"));
+        let kind = RecordKind::ALL
+            .into_iter()
+            .find(|k| k.file_stem() == stem)
+            .unwrap_or_else(|| panic!("{name}: unknown kind"));
         match kind {
             RecordKind::Interaction => {
                 roundtrip_fixture::<Interaction>(&json);
@@ -51,7 +55,9 @@ fn every_fixture_round_trips_and_every_kind_has_one() {
             RecordKind::DeadLetter => roundtrip_fixture::<DeadLetter>(&json),
         }
         // The generic JSON path used by `flywheel produce` agrees.
-        let via_json = Codec::global().encode_json(kind, &serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()).unwrap();
+        let via_json = Codec::global()
+            .encode_json(kind, &serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap())
+            .unwrap();
         assert_eq!(Codec::global().decode_to_json(&via_json).unwrap().0, kind);
         kinds_seen.insert(kind.file_stem());
     }
@@ -118,13 +124,17 @@ fn payload() -> impl Strategy<Value = InteractionPayload> {
         any::<i64>().prop_map(|t| InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: t })),
         opt(text()).prop_map(|reason| InteractionPayload::Rejected(SuggestionRejected { reason })),
         opt(text()).prop_map(|reason| InteractionPayload::Dismissed(SuggestionDismissed { reason })),
-        (opt(text()), opt(any::<i64>()))
-            .prop_map(|(final_text, edit_distance)| InteractionPayload::Edited(SuggestionEdited { final_text, edit_distance })),
-        (finite(), finite(), finite())
-            .prop_map(|(score, scale_min, scale_max)| InteractionPayload::Rated(SuggestionRated { score, scale_min, scale_max })),
-        (follow_up_action(), opt(text())).prop_map(|(action, detail)| InteractionPayload::FollowUp(FollowUp { action, detail })),
-        (any::<i64>(), opt(any::<bool>()))
-            .prop_map(|(duration_ms, success)| InteractionPayload::TaskCompleted(TaskCompleted { duration_ms, success })),
+        (opt(text()), opt(any::<i64>())).prop_map(|(final_text, edit_distance)| InteractionPayload::Edited(
+            SuggestionEdited { final_text, edit_distance }
+        )),
+        (finite(), finite(), finite()).prop_map(|(score, scale_min, scale_max)| InteractionPayload::Rated(
+            SuggestionRated { score, scale_min, scale_max }
+        )),
+        (follow_up_action(), opt(text()))
+            .prop_map(|(action, detail)| InteractionPayload::FollowUp(FollowUp { action, detail })),
+        (any::<i64>(), opt(any::<bool>())).prop_map(|(duration_ms, success)| InteractionPayload::TaskCompleted(
+            TaskCompleted { duration_ms, success }
+        )),
     ]
 }
 
@@ -140,9 +150,21 @@ fn interaction() -> impl Strategy<Value = Interaction> {
         payload(),
         prop::collection::btree_map(text(), text(), 0..4),
     )
-        .prop_map(|(event_id, event_time, received_time, tenant, user_id, session_id, suggestion_id, payload, attributes)| {
-            Interaction { event_id, event_time, received_time, tenant, user_id, session_id, suggestion_id, payload, attributes }
-        })
+        .prop_map(
+            |(event_id, event_time, received_time, tenant, user_id, session_id, suggestion_id, payload, attributes)| {
+                Interaction {
+                    event_id,
+                    event_time,
+                    received_time,
+                    tenant,
+                    user_id,
+                    session_id,
+                    suggestion_id,
+                    payload,
+                    attributes,
+                }
+            },
+        )
 }
 
 fn reward() -> impl Strategy<Value = Reward> {
@@ -163,12 +185,25 @@ fn reward() -> impl Strategy<Value = Reward> {
         opt(any::<bool>()),
         any::<i32>(),
     )
-        .prop_map(|(time_to_accept_ms, edit_distance, final_text, rating, follow_ups, task_completed, event_count)| {
-            RewardSignals { time_to_accept_ms, edit_distance, final_text, rating, follow_ups, task_completed, event_count }
+        .prop_map(
+            |(time_to_accept_ms, edit_distance, final_text, rating, follow_ups, task_completed, event_count)| {
+                RewardSignals {
+                    time_to_accept_ms,
+                    edit_distance,
+                    final_text,
+                    rating,
+                    follow_ups,
+                    task_completed,
+                    event_count,
+                }
+            },
+        );
+    let outcome =
+        prop_oneof![Just(Outcome::Accepted), Just(Outcome::Rejected), Just(Outcome::Dismissed), Just(Outcome::Ignored)];
+    let lineage =
+        (text(), any::<i32>(), any::<i64>(), any::<i64>()).prop_map(|(topic, partition, first_offset, last_offset)| {
+            Lineage { topic, partition, first_offset, last_offset }
         });
-    let outcome = prop_oneof![Just(Outcome::Accepted), Just(Outcome::Rejected), Just(Outcome::Dismissed), Just(Outcome::Ignored)];
-    let lineage = (text(), any::<i32>(), any::<i64>(), any::<i64>())
-        .prop_map(|(topic, partition, first_offset, last_offset)| Lineage { topic, partition, first_offset, last_offset });
     (
         (text(), text(), text(), opt(text()), text(), text(), opt(text()), opt(text())),
         (text(), text(), text(), opt(finite()), any::<i64>(), any::<i64>(), outcome, finite()),
@@ -214,17 +249,19 @@ fn dead_letter() -> impl Strategy<Value = DeadLetter> {
         opt(prop::collection::vec(any::<u8>(), 0..256)),
         any::<i64>(),
     )
-        .prop_map(|(service, reason_code, reason, (topic, partition, offset), original_key, original_value, failed_at)| {
-            DeadLetter {
-                service,
-                reason_code,
-                reason,
-                source: SourcePosition { topic, partition, offset },
-                original_key,
-                original_value,
-                failed_at,
-            }
-        })
+        .prop_map(
+            |(service, reason_code, reason, (topic, partition, offset), original_key, original_value, failed_at)| {
+                DeadLetter {
+                    service,
+                    reason_code,
+                    reason,
+                    source: SourcePosition { topic, partition, offset },
+                    original_key,
+                    original_value,
+                    failed_at,
+                }
+            },
+        )
 }
 
 proptest! {

@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
+use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::Schema;
 use flywheel_core::codec::{Codec, RecordKind, check_evolution, encode, header_of};
 use flywheel_core::records::Interaction;
 use serde_json::{Value, json};
@@ -127,7 +127,12 @@ fn a_compatible_next_version_reads_old_data_and_old_readers_read_its_field_addit
     let record: Interaction = serde_json::from_str(&fixture).unwrap();
     let bytes = encode(&record).unwrap();
     // Old writer → new reader: defaults fill the new fields.
-    let as_next = GenericDatumReader::builder(&current).reader_schema(&next).build().unwrap().read_value(&mut &bytes[10..]).unwrap();
+    let as_next = GenericDatumReader::builder(&current)
+        .reader_schema(&next)
+        .build()
+        .unwrap()
+        .read_value(&mut &bytes[10..])
+        .unwrap();
     let dbg = format!("{as_next:?}");
     assert!(dbg.contains("\"client_version\"") && dbg.contains("\"completion_tokens\", Long(0)"), "{dbg}");
 
@@ -135,7 +140,12 @@ fn a_compatible_next_version_reads_old_data_and_old_readers_read_its_field_addit
     // the codec resolves by fingerprint once the version is known, so here we
     // resolve directly.
     let next_bytes = GenericDatumWriter::builder(&next).build().unwrap().write_value_to_vec(as_next).unwrap();
-    let back = GenericDatumReader::builder(&next).reader_schema(&current).build().unwrap().read_value(&mut &next_bytes[..]).unwrap();
+    let back = GenericDatumReader::builder(&next)
+        .reader_schema(&current)
+        .build()
+        .unwrap()
+        .read_value(&mut &next_bytes[..])
+        .unwrap();
     let back: Interaction = apache_avro::from_value(&back).unwrap();
     assert_eq!(back, record);
 
@@ -232,7 +242,8 @@ fn interaction_v_prev() -> Value {
 fn the_codec_decodes_older_and_newer_writers_into_the_current_type() {
     use flywheel_core::records::{InteractionPayload, SuggestionDismissed, SuggestionRejected};
     let prev_text = interaction_v_prev().to_string();
-    check_evolution(&prev_text, RecordKind::Interaction.current_schema()).expect("prev → current is an allowed evolution");
+    check_evolution(&prev_text, RecordKind::Interaction.current_schema())
+        .expect("prev → current is an allowed evolution");
     let prev = parse(&prev_text);
     let mut codec = Codec::new().unwrap();
     codec.register_writer(RecordKind::Interaction, &prev_text).unwrap();
@@ -271,7 +282,9 @@ fn the_codec_decodes_older_and_newer_writers_into_the_current_type() {
         latency_ms: 5,
     })));
     match codec.decode::<Interaction>(&shown).unwrap().payload {
-        InteractionPayload::Shown(s) => assert_eq!((s.behavior_logprob, s.experiment_arm.as_deref()), (None, Some("live"))),
+        InteractionPayload::Shown(s) => {
+            assert_eq!((s.behavior_logprob, s.experiment_arm.as_deref()), (None, Some("live")))
+        }
         other => panic!("expected shown, got {other:?}"),
     }
     // The global codec, which does not know this writer, refuses it by name.
@@ -283,7 +296,8 @@ fn the_codec_decodes_older_and_newer_writers_into_the_current_type() {
     codec.register_writer(RecordKind::Interaction, &next_text).unwrap();
     let next = parse(&next_text);
     let fixture: Interaction =
-        serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("fixtures/interaction.rated.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("fixtures/interaction.rated.json")).unwrap())
+            .unwrap();
     // A newer producer fills the new fields with their defaults.
     let mut next_bytes = header_of(&next).to_vec();
     next_bytes.extend(GenericDatumWriter::builder(&next).build().unwrap().write_ser_to_vec(&fixture).unwrap());

@@ -67,13 +67,19 @@ impl LocalBroker {
     /// Starts tansu on `addr` (advertised as itself) with SQLite storage in
     /// `data_dir` (created if missing; existing data is kept), and waits until
     /// it answers metadata requests.
-    pub fn start(binary: &Path, addr: SocketAddr, data_dir: &Path, ready_timeout: Duration) -> Result<Self, BrokerError> {
+    pub fn start(
+        binary: &Path,
+        addr: SocketAddr,
+        data_dir: &Path,
+        ready_timeout: Duration,
+    ) -> Result<Self, BrokerError> {
         if !binary.is_file() {
             return Err(BrokerError::NotInstalled(binary.to_path_buf()));
         }
         std::fs::create_dir_all(data_dir).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
         let log_path = data_dir.join("broker.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
+        let log =
+            std::fs::File::create(&log_path).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
         let log_err = log.try_clone().map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
         let url = format!("tcp://{addr}");
         // tansu mis-joins absolute sqlite paths, so run it inside the data
@@ -165,10 +171,8 @@ kill -TERM $child 2>/dev/null
 wait $child"#;
 
 fn metadata_ok(addr: SocketAddr) -> bool {
-    let producer: Result<BaseProducer, _> = ClientConfig::new()
-        .set("bootstrap.servers", addr.to_string())
-        .set("log_level", "0")
-        .create();
+    let producer: Result<BaseProducer, _> =
+        ClientConfig::new().set("bootstrap.servers", addr.to_string()).set("log_level", "0").create();
     match producer {
         Ok(p) => p.client().fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty()),
         Err(_) => false,

@@ -2,6 +2,9 @@
 //! topic map, produces and tails Avro records as JSON, and runs the loop
 //! locally (`flywheel demo`).
 
+// Printing results to stdout is what a CLI is for; logs go to stderr.
+#![allow(clippy::print_stdout)]
+
 pub mod broker;
 
 use std::net::SocketAddr;
@@ -191,7 +194,11 @@ async fn run_broker(args: &BrokerArgs, shutdown: CancellationToken) -> Result<()
 fn resolve_topic(topics: &TopicsConfig, name: &str) -> Result<Topic> {
     Topic::from_default_name(name).ok_or_else(|| {
         let known: Vec<_> = Topic::ALL.iter().map(|t| t.default_name()).collect();
-        CliError::Usage(format!("unknown topic '{name}'; known topics: {} (prefix '{}' is added automatically)", known.join(", "), topics.prefix))
+        CliError::Usage(format!(
+            "unknown topic '{name}'; known topics: {} (prefix '{}' is added automatically)",
+            known.join(", "),
+            topics.prefix
+        ))
     })
 }
 
@@ -243,7 +250,8 @@ fn key_of(topic: Topic, json: &serde_json::Value) -> Option<String> {
 
 /// Reads records from a JSON file: an array, a single object, or JSON lines.
 pub fn read_json_records(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| flywheel_core::Error::io(format!("reading {}", path.display()), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| flywheel_core::Error::io(format!("reading {}", path.display()), e))?;
     let bad = |e: serde_json::Error| CliError::Usage(format!("{}: invalid JSON: {e}", path.display()));
     match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(serde_json::Value::Array(items)) => Ok(items),
@@ -326,7 +334,9 @@ pub fn tail(
             Some(Err(e)) => serde_json::json!({
                 "partition": msg.partition(), "offset": msg.offset(), "key": key, "error": e.to_string(), "reason_code": e.reason_code(),
             }),
-            None => serde_json::json!({"partition": msg.partition(), "offset": msg.offset(), "key": key, "record": null}),
+            None => {
+                serde_json::json!({"partition": msg.partition(), "offset": msg.offset(), "key": key, "record": null})
+            }
         };
         writeln!(out, "{line}").map_err(|e| flywheel_core::Error::io("writing output", e))?;
         printed += 1;
@@ -336,11 +346,14 @@ pub fn tail(
 
 /// Example records under a fixtures folder for one kind (`<kind>.*.json`), sorted by name.
 pub fn fixtures_of(dir: &Path, kind: RecordKind) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| flywheel_core::Error::io(format!("reading {}", dir.display()), e))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| flywheel_core::Error::io(format!("reading {}", dir.display()), e))?;
     let prefix = format!("{}.", kind.file_stem());
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json")))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -348,7 +361,8 @@ pub fn fixtures_of(dir: &Path, kind: RecordKind) -> Result<Vec<PathBuf>> {
 
 async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdown: CancellationToken) -> Result<()> {
     println!("== Flywheel demo: embedded broker on {}", args.broker.listen);
-    let broker = LocalBroker::start(&args.broker.tansu_bin, args.broker.listen, &args.broker.data_dir, Duration::from_secs(30))?;
+    let broker =
+        LocalBroker::start(&args.broker.tansu_bin, args.broker.listen, &args.broker.data_dir, Duration::from_secs(30))?;
     let mut kafka = kafka.clone();
     kafka.brokers = broker.bootstrap();
     let created = create_topics(&kafka, &topics.specs(), Duration::from_secs(30)).await?;
@@ -358,7 +372,11 @@ async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdow
     for file in fixtures_of(&args.fixtures, RecordKind::Interaction)? {
         produced += produce_file(&kafka, topics, Topic::Interactions.default_name(), &file).await?;
     }
-    println!("== produced {produced} example interactions (from {}) to {}", args.fixtures.display(), topics.name(Topic::Interactions));
+    println!(
+        "== produced {produced} example interactions (from {}) to {}",
+        args.fixtures.display(),
+        topics.name(Topic::Interactions)
+    );
     let tail_args = TailArgs { topic: Topic::Interactions.default_name().into(), max: None, idle_secs: 3 };
     let mut buf = Vec::new();
     let read = tail(&kafka, topics, &tail_args, &shutdown, &mut buf)?;
@@ -366,7 +384,7 @@ async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdow
     for line in String::from_utf8_lossy(&buf).lines().take(5) {
         println!("   {line}");
     }
-    println!("== the services that turn these into rewards, shards and adapters arrive with the next issues; stopping the broker");
+    println!("== rewarder, lake writer, trigger, trainer and gate are not in this build yet; stopping the broker");
     drop(broker);
     Ok(())
 }

@@ -1,0 +1,81 @@
+# Flywheel — every target is idempotent; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+TOOLS_DIR     ?= $(CURDIR)/.tools
+TANSU_VERSION := 0.6.0
+TANSU         := $(TOOLS_DIR)/bin/tansu
+TANSU_STAMP   := $(TOOLS_DIR)/.tansu-$(TANSU_VERSION)
+VENV          ?= $(CURDIR)/.venv
+PY_STAMP      := $(VENV)/.flywheel-python-1
+SYSTEM_PKGS   := libssl-dev zlib1g-dev pkg-config
+CARGO         ?= cargo
+FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
+
+export FLYWHEEL_TANSU_BIN := $(TANSU)
+
+.PHONY: help setup system-deps tools python fmt fmt-check lint test bench demo broker topics clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: system-deps tools python ## Install everything the tests and the demo need (broker, Python readers); idempotent
+
+system-deps: ## Install the C libraries the Kafka client builds against (Debian; skipped when present)
+	@missing=$$(for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+tools: $(TANSU_STAMP) ## Install the tansu 0.6.0 Kafka-protocol broker into .tools/ (about 10 min cold)
+
+$(TANSU_STAMP):
+	@if [ -x "$(TANSU)" ] && "$(TANSU)" --version 2>/dev/null | grep -q "$(TANSU_VERSION)" \
+	    && "$(TANSU)" --help | grep -q "Storage engines: dynostore, libsql"; then \
+	  echo "tansu $(TANSU_VERSION) already installed in $(TOOLS_DIR)"; \
+	else \
+	  echo "installing tansu $(TANSU_VERSION) with storage engines (dynostore, libsql) into $(TOOLS_DIR)"; \
+	  env -u CARGO_TARGET_DIR $(CARGO) install tansu --version $(TANSU_VERSION) --locked \
+	    --features dynostore,libsql --root "$(TOOLS_DIR)" && \
+	  "$(TANSU)" --help | grep -q "Storage engines: dynostore, libsql" || \
+	    { echo "tansu was built without a storage engine: it would drop data" >&2; exit 1; }; \
+	fi
+	@touch $@
+
+python: $(PY_STAMP) ## Create .venv with duckdb and pyarrow (independent Parquet readers for analyst-side checks)
+
+$(PY_STAMP):
+	python3 -m venv "$(VENV)"
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow
+	"$(VENV)/bin/python" -c "import duckdb, pyarrow; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__)"
+	@touch $@
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## Fail if the code is not formatted
+	$(CARGO) fmt --all -- --check
+
+lint: ## Clippy on every target with warnings as errors
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: setup fmt-check lint ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
+	$(CARGO) test --workspace --locked
+
+bench: ## Benchmarks (release build); results and how to read them in BENCHMARKS.md
+	$(CARGO) run --release --locked -p flywheel-core --example codec_bench
+
+demo: setup ## Run the flywheel locally on the embedded broker
+	$(FLYWHEEL) demo --tansu-bin "$(TANSU)"
+
+broker: tools ## Run the embedded broker in the foreground on 127.0.0.1:9092 (data in .flywheel/broker)
+	$(FLYWHEEL) broker --tansu-bin "$(TANSU)"
+
+topics: ## Create the topic map on FLYWHEEL_KAFKA_BROKERS (default 127.0.0.1:9092)
+	$(FLYWHEEL) topics create
+
+clean: ## Remove build outputs and local broker data (keeps .tools and .venv)
+	$(CARGO) clean
+	rm -rf .flywheel
