@@ -32,18 +32,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Logging flags; flatten into every binary's config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long = "log-format", env = "FLYWHEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info,flywheel_core=debug`).
+    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
 /// Flags every service has; flatten into its config.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Address of the operations endpoint (/healthz, /readyz, /metrics).
     #[arg(long = "ops-listen", env = "FLYWHEEL_OPS_LISTEN", default_value = "127.0.0.1:9464")]
     pub ops_listen: SocketAddr,
-    /// Log format.
-    #[arg(long = "log-format", env = "FLYWHEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Log filter in tracing's EnvFilter syntax (e.g. `info,flywheel_core=debug`).
-    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info")]
-    pub log_filter: String,
     /// Seconds to wait for in-flight work to finish after SIGTERM/SIGINT.
     #[arg(long = "drain-timeout-secs", env = "FLYWHEEL_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
@@ -58,12 +66,13 @@ impl ServiceArgs {
 
 /// Installs the global tracing subscriber (logs to stderr). Safe to call
 /// twice: the second call leaves the first subscriber in place.
-pub fn init_tracing(format: LogFormat, filter: &str) -> Result<()> {
+pub fn init_tracing(args: &LogArgs) -> Result<()> {
+    let filter = &args.log_filter;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| Error::Config(format!("invalid log filter '{filter}': {e}")))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // An already-installed subscriber (tests, embedding) is not an error.
-    let _ = match format {
+    let _ = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };

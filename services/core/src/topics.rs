@@ -271,4 +271,14 @@ mod tests {
         let bad: TopicsConfig = toml::from_str("prefix = \"../x\"\n").unwrap();
         assert!(bad.validate().is_err());
     }
+
+    #[test]
+    fn the_shipped_production_layout_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
+        let c = TopicsConfig::load(&path).unwrap();
+        assert_eq!(c.replication_factor, 3);
+        assert_eq!(c.spec(Topic::Interactions).partitions, 24);
+        assert_eq!(c.spec(Topic::Shards).retention_ms, Some(-1));
+        assert_eq!(c.spec(Topic::ModelRegistry).cleanup_policy, CleanupPolicy::Compact);
+    }
 }

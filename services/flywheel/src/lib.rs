@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
-use flywheel_core::runtime::LogFormat;
+use flywheel_core::runtime::LogArgs;
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_core::{Codec, RecordKind};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -51,12 +51,9 @@ pub struct Cli {
     /// Topic layout file (prefix, partitions, replication); defaults to the built-in map.
     #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG", global = true)]
     pub topics_config: Option<PathBuf>,
-    /// Log format.
-    #[arg(long = "log-format", env = "FLYWHEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info", global = true)]
-    pub log_filter: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -7,7 +7,7 @@ use flywheel_core::runtime::{init_tracing, shutdown_on_signals};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log_filter)?;
+    init_tracing(&cli.log)?;
     let shutdown = shutdown_on_signals();
     run(cli, shutdown).await?;
     Ok(())
