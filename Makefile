@@ -64,8 +64,9 @@ lint: ## Clippy on every target with warnings as errors
 test: setup fmt-check lint ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) test --workspace --locked
 
-bench: ## Benchmarks (release build); results and how to read them in BENCHMARKS.md
+bench: tools ## Benchmarks (release build); results and how to read them in BENCHMARKS.md
 	$(CARGO) run --release --locked -p flywheel-core --example codec_bench
+	$(CARGO) run --release --locked -p flywheel-collector --example collector_bench
 
 demo: setup ## Run the flywheel locally on the embedded broker
 	$(FLYWHEEL) demo --tansu-bin "$(TANSU)"

@@ -358,9 +358,13 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             );
         }
     };
-    let items = match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Array(items)) => items,
-        Ok(_) => return error_body(StatusCode::BAD_REQUEST, "not_a_batch", "the body must be a JSON array of events"),
+    // Split the batch without building a value tree; each event is then
+    // parsed straight into its type, so one bad event rejects only itself.
+    let items = match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text) {
+        Ok(items) => items,
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return error_body(StatusCode::BAD_REQUEST, "not_a_batch", "the body must be a JSON array of events");
+        }
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -386,9 +390,13 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let mut results = Vec::with_capacity(items.len());
     let mut to_send: Vec<(usize, String, Vec<u8>)> = Vec::new();
     let mut seen_ids = HashSet::new();
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        event_id: Option<serde_json::Value>,
+    }
     for (index, item) in items.into_iter().enumerate() {
-        let event_id = item.get("event_id").and_then(|v| v.as_str()).map(str::to_string);
-        let outcome = validate(item, &tenant, now, &state.limits).and_then(|mut event| {
+        let outcome = validate(item.get(), &tenant, now, &state.limits).and_then(|mut event| {
             if !seen_ids.insert(event.event_id.clone()) {
                 return Err(Rejection {
                     code: "duplicate_in_batch",
@@ -402,14 +410,25 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
                 state.metrics.redactions.get_or_create(&KindLabels { kind: "phone".into() }).inc_by(counts.phones);
             }
             let bytes = encode(&event).map_err(|e| Rejection { code: "invalid_value", reason: e.to_string() })?;
-            Ok((event.suggestion_id, bytes))
+            Ok((event.event_id, event.suggestion_id, bytes))
         });
         match outcome {
-            Ok((key, bytes)) => {
+            Ok((event_id, key, bytes)) => {
                 to_send.push((index, key, bytes));
-                results.push(EventResult { index, event_id, status: "accepted".into(), code: None, reason: None });
+                results.push(EventResult {
+                    index,
+                    event_id: Some(event_id),
+                    status: "accepted".into(),
+                    code: None,
+                    reason: None,
+                });
             }
             Err(r) => {
+                // The id, when readable, helps the client match the rejection.
+                let event_id = serde_json::from_str::<IdOnly>(item.get())
+                    .ok()
+                    .and_then(|i| i.event_id)
+                    .and_then(|v| v.as_str().map(str::to_string));
                 state
                     .metrics
                     .events

@@ -193,16 +193,10 @@ fn check_payload(payload: &InteractionPayload, limits: &Limits) -> Result<(), Re
     Ok(())
 }
 
-/// Parses and validates one event of a batch for `tenant`. The user id is
-/// left raw; the caller pseudonymises it.
-pub fn validate(
-    raw: serde_json::Value,
-    tenant: &str,
-    now: EpochMillis,
-    limits: &Limits,
-) -> Result<Interaction, Rejection> {
-    let event: IncomingEvent =
-        serde_json::from_value(raw).map_err(|e| Rejection::new("invalid_event", e.to_string()))?;
+/// Parses and validates one event of a batch (its JSON text) for `tenant`.
+/// The user id is left raw; the caller pseudonymises it.
+pub fn validate(raw: &str, tenant: &str, now: EpochMillis, limits: &Limits) -> Result<Interaction, Rejection> {
+    let event: IncomingEvent = serde_json::from_str(raw).map_err(|e| Rejection::new("invalid_event", e.to_string()))?;
     let parsed = uuid::Uuid::parse_str(&event.event_id)
         .map_err(|e| Rejection::new("invalid_event_id", format!("event_id '{}' is not a UUID: {e}", event.event_id)))?;
     if parsed.hyphenated().to_string() != event.event_id.to_ascii_lowercase() {
@@ -276,17 +270,21 @@ mod tests {
         })
     }
 
+    fn check(v: &serde_json::Value, tenant: &str, limits: &Limits) -> Result<Interaction, Rejection> {
+        validate(&v.to_string(), tenant, NOW, limits)
+    }
+
     fn code(v: serde_json::Value) -> &'static str {
-        validate(v, "acme", NOW, &Limits::default()).unwrap_err().code
+        check(&v, "acme", &Limits::default()).unwrap_err().code
     }
 
     #[test]
     fn valid_events_get_the_token_tenant_and_receive_time() {
-        let i = validate(event(), "acme", NOW, &Limits::default()).unwrap();
+        let i = check(&event(), "acme", &Limits::default()).unwrap();
         assert_eq!((i.tenant.as_str(), i.received_time), ("acme", NOW));
         let mut e = event();
         e["tenant"] = json!("acme");
-        assert!(validate(e, "acme", NOW, &Limits::default()).is_ok());
+        assert!(check(&e, "acme", &Limits::default()).is_ok());
     }
 
     #[test]
@@ -321,7 +319,7 @@ mod tests {
         let limits = Limits { max_text_chars: 3, ..Limits::default() };
         let mut e = event();
         e["attributes"] = json!({"k": "long value"});
-        assert_eq!(validate(e, "acme", NOW, &limits).unwrap_err().code, "field_too_long");
+        assert_eq!(check(&e, "acme", &limits).unwrap_err().code, "field_too_long");
         for c in ["tenant_mismatch", "event_time_out_of_range", "invalid_event_id", "invalid_event", "invalid_value"] {
             assert!(REJECTION_CODES.contains(&c));
         }

@@ -73,6 +73,19 @@ impl LocalBroker {
         data_dir: &Path,
         ready_timeout: Duration,
     ) -> Result<Self, BrokerError> {
+        Self::start_with_storage(binary, addr, data_dir, "sqlite://broker.db", ready_timeout)
+    }
+
+    /// Like [`LocalBroker::start`] with another tansu storage URL (e.g.
+    /// `memory://tansu/` for benchmarks that must not measure the disk).
+    /// Relative SQLite paths are relative to `data_dir`.
+    pub fn start_with_storage(
+        binary: &Path,
+        addr: SocketAddr,
+        data_dir: &Path,
+        storage: &str,
+        ready_timeout: Duration,
+    ) -> Result<Self, BrokerError> {
         if !binary.is_file() {
             return Err(BrokerError::NotInstalled(binary.to_path_buf()));
         }
@@ -91,7 +104,7 @@ impl LocalBroker {
             .arg(std::process::id().to_string())
             .arg(binary)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://broker.db"])
+            .args(["--storage-engine", storage])
             .current_dir(data_dir)
             .stdin(Stdio::null())
             .stdout(log)
