@@ -62,6 +62,7 @@ lint: ## Clippy on every target with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 test: setup fmt-check lint ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
 bench: tools ## Benchmarks (release build); results and how to read them in BENCHMARKS.md

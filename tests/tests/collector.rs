@@ -488,3 +488,66 @@ fn arbitrary_bodies_never_crash_the_handler() {
         .unwrap();
     rt.block_on(c.stop());
 }
+
+/// The built `flywheel-collector` binary next to this test's executable
+/// (`make test` builds every binary before testing).
+fn collector_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("flywheel-collector");
+    assert!(bin.is_file(), "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
+    let kafka = kafka_args();
+    let topics = TopicsConfig { prefix: format!("{}.", unique_topic("term")), ..TopicsConfig::default() };
+    create_topics(
+        &kafka,
+        &[topics.spec(Topic::Interactions), topics.spec(Topic::ModelRegistry)],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(unique_topic("term-cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("topics.toml"), format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
+    let api = free_local_addr().unwrap();
+    let mut child = std::process::Command::new(collector_binary())
+        .env_clear()
+        .env("FLYWHEEL_KAFKA_BROKERS", &kafka.brokers)
+        .env("FLYWHEEL_TOPICS_CONFIG", dir.join("topics.toml"))
+        .env("FLYWHEEL_COLLECTOR_LISTEN", api.to_string())
+        .env("FLYWHEEL_OPS_LISTEN", "127.0.0.1:0")
+        .env("FLYWHEEL_COLLECTOR_TOKENS", format!("{TOKEN}=acme"))
+        .env("FLYWHEEL_COLLECTOR_HMAC_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(api).await.is_err() {
+        assert!(Instant::now() < deadline, "collector binary did not start listening");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = product_events("erin");
+    let auth = format!("Bearer {TOKEN}");
+    let in_flight = {
+        let events = events.clone();
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            http(api, "POST", "/v1/events", &[("authorization", &auth)], serde_json::to_vec(&events).unwrap()).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "the request in flight at SIGTERM completes: {}", String::from_utf8_lossy(&r.body));
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "clean exit after drain, got {status}");
+    // New connections are refused once it has stopped, and nothing was lost.
+    assert!(tokio::net::TcpStream::connect(api).await.is_err());
+    let got = read_topic(&kafka, &topics.name(Topic::Interactions), events.len());
+    assert_eq!(got.len(), events.len());
+    std::fs::remove_dir_all(dir).unwrap();
+}
