@@ -94,47 +94,4 @@ pub async fn create_unique_topic(label: &str, partitions: i32) -> String {
     name
 }
 
-/// A minimal HTTP/1.1 exchange over a fresh connection (hyper's client), for
-/// black-box tests of the HTTP services.
-#[derive(Debug)]
-pub struct HttpResponse {
-    /// Status code.
-    pub status: u16,
-    /// Response headers (lower-case names).
-    pub headers: hyper::HeaderMap,
-    /// Body bytes.
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The body parsed as JSON (panics with the body when it is not JSON).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-/// Sends one request to `addr` and reads the whole response.
-pub async fn http(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> HttpResponse {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connecting");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(conn);
-    let mut request = hyper::Request::builder().method(method).uri(path).header("host", addr.to_string());
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let request = request.body(http_body_util::Full::new(hyper::body::Bytes::from(body))).expect("request");
-    let response = sender.send_request(request).await.expect("sending request");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("reading body").to_bytes().to_vec();
-    HttpResponse { status, headers, body }
-}
+pub use flywheel_cli::http::{HttpResponse, http};

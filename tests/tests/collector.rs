@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
+use flywheel_cli::product_form;
 use flywheel_collector::privacy::Pseudonymizer;
 use flywheel_collector::{Config, Running, start};
 use flywheel_core::codec::{decode, encode};
@@ -160,14 +161,9 @@ fn product_events(user: &str) -> Vec<Value> {
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let mut v: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
-            let obj = v.as_object_mut().unwrap();
-            obj.remove("received_time");
-            obj.remove("tenant");
-            obj.insert("user_id".into(), json!(user));
-            obj.insert("event_time".into(), json!(now - 60_000 + i as i64));
-            obj.insert("event_id".into(), json!(format!("2a000000-0000-4000-8000-{:012}", rand_suffix() + i as u64)));
-            v
+            let fixture: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            let id = format!("2a000000-0000-4000-8000-{:012}", rand_suffix() + i as u64);
+            product_form(&fixture, user, now - 60_000 + i as i64, &id)
         })
         .collect()
 }
@@ -494,7 +490,11 @@ fn arbitrary_bodies_never_crash_the_handler() {
 fn collector_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("flywheel-collector");
-    assert!(bin.is_file(), "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
+        bin.display()
+    );
     bin
 }
 

@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod broker;
+pub mod http;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,12 @@ pub enum CliError {
     /// From the local broker.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// From the collector.
+    #[error(transparent)]
+    Collector(#[from] flywheel_collector::CollectorError),
+    /// From an HTTP exchange.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     /// Bad input the user can fix.
     #[error("{0}")]
     Usage(String),
@@ -129,6 +136,9 @@ pub struct DemoArgs {
     /// Folder of example records (`<kind>.<name>.json`).
     #[arg(long = "fixtures", env = "FLYWHEEL_FIXTURES", default_value = "schemas/fixtures")]
     pub fixtures: PathBuf,
+    /// Where the demo's collector listens.
+    #[arg(long = "collector-listen", env = "FLYWHEEL_DEMO_COLLECTOR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub collector_listen: SocketAddr,
 }
 
 /// Runs a parsed command until done or until `shutdown` is cancelled.
@@ -158,7 +168,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
             let mut out = stdout.lock();
             tail(&cli.kafka, &topics, &args, &shutdown, &mut out).map(|_| ())
         }
-        Command::Demo(args) => demo(&cli.kafka, &topics, &args, shutdown).await,
+        Command::Demo(args) => demo(&cli.kafka, &topics, cli.topics_config.as_deref(), &args, shutdown).await,
     }
 }
 
@@ -356,7 +366,30 @@ pub fn fixtures_of(dir: &Path, kind: RecordKind) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdown: CancellationToken) -> Result<()> {
+/// A fixture interaction in the form a product posts it to the collector:
+/// the product's own user id, no tenant or received time (the collector sets
+/// them), and the given event time and id.
+pub fn product_form(fixture: &serde_json::Value, user_id: &str, event_time: i64, event_id: &str) -> serde_json::Value {
+    let mut event = fixture.clone();
+    if let Some(obj) = event.as_object_mut() {
+        obj.remove("received_time");
+        obj.remove("tenant");
+        obj.insert("user_id".into(), user_id.into());
+        obj.insert("event_time".into(), event_time.into());
+        obj.insert("event_id".into(), event_id.into());
+    }
+    event
+}
+
+const DEMO_TOKEN: &str = "demo-token-change-me-0001";
+
+async fn demo(
+    kafka: &KafkaArgs,
+    topics: &TopicsConfig,
+    topics_file: Option<&Path>,
+    args: &DemoArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
     println!("== Flywheel demo: embedded broker on {}", args.broker.listen);
     let broker =
         LocalBroker::start(&args.broker.tansu_bin, args.broker.listen, &args.broker.data_dir, Duration::from_secs(30))?;
@@ -365,23 +398,87 @@ async fn demo(kafka: &KafkaArgs, topics: &TopicsConfig, args: &DemoArgs, shutdow
     let created = create_topics(&kafka, &topics.specs(), Duration::from_secs(30)).await?;
     println!("== topics: {} created, {} in the map", created.len(), Topic::ALL.len());
     list_topics(&kafka, topics)?;
-    let mut produced = 0;
-    for file in fixtures_of(&args.fixtures, RecordKind::Interaction)? {
-        produced += produce_file(&kafka, topics, Topic::Interactions.default_name(), &file).await?;
+
+    let mut collector_args = vec![
+        "flywheel-collector".to_string(),
+        "--kafka-brokers".into(),
+        kafka.brokers.clone(),
+        "--listen".into(),
+        args.collector_listen.to_string(),
+        "--ops-listen".into(),
+        "127.0.0.1:0".into(),
+        "--token".into(),
+        format!("{DEMO_TOKEN}=demo"),
+        "--hmac-secret".into(),
+        "demo-secret-not-for-production".into(),
+        "--redact-pii".into(),
+        "--log-filter".into(),
+        "warn".into(),
+    ];
+    if let Some(path) = topics_file {
+        collector_args.extend(["--topics-config".to_string(), path.display().to_string()]);
     }
+    let config = <flywheel_collector::Config as Parser>::try_parse_from(collector_args)
+        .map_err(|e| CliError::Usage(format!("demo collector configuration: {e}")))?;
+    let collector_shutdown = shutdown.child_token();
+    let collector = flywheel_collector::start(config, collector_shutdown.clone()).await?;
+    let api = collector.api_addr;
+    println!("== collector listening on http://{api} (token for tenant 'demo': {DEMO_TOKEN})");
+
+    let now = flywheel_core::now_millis();
+    let mut events = Vec::new();
+    for (i, file) in fixtures_of(&args.fixtures, RecordKind::Interaction)?.iter().enumerate() {
+        for fixture in read_json_records(file)? {
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", (now / 1000) as u32, i);
+            events.push(product_form(&fixture, "dev-42@example.com", now - 60_000 + i as i64 * 1000, &id));
+        }
+    }
+    let auth = format!("Bearer {DEMO_TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let body = serde_json::to_vec(&events).map_err(|e| CliError::Usage(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let r = http::request(api, "POST", "/v1/events", &headers, body).await?;
     println!(
-        "== produced {produced} example interactions (from {}) to {}",
-        args.fixtures.display(),
-        topics.name(Topic::Interactions)
+        "== POST /v1/events with {} events -> {} in {:.0?}: {}",
+        events.len(),
+        r.status,
+        started.elapsed(),
+        String::from_utf8_lossy(&r.body).chars().take(160).collect::<String>()
     );
+    let mut spoofed = events[0].clone();
+    spoofed["tenant"] = "someone-else".into();
+    spoofed["event_id"] = format!("{:08x}-0000-4000-8000-ffffffffffff", (now / 1000) as u32).into();
+    let body = serde_json::to_vec(&[spoofed]).map_err(|e| CliError::Usage(e.to_string()))?;
+    let r = http::request(api, "POST", "/v1/events", &headers, body).await?;
+    println!("== a batch naming another tenant -> {}: {}", r.status, String::from_utf8_lossy(&r.body));
+    let r = http::request(api, "GET", "/v1/route?user_id=dev-42@example.com&surface=editor-inline", &headers, vec![])
+        .await?;
+    println!("== GET /v1/route -> {}: {}", r.status, String::from_utf8_lossy(&r.body));
+
     let tail_args = TailArgs { topic: Topic::Interactions.default_name().into(), max: None, idle_secs: 3 };
     let mut buf = Vec::new();
     let read = tail(&kafka, topics, &tail_args, &shutdown, &mut buf)?;
-    println!("== read back {read} interactions (all runs so far, decoded from Avro):");
-    for line in String::from_utf8_lossy(&buf).lines().take(5) {
+    println!("== {read} interactions in the topic (all demo runs so far); the newest, decoded from Avro:");
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_by_key(|l| {
+        serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["record"]["received_time"].as_i64())
+    });
+    for line in lines.iter().rev().take(2) {
         println!("   {line}");
     }
-    println!("== rewarder, lake writer, trigger, trainer and gate are not in this build yet; stopping the broker");
+    let r = http::request(collector.ops_addr, "GET", "/metrics", &[], vec![]).await?;
+    println!("== collector metrics (excerpt):");
+    for line in String::from_utf8_lossy(&r.body).lines().filter(|l| {
+        l.starts_with("collector_events_total{outcome=\"accepted\"")
+            || l.starts_with("collector_events_total{outcome=\"rejected\",reason=\"tenant_mismatch\"")
+            || l.starts_with("collector_produce_latency_seconds_count")
+    }) {
+        println!("   {line}");
+    }
+    println!("== rewarder, lake writer, trigger, trainer and gate are not in this build yet; stopping");
+    collector_shutdown.cancel();
+    collector.wait().await?;
     drop(broker);
     Ok(())
 }
