@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use flywheel_core::records::{
     EpochMillis, Interaction, InteractionPayload, Lineage, Outcome, Reward, RewardSignals, SuggestionShown,
 };
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::reward_fn::{RewardFunction, edit_distance};
@@ -65,7 +66,7 @@ pub enum Emitted {
 }
 
 /// Counts for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinCounters {
     /// Events ignored because their event_id was already seen.
     pub duplicates: u64,
@@ -79,13 +80,13 @@ pub struct JoinCounters {
     pub rewards: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Held {
     offset: i64,
     event: Interaction,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpenSuggestion {
     shown: Option<Held>,
     others: Vec<Held>,
@@ -93,19 +94,27 @@ struct OpenSuggestion {
     deadline: EpochMillis,
 }
 
-/// The join state of one input partition.
-#[derive(Debug)]
-pub struct PartitionJoiner {
-    topic: String,
-    partition: i32,
-    config: JoinConfig,
-    reward_fn: RewardFunction,
+/// Everything a partition's join remembers; serialisable so it can be
+/// checkpointed and restored on another instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JoinState {
     open: HashMap<String, OpenSuggestion>,
     by_deadline: BTreeSet<(EpochMillis, String)>,
     closed: HashMap<String, EpochMillis>,
     closed_by_deadline: BTreeSet<(EpochMillis, String)>,
     max_event_time: EpochMillis,
     counters: JoinCounters,
+}
+
+/// The join of one input partition: its state plus the configuration that
+/// decides what the state turns into.
+#[derive(Debug)]
+pub struct PartitionJoiner {
+    topic: String,
+    partition: i32,
+    config: JoinConfig,
+    reward_fn: RewardFunction,
+    state: JoinState,
 }
 
 /// Deterministic reward id.
@@ -128,28 +137,44 @@ impl PartitionJoiner {
             partition,
             config,
             reward_fn,
-            open: HashMap::new(),
-            by_deadline: BTreeSet::new(),
-            closed: HashMap::new(),
-            closed_by_deadline: BTreeSet::new(),
-            max_event_time: i64::MIN,
-            counters: JoinCounters::default(),
+            state: JoinState { max_event_time: i64::MIN, ..JoinState::default() },
         }
+    }
+
+    /// A joiner resuming from a checkpointed state.
+    pub fn restore(
+        topic: &str,
+        partition: i32,
+        config: JoinConfig,
+        reward_fn: RewardFunction,
+        state: JoinState,
+    ) -> Self {
+        PartitionJoiner { topic: topic.to_string(), partition, config, reward_fn, state }
+    }
+
+    /// The state, for checkpoints.
+    pub fn state(&self) -> &JoinState {
+        &self.state
+    }
+
+    /// The reward function version in use.
+    pub fn reward_fn_version(&self) -> &str {
+        &self.reward_fn.version
     }
 
     /// Counters so far.
     pub fn counters(&self) -> JoinCounters {
-        self.counters
+        self.state.counters
     }
 
     /// Suggestions currently open.
     pub fn open_suggestions(&self) -> usize {
-        self.open.len()
+        self.state.open.len()
     }
 
     /// The partition's event-time watermark: the largest event time seen.
     pub fn watermark(&self) -> EpochMillis {
-        self.max_event_time
+        self.state.max_event_time
     }
 
     fn window_end(&self, start: EpochMillis) -> EpochMillis {
@@ -158,10 +183,10 @@ impl PartitionJoiner {
 
     /// Processes the record at `offset`, appending what it produced to `out`.
     pub fn process(&mut self, offset: i64, event: Interaction, out: &mut Vec<Emitted>) {
-        self.max_event_time = self.max_event_time.max(event.event_time);
+        self.state.max_event_time = self.state.max_event_time.max(event.event_time);
         let id = event.suggestion_id.clone();
-        if self.closed.contains_key(&id) {
-            self.counters.late += 1;
+        if self.state.closed.contains_key(&id) {
+            self.state.counters.late += 1;
             out.push(Emitted::Late { offset, event: Box::new(event) });
         } else {
             self.add(offset, event);
@@ -174,7 +199,7 @@ impl PartitionJoiner {
     /// Advances event time without a record (an idle partition, when the
     /// operator enabled processing-time advance) and closes what is due.
     pub fn advance_to(&mut self, event_time: EpochMillis, offset: i64, out: &mut Vec<Emitted>) {
-        self.max_event_time = self.max_event_time.max(event_time);
+        self.state.max_event_time = self.state.max_event_time.max(event_time);
         self.close_due(offset, out);
         self.forget_old_closed();
     }
@@ -183,7 +208,7 @@ impl PartitionJoiner {
         let default_deadline = self.window_end(event.event_time);
         let is_shown = matches!(event.payload, InteractionPayload::Shown(_));
         let id = event.suggestion_id.clone();
-        let entry = self.open.entry(id.clone()).or_insert_with(|| OpenSuggestion {
+        let entry = self.state.open.entry(id.clone()).or_insert_with(|| OpenSuggestion {
             shown: None,
             others: Vec::new(),
             event_ids: HashSet::new(),
@@ -192,7 +217,7 @@ impl PartitionJoiner {
         if !entry.event_ids.insert(event.event_id.clone()) || (is_shown && entry.shown.is_some()) {
             // Same event_id again (client retry), or a second "shown" for the
             // same suggestion: the first one wins.
-            self.counters.duplicates += 1;
+            self.state.counters.duplicates += 1;
             return;
         }
         let old_deadline = entry.deadline;
@@ -204,46 +229,46 @@ impl PartitionJoiner {
         }
         let new_deadline = entry.deadline;
         if old_deadline != new_deadline {
-            self.by_deadline.remove(&(old_deadline, id.clone()));
+            self.state.by_deadline.remove(&(old_deadline, id.clone()));
         }
-        self.by_deadline.insert((new_deadline, id));
+        self.state.by_deadline.insert((new_deadline, id));
     }
 
     fn close_due(&mut self, offset: i64, out: &mut Vec<Emitted>) {
-        while let Some((deadline, _)) = self.by_deadline.first()
-            && *deadline <= self.max_event_time
+        while let Some((deadline, _)) = self.state.by_deadline.first()
+            && *deadline <= self.state.max_event_time
         {
-            let (_, id) = self.by_deadline.pop_first().expect("non-empty");
+            let (_, id) = self.state.by_deadline.pop_first().expect("non-empty");
             self.close(&id, offset, out);
         }
     }
 
     fn evict_if_over_cap(&mut self, offset: i64, out: &mut Vec<Emitted>) {
-        while self.open.len() > self.config.max_open_suggestions {
-            let (_, id) = self.by_deadline.pop_first().expect("open suggestions are indexed");
-            self.counters.closed_early += 1;
+        while self.state.open.len() > self.config.max_open_suggestions {
+            let (_, id) = self.state.by_deadline.pop_first().expect("open suggestions are indexed");
+            self.state.counters.closed_early += 1;
             self.close(&id, offset, out);
         }
     }
 
     fn forget_old_closed(&mut self) {
-        let horizon = self.max_event_time.saturating_sub(self.config.closed_retention_ms);
-        while let Some((deadline, _)) = self.closed_by_deadline.first()
+        let horizon = self.state.max_event_time.saturating_sub(self.config.closed_retention_ms);
+        while let Some((deadline, _)) = self.state.closed_by_deadline.first()
             && *deadline < horizon
         {
-            let (_, id) = self.closed_by_deadline.pop_first().expect("non-empty");
-            self.closed.remove(&id);
+            let (_, id) = self.state.closed_by_deadline.pop_first().expect("non-empty");
+            self.state.closed.remove(&id);
         }
     }
 
     fn close(&mut self, id: &str, offset: i64, out: &mut Vec<Emitted>) {
-        let Some(mut s) = self.open.remove(id) else { return };
-        self.closed.insert(id.to_string(), s.deadline);
-        self.closed_by_deadline.insert((s.deadline, id.to_string()));
+        let Some(mut s) = self.state.open.remove(id) else { return };
+        self.state.closed.insert(id.to_string(), s.deadline);
+        self.state.closed_by_deadline.insert((s.deadline, id.to_string()));
         s.others.sort_by_key(|h| (h.event.event_time, h.offset));
         let Some(shown) = s.shown else {
             for h in s.others {
-                self.counters.orphans += 1;
+                self.state.counters.orphans += 1;
                 out.push(Emitted::Orphan { offset: h.offset, event: Box::new(h.event) });
             }
             return;
@@ -252,11 +277,11 @@ impl PartitionJoiner {
         let (inside, outside): (Vec<Held>, Vec<Held>) =
             s.others.into_iter().partition(|h| h.event.event_time <= s.deadline);
         for h in outside {
-            self.counters.late += 1;
+            self.state.counters.late += 1;
             out.push(Emitted::Late { offset: h.offset, event: Box::new(h.event) });
         }
         let reward = self.reward(&shown, &inside, s.deadline, offset);
-        self.counters.rewards += 1;
+        self.state.counters.rewards += 1;
         out.push(Emitted::Reward(Box::new(reward)));
     }
 
@@ -538,6 +563,37 @@ mod tests {
         let r = rewards(&out);
         assert_eq!((r.len(), r[0].suggestion_id.as_str(), r[0].outcome), (1, "a", Outcome::Ignored));
         assert_eq!((j.open_suggestions(), j.counters().closed_early), (2, 1));
+    }
+
+    #[test]
+    fn a_restored_checkpoint_continues_exactly_like_the_original() {
+        let input: Vec<Interaction> = vec![
+            shown(1, "s1", T0),
+            event(2, "s1", T0 + 5, InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: 5 })),
+            shown(3, "s2", T0 + 10),
+            event(4, "s3", T0 + 15, InteractionPayload::Rejected(SuggestionRejected::default())),
+            event(5, "s2", T0 + 20, InteractionPayload::Rejected(SuggestionRejected::default())),
+            tick(6, T0 + 30 * MIN),
+            event(
+                7,
+                "s1",
+                T0 + 40,
+                InteractionPayload::Rated(SuggestionRated { score: 2.0, scale_min: 1.0, scale_max: 5.0 }),
+            ),
+        ];
+        let uninterrupted = run(&mut joiner(), input.clone());
+        for cut in 0..input.len() {
+            let mut first = joiner();
+            let mut out = run(&mut first, input[..cut].to_vec());
+            let json = serde_json::to_string(first.state()).unwrap();
+            let state: JoinState = serde_json::from_str(&json).unwrap();
+            let mut resumed =
+                PartitionJoiner::restore("interactions", 3, JoinConfig::default(), RewardFunction::default(), state);
+            for (i, e) in input[cut..].iter().cloned().enumerate() {
+                resumed.process(100 + (cut + i) as i64, e, &mut out);
+            }
+            assert_eq!(out, uninterrupted, "cut at {cut}");
+        }
     }
 
     #[test]
