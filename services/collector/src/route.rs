@@ -107,8 +107,9 @@ pub fn follow_registry(
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
     readiness.set("registry", false);
-    let mut config = kafka.client_config(&ClientRole::Admin)?;
-    config.set("group.id", "flywheel-collector-registry").set("enable.auto.commit", "false");
+    // Assigned, never subscribed: the group id is only a required name.
+    let mut config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-collector-registry".into() })?;
+    config.set("enable.auto.commit", "false");
     let consumer: BaseConsumer =
         config.create().map_err(|e| flywheel_core::Error::kafka("creating registry consumer", e))?;
     // Wait for the topic: the collector must start (and answer 503 from

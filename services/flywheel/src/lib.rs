@@ -308,8 +308,9 @@ pub fn tail(
 ) -> Result<usize> {
     let topic = resolve_topic(topics, &args.topic)?;
     let name = topics.name(topic);
-    let mut config = kafka.client_config(&ClientRole::Admin)?;
-    config.set("group.id", "flywheel-tail").set("enable.auto.commit", "false");
+    // Assigned, never subscribed: the group id is only a required name.
+    let mut config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-tail".into() })?;
+    config.set("enable.auto.commit", "false");
     let consumer: BaseConsumer = config.create().map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     let metadata = consumer
         .fetch_metadata(Some(&name), Duration::from_secs(10))

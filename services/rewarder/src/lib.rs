@@ -1,6 +1,13 @@
-//! The rewarder (in progress): the deterministic core that turns a
-//! partition's interaction events into one reward per shown suggestion.
-//! The Kafka service loop, checkpointing and rolling metrics build on it.
+//! The rewarder: turns a partition's interaction events into one reward per
+//! shown suggestion, exactly once, from `interactions` to `rewards`,
+//! `interactions-late` and `dead-letters`.
+//!
+//! - [`reward_fn`]: the versioned reward function;
+//! - [`join`]: the deterministic per-partition event-time join;
+//! - [`service`]: the Kafka service with checkpoints and read-back on resume.
 
 pub mod join;
 pub mod reward_fn;
+pub mod service;
+
+pub use service::{Config, RewarderError, run};

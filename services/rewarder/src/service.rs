@@ -1,0 +1,667 @@
+//! The rewarder service: consumes `interactions` in a consumer group, runs one
+//! [`PartitionJoiner`] per assigned partition and produces rewards, late
+//! events and dead letters, exactly once without Kafka transactions.
+//!
+//! Exactly-once, per input partition:
+//! 1. Processing is deterministic (see [`crate::join`]).
+//! 2. A checkpoint is taken only after the producer has flushed, so every
+//!    output of the records before it is durable. It holds the join state,
+//!    the next input offset and the end offsets of the output topics at that
+//!    moment, and is written atomically (temp file, fsync, rename). The
+//!    group offset is committed after it, for monitoring only.
+//! 3. On (re)assignment a partition resumes from its checkpoint. Outputs of
+//!    records after the checkpoint may already be in the output topics (the
+//!    process died before the next checkpoint): they are read back from the
+//!    recorded end offsets and the replay skips re-producing them. The replay
+//!    regenerates identical records, so skipping by id is exact.
+//! 4. On revocation the partition is checkpointed before it is released, so
+//!    the next owner resumes without a gap or a repeat.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flywheel_core::codec::{decode, encode};
+use flywheel_core::kafka::{ClientRole, KafkaArgs};
+use flywheel_core::records::{DeadLetter, Interaction, Reward, SourcePosition};
+use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
+use flywheel_core::topics::{Topic, TopicsConfig};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::join::{Emitted, JoinConfig, JoinState, PartitionJoiner};
+use crate::reward_fn::RewardFunction;
+
+/// The rewarder's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RewarderError {
+    /// From the core library.
+    #[error(transparent)]
+    Core(#[from] flywheel_core::Error),
+    /// Bad configuration.
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// A checkpoint could not be read or written.
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint {
+        /// File.
+        path: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The broker did not acknowledge outputs; the service stops so a restart
+    /// resumes from the last checkpoint.
+    #[error("outputs not acknowledged: {0}")]
+    Delivery(String),
+}
+
+/// Rewarder configuration; every flag has an environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flywheel-rewarder", version, about = "Turns interaction events into rewards")]
+pub struct Config {
+    /// Common service flags.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic layout file (prefix etc.).
+    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG")]
+    pub topics_config: Option<PathBuf>,
+    /// Consumer group; instances in one group share the partitions.
+    #[arg(long = "group-id", env = "FLYWHEEL_REWARDER_GROUP_ID", default_value = "flywheel-rewarder")]
+    pub group_id: String,
+    /// Reward function TOML; the built-in Cursor-style defaults when absent.
+    #[arg(long = "reward-function", env = "FLYWHEEL_REWARD_FUNCTION")]
+    pub reward_function: Option<PathBuf>,
+    /// Event-time window after a suggestion is shown in which signals count.
+    #[arg(long = "outcome-window-ms", env = "FLYWHEEL_REWARDER_OUTCOME_WINDOW_MS", default_value_t = 600_000)]
+    pub outcome_window_ms: i64,
+    /// Extra event-time wait for out-of-order events.
+    #[arg(long = "allowed-lateness-ms", env = "FLYWHEEL_REWARDER_ALLOWED_LATENESS_MS", default_value_t = 60_000)]
+    pub allowed_lateness_ms: i64,
+    /// Most open suggestions per partition before the oldest are closed early.
+    #[arg(long = "max-open-suggestions", env = "FLYWHEEL_REWARDER_MAX_OPEN_SUGGESTIONS", default_value_t = 1_000_000)]
+    pub max_open_suggestions: usize,
+    /// Directory for checkpoints (shared storage when instances move between hosts).
+    #[arg(long = "checkpoint-dir", env = "FLYWHEEL_REWARDER_CHECKPOINT_DIR", default_value = ".flywheel/rewarder")]
+    pub checkpoint_dir: PathBuf,
+    /// Checkpoint after this many records of a partition.
+    #[arg(
+        long = "checkpoint-every-records",
+        env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_RECORDS",
+        default_value_t = 5_000
+    )]
+    pub checkpoint_every_records: u64,
+    /// Checkpoint at least this often (milliseconds) while records flow.
+    #[arg(long = "checkpoint-every-ms", env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_MS", default_value_t = 5_000)]
+    pub checkpoint_every_ms: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    records: Family<ResultLabels, Counter>,
+    open: Gauge,
+    checkpoints: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics { records: Family::default(), open: Gauge::default(), checkpoints: Counter::default() };
+        let r = registry.sub_registry_with_prefix("rewarder");
+        r.register("records", "Input records by result", m.records.clone());
+        r.register("open_suggestions", "Suggestions waiting for their window to close", m.open.clone());
+        r.register("checkpoints", "Checkpoints written", m.checkpoints.clone());
+        m
+    }
+
+    fn count(&self, result: &str, n: u64) {
+        if n > 0 {
+            self.records.get_or_create(&ResultLabels { result: result.into() }).inc_by(n);
+        }
+    }
+}
+
+/// What a checkpoint file holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    next_offset: i64,
+    reward_fn_version: String,
+    /// Output topic → partition → end offset when the checkpoint was taken.
+    output_ends: BTreeMap<String, BTreeMap<i32, i64>>,
+    state: JoinState,
+}
+
+struct PartitionWork {
+    joiner: PartitionJoiner,
+    next_offset: i64,
+    since_checkpoint: u64,
+    /// Outputs already written by a previous run after the checkpoint.
+    already_written: HashSet<String>,
+}
+
+/// Producer context that remembers the first failed delivery and, per
+/// output partition, the end of what this producer has written: after a
+/// flush, anything written later lands beyond it, which is the lower bound a
+/// resumed partition reads back from (no offset queries per checkpoint).
+#[derive(Default)]
+struct DeliveryWatch {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    written_end: Mutex<BTreeMap<String, BTreeMap<i32, i64>>>,
+}
+
+impl ClientContext for DeliveryWatch {}
+
+impl ProducerContext for DeliveryWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(m) => {
+                let mut ends = self.written_end.lock().unwrap_or_else(|p| p.into_inner());
+                let end = ends.entry(m.topic().to_string()).or_default().entry(m.partition()).or_insert(0);
+                *end = (*end).max(m.offset() + 1);
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+struct Topics {
+    input: String,
+    rewards: String,
+    late: String,
+    dead: String,
+}
+
+/// Everything the poll loop and the rebalance callback share.
+struct Core {
+    topics: Topics,
+    join: JoinConfig,
+    reward_fn: RewardFunction,
+    checkpoint_dir: PathBuf,
+    producer: ThreadedProducer<DeliveryWatch>,
+    partitions: Mutex<HashMap<i32, PartitionWork>>,
+    metrics: Metrics,
+    kafka: KafkaArgs,
+    /// End offsets of the output topics when this process started.
+    startup_ends: BTreeMap<String, BTreeMap<i32, i64>>,
+}
+
+struct RebalanceContext {
+    core: Arc<Core>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?revoked, "partitions revoked; checkpointing them before release");
+            if let Err(e) = self.core.checkpoint(&revoked, Some(consumer)) {
+                // The next owner resumes from the previous checkpoint and
+                // skips what this instance already wrote: nothing is lost.
+                tracing::error!(error = %e, "checkpoint on revoke failed");
+            }
+            let mut parts = self.core.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            for p in revoked {
+                parts.remove(&p);
+            }
+        }
+    }
+}
+
+fn checkpoint_path(dir: &Path, topic: &str, partition: i32) -> PathBuf {
+    dir.join(topic).join(format!("{partition}.json"))
+}
+
+impl Core {
+    /// Lower bounds of where outputs written from now on will land: the end
+    /// offsets seen at start-up, raised by every acknowledged write.
+    fn output_ends(&self) -> BTreeMap<String, BTreeMap<i32, i64>> {
+        let mut ends = self.startup_ends.clone();
+        let written = self.producer.context().written_end.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (topic, parts) in written {
+            let per = ends.entry(topic).or_default();
+            for (p, end) in parts {
+                let e = per.entry(p).or_insert(0);
+                *e = (*e).max(end);
+            }
+        }
+        ends
+    }
+
+    /// Flushes outputs, then writes a checkpoint for each partition in `which`.
+    fn checkpoint(
+        &self,
+        which: &[i32],
+        consumer: Option<&BaseConsumer<RebalanceContext>>,
+    ) -> Result<(), RewarderError> {
+        self.producer.flush(Duration::from_secs(30)).map_err(|e| RewarderError::Delivery(e.to_string()))?;
+        let watch = self.producer.context();
+        if watch.failed.load(Ordering::SeqCst) > 0 {
+            let first = watch.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            return Err(RewarderError::Delivery(first));
+        }
+        let ends = self.output_ends();
+        let mut parts = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut offsets = TopicPartitionList::new();
+        for p in which {
+            let Some(work) = parts.get_mut(p) else { continue };
+            let checkpoint = Checkpoint {
+                next_offset: work.next_offset,
+                reward_fn_version: work.joiner.reward_fn_version().to_string(),
+                output_ends: ends.clone(),
+                state: work.joiner.state().clone(),
+            };
+            let path = checkpoint_path(&self.checkpoint_dir, &self.topics.input, *p);
+            write_atomically(&path, &checkpoint)?;
+            work.since_checkpoint = 0;
+            self.metrics.checkpoints.inc();
+            let _ = offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(work.next_offset));
+        }
+        drop(parts);
+        if let Some(c) = consumer
+            && offsets.count() > 0
+            && let Err(e) = c.commit(&offsets, rdkafka::consumer::CommitMode::Async)
+        {
+            tracing::warn!(error = %e, "committing group offsets failed (monitoring only)");
+        }
+        Ok(())
+    }
+
+    /// Loads a partition's checkpoint (or starts empty) and collects what a
+    /// previous run already wrote after it.
+    fn resume(&self, partition: i32) -> Result<PartitionWork, RewarderError> {
+        let path = checkpoint_path(&self.checkpoint_dir, &self.topics.input, partition);
+        let checkpoint: Option<Checkpoint> =
+            match std::fs::read(&path) {
+                Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| RewarderError::Checkpoint {
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(RewarderError::Checkpoint { path: path.display().to_string(), detail: e.to_string() });
+                }
+            };
+        let Some(cp) = checkpoint else {
+            tracing::info!(partition, "no checkpoint; starting from the beginning of the partition");
+            let started = Instant::now();
+            let already_written = self.written_since(partition, &BTreeMap::new())?;
+            tracing::info!(partition, took = ?started.elapsed(), found = already_written.len(), "read back earlier outputs");
+            return Ok(PartitionWork {
+                joiner: PartitionJoiner::new(&self.topics.input, partition, self.join.clone(), self.reward_fn.clone()),
+                next_offset: 0,
+                since_checkpoint: 0,
+                already_written,
+            });
+        };
+        if cp.reward_fn_version != self.reward_fn.version {
+            tracing::warn!(
+                partition,
+                checkpoint = %cp.reward_fn_version,
+                now = %self.reward_fn.version,
+                "reward function changed since the checkpoint; open suggestions close under the new one"
+            );
+        }
+        let started = Instant::now();
+        let already_written = self.written_since(partition, &cp.output_ends)?;
+        tracing::info!(partition, took = ?started.elapsed(), "read back outputs written after the checkpoint");
+        tracing::info!(
+            partition,
+            next_offset = cp.next_offset,
+            skip = already_written.len(),
+            "resumed from checkpoint"
+        );
+        Ok(PartitionWork {
+            joiner: PartitionJoiner::restore(
+                &self.topics.input,
+                partition,
+                self.join.clone(),
+                self.reward_fn.clone(),
+                cp.state,
+            ),
+            next_offset: cp.next_offset,
+            since_checkpoint: 0,
+            already_written,
+        })
+    }
+
+    /// Output ids written for `partition` after the given end offsets.
+    fn written_since(
+        &self,
+        partition: i32,
+        ends: &BTreeMap<String, BTreeMap<i32, i64>>,
+    ) -> Result<HashSet<String>, RewarderError> {
+        // Assigned, never subscribed: the group id is only a required name.
+        let mut config =
+            self.kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-readback".into() })?;
+        config.set("enable.auto.commit", "false");
+        let reader: BaseConsumer =
+            config.create().map_err(|e| flywheel_core::Error::kafka("creating read-back consumer", e))?;
+        let mut seen = HashSet::new();
+        for topic in [&self.topics.rewards, &self.topics.late, &self.topics.dead] {
+            let md = reader
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
+            let mut tpl = TopicPartitionList::new();
+            let mut targets = HashMap::new();
+            for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
+                let from = ends.get(topic.as_str()).and_then(|m| m.get(&part.id())).copied().unwrap_or(0);
+                let (_, high) = reader
+                    .fetch_watermarks(topic, part.id(), Duration::from_secs(10))
+                    .map_err(|e| flywheel_core::Error::kafka(format!("watermarks of {topic}"), e))?;
+                if high > from {
+                    tpl.add_partition_offset(topic, part.id(), Offset::Offset(from))
+                        .map_err(|e| flywheel_core::Error::kafka("building read-back assignment", e))?;
+                    targets.insert(part.id(), high);
+                }
+            }
+            if targets.is_empty() {
+                continue;
+            }
+            reader.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning read-back", e))?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !targets.is_empty() && Instant::now() < deadline {
+                let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) else { continue };
+                if msg.offset() + 1 >= targets.get(&msg.partition()).copied().unwrap_or(0) {
+                    targets.remove(&msg.partition());
+                }
+                if let Some(id) = self.output_id_for(topic, &msg, partition) {
+                    seen.insert(id);
+                }
+            }
+            if !targets.is_empty() {
+                return Err(RewarderError::Delivery(format!("could not read back {topic} to its end")));
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The id of an output record if it was produced for input `partition`.
+    fn output_id_for(&self, topic: &str, msg: &BorrowedMessage<'_>, partition: i32) -> Option<String> {
+        let payload = msg.payload()?;
+        if topic == self.topics.rewards {
+            let r: Reward = decode(payload).ok()?;
+            (r.lineage.topic == self.topics.input && r.lineage.partition == partition)
+                .then(|| format!("r:{}", r.reward_id))
+        } else if topic == self.topics.late {
+            let e: Interaction = decode(payload).ok()?;
+            Some(format!("l:{}", e.event_id))
+        } else {
+            let d: DeadLetter = decode(payload).ok()?;
+            (d.service == "rewarder" && d.source.topic == self.topics.input && d.source.partition == partition)
+                .then(|| format!("d:{}", d.source.offset))
+        }
+    }
+
+    fn send(&self, topic: &str, key: &str, value: &[u8]) -> Result<(), RewarderError> {
+        let mut record = BaseRecord::to(topic).key(key).payload(value);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(RewarderError::Delivery(e.to_string())),
+            }
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        partition: i32,
+        offset: i64,
+        code: &str,
+        reason: String,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<(), RewarderError> {
+        let dl = DeadLetter {
+            service: "rewarder".into(),
+            reason_code: code.into(),
+            reason,
+            source: SourcePosition { topic: self.topics.input.clone(), partition, offset },
+            original_key: key.map(<[u8]>::to_vec),
+            original_value: value.map(<[u8]>::to_vec),
+            failed_at: flywheel_core::now_millis(),
+        };
+        let bytes = encode(&dl)?;
+        self.send(&self.topics.dead, &String::from_utf8_lossy(key.unwrap_or_default()), &bytes)
+    }
+
+    /// Processes one input record.
+    fn handle(&self, msg: &BorrowedMessage<'_>) -> Result<(), RewarderError> {
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let mut parts = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let work = match parts.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.resume(partition)?),
+        };
+        if offset < work.next_offset {
+            return Ok(()); // before the checkpoint: already processed
+        }
+        work.next_offset = offset + 1;
+        work.since_checkpoint += 1;
+        let event: Interaction = match msg.payload().map(decode::<Interaction>) {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                self.metrics.count("malformed", 1);
+                if !work.already_written.remove(&format!("d:{offset}")) {
+                    self.dead_letter(partition, offset, e.reason_code(), e.to_string(), msg.key(), msg.payload())?;
+                }
+                return Ok(());
+            }
+            None => {
+                self.metrics.count("malformed", 1);
+                if !work.already_written.remove(&format!("d:{offset}")) {
+                    self.dead_letter(partition, offset, "empty_value", "record has no value".into(), msg.key(), None)?;
+                }
+                return Ok(());
+            }
+        };
+        let before = work.joiner.counters();
+        let mut out = Vec::new();
+        work.joiner.process(offset, event, &mut out);
+        let after = work.joiner.counters();
+        self.metrics.count("processed", 1);
+        self.metrics.count("duplicate", after.duplicates - before.duplicates);
+        self.metrics.count("closed_early", after.closed_early - before.closed_early);
+        for emitted in out {
+            match emitted {
+                Emitted::Reward(r) => {
+                    self.metrics.count("reward", 1);
+                    if !work.already_written.remove(&format!("r:{}", r.reward_id)) {
+                        self.send(&self.topics.rewards, &r.suggestion_id, &encode(r.as_ref())?)?;
+                    }
+                }
+                Emitted::Late { event, .. } => {
+                    self.metrics.count("late", 1);
+                    if !work.already_written.remove(&format!("l:{}", event.event_id)) {
+                        self.send(&self.topics.late, &event.suggestion_id, &encode(event.as_ref())?)?;
+                    }
+                }
+                Emitted::Orphan { offset: o, event } => {
+                    self.metrics.count("orphan", 1);
+                    if !work.already_written.remove(&format!("d:{o}")) {
+                        let bytes = encode(event.as_ref())?;
+                        let reason = format!(
+                            "no suggestion_shown for suggestion {} within its window; event {} dropped from rewards",
+                            event.suggestion_id, event.event_id
+                        );
+                        self.dead_letter(
+                            partition,
+                            o,
+                            "orphan_event",
+                            reason,
+                            Some(event.suggestion_id.as_bytes()),
+                            Some(&bytes),
+                        )?;
+                    }
+                }
+            }
+        }
+        self.metrics.open.set(parts.values().map(|w| w.joiner.open_suggestions() as i64).sum());
+        Ok(())
+    }
+}
+
+fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
+    let fail = |detail: String| RewarderError::Checkpoint { path: path.display().to_string(), detail };
+    let dir = path.parent().expect("checkpoint paths have a parent");
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
+    serde_json::to_writer(&mut file, checkpoint).map_err(|e| fail(e.to_string()))?;
+    file.flush().map_err(|e| fail(e.to_string()))?;
+    file.sync_all().map_err(|e| fail(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
+    // The rename itself must survive a crash.
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs the rewarder until `shutdown`, then checkpoints and exits.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RewarderError> {
+    let topics_config = match &config.topics_config {
+        Some(p) => TopicsConfig::load(p)?,
+        None => TopicsConfig::default(),
+    };
+    let reward_fn = match &config.reward_function {
+        Some(p) => RewardFunction::load(p).map_err(|e| RewarderError::Config(e.to_string()))?,
+        None => RewardFunction::default(),
+    };
+    if config.outcome_window_ms <= 0 || config.allowed_lateness_ms < 0 || config.max_open_suggestions == 0 {
+        return Err(RewarderError::Config(
+            "outcome window must be > 0, lateness >= 0 and max open suggestions >= 1".into(),
+        ));
+    }
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::default();
+    readiness.set("consuming", false);
+    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+
+    let producer: ThreadedProducer<DeliveryWatch> = config
+        .kafka
+        .client_config(&ClientRole::Producer)?
+        .create_with_context(DeliveryWatch::default())
+        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    let startup_ends = {
+        let probe: BaseConsumer = config
+            .kafka
+            .client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-probe".into() })?
+            .create()
+            .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
+        let mut ends = BTreeMap::new();
+        for t in [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters] {
+            let topic = topics_config.name(t);
+            let md = probe
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
+            let mut per = BTreeMap::new();
+            for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
+                let (_, high) = probe
+                    .fetch_watermarks(&topic, part.id(), Duration::from_secs(10))
+                    .map_err(|e| flywheel_core::Error::kafka(format!("end offsets of {topic}"), e))?;
+                per.insert(part.id(), high);
+            }
+            ends.insert(topic, per);
+        }
+        ends
+    };
+    let core = Arc::new(Core {
+        topics: Topics {
+            input: topics_config.name(Topic::Interactions),
+            rewards: topics_config.name(Topic::Rewards),
+            late: topics_config.name(Topic::InteractionsLate),
+            dead: topics_config.name(Topic::DeadLetters),
+        },
+        join: JoinConfig {
+            outcome_window_ms: config.outcome_window_ms,
+            allowed_lateness_ms: config.allowed_lateness_ms,
+            max_open_suggestions: config.max_open_suggestions,
+            ..JoinConfig::default()
+        },
+        reward_fn,
+        checkpoint_dir: config.checkpoint_dir.join(&config.group_id),
+        producer,
+        partitions: Mutex::new(HashMap::new()),
+        metrics,
+        kafka: config.kafka.clone(),
+        startup_ends,
+    });
+    let consumer: BaseConsumer<RebalanceContext> = config
+        .kafka
+        .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
+        .set("enable.auto.commit", "false")
+        .create_with_context(RebalanceContext { core: core.clone() })
+        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+    consumer.subscribe(&[&core.topics.input]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
+    tracing::info!(input = %core.topics.input, group = %config.group_id, reward_fn = %core.reward_fn.version, "rewarder started");
+
+    let every_records = config.checkpoint_every_records.max(1);
+    let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
+    let loop_shutdown = shutdown.clone();
+    let worker = tokio::task::spawn_blocking(move || -> Result<(), RewarderError> {
+        let mut last_checkpoint = Instant::now();
+        while !loop_shutdown.is_cancelled() {
+            if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+                readiness.set("consuming", true);
+                match result {
+                    Ok(msg) => core.handle(&msg)?,
+                    Err(e) => tracing::warn!(error = %e, "consume error"),
+                }
+            }
+            let due: Vec<i32> = {
+                let parts = core.partitions.lock().unwrap_or_else(|p| p.into_inner());
+                let time_due = last_checkpoint.elapsed() >= every;
+                parts
+                    .iter()
+                    .filter(|(_, w)| w.since_checkpoint >= every_records || (time_due && w.since_checkpoint > 0))
+                    .map(|(p, _)| *p)
+                    .collect()
+            };
+            if !due.is_empty() {
+                core.checkpoint(&due, Some(&consumer))?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        let all: Vec<i32> = core.partitions.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        core.checkpoint(&all, Some(&consumer))?;
+        consumer.unsubscribe();
+        tracing::info!("rewarder stopped after a final checkpoint");
+        Ok(())
+    });
+    let result = worker.await.unwrap_or_else(|e| Err(RewarderError::Config(format!("worker panicked: {e}"))));
+    shutdown.cancel();
+    let _ = ops.task.await;
+    result
+}

@@ -1,0 +1,371 @@
+//! The rewarder against the real broker: a `kill -9` mid-stream and a
+//! rebalance between two instances leave exactly the rewards an
+//! uninterrupted run produces, each once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flywheel_core::codec::{decode, encode};
+use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::records::*;
+use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
+use flywheel_rewarder::reward_fn::RewardFunction;
+use flywheel_tests::{kafka_args, unique_topic};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+const T0: i64 = 1_795_424_400_000;
+const WINDOW_MS: i64 = 60_000;
+const PARTITIONS: i32 = 3;
+
+struct Setup {
+    group: String,
+    kafka: KafkaArgs,
+    topics: TopicsConfig,
+    topics_file: PathBuf,
+    checkpoints: PathBuf,
+}
+
+async fn setup(label: &str) -> Setup {
+    let kafka = kafka_args();
+    let mut topics = TopicsConfig { prefix: format!("{}.", unique_topic(label)), ..TopicsConfig::default() };
+    topics.topics.insert(
+        "interactions".into(),
+        flywheel_core::topics::TopicOverride { partitions: Some(PARTITIONS), ..Default::default() },
+    );
+    let specs: Vec<_> = [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters]
+        .map(|t| topics.spec(t))
+        .into();
+    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
+    let dir = std::env::temp_dir().join(unique_topic(label));
+    std::fs::create_dir_all(&dir).unwrap();
+    let topics_file = dir.join("topics.toml");
+    std::fs::write(
+        &topics_file,
+        format!("prefix = \"{}\"\n[topics.interactions]\npartitions = {PARTITIONS}\n", topics.prefix),
+    )
+    .unwrap();
+    Setup {
+        group: unique_topic(&format!("{label}-group")),
+        kafka,
+        topics,
+        topics_file,
+        checkpoints: dir.join("checkpoints"),
+    }
+}
+
+fn event(n: usize, suggestion: &str, t: i64, payload: InteractionPayload) -> Interaction {
+    Interaction {
+        event_id: format!("5d000000-0000-4000-8000-{n:012}"),
+        event_time: t,
+        received_time: t,
+        tenant: "acme".into(),
+        user_id: format!("user-{}", n % 7),
+        session_id: None,
+        suggestion_id: suggestion.into(),
+        payload,
+        attributes: BTreeMap::new(),
+    }
+}
+
+fn shown(n: usize, suggestion: &str, t: i64) -> Interaction {
+    event(
+        n,
+        suggestion,
+        t,
+        InteractionPayload::Shown(SuggestionShown {
+            model_id: "tiny".into(),
+            adapter_version: None,
+            experiment_arm: Some("live".into()),
+            surface: "editor".into(),
+            prompt: format!("prompt {n}"),
+            completion: format!("completion {n}"),
+            behavior_logprob: None,
+            latency_ms: 5,
+        }),
+    )
+}
+
+/// A realistic stream: suggestions shown over time with accepts, rejects,
+/// silence, retries (duplicate event ids), a follow-up, and orphans.
+fn stream(suggestions: usize, offset: usize) -> Vec<Interaction> {
+    let mut out = Vec::new();
+    for i in offset..offset + suggestions {
+        let s = format!("sugg-{i}");
+        let t = T0 + i as i64 * 1000;
+        out.push(shown(10 * i, &s, t));
+        match i % 5 {
+            0 | 1 => out.push(event(
+                10 * i + 1,
+                &s,
+                t + 500,
+                InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: 500 }),
+            )),
+            2 => out.push(event(10 * i + 1, &s, t + 300, InteractionPayload::Rejected(SuggestionRejected::default()))),
+            _ => {}
+        }
+        if i % 7 == 0 {
+            // A client retry of the same event.
+            out.push(shown(10 * i, &s, t));
+            out.push(event(
+                10 * i + 2,
+                &s,
+                t + 900,
+                InteractionPayload::FollowUp(FollowUp { action: FollowUpAction::Thanks, detail: None }),
+            ));
+        }
+        if i % 23 == 0 {
+            out.push(event(
+                10 * i + 3,
+                &format!("ghost-{i}"),
+                t,
+                InteractionPayload::Rejected(SuggestionRejected::default()),
+            ));
+        }
+    }
+    out
+}
+
+async fn produce(kafka: &KafkaArgs, topic: &str, events: &[Interaction]) {
+    let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    for e in events {
+        producer
+            .send(FutureRecord::to(topic).key(&e.suggestion_id).payload(&encode(e).unwrap()), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Moves every partition's watermark past the windows of all suggestions
+/// shown before `suggestions_so_far` (one per second from T0).
+async fn tick_all(kafka: &KafkaArgs, topic: &str, n: usize, suggestions_so_far: usize) {
+    let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    for p in 0..PARTITIONS {
+        let t = T0 + suggestions_so_far as i64 * 1000 + WINDOW_MS + 1000;
+        let e = shown(1_000_000 + n * 10 + p as usize, &format!("tick-{n}-{p}"), t);
+        producer
+            .send(
+                FutureRecord::to(topic).partition(p).key(&e.suggestion_id).payload(&encode(&e).unwrap()),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Every record of a topic, per partition in offset order.
+fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, i64, T)> {
+    let mut config = kafka.client_config(&ClientRole::Admin).unwrap();
+    config.set("group.id", "rewarder-test-reader");
+    let c: BaseConsumer = config.create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = HashMap::new();
+    for part in md.topics()[0].partitions() {
+        let (_, high) = c.fetch_watermarks(topic, part.id(), Duration::from_secs(10)).unwrap();
+        if high > 0 {
+            tpl.add_partition_offset(topic, part.id(), Offset::Beginning).unwrap();
+            remaining.insert(part.id(), high);
+        }
+    }
+    if remaining.is_empty() {
+        return Vec::new();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+                remaining.remove(&m.partition());
+            }
+            out.push((m.partition(), m.offset(), decode(m.payload().unwrap()).unwrap()));
+        }
+    }
+    out.sort_by_key(|(p, o, _)| (*p, *o));
+    out
+}
+
+fn join_config() -> JoinConfig {
+    JoinConfig { outcome_window_ms: WINDOW_MS, allowed_lateness_ms: 0, ..JoinConfig::default() }
+}
+
+/// What an uninterrupted run produces from the input topic as it stands.
+fn expected_rewards(s: &Setup) -> BTreeMap<String, Reward> {
+    let input = s.topics.name(Topic::Interactions);
+    let mut joiners: HashMap<i32, PartitionJoiner> = HashMap::new();
+    let mut out = Vec::new();
+    for (p, o, e) in read_all::<Interaction>(&s.kafka, &input) {
+        joiners
+            .entry(p)
+            .or_insert_with(|| PartitionJoiner::new(&input, p, join_config(), RewardFunction::default()))
+            .process(o, e, &mut out);
+    }
+    out.into_iter()
+        .filter_map(|e| if let Emitted::Reward(r) = e { Some((r.reward_id.clone(), *r)) } else { None })
+        .collect()
+}
+
+fn rewarder_args(s: &Setup, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "flywheel-rewarder".into(),
+        "--kafka-brokers".into(),
+        s.kafka.brokers.clone(),
+        "--kafka-session-timeout-ms".into(),
+        "6000".into(),
+        // A killed member must leave the group quickly: tansu waits up to
+        // the rebalance timeout (max.poll.interval.ms) for it.
+        "-X".into(),
+        "max.poll.interval.ms=20000".into(),
+        "--topics-config".into(),
+        s.topics_file.display().to_string(),
+        "--ops-listen".into(),
+        "127.0.0.1:0".into(),
+        "--outcome-window-ms".into(),
+        WINDOW_MS.to_string(),
+        "--allowed-lateness-ms".into(),
+        "0".into(),
+        "--checkpoint-dir".into(),
+        s.checkpoints.display().to_string(),
+        "--checkpoint-every-records".into(),
+        "40".into(),
+        "--checkpoint-every-ms".into(),
+        "1000".into(),
+        "--log-filter".into(),
+        std::env::var("REWARDER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        "--group-id".into(),
+        s.group.clone(),
+    ];
+    args.extend(extra.iter().map(|x| x.to_string()));
+    args
+}
+
+fn wait_for_rewards(s: &Setup, at_least: usize, secs: u64) -> Vec<Reward> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got: Vec<Reward> =
+            read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
+        if got.len() >= at_least || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn assert_exactly(expected: &BTreeMap<String, Reward>, got: &[Reward]) {
+    let mut by_id: BTreeMap<String, &Reward> = BTreeMap::new();
+    for r in got {
+        if let Some(first) = by_id.insert(r.reward_id.clone(), r) {
+            panic!("reward for {} emitted twice: lineage {:?} and {:?}", r.suggestion_id, first.lineage, r.lineage);
+        }
+    }
+    assert_eq!(by_id.len(), expected.len(), "reward count");
+    for (id, r) in expected {
+        assert_eq!(by_id.get(id).copied(), Some(r), "reward for {} differs", r.suggestion_id);
+    }
+}
+
+fn rewarder_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("flywheel-rewarder");
+    assert!(
+        bin.is_file(),
+        "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards() {
+    let s = setup("rw-kill").await;
+    let input = s.topics.name(Topic::Interactions);
+    let first = stream(200, 0);
+    produce(&s.kafka, &input, &first).await;
+    tick_all(&s.kafka, &input, 1, 200).await;
+
+    let spawn = || std::process::Command::new(rewarder_binary()).args(&rewarder_args(&s, &[])[1..]).spawn().unwrap();
+    let mut child = spawn();
+    // Let it emit part of the first half, then kill it without warning.
+    let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 60, 60));
+    assert!(partial.len() >= 60, "rewarder produced only {} rewards", partial.len());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // tansu keeps a killed member in the group until its session times out
+    // (6 s here); a process restarted earlier waits on it.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let second = stream(150, 200);
+    produce(&s.kafka, &input, &second).await;
+    tick_all(&s.kafka, &input, 2, 350).await;
+    let mut child = spawn();
+    let expected = tokio::task::block_in_place(|| expected_rewards(&s));
+    // One reward per shown suggestion, the first round's tick suggestions included.
+    assert_eq!(expected.len(), 350 + PARTITIONS as usize);
+    let got = tokio::task::block_in_place(|| wait_for_rewards(&s, expected.len(), 90));
+    // A little longer: nothing beyond the expected may arrive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got_final: Vec<Reward> =
+        read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
+    assert!(got_final.len() >= got.len());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
+    assert_exactly(&expected, &got_final);
+
+    // Orphans went to the dead-letter topic once each, with a reason.
+    let dead: Vec<DeadLetter> =
+        read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters)).into_iter().map(|(_, _, d)| d).collect();
+    let ghosts = (0..350).filter(|i| i % 23 == 0).count();
+    assert_eq!(dead.len(), ghosts, "one dead letter per orphan event");
+    assert!(dead.iter().all(|d| d.reason_code == "orphan_event" && d.reason.contains("ghost-")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_duplicates() {
+    let s = setup("rw-rebalance").await;
+    let input = s.topics.name(Topic::Interactions);
+    produce(&s.kafka, &input, &stream(150, 0)).await;
+    tick_all(&s.kafka, &input, 1, 150).await;
+
+    let start = |name: &str| {
+        let config = flywheel_rewarder::Config::try_parse_from(rewarder_args(&s, &[])).unwrap();
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let name = name.to_string();
+        let handle = tokio::spawn(async move {
+            flywheel_rewarder::run(config, t).await.unwrap_or_else(|e| panic!("instance {name} failed: {e}"))
+        });
+        (token, handle)
+    };
+    let (a_stop, a) = start("a");
+    let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 40, 60));
+    assert!(partial.len() >= 40);
+    // A second member joins: the group rebalances and partitions move.
+    let (b_stop, b) = start("b");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    produce(&s.kafka, &input, &stream(150, 150)).await;
+    tick_all(&s.kafka, &input, 2, 300).await;
+    let expected = tokio::task::block_in_place(|| expected_rewards(&s));
+    assert_eq!(expected.len(), 300 + PARTITIONS as usize);
+    let _ = tokio::task::block_in_place(|| wait_for_rewards(&s, expected.len(), 120));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a_stop.cancel();
+    b_stop.cancel();
+    a.await.unwrap();
+    b.await.unwrap();
+    let got: Vec<Reward> =
+        read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
+    assert_exactly(&expected, &got);
+    // Every partition was checkpointed (on revoke, periodically or at stop).
+    let dir = s.checkpoints.join(&s.group).join(&input);
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, PARTITIONS as usize, "a checkpoint per partition in {}", dir.display());
+}
