@@ -184,8 +184,7 @@ impl PartitionJoiner {
     /// Processes the record at `offset`, appending what it produced to `out`.
     pub fn process(&mut self, offset: i64, event: Interaction, out: &mut Vec<Emitted>) {
         self.state.max_event_time = self.state.max_event_time.max(event.event_time);
-        let id = event.suggestion_id.clone();
-        if self.state.closed.contains_key(&id) {
+        if self.state.closed.contains_key(&event.suggestion_id) {
             self.state.counters.late += 1;
             out.push(Emitted::Late { offset, event: Box::new(event) });
         } else {
@@ -280,14 +279,15 @@ impl PartitionJoiner {
             self.state.counters.late += 1;
             out.push(Emitted::Late { offset: h.offset, event: Box::new(h.event) });
         }
-        let reward = self.reward(&shown, &inside, s.deadline, offset);
+        let reward = self.reward(shown, &inside, s.deadline, offset);
         self.state.counters.rewards += 1;
         out.push(Emitted::Reward(Box::new(reward)));
     }
 
-    fn reward(&self, shown: &Held, others: &[Held], deadline: EpochMillis, offset: i64) -> Reward {
-        let InteractionPayload::Shown(s) = &shown.event.payload else { unreachable!("shown holds a shown event") };
-        let s: &SuggestionShown = s;
+    fn reward(&self, shown: Held, others: &[Held], deadline: EpochMillis, offset: i64) -> Reward {
+        let Held { offset: shown_offset, event: e } = shown;
+        let InteractionPayload::Shown(s) = e.payload else { unreachable!("shown holds a shown event") };
+        let s: SuggestionShown = s;
         let mut outcome = Outcome::Ignored;
         let mut signals = RewardSignals { event_count: 1 + others.len() as i32, ..RewardSignals::default() };
         for h in others {
@@ -316,20 +316,19 @@ impl PartitionJoiner {
             }
         }
         let components = self.reward_fn.components(outcome, &signals, &s.completion);
-        let first_offset = others.iter().map(|h| h.offset).chain([shown.offset]).min().unwrap_or(shown.offset);
-        let e = &shown.event;
+        let first_offset = others.iter().map(|h| h.offset).chain([shown_offset]).min().unwrap_or(shown_offset);
         Reward {
             reward_id: reward_id(&e.tenant, &e.suggestion_id, &self.reward_fn.version),
-            tenant: e.tenant.clone(),
-            user_id: e.user_id.clone(),
-            session_id: e.session_id.clone(),
-            suggestion_id: e.suggestion_id.clone(),
-            model_id: s.model_id.clone(),
-            adapter_version: s.adapter_version.clone(),
-            experiment_arm: s.experiment_arm.clone(),
-            surface: s.surface.clone(),
-            prompt: s.prompt.clone(),
-            completion: s.completion.clone(),
+            tenant: e.tenant,
+            user_id: e.user_id,
+            session_id: e.session_id,
+            suggestion_id: e.suggestion_id,
+            model_id: s.model_id,
+            adapter_version: s.adapter_version,
+            experiment_arm: s.experiment_arm,
+            surface: s.surface,
+            prompt: s.prompt,
+            completion: s.completion,
             behavior_logprob: s.behavior_logprob,
             shown_time: e.event_time,
             window_close_time: deadline,
