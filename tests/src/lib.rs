@@ -62,6 +62,19 @@ pub fn remove_dirs_of_dead_runs(runs: &std::path::Path) {
     }
 }
 
+/// A service binary built next to the running test executable
+/// (`make test` builds every binary before testing).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join(name);
+    assert!(
+        bin.is_file(),
+        "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Kafka settings for tests: the shared broker, 6 s session timeout so group
 /// joins are quick.
 pub fn kafka_args() -> KafkaArgs {

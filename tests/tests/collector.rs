@@ -16,7 +16,7 @@ use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{AdapterRef, Canary, Interaction, InteractionPayload, RegistryEntry};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{HttpResponse, http, kafka_args, unique_topic, workspace_root};
+use flywheel_tests::{HttpResponse, http, kafka_args, unique_topic, workspace_binary, workspace_root};
 use proptest::prelude::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -485,19 +485,6 @@ fn arbitrary_bodies_never_crash_the_handler() {
     rt.block_on(c.stop());
 }
 
-/// The built `flywheel-collector` binary next to this test's executable
-/// (`make test` builds every binary before testing).
-fn collector_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("flywheel-collector");
-    assert!(
-        bin.is_file(),
-        "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     let kafka = kafka_args();
@@ -513,7 +500,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("topics.toml"), format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
     let api = free_local_addr().unwrap();
-    let mut child = std::process::Command::new(collector_binary())
+    let mut child = std::process::Command::new(workspace_binary("flywheel-collector"))
         .env_clear()
         .env("FLYWHEEL_KAFKA_BROKERS", &kafka.brokers)
         .env("FLYWHEEL_TOPICS_CONFIG", dir.join("topics.toml"))

@@ -13,7 +13,7 @@ use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
-use flywheel_tests::{kafka_args, unique_topic};
+use flywheel_tests::{kafka_args, unique_topic, workspace_binary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -273,17 +273,6 @@ fn assert_exactly(expected: &BTreeMap<String, Reward>, got: &[Reward]) {
     }
 }
 
-fn rewarder_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("flywheel-rewarder");
-    assert!(
-        bin.is_file(),
-        "{} missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards() {
     let s = setup("rw-kill").await;
@@ -292,7 +281,12 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     produce(&s.kafka, &input, &first).await;
     tick_all(&s.kafka, &input, 1, 200).await;
 
-    let spawn = || std::process::Command::new(rewarder_binary()).args(&rewarder_args(&s, &[])[1..]).spawn().unwrap();
+    let spawn = || {
+        std::process::Command::new(workspace_binary("flywheel-rewarder"))
+            .args(&rewarder_args(&s, &[])[1..])
+            .spawn()
+            .unwrap()
+    };
     let mut child = spawn();
     // Let it emit part of the first half, then kill it without warning.
     let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 60, 60));

@@ -29,7 +29,7 @@ use clap::Parser;
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, parse_properties};
 use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs, drain};
-use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_core::topics::{Topic, TopicsArgs};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -69,9 +69,9 @@ pub struct Config {
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Topic layout file (prefix etc.).
-    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG")]
-    pub topics_config: Option<PathBuf>,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: TopicsArgs,
     /// Address of the public API.
     #[arg(long = "listen", env = "FLYWHEEL_COLLECTOR_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -663,10 +663,7 @@ impl Running {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, CollectorError> {
     let tokens = load_tokens(&config)?;
     let pseudonymizer = load_secret(&config)?;
-    let topics = match &config.topics_config {
-        Some(path) => TopicsConfig::load(path)?,
-        None => TopicsConfig::default(),
-    };
+    let topics = config.topics.load()?;
     let mut producer_config = config.kafka.client_config(&ClientRole::Producer)?;
     producer_config
         .set("message.timeout.ms", config.produce_timeout_ms.to_string())

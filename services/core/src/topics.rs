@@ -138,6 +138,24 @@ impl Topic {
     }
 }
 
+/// The `--topics-config` flag every binary shares.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TopicsArgs {
+    /// Topic layout file (prefix, partitions, replication, retention); the built-in map when absent.
+    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG", global = true)]
+    pub topics_config: Option<std::path::PathBuf>,
+}
+
+impl TopicsArgs {
+    /// The layout from the file, or the built-in defaults.
+    pub fn load(&self) -> Result<TopicsConfig> {
+        match &self.topics_config {
+            Some(path) => TopicsConfig::load(path),
+            None => Ok(TopicsConfig::default()),
+        }
+    }
+}
+
 /// Per-topic overrides in the TOML file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

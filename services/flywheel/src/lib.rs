@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::runtime::LogArgs;
-use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_core::topics::{Topic, TopicsArgs, TopicsConfig};
 use flywheel_core::{Codec, RecordKind};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -55,9 +55,9 @@ pub struct Cli {
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Topic layout file (prefix, partitions, replication); defaults to the built-in map.
-    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG", global = true)]
-    pub topics_config: Option<PathBuf>,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: TopicsArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -143,10 +143,7 @@ pub struct DemoArgs {
 
 /// Runs a parsed command until done or until `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
-    let topics = match &cli.topics_config {
-        Some(path) => TopicsConfig::load(path)?,
-        None => TopicsConfig::default(),
-    };
+    let topics = cli.topics.load()?;
     match cli.command {
         Command::Broker(args) => run_broker(&args, shutdown).await,
         Command::Topics(TopicsCommand::Create) => {
@@ -168,7 +165,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
             let mut out = stdout.lock();
             tail(&cli.kafka, &topics, &args, &shutdown, &mut out).map(|_| ())
         }
-        Command::Demo(args) => demo(&cli.kafka, &topics, cli.topics_config.as_deref(), &args, shutdown).await,
+        Command::Demo(args) => demo(&cli.kafka, &topics, cli.topics.topics_config.as_deref(), &args, shutdown).await,
     }
 }
 

@@ -29,7 +29,7 @@ use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::{DeadLetter, Interaction, Reward, SourcePosition};
 use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
-use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_core::topics::{Topic, TopicsArgs};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -78,9 +78,9 @@ pub struct Config {
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Topic layout file (prefix etc.).
-    #[arg(long = "topics-config", env = "FLYWHEEL_TOPICS_CONFIG")]
-    pub topics_config: Option<PathBuf>,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: TopicsArgs,
     /// Consumer group; instances in one group share the partitions.
     #[arg(long = "group-id", env = "FLYWHEEL_REWARDER_GROUP_ID", default_value = "flywheel-rewarder")]
     pub group_id: String,
@@ -550,10 +550,7 @@ fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), Rewarder
 
 /// Runs the rewarder until `shutdown`, then checkpoints and exits.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RewarderError> {
-    let topics_config = match &config.topics_config {
-        Some(p) => TopicsConfig::load(p)?,
-        None => TopicsConfig::default(),
-    };
+    let topics_config = config.topics.load()?;
     let reward_fn = match &config.reward_function {
         Some(p) => RewardFunction::load(p).map_err(|e| RewarderError::Config(e.to_string()))?,
         None => RewardFunction::default(),
