@@ -423,13 +423,68 @@ async fn demo(
     let api = collector.api_addr;
     println!("== collector listening on http://{api} (token for tenant 'demo': {DEMO_TOKEN})");
 
+    let rewarder_args = [
+        "flywheel-rewarder".to_string(),
+        "--kafka-brokers".into(),
+        kafka.brokers.clone(),
+        "--ops-listen".into(),
+        "127.0.0.1:0".into(),
+        "--group-id".into(),
+        "flywheel-demo-rewarder".into(),
+        "--checkpoint-dir".into(),
+        args.broker.data_dir.join("..").join("demo-rewarder").display().to_string(),
+        "--outcome-window-ms".into(),
+        "300000".into(),
+        "--allowed-lateness-ms".into(),
+        "0".into(),
+        "--idle-advance-after-ms".into(),
+        "2000".into(),
+        "--checkpoint-every-ms".into(),
+        "1000".into(),
+        "--log-filter".into(),
+        "warn".into(),
+    ]
+    .into_iter()
+    .chain(topics_file.map(|p| ["--topics-config".to_string(), p.display().to_string()]).into_iter().flatten());
+    let rewarder_config = <flywheel_rewarder::Config as Parser>::try_parse_from(rewarder_args)
+        .map_err(|e| CliError::Usage(format!("demo rewarder configuration: {e}")))?;
+    let rewarder_shutdown = shutdown.child_token();
+    let rewarder = tokio::spawn(flywheel_rewarder::run(rewarder_config, rewarder_shutdown.clone()));
+    println!(
+        "== rewarder consuming {} (5 min outcome window, idle partitions advance by wall clock)",
+        topics.name(Topic::Interactions)
+    );
+
+    // Two suggestions of this run: one accepted, edited, rated, thanked and
+    // completed; one rejected. Shown 400 s ago so their windows have closed.
     let now = flywheel_core::now_millis();
+    let run = now / 1000;
+    let base = now - 400_000;
+    let fixtures: std::collections::BTreeMap<String, serde_json::Value> =
+        fixtures_of(&args.fixtures, RecordKind::Interaction)?
+            .iter()
+            .flat_map(|f| read_json_records(f).unwrap_or_default())
+            .filter_map(|v| v["payload"].as_object().and_then(|p| p.keys().next().cloned()).map(|k| (k, v.clone())))
+            .collect();
+    let shown_time = fixtures.get("shown").and_then(|v| v["event_time"].as_i64()).unwrap_or(0);
+    let story = [
+        ("accepted", "shown"),
+        ("accepted", "accepted"),
+        ("accepted", "edited"),
+        ("accepted", "rated"),
+        ("accepted", "follow_up"),
+        ("accepted", "task_completed"),
+        ("rejected", "shown"),
+        ("rejected", "rejected"),
+    ];
     let mut events = Vec::new();
-    for (i, file) in fixtures_of(&args.fixtures, RecordKind::Interaction)?.iter().enumerate() {
-        for fixture in read_json_records(file)? {
-            let id = format!("{:08x}-0000-4000-8000-{:012x}", (now / 1000) as u32, i);
-            events.push(product_form(&fixture, "dev-42@example.com", now - 60_000 + i as i64 * 1000, &id));
-        }
+    for (i, (which, kind)) in story.iter().enumerate() {
+        let Some(fixture) = fixtures.get(*kind) else { continue };
+        let delta = fixture["event_time"].as_i64().unwrap_or(shown_time) - shown_time;
+        let id = format!("{:08x}-0000-4000-8000-{:012x}", run as u32, i);
+        let mut event = product_form(fixture, "dev-42@example.com", base + delta, &id);
+        event["suggestion_id"] = format!("demo-{run}-{which}").into();
+        events.push(event);
     }
     let auth = format!("Bearer {DEMO_TOKEN}");
     let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
@@ -474,9 +529,45 @@ async fn demo(
     }) {
         println!("   {line}");
     }
-    println!("== rewarder, lake writer, trigger, trainer and gate are not in this build yet; stopping");
+    println!("== rewards of this run (the rewarder closes each window in event time):");
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    let mut shown_rewards = 0;
+    while shown_rewards < 2 && std::time::Instant::now() < deadline && !shutdown.is_cancelled() {
+        let tail_args = TailArgs { topic: Topic::Rewards.default_name().into(), max: None, idle_secs: 2 };
+        let mut buf = Vec::new();
+        tail(&kafka, topics, &tail_args, &shutdown, &mut buf)?;
+        let ours: Vec<serde_json::Value> = String::from_utf8_lossy(&buf)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["record"]["suggestion_id"].as_str().is_some_and(|s| s.starts_with(&format!("demo-{run}-"))))
+            .collect();
+        if ours.len() >= 2 {
+            for v in &ours {
+                let r = &v["record"];
+                println!(
+                    "   {} outcome={} reward={:.3} components={} signals={}",
+                    r["suggestion_id"].as_str().unwrap_or_default(),
+                    r["outcome"].as_str().unwrap_or_default(),
+                    r["reward"].as_f64().unwrap_or_default(),
+                    r["components"],
+                    r["signals"]
+                );
+            }
+            shown_rewards = ours.len();
+        }
+    }
+    if shown_rewards < 2 {
+        println!("   (no rewards within 45 s; check the rewarder's logs)");
+    }
+    println!("== lake writer, trigger, trainer and gate are not in this build yet; stopping");
     collector_shutdown.cancel();
+    rewarder_shutdown.cancel();
     collector.wait().await?;
+    match rewarder.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(CliError::Usage(format!("rewarder failed: {e}"))),
+        Err(e) => return Err(CliError::Usage(format!("rewarder task failed: {e}"))),
+    }
     drop(broker);
     Ok(())
 }

@@ -555,6 +555,18 @@ mod tests {
     }
 
     #[test]
+    fn advancing_an_idle_partition_closes_due_windows() {
+        let mut j = joiner();
+        let mut out = run(&mut j, vec![shown(1, "s", T0)]);
+        j.advance_to(T0 + 11 * MIN - 1, 100, &mut out);
+        assert!(rewards(&out).is_empty());
+        j.advance_to(T0 + 11 * MIN, 100, &mut out);
+        let r = rewards(&out);
+        assert_eq!((r.len(), r[0].outcome, r[0].lineage.last_offset), (1, Outcome::Ignored, 100));
+        assert_eq!(r[0].components.follow_up.to_bits(), 0.0f64.to_bits(), "+0.0, not -0.0");
+    }
+
+    #[test]
     fn the_open_suggestion_cap_closes_the_oldest_early() {
         let config = JoinConfig { max_open_suggestions: 2, ..JoinConfig::default() };
         let mut j = PartitionJoiner::new("interactions", 0, config, RewardFunction::default());

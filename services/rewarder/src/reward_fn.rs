@@ -238,7 +238,8 @@ impl RewardFunction {
             _ => 0.0,
         };
         let rating = signals.rating.map_or(0.0, |r| self.rating_weight * r);
-        let follow_up = signals.follow_ups.iter().map(|a| self.follow_up.of(*a)).sum();
+        // fold from +0.0: an empty f64 `sum()` is -0.0, which reads oddly in records.
+        let follow_up = signals.follow_ups.iter().fold(0.0, |acc, a| acc + self.follow_up.of(*a));
         let time_to_accept = match (&self.time_to_accept, outcome, signals.time_to_accept_ms) {
             (Some(t), Outcome::Accepted, Some(ms)) => t.weight * (-(ms.max(0) as f64) / t.half_life_ms).exp2(),
             _ => 0.0,

@@ -109,6 +109,14 @@ pub struct Config {
     /// Checkpoint at least this often (milliseconds) while records flow.
     #[arg(long = "checkpoint-every-ms", env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_MS", default_value_t = 5_000)]
     pub checkpoint_every_ms: u64,
+    /// Off by default. When set, a partition that received no record for this
+    /// many milliseconds has its watermark advanced to wall-clock time minus
+    /// this delay, so quiet partitions still close windows. The trade-off:
+    /// outputs then depend on when records arrived, so a replay after a crash
+    /// may close windows at other points (rewards are still never duplicated:
+    /// read-back skips by id).
+    #[arg(long = "idle-advance-after-ms", env = "FLYWHEEL_REWARDER_IDLE_ADVANCE_AFTER_MS")]
+    pub idle_advance_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -154,6 +162,7 @@ struct PartitionWork {
     joiner: PartitionJoiner,
     next_offset: i64,
     since_checkpoint: u64,
+    last_record_at: Instant,
     /// Outputs already written by a previous run after the checkpoint.
     already_written: HashSet<String>,
 }
@@ -316,6 +325,7 @@ impl Core {
                 joiner: PartitionJoiner::new(&self.topics.input, partition, self.join.clone(), self.reward_fn.clone()),
                 next_offset: 0,
                 since_checkpoint: 0,
+                last_record_at: Instant::now(),
                 already_written,
             });
         };
@@ -346,6 +356,7 @@ impl Core {
             ),
             next_offset: cp.next_offset,
             since_checkpoint: 0,
+            last_record_at: Instant::now(),
             already_written,
         })
     }
@@ -487,6 +498,7 @@ impl Core {
                 return Ok(());
             }
         };
+        work.last_record_at = Instant::now();
         let before = work.joiner.counters();
         let mut out = Vec::new();
         work.joiner.process(offset, event, &mut out);
@@ -494,6 +506,16 @@ impl Core {
         self.metrics.count("processed", 1);
         self.metrics.count("duplicate", after.duplicates - before.duplicates);
         self.metrics.count("closed_early", after.closed_early - before.closed_early);
+        self.emit(partition, work, out)?;
+        self.metrics.open.set(parts.values().map(|w| w.joiner.open_suggestions() as i64).sum());
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Produces what the joiner emitted, skipping what a previous owner
+    /// already wrote.
+    fn emit(&self, partition: i32, work: &mut PartitionWork, out: Vec<Emitted>) -> Result<(), RewarderError> {
         for emitted in out {
             match emitted {
                 Emitted::Reward(r) => {
@@ -528,7 +550,25 @@ impl Core {
                 }
             }
         }
-        self.metrics.open.set(parts.values().map(|w| w.joiner.open_suggestions() as i64).sum());
+        Ok(())
+    }
+
+    /// Advances the watermark of partitions idle for longer than `idle`.
+    fn advance_idle(&self, idle: Duration) -> Result<(), RewarderError> {
+        let mut parts = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let now = flywheel_core::now_millis();
+        for (partition, work) in parts.iter_mut() {
+            if work.last_record_at.elapsed() < idle || work.joiner.open_suggestions() == 0 {
+                continue;
+            }
+            let mut out = Vec::new();
+            let target = now - idle.as_millis() as i64;
+            work.joiner.advance_to(target, work.next_offset - 1, &mut out);
+            if !out.is_empty() {
+                work.since_checkpoint += 1;
+                self.emit(*partition, work, out)?;
+            }
+        }
         Ok(())
     }
 }
@@ -625,6 +665,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     tracing::info!(input = %core.topics.input, group = %config.group_id, reward_fn = %core.reward_fn.version, "rewarder started");
 
     let every_records = config.checkpoint_every_records.max(1);
+    let idle_advance = config.idle_advance_after_ms.map(Duration::from_millis);
     let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
     let loop_shutdown = shutdown.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<(), RewarderError> {
@@ -636,6 +677,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
                     Ok(msg) => core.handle(&msg)?,
                     Err(e) => tracing::warn!(error = %e, "consume error"),
                 }
+            }
+            if let Some(idle) = idle_advance {
+                core.advance_idle(idle)?;
             }
             let due: Vec<i32> = {
                 let parts = core.partitions.lock().unwrap_or_else(|p| p.into_inner());
