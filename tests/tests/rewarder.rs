@@ -187,7 +187,11 @@ fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) -> Vec
             if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
                 remaining.remove(&m.partition());
             }
-            out.push((m.partition(), m.offset(), decode(m.payload().unwrap()).unwrap()));
+            // Undecodable input records (the malformed-record case) are the
+            // rewarder's to dead-letter; readers here skip them.
+            if let Some(Ok(record)) = m.payload().map(decode::<T>) {
+                out.push((m.partition(), m.offset(), record));
+            }
         }
     }
     out.sort_by_key(|(p, o, _)| (*p, *o));
@@ -327,6 +331,13 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     let s = setup("rw-rebalance").await;
     let input = s.topics.name(Topic::Interactions);
     produce(&s.kafka, &input, &stream(150, 0)).await;
+    // A record that is not Avro: dead-lettered with its bytes, processing goes on.
+    let producer: FutureProducer = s.kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    producer
+        .send(FutureRecord::to(&input).key("sugg-garbage").payload("{\"oops\":1}"), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
     tick_all(&s.kafka, &input, 1, 150).await;
 
     let start = |name: &str| {
@@ -339,11 +350,19 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
         });
         (token, handle)
     };
+    // If an assertion fails, stop both instances so the runtime can exit.
+    struct CancelOnDrop(Vec<CancellationToken>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.iter().for_each(CancellationToken::cancel);
+        }
+    }
     let (a_stop, a) = start("a");
     let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 40, 60));
     assert!(partial.len() >= 40);
     // A second member joins: the group rebalances and partitions move.
     let (b_stop, b) = start("b");
+    let _guard = CancelOnDrop(vec![a_stop.clone(), b_stop.clone()]);
     tokio::time::sleep(Duration::from_secs(8)).await;
     produce(&s.kafka, &input, &stream(150, 150)).await;
     tick_all(&s.kafka, &input, 2, 300).await;
@@ -358,6 +377,13 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     let got: Vec<Reward> =
         read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
     assert_exactly(&expected, &got);
+    let dead: Vec<DeadLetter> =
+        read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters)).into_iter().map(|(_, _, d)| d).collect();
+    let malformed: Vec<&DeadLetter> = dead.iter().filter(|d| d.reason_code == "bad_magic").collect();
+    assert_eq!(malformed.len(), 1, "{dead:?}");
+    assert_eq!(malformed[0].original_value.as_deref(), Some(&b"{\"oops\":1}"[..]));
+    assert_eq!(malformed[0].original_key.as_deref(), Some(&b"sugg-garbage"[..]));
+    assert_eq!(dead.len() - 1, (0..300).filter(|i| i % 23 == 0).count(), "plus one orphan dead letter per ghost event");
     // Every partition was checkpointed (on revoke, periodically or at stop).
     let dir = s.checkpoints.join(&s.group).join(&input);
     let files = std::fs::read_dir(&dir).unwrap().count();
