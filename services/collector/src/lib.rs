@@ -388,7 +388,7 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
     let now = flywheel_core::now_millis();
     let mut results = Vec::with_capacity(items.len());
-    let mut to_send: Vec<(usize, String, Vec<u8>)> = Vec::new();
+    let mut to_send: Vec<(String, Vec<u8>)> = Vec::new();
     let mut seen_ids = HashSet::new();
     #[derive(Deserialize)]
     struct IdOnly {
@@ -414,7 +414,7 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         });
         match outcome {
             Ok((event_id, key, bytes)) => {
-                to_send.push((index, key, bytes));
+                to_send.push((key, bytes));
                 results.push(EventResult {
                     index,
                     event_id: Some(event_id),
@@ -463,7 +463,7 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
 /// Produces every encoded event and waits for all acknowledgements; on any
 /// failure answers 503 (or 429 when the in-flight budget is exhausted).
-async fn produce_all(state: &AppState, events: &[(usize, String, Vec<u8>)]) -> Result<(), Response> {
+async fn produce_all(state: &AppState, events: &[(String, Vec<u8>)]) -> Result<(), Response> {
     let n = events.len();
     if n > state.max_in_flight {
         return Err(error_body(
@@ -490,7 +490,7 @@ async fn produce_all(state: &AppState, events: &[(usize, String, Vec<u8>)]) -> R
     let mut deliveries = Vec::with_capacity(n);
     let mut failure: Option<String> = None;
     let producer = state.producer.get();
-    for (_, key, bytes) in events {
+    for (key, bytes) in events {
         match producer.send_result(FutureRecord::to(&state.topic).key(key).payload(bytes)) {
             Ok(d) => deliveries.push(d),
             Err((e, _)) => {

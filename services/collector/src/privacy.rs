@@ -1,8 +1,6 @@
 //! Privacy at the edge: raw user ids never leave the collector, and optional
 //! redaction of e-mail addresses and phone numbers in free text.
 
-use std::fmt::Write as _;
-
 use flywheel_core::records::{Interaction, InteractionPayload};
 use hmac::{Hmac, Mac};
 use regex::Regex;
@@ -42,12 +40,7 @@ impl Pseudonymizer {
         mac.update(tenant.as_bytes());
         mac.update(&[0]);
         mac.update(raw_user_id.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut out = String::with_capacity(64);
-        for b in digest {
-            let _ = write!(out, "{b:02x}");
-        }
-        out
+        flywheel_core::hex(&mac.finalize().into_bytes())
     }
 }
 

@@ -126,7 +126,7 @@ pub fn reward_id(tenant: &str, suggestion_id: &str, reward_fn_version: &str) -> 
         .chain_update([0])
         .chain_update(reward_fn_version)
         .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    flywheel_core::hex(&digest)
 }
 
 impl PartitionJoiner {
