@@ -4,6 +4,8 @@
 //! A missing broker binary fails the test with a message naming `make setup`;
 //! nothing is ever skipped silently.
 
+pub mod metrics_oracle;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -13,6 +13,8 @@ use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
+use flywheel_rewarder::window_metrics::metrics_record_id;
+use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
 use flywheel_tests::{kafka_args, unique_topic, workspace_binary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -39,9 +41,10 @@ async fn setup(label: &str) -> Setup {
         "interactions".into(),
         flywheel_core::topics::TopicOverride { partitions: Some(PARTITIONS), ..Default::default() },
     );
-    let specs: Vec<_> = [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters]
-        .map(|t| topics.spec(t))
-        .into();
+    let specs: Vec<_> =
+        [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
+            .map(|t| topics.spec(t))
+            .into();
     create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
     let dir = std::env::temp_dir().join(unique_topic(label));
     std::fs::create_dir_all(&dir).unwrap();
@@ -202,8 +205,9 @@ fn join_config() -> JoinConfig {
     JoinConfig { outcome_window_ms: WINDOW_MS, allowed_lateness_ms: 0, ..JoinConfig::default() }
 }
 
-/// What an uninterrupted run produces from the input topic as it stands.
-fn expected_rewards(s: &Setup) -> BTreeMap<String, Reward> {
+/// What an uninterrupted run produces from the input topic as it stands:
+/// rewards and metrics records, by id.
+fn expected_outputs(s: &Setup) -> (BTreeMap<String, Reward>, BTreeMap<String, RewardMetrics>) {
     let input = s.topics.name(Topic::Interactions);
     let mut joiners: HashMap<i32, PartitionJoiner> = HashMap::new();
     let mut out = Vec::new();
@@ -213,9 +217,58 @@ fn expected_rewards(s: &Setup) -> BTreeMap<String, Reward> {
             .or_insert_with(|| PartitionJoiner::new(&input, p, join_config(), RewardFunction::default()))
             .process(o, e, &mut out);
     }
-    out.into_iter()
-        .filter_map(|e| if let Emitted::Reward(r) = e { Some((r.reward_id.clone(), *r)) } else { None })
-        .collect()
+    let (mut rewards, mut metrics) = (BTreeMap::new(), BTreeMap::new());
+    for e in out {
+        match e {
+            Emitted::Reward(r) => {
+                rewards.insert(r.reward_id.clone(), *r);
+            }
+            Emitted::Metrics(m) => {
+                metrics.insert(metrics_record_id(&m), *m);
+            }
+            _ => {}
+        }
+    }
+    (rewards, metrics)
+}
+
+/// The published metrics are exactly the uninterrupted run's, each once, and
+/// equal a recomputation from the rewards on the rewards topic.
+fn assert_metrics(s: &Setup, expected: &BTreeMap<String, RewardMetrics>, rewards: &[Reward]) {
+    let got: Vec<RewardMetrics> =
+        read_all::<RewardMetrics>(&s.kafka, &s.topics.name(Topic::RewardMetrics)).into_iter().map(|r| r.2).collect();
+    let mut by_id = BTreeMap::new();
+    for m in &got {
+        assert!(by_id.insert(metrics_record_id(m), m).is_none(), "metrics record published twice: {m:?}");
+    }
+    assert_eq!(by_id.len(), expected.len(), "metrics record count");
+    for (id, m) in expected {
+        assert_eq!(by_id.get(id).copied(), Some(m), "metrics record {id:?}");
+    }
+    let compared = assert_published_match(&published(&got, WINDOW_MS), &recompute(rewards, WINDOW_MS));
+    assert!(compared >= 3, "only {compared} one-minute windows published");
+}
+
+/// /metrics shows the latest one-minute window, merged over the partitions.
+fn assert_exposed_latest_window(exposed: &str, expected: &BTreeMap<String, RewardMetrics>) {
+    let minute: Vec<&RewardMetrics> =
+        expected.values().filter(|m| m.window_end - m.window_start == WINDOW_MS).collect();
+    let latest = minute.iter().map(|m| m.window_start).max().unwrap();
+    let (accepted, shown) =
+        minute.iter().filter(|m| m.window_start == latest).fold((0, 0), |(a, n), m| (a + m.accepted, n + m.shown));
+    let gauge = |name: &str| -> f64 {
+        let line = exposed
+            .lines()
+            .find(|l| l.starts_with(&format!("rewarder_{name}{{")) && l.contains("window=\"60s\""))
+            .unwrap_or_else(|| panic!("no {name} gauge in\n{exposed}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(gauge("window_end_seconds"), (latest + WINDOW_MS) as f64 / 1000.0);
+    assert_eq!(gauge("window_shown"), shown as f64);
+    let rate = gauge("window_accept_rate");
+    assert!((rate - accepted as f64 / shown as f64).abs() < 1e-9, "{rate} vs {accepted}/{shown}");
+    assert!(gauge("window_accept_rate_wilson_low") < rate && rate < gauge("window_accept_rate_wilson_high"));
+    assert_eq!(gauge("window_time_to_accept_p50_seconds"), 0.5, "every accept in the stream takes 500 ms");
 }
 
 fn rewarder_args(s: &Setup, extra: &[&str]) -> Vec<String> {
@@ -285,13 +338,13 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     produce(&s.kafka, &input, &first).await;
     tick_all(&s.kafka, &input, 1, 200).await;
 
-    let spawn = || {
-        std::process::Command::new(workspace_binary("flywheel-rewarder"))
-            .args(&rewarder_args(&s, &[])[1..])
-            .spawn()
-            .unwrap()
+    let spawn = |ops: &str| {
+        let mut args = rewarder_args(&s, &[]);
+        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
+        args[at] = ops.to_string();
+        std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap()
     };
-    let mut child = spawn();
+    let mut child = spawn("127.0.0.1:0");
     // Let it emit part of the first half, then kill it without warning.
     let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 60, 60));
     assert!(partial.len() >= 60, "rewarder produced only {} rewards", partial.len());
@@ -304,8 +357,9 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     let second = stream(150, 200);
     produce(&s.kafka, &input, &second).await;
     tick_all(&s.kafka, &input, 2, 350).await;
-    let mut child = spawn();
-    let expected = tokio::task::block_in_place(|| expected_rewards(&s));
+    let ops = flywheel_cli::broker::free_local_addr().unwrap();
+    let mut child = spawn(&ops.to_string());
+    let (expected, expected_metrics) = tokio::task::block_in_place(|| expected_outputs(&s));
     // One reward per shown suggestion, the first round's tick suggestions included.
     assert_eq!(expected.len(), 350 + PARTITIONS as usize);
     let got = tokio::task::block_in_place(|| wait_for_rewards(&s, expected.len(), 90));
@@ -314,9 +368,12 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     let got_final: Vec<Reward> =
         read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
     assert!(got_final.len() >= got.len());
+    let exposed = String::from_utf8(flywheel_tests::http(ops, "GET", "/metrics", &[], vec![]).await.body).unwrap();
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
     assert_exactly(&expected, &got_final);
+    tokio::task::block_in_place(|| assert_metrics(&s, &expected_metrics, &got_final));
+    assert_exposed_latest_window(&exposed, &expected_metrics);
 
     // Orphans went to the dead-letter topic once each, with a reason.
     let dead: Vec<DeadLetter> =
@@ -366,7 +423,7 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     tokio::time::sleep(Duration::from_secs(8)).await;
     produce(&s.kafka, &input, &stream(150, 150)).await;
     tick_all(&s.kafka, &input, 2, 300).await;
-    let expected = tokio::task::block_in_place(|| expected_rewards(&s));
+    let (expected, expected_metrics) = tokio::task::block_in_place(|| expected_outputs(&s));
     assert_eq!(expected.len(), 300 + PARTITIONS as usize);
     let _ = tokio::task::block_in_place(|| wait_for_rewards(&s, expected.len(), 120));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -377,6 +434,7 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     let got: Vec<Reward> =
         read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
     assert_exactly(&expected, &got);
+    tokio::task::block_in_place(|| assert_metrics(&s, &expected_metrics, &got));
     let dead: Vec<DeadLetter> =
         read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters)).into_iter().map(|(_, _, d)| d).collect();
     let malformed: Vec<&DeadLetter> = dead.iter().filter(|d| d.reason_code == "bad_magic").collect();

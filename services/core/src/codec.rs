@@ -119,7 +119,9 @@ impl RecordKind {
         match self {
             Self::Interaction => &[schema_file!("history/interaction/v1.avsc")],
             Self::Reward => &[schema_file!("history/reward/v1.avsc")],
-            Self::RewardMetrics => &[schema_file!("history/reward_metrics/v1.avsc")],
+            Self::RewardMetrics => {
+                &[schema_file!("history/reward_metrics/v1.avsc"), schema_file!("history/reward_metrics/v2.avsc")]
+            }
             Self::ShardManifest => &[schema_file!("history/shard_manifest/v1.avsc")],
             Self::TriggerDecision => &[schema_file!("history/trigger_decision/v1.avsc")],
             Self::TrainRequest => &[schema_file!("history/train_request/v1.avsc")],

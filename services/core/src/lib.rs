@@ -13,6 +13,7 @@ pub mod error;
 pub mod kafka;
 pub mod records;
 pub mod runtime;
+pub mod stats;
 pub mod topics;
 
 pub use codec::{AvroRecord, Codec, RecordKind};

@@ -368,6 +368,18 @@ pub struct RewardMetrics {
     pub emitted_at_offset: i64,
     /// Interactions partition covered.
     pub source_partition: i32,
+    /// Product surface (null before schema v2).
+    #[serde(default)]
+    pub surface: Option<String>,
+    /// Accepted suggestions with a measured edit distance.
+    #[serde(default)]
+    pub edit_measured: i64,
+    /// Σ edit distance after accept.
+    #[serde(default)]
+    pub edit_distance_sum: i64,
+    /// Every time to accept (ms), ascending.
+    #[serde(default)]
+    pub time_to_accept_ms: Vec<i64>,
 }
 
 /// An inclusive offset range of one topic partition.

@@ -11,12 +11,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use flywheel_core::records::{
-    EpochMillis, Interaction, InteractionPayload, Lineage, Outcome, Reward, RewardSignals, SuggestionShown,
+    EpochMillis, Interaction, InteractionPayload, Lineage, Outcome, Reward, RewardMetrics, RewardSignals,
+    SuggestionShown,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::reward_fn::{RewardFunction, edit_distance};
+use crate::window_metrics::WindowedMetrics;
 
 /// Join settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +33,8 @@ pub struct JoinConfig {
     /// How long (event time) closed suggestion ids are remembered so that
     /// their stragglers are recognised as late rather than as orphans.
     pub closed_retention_ms: i64,
+    /// Lengths of the tumbling metrics windows; empty disables metrics.
+    pub metrics_windows_ms: Vec<i64>,
 }
 
 impl Default for JoinConfig {
@@ -40,6 +44,7 @@ impl Default for JoinConfig {
             allowed_lateness_ms: 60 * 1000,
             max_open_suggestions: 1_000_000,
             closed_retention_ms: 24 * 3600 * 1000,
+            metrics_windows_ms: vec![60_000, 3_600_000],
         }
     }
 }
@@ -63,6 +68,8 @@ pub enum Emitted {
         /// The event.
         event: Box<Interaction>,
     },
+    /// A metrics window's statistics (see [`crate::window_metrics`]).
+    Metrics(Box<RewardMetrics>),
 }
 
 /// Counts for metrics.
@@ -104,6 +111,8 @@ pub struct JoinState {
     closed_by_deadline: BTreeSet<(EpochMillis, String)>,
     max_event_time: EpochMillis,
     counters: JoinCounters,
+    #[serde(default)]
+    metrics: WindowedMetrics,
 }
 
 /// The join of one input partition: its state plus the configuration that
@@ -192,6 +201,7 @@ impl PartitionJoiner {
         }
         self.close_due(offset, out);
         self.evict_if_over_cap(offset, out);
+        self.publish_due_metrics(offset, out);
         self.forget_old_closed();
     }
 
@@ -200,7 +210,19 @@ impl PartitionJoiner {
     pub fn advance_to(&mut self, event_time: EpochMillis, offset: i64, out: &mut Vec<Emitted>) {
         self.state.max_event_time = self.state.max_event_time.max(event_time);
         self.close_due(offset, out);
+        self.publish_due_metrics(offset, out);
         self.forget_old_closed();
+    }
+
+    /// Metrics windows not yet published.
+    pub fn open_metrics_windows(&self) -> usize {
+        self.state.metrics.open_windows()
+    }
+
+    fn publish_due_metrics(&mut self, offset: i64, out: &mut Vec<Emitted>) {
+        let due =
+            self.state.metrics.take_due(self.state.max_event_time, &self.reward_fn.version, self.partition, offset);
+        out.extend(due.into_iter().map(|m| Emitted::Metrics(Box::new(m))));
     }
 
     fn add(&mut self, offset: i64, event: Interaction) {
@@ -281,6 +303,8 @@ impl PartitionJoiner {
         }
         let reward = self.reward(shown, &inside, s.deadline, offset);
         self.state.counters.rewards += 1;
+        let wait = self.config.outcome_window_ms.saturating_add(self.config.allowed_lateness_ms);
+        self.state.metrics.add(&reward, &self.config.metrics_windows_ms, wait);
         out.push(Emitted::Reward(Box::new(reward)));
     }
 
@@ -605,6 +629,60 @@ mod tests {
             }
             assert_eq!(out, uninterrupted, "cut at {cut}");
         }
+    }
+
+    fn metrics(out: &[Emitted]) -> Vec<&RewardMetrics> {
+        out.iter().filter_map(|e| if let Emitted::Metrics(m) = e { Some(m.as_ref()) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_metrics_window_is_published_once_every_suggestion_shown_in_it_has_closed() {
+        let config = JoinConfig { metrics_windows_ms: vec![MIN], ..JoinConfig::default() };
+        let mut j = PartitionJoiner::new("interactions", 3, config, RewardFunction::default());
+        // Window [T0, T0 + 1 min): due at T0 + 1 min - 1 + 10 min + 1 min.
+        let accept = |n, s: &str, t, tta| {
+            event(n, s, t, InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: tta }))
+        };
+        let mut out = run(
+            &mut j,
+            vec![
+                shown(1, "a", T0),
+                accept(2, "a", T0 + 700, 700),
+                shown(3, "b", T0 + MIN - 1),
+                accept(4, "b", T0 + MIN + 100, 101),
+                shown(5, "c", T0 + 30_000),
+                event(6, "c", T0 + 30_001, InteractionPayload::Rejected(SuggestionRejected::default())),
+                tick(7, T0 + 12 * MIN - 2),
+            ],
+        );
+        assert_eq!(rewards(&out).len(), 2, "a and c closed");
+        assert!(metrics(&out).is_empty(), "b, shown in the window, is still open");
+        j.process(200, tick(8, T0 + 12 * MIN - 1), &mut out);
+        let m = metrics(&out);
+        assert_eq!(m.len(), 1);
+        let m = m[0];
+        assert_eq!((m.window_start, m.window_end, m.source_partition, m.emitted_at_offset), (T0, T0 + MIN, 3, 200));
+        assert_eq!((m.shown, m.accepted, m.rejected, m.ignored), (3, 2, 1, 0));
+        assert_eq!(m.time_to_accept_ms, vec![101, 700], "ascending");
+        assert_eq!((m.surface.as_deref(), m.adapter_version.as_deref()), (Some("editor"), Some("a1")));
+        assert!((m.reward_sum - (0.75 + 0.75 - 0.25)).abs() < 1e-12);
+        assert_eq!((j.open_metrics_windows(), j.open_suggestions()), (0, 2), "the ticks are still open suggestions");
+    }
+
+    #[test]
+    fn a_reward_for_an_already_published_window_is_published_as_an_extra_record() {
+        let config = JoinConfig { metrics_windows_ms: vec![MIN], ..JoinConfig::default() };
+        let mut j = PartitionJoiner::new("interactions", 0, config, RewardFunction::default());
+        let out = run(&mut j, vec![shown(1, "a", T0), tick(2, T0 + 13 * MIN), shown(3, "late", T0 + 5)]);
+        let m = metrics(&out);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!((m[0].window_start, m[0].shown, m[0].emitted_at_offset), (T0, 1, 101));
+        assert_eq!((m[1].window_start, m[1].shown, m[1].emitted_at_offset), (T0, 1, 102));
+        assert_ne!(
+            crate::window_metrics::metrics_record_id(m[0]),
+            crate::window_metrics::metrics_record_id(m[1]),
+            "both records of the window are kept apart by consumers"
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //!
 //! - [`reward_fn`]: the versioned reward function;
 //! - [`join`]: the deterministic per-partition event-time join;
+//! - [`window_metrics`]: rolling per-version metrics over the emitted rewards;
 //! - [`service`]: the Kafka service with checkpoints and read-back on resume.
 
 pub mod join;
 pub mod reward_fn;
 pub mod service;
+pub mod window_metrics;
 
 pub use service::{Config, RewarderError, run};

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, KafkaArgs};
-use flywheel_core::records::{DeadLetter, Interaction, Reward, SourcePosition};
+use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
 use flywheel_core::topics::{Topic, TopicsArgs};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::join::{Emitted, JoinConfig, JoinState, PartitionJoiner};
 use crate::reward_fn::RewardFunction;
+use crate::window_metrics::metrics_record_id;
 
 /// The rewarder's errors.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,16 @@ pub struct Config {
     /// read-back skips by id).
     #[arg(long = "idle-advance-after-ms", env = "FLYWHEEL_REWARDER_IDLE_ADVANCE_AFTER_MS")]
     pub idle_advance_after_ms: Option<u64>,
+    /// Lengths (milliseconds) of the tumbling event-time windows of the
+    /// rolling metrics, comma-separated; published to `reward-metrics` and
+    /// exposed on /metrics.
+    #[arg(
+        long = "metrics-windows-ms",
+        env = "FLYWHEEL_REWARDER_METRICS_WINDOWS_MS",
+        value_delimiter = ',',
+        default_value = "60000,3600000"
+    )]
+    pub metrics_windows_ms: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,20 +135,134 @@ struct ResultLabels {
     result: String,
 }
 
+/// Labels of the per-version window gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    tenant: String,
+    model_id: String,
+    adapter_version: String,
+    experiment_arm: String,
+    surface: String,
+    window: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Gauges of the latest published window per version and window length,
+/// merged over this instance's partitions.
+#[derive(Debug, Clone, Default)]
+struct WindowGauges {
+    window_end: Family<VersionLabels, FloatGauge>,
+    shown: Family<VersionLabels, FloatGauge>,
+    accept_rate: Family<VersionLabels, FloatGauge>,
+    accept_rate_low: Family<VersionLabels, FloatGauge>,
+    accept_rate_high: Family<VersionLabels, FloatGauge>,
+    mean_reward: Family<VersionLabels, FloatGauge>,
+    mean_edit_distance: Family<VersionLabels, FloatGauge>,
+    time_to_accept_p50: Family<VersionLabels, FloatGauge>,
+    latest: Arc<Mutex<HashMap<VersionLabels, RewardMetrics>>>,
+}
+
+impl WindowGauges {
+    fn register(&self, r: &mut Registry) {
+        let families = [
+            (
+                "window_end_seconds",
+                "End of the latest published metrics window (event time, Unix seconds)",
+                &self.window_end,
+            ),
+            ("window_shown", "Suggestions shown in the latest window", &self.shown),
+            ("window_accept_rate", "Accepted / shown in the latest window", &self.accept_rate),
+            (
+                "window_accept_rate_wilson_low",
+                "Lower end of the Wilson 95% interval of the accept rate",
+                &self.accept_rate_low,
+            ),
+            (
+                "window_accept_rate_wilson_high",
+                "Upper end of the Wilson 95% interval of the accept rate",
+                &self.accept_rate_high,
+            ),
+            ("window_mean_reward", "Mean reward per shown suggestion in the latest window", &self.mean_reward),
+            (
+                "window_mean_edit_distance",
+                "Mean edit distance after accept in the latest window (characters)",
+                &self.mean_edit_distance,
+            ),
+            (
+                "window_time_to_accept_p50_seconds",
+                "Exact median time to accept in the latest window",
+                &self.time_to_accept_p50,
+            ),
+        ];
+        for (name, help, family) in families {
+            r.register(name, help, family.clone());
+        }
+    }
+
+    /// Folds a published record in: a newer window replaces the shown one, the
+    /// same window (another partition, or a late delta) is added to it.
+    fn observe(&self, m: &RewardMetrics) {
+        let labels = VersionLabels {
+            tenant: m.tenant.clone(),
+            model_id: m.model_id.clone(),
+            adapter_version: m.adapter_version.clone().unwrap_or_default(),
+            experiment_arm: m.experiment_arm.clone().unwrap_or_default(),
+            surface: m.surface.clone().unwrap_or_default(),
+            window: format!("{}s", (m.window_end - m.window_start) / 1000),
+        };
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let shown = match latest.get_mut(&labels) {
+            Some(cur) if cur.window_start == m.window_start => {
+                cur.absorb(m);
+                cur.clone()
+            }
+            Some(cur) if cur.window_start > m.window_start => return,
+            _ => {
+                latest.insert(labels.clone(), m.clone());
+                m.clone()
+            }
+        };
+        drop(latest);
+        let set = |f: &Family<VersionLabels, FloatGauge>, v: Option<f64>| {
+            f.get_or_create(&labels).set(v.unwrap_or(f64::NAN));
+        };
+        set(&self.window_end, Some(shown.window_end as f64 / 1000.0));
+        set(&self.shown, Some(shown.shown as f64));
+        set(&self.accept_rate, shown.accept_rate());
+        let wilson = shown.accept_rate_wilson_95();
+        set(&self.accept_rate_low, wilson.map(|w| w.0));
+        set(&self.accept_rate_high, wilson.map(|w| w.1));
+        set(&self.mean_reward, shown.mean_reward());
+        set(&self.mean_edit_distance, shown.mean_edit_distance());
+        set(&self.time_to_accept_p50, shown.p50_time_to_accept_ms().map(|t| t as f64 / 1000.0));
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Metrics {
     records: Family<ResultLabels, Counter>,
     open: Gauge,
     checkpoints: Counter,
+    windows_published: Counter,
+    windows: WindowGauges,
 }
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Metrics {
-        let m = Metrics { records: Family::default(), open: Gauge::default(), checkpoints: Counter::default() };
+        let m = Metrics {
+            records: Family::default(),
+            open: Gauge::default(),
+            checkpoints: Counter::default(),
+            windows_published: Counter::default(),
+            windows: WindowGauges::default(),
+        };
         let r = registry.sub_registry_with_prefix("rewarder");
         r.register("records", "Input records by result", m.records.clone());
         r.register("open_suggestions", "Suggestions waiting for their window to close", m.open.clone());
         r.register("checkpoints", "Checkpoints written", m.checkpoints.clone());
+        r.register("metrics_windows_published", "Reward metrics records published", m.windows_published.clone());
+        m.windows.register(r);
         m
     }
 
@@ -202,6 +327,7 @@ struct Topics {
     rewards: String,
     late: String,
     dead: String,
+    metrics: String,
 }
 
 /// Everything the poll loop and the rebalance callback share.
@@ -374,7 +500,7 @@ impl Core {
         let reader: BaseConsumer =
             config.create().map_err(|e| flywheel_core::Error::kafka("creating read-back consumer", e))?;
         let mut seen = HashSet::new();
-        for topic in [&self.topics.rewards, &self.topics.late, &self.topics.dead] {
+        for topic in [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics] {
             let md = reader
                 .fetch_metadata(Some(topic), Duration::from_secs(10))
                 .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
@@ -422,6 +548,9 @@ impl Core {
         } else if topic == self.topics.late {
             let e: Interaction = decode(payload).ok()?;
             Some(format!("l:{}", e.event_id))
+        } else if topic == self.topics.metrics {
+            let m: RewardMetrics = decode(payload).ok()?;
+            (m.source_partition == partition).then(|| metrics_record_id(&m))
         } else {
             let d: DeadLetter = decode(payload).ok()?;
             (d.service == "rewarder" && d.source.topic == self.topics.input && d.source.partition == partition)
@@ -530,6 +659,15 @@ impl Core {
                         self.send(&self.topics.late, &event.suggestion_id, &encode(event.as_ref())?)?;
                     }
                 }
+                Emitted::Metrics(m) => {
+                    self.metrics.windows_published.inc();
+                    self.metrics.windows.observe(&m);
+                    if !work.already_written.remove(&metrics_record_id(&m)) {
+                        let key =
+                            format!("{}/{}/{}", m.tenant, m.model_id, m.adapter_version.as_deref().unwrap_or_default());
+                        self.send(&self.topics.metrics, &key, &encode(m.as_ref())?)?;
+                    }
+                }
                 Emitted::Orphan { offset: o, event } => {
                     self.metrics.count("orphan", 1);
                     if !work.already_written.remove(&format!("d:{o}")) {
@@ -600,6 +738,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             "outcome window must be > 0, lateness >= 0 and max open suggestions >= 1".into(),
         ));
     }
+    if let Some(bad) = config.metrics_windows_ms.iter().find(|w| **w < 1000) {
+        return Err(RewarderError::Config(format!("metrics window {bad} ms is shorter than one second")));
+    }
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
@@ -618,7 +759,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             .create()
             .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
         let mut ends = BTreeMap::new();
-        for t in [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters] {
+        for t in [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics] {
             let topic = topics_config.name(t);
             let md = probe
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
@@ -640,11 +781,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             rewards: topics_config.name(Topic::Rewards),
             late: topics_config.name(Topic::InteractionsLate),
             dead: topics_config.name(Topic::DeadLetters),
+            metrics: topics_config.name(Topic::RewardMetrics),
         },
         join: JoinConfig {
             outcome_window_ms: config.outcome_window_ms,
             allowed_lateness_ms: config.allowed_lateness_ms,
             max_open_suggestions: config.max_open_suggestions,
+            metrics_windows_ms: config.metrics_windows_ms.clone(),
             ..JoinConfig::default()
         },
         reward_fn,
