@@ -68,6 +68,7 @@ test: setup fmt-check lint ## Everything CI runs: setup, format check, clippy, u
 bench: tools ## Benchmarks (release build); results and how to read them in BENCHMARKS.md
 	$(CARGO) run --release --locked -p flywheel-core --example codec_bench
 	$(CARGO) run --release --locked -p flywheel-rewarder --example join_bench
+	$(CARGO) run --release --locked -p flywheel --example rewarder_bench
 	$(CARGO) run --release --locked -p flywheel-collector --example collector_bench
 
 demo: setup ## Run the flywheel locally on the embedded broker

@@ -13,7 +13,9 @@
 //!    records after the checkpoint may already be in the output topics (the
 //!    process died before the next checkpoint): they are read back from the
 //!    recorded end offsets and the replay skips re-producing them. The replay
-//!    regenerates identical records, so skipping by id is exact.
+//!    regenerates identical records, so skipping by id is exact. A partition
+//!    seen for the first time gets a checkpoint before its first output, so
+//!    "no checkpoint" means "no outputs" and needs no read-back.
 //! 4. On revocation the partition is checkpointed before it is released, so
 //!    the next owner resumes without a gap or a repeat.
 
@@ -100,11 +102,13 @@ pub struct Config {
     /// Directory for checkpoints (shared storage when instances move between hosts).
     #[arg(long = "checkpoint-dir", env = "FLYWHEEL_REWARDER_CHECKPOINT_DIR", default_value = ".flywheel/rewarder")]
     pub checkpoint_dir: PathBuf,
-    /// Checkpoint after this many records of a partition.
+    /// Checkpoint after this many records of a partition. Each checkpoint
+    /// waits for every output to be acknowledged, so this trades throughput
+    /// (BENCHMARKS.md) against how much a restart replays.
     #[arg(
         long = "checkpoint-every-records",
         env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_RECORDS",
-        default_value_t = 5_000
+        default_value_t = 50_000
     )]
     pub checkpoint_every_records: u64,
     /// Checkpoint at least this often (milliseconds) while records flow.
@@ -443,16 +447,24 @@ impl Core {
                 }
             };
         let Some(cp) = checkpoint else {
+            // Every owner writes a partition's first checkpoint before any
+            // output of it, so a partition without one has no outputs to read
+            // back. Writing it now keeps that true for the next owner.
+            let joiner = PartitionJoiner::new(&self.topics.input, partition, self.join.clone(), self.reward_fn.clone());
+            let initial = Checkpoint {
+                next_offset: 0,
+                reward_fn_version: self.reward_fn.version.clone(),
+                output_ends: self.output_ends(),
+                state: joiner.state().clone(),
+            };
+            write_atomically(&path, &initial)?;
             tracing::info!(partition, "no checkpoint; starting from the beginning of the partition");
-            let started = Instant::now();
-            let already_written = self.written_since(partition, &BTreeMap::new())?;
-            tracing::info!(partition, took = ?started.elapsed(), found = already_written.len(), "read back earlier outputs");
             return Ok(PartitionWork {
-                joiner: PartitionJoiner::new(&self.topics.input, partition, self.join.clone(), self.reward_fn.clone()),
+                joiner,
                 next_offset: 0,
                 since_checkpoint: 0,
                 last_record_at: Instant::now(),
-                already_written,
+                already_written: HashSet::new(),
             });
         };
         if cp.reward_fn_version != self.reward_fn.version {
@@ -499,41 +511,38 @@ impl Core {
         config.set("enable.auto.commit", "false");
         let reader: BaseConsumer =
             config.create().map_err(|e| flywheel_core::Error::kafka("creating read-back consumer", e))?;
-        let mut seen = HashSet::new();
-        for topic in [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics] {
-            let md = reader
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
-            let mut tpl = TopicPartitionList::new();
-            let mut targets = HashMap::new();
-            for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
-                let from = ends.get(topic.as_str()).and_then(|m| m.get(&part.id())).copied().unwrap_or(0);
-                let (_, high) = reader
-                    .fetch_watermarks(topic, part.id(), Duration::from_secs(10))
-                    .map_err(|e| flywheel_core::Error::kafka(format!("watermarks of {topic}"), e))?;
-                if high > from {
-                    tpl.add_partition_offset(topic, part.id(), Offset::Offset(from))
+        let topics = [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics];
+        let highs = end_offsets(&reader, &topics)?;
+        let mut tpl = TopicPartitionList::new();
+        let mut targets = HashMap::new();
+        for (topic, parts) in &highs {
+            for (p, high) in parts {
+                let from = ends.get(topic).and_then(|m| m.get(p)).copied().unwrap_or(0);
+                if *high > from {
+                    tpl.add_partition_offset(topic, *p, Offset::Offset(from))
                         .map_err(|e| flywheel_core::Error::kafka("building read-back assignment", e))?;
-                    targets.insert(part.id(), high);
+                    targets.insert((topic.clone(), *p), *high);
                 }
             }
-            if targets.is_empty() {
-                continue;
+        }
+        let mut seen = HashSet::new();
+        if targets.is_empty() {
+            return Ok(seen);
+        }
+        reader.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning read-back", e))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !targets.is_empty() && Instant::now() < deadline {
+            let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) else { continue };
+            let at = (msg.topic().to_string(), msg.partition());
+            if targets.get(&at).is_some_and(|high| msg.offset() + 1 >= *high) {
+                targets.remove(&at);
             }
-            reader.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning read-back", e))?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !targets.is_empty() && Instant::now() < deadline {
-                let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) else { continue };
-                if msg.offset() + 1 >= targets.get(&msg.partition()).copied().unwrap_or(0) {
-                    targets.remove(&msg.partition());
-                }
-                if let Some(id) = self.output_id_for(topic, &msg, partition) {
-                    seen.insert(id);
-                }
+            if let Some(id) = self.output_id_for(msg.topic(), &msg, partition) {
+                seen.insert(id);
             }
-            if !targets.is_empty() {
-                return Err(RewarderError::Delivery(format!("could not read back {topic} to its end")));
-            }
+        }
+        if let Some(((topic, p), _)) = targets.iter().next() {
+            return Err(RewarderError::Delivery(format!("could not read back {topic} partition {p} to its end")));
         }
         Ok(seen)
     }
@@ -711,6 +720,42 @@ impl Core {
     }
 }
 
+/// End offsets of every partition of `topics`, in one offsets request
+/// (a request per partition costs a round trip each on a slow broker).
+fn end_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &[&String],
+) -> Result<BTreeMap<String, BTreeMap<i32, i64>>, RewarderError> {
+    let mut query = TopicPartitionList::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
+        for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
+            query
+                .add_partition_offset(topic, part.id(), Offset::End)
+                .map_err(|e| flywheel_core::Error::kafka("building an end-offset query", e))?;
+        }
+    }
+    let answer = consumer
+        .offsets_for_times(query, Duration::from_secs(10))
+        .map_err(|e| flywheel_core::Error::kafka("querying end offsets", e))?;
+    let mut ends: BTreeMap<String, BTreeMap<i32, i64>> =
+        topics.iter().map(|t| (t.to_string(), BTreeMap::new())).collect();
+    for e in answer.elements() {
+        let Offset::Offset(end) = e.offset() else {
+            return Err(RewarderError::Delivery(format!(
+                "no end offset for {} partition {}: {:?}",
+                e.topic(),
+                e.partition(),
+                e.offset()
+            )));
+        };
+        ends.entry(e.topic().to_string()).or_default().insert(e.partition(), end);
+    }
+    Ok(ends)
+}
+
 fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
     let fail = |detail: String| RewarderError::Checkpoint { path: path.display().to_string(), detail };
     let dir = path.parent().expect("checkpoint paths have a parent");
@@ -758,22 +803,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             .client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-probe".into() })?
             .create()
             .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
-        let mut ends = BTreeMap::new();
-        for t in [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics] {
-            let topic = topics_config.name(t);
-            let md = probe
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
-            let mut per = BTreeMap::new();
-            for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
-                let (_, high) = probe
-                    .fetch_watermarks(&topic, part.id(), Duration::from_secs(10))
-                    .map_err(|e| flywheel_core::Error::kafka(format!("end offsets of {topic}"), e))?;
-                per.insert(part.id(), high);
-            }
-            ends.insert(topic, per);
-        }
-        ends
+        let names: Vec<String> = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
+            .map(|t| topics_config.name(t))
+            .into();
+        end_offsets(&probe, &names.iter().collect::<Vec<_>>())?
     };
     let core = Arc::new(Core {
         topics: Topics {

@@ -11,45 +11,49 @@
 //! a window gives exactly the statistics of every reward shown in it: the
 //! numbers are reproducible from the reward records alone.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use flywheel_core::records::{EpochMillis, Outcome, Reward, RewardMetrics};
+use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
-/// Which window, of which version, closes when.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// Which window of which version closes when; versions are interned so the
+/// per-reward path compares integers and allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct WindowKey {
     due: EpochMillis,
     window_ms: i64,
     start: EpochMillis,
-    tenant: String,
-    model_id: String,
-    adapter_version: Option<String>,
-    experiment_arm: Option<String>,
-    surface: String,
+    version: u32,
 }
 
 /// One window's running statistics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct OpenWindow {
+pub struct OpenWindow {
     due: EpochMillis,
     metrics: RewardMetrics,
     users: HashSet<String>,
 }
 
-impl OpenWindow {
-    fn key(&self) -> WindowKey {
-        let m = &self.metrics;
-        WindowKey {
-            due: self.due,
-            window_ms: m.window_end - m.window_start,
-            start: m.window_start,
-            tenant: m.tenant.clone(),
-            model_id: m.model_id.clone(),
-            adapter_version: m.adapter_version.clone(),
-            experiment_arm: m.experiment_arm.clone(),
-            surface: m.surface.clone().unwrap_or_default(),
+/// tenant, model, adapter, arm and surface joined by NUL: one string per
+/// served version.
+fn version_of(m: &RewardMetrics) -> String {
+    let mut out = String::new();
+    write_version(&mut out, [&m.tenant, &m.model_id, opt(&m.adapter_version), opt(&m.experiment_arm), opt(&m.surface)]);
+    out
+}
+
+fn opt(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("")
+}
+
+fn write_version(out: &mut String, parts: [&str; 5]) {
+    out.clear();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('\0');
         }
+        out.push_str(p);
     }
 }
 
@@ -59,11 +63,22 @@ impl OpenWindow {
 #[serde(from = "Vec<OpenWindow>", into = "Vec<OpenWindow>")]
 pub struct WindowedMetrics {
     open: BTreeMap<WindowKey, OpenWindow>,
+    versions: Vec<String>,
+    version_ids: HashMap<String, u32>,
+    scratch: String,
 }
 
 impl From<Vec<OpenWindow>> for WindowedMetrics {
     fn from(list: Vec<OpenWindow>) -> Self {
-        WindowedMetrics { open: list.into_iter().map(|w| (w.key(), w)).collect() }
+        let mut out = WindowedMetrics::default();
+        for w in list {
+            let version = out.intern(&version_of(&w.metrics));
+            let m = &w.metrics;
+            let key =
+                WindowKey { due: w.due, window_ms: m.window_end - m.window_start, start: m.window_start, version };
+            out.open.insert(key, w);
+        }
+        out
     }
 }
 
@@ -79,27 +94,43 @@ impl WindowedMetrics {
         self.open.len()
     }
 
+    fn intern(&mut self, version: &str) -> u32 {
+        if let Some(id) = self.version_ids.get(version) {
+            return *id;
+        }
+        let id = self.versions.len() as u32;
+        self.versions.push(version.to_string());
+        self.version_ids.insert(version.to_string(), id);
+        id
+    }
+
     /// Adds `reward` to its window of each length in `windows_ms`. `wait` is
     /// how long after a shown time its suggestion may still close (outcome
     /// window + lateness).
     pub fn add(&mut self, reward: &Reward, windows_ms: &[i64], wait: i64) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        write_version(
+            &mut scratch,
+            [
+                &reward.tenant,
+                &reward.model_id,
+                opt(&reward.adapter_version),
+                opt(&reward.experiment_arm),
+                &reward.surface,
+            ],
+        );
+        let version = self.intern(&scratch);
+        self.scratch = scratch;
+        let completion_chars = reward.completion.chars().count() as i64;
         for &len in windows_ms {
             let start = reward.shown_time.div_euclid(len) * len;
             let end = start.saturating_add(len);
-            let key = WindowKey {
-                due: (end - 1).saturating_add(wait),
-                window_ms: len,
-                start,
-                tenant: reward.tenant.clone(),
-                model_id: reward.model_id.clone(),
-                adapter_version: reward.adapter_version.clone(),
-                experiment_arm: reward.experiment_arm.clone(),
-                surface: reward.surface.clone(),
-            };
+            let due = (end - 1).saturating_add(wait);
+            let key = WindowKey { due, window_ms: len, start, version };
             let w = self.open.entry(key).or_insert_with(|| OpenWindow {
-                due: (end - 1).saturating_add(wait),
+                due,
                 metrics: empty(reward, start, end),
-                users: HashSet::new(),
+                users: HashSet::default(),
             });
             let m = &mut w.metrics;
             m.shown += 1;
@@ -115,7 +146,7 @@ impl WindowedMetrics {
                 m.rated += 1;
                 m.rating_sum += r;
             }
-            m.completion_chars_sum += reward.completion.chars().count() as i64;
+            m.completion_chars_sum += completion_chars;
             if reward.outcome == Outcome::Accepted {
                 if let Some(d) = reward.signals.edit_distance {
                     m.edit_measured += 1;
@@ -125,14 +156,16 @@ impl WindowedMetrics {
                     m.time_to_accept_ms.push(t);
                 }
             }
-            if w.users.insert(reward.user_id.clone()) {
+            if !w.users.contains(&reward.user_id) {
+                w.users.insert(reward.user_id.clone());
                 w.metrics.distinct_users += 1;
             }
         }
     }
 
-    /// Removes and returns, in a deterministic order, every window due at
-    /// `watermark`, stamped with where it was published.
+    /// Removes and returns every window due at `watermark`, stamped with where
+    /// it was published, in an order that depends only on the windows (not on
+    /// interning order, which a restore changes).
     pub fn take_due(
         &mut self,
         watermark: EpochMillis,
@@ -140,16 +173,34 @@ impl WindowedMetrics {
         partition: i32,
         offset: i64,
     ) -> Vec<RewardMetrics> {
-        let mut out = Vec::new();
+        let mut due = Vec::new();
         while let Some(entry) = self.open.first_entry()
             && entry.key().due <= watermark
         {
-            let mut m = entry.remove().metrics;
-            m.time_to_accept_ms.sort_unstable();
-            m.reward_fn_version = reward_fn_version.to_string();
-            m.source_partition = partition;
-            m.emitted_at_offset = offset;
-            out.push(m);
+            let key = *entry.key();
+            due.push((key, entry.remove().metrics));
+        }
+        due.sort_by(|(a, _), (b, _)| {
+            (a.due, a.window_ms, a.start, &self.versions[a.version as usize]).cmp(&(
+                b.due,
+                b.window_ms,
+                b.start,
+                &self.versions[b.version as usize],
+            ))
+        });
+        let out = due
+            .into_iter()
+            .map(|(_, mut m)| {
+                m.time_to_accept_ms.sort_unstable();
+                m.reward_fn_version = reward_fn_version.to_string();
+                m.source_partition = partition;
+                m.emitted_at_offset = offset;
+                m
+            })
+            .collect();
+        // Versions no longer served leave the interner once it is mostly stale.
+        if self.versions.len() > 1024 && self.versions.len() > 4 * self.open.len() {
+            *self = WindowedMetrics::from(Vec::<OpenWindow>::from(std::mem::take(self)));
         }
         out
     }
