@@ -214,6 +214,22 @@ fn leak_schema(text: &str) -> Result<&'static Schema> {
     Ok(Box::leak(Box::new(schema)))
 }
 
+/// Every released schema of `kind` (oldest first, then the current one if it
+/// is not released yet) with the 8-byte fingerprint its records carry, for
+/// other Avro readers (the lake writer's Arrow decoder) to be taught the
+/// exact fingerprints this codec writes.
+pub fn released_schemas(kind: RecordKind) -> Result<Vec<([u8; 8], &'static str)>> {
+    let mut out: Vec<([u8; 8], &'static str)> = Vec::new();
+    for text in kind.history().iter().chain([&kind.current_schema()]) {
+        let schema = Schema::parse_str(text).map_err(|e| Error::Schema(e.to_string()))?;
+        let fingerprint: [u8; 8] = header_of(&schema)[2..].try_into().expect("8 bytes");
+        if !out.iter().any(|(f, _)| *f == fingerprint) {
+            out.push((fingerprint, text));
+        }
+    }
+    Ok(out)
+}
+
 /// The single-object header (magic + fingerprint) of a schema.
 pub fn header_of(schema: &Schema) -> [u8; HEADER_LEN] {
     let header = RabinFingerprintHeader::from_schema(schema).build_header();
