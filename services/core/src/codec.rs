@@ -122,7 +122,9 @@ impl RecordKind {
             Self::RewardMetrics => {
                 &[schema_file!("history/reward_metrics/v1.avsc"), schema_file!("history/reward_metrics/v2.avsc")]
             }
-            Self::ShardManifest => &[schema_file!("history/shard_manifest/v1.avsc")],
+            Self::ShardManifest => {
+                &[schema_file!("history/shard_manifest/v1.avsc"), schema_file!("history/shard_manifest/v2.avsc")]
+            }
             Self::TriggerDecision => &[schema_file!("history/trigger_decision/v1.avsc")],
             Self::TrainRequest => &[schema_file!("history/train_request/v1.avsc")],
             Self::ModelCandidate => &[schema_file!("history/model_candidate/v1.avsc")],

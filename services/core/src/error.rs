@@ -67,6 +67,9 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// Records that had to be read back from Kafka could not be.
+    #[error("kafka read-back: {0}")]
+    ReadBack(String),
     /// An I/O error with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -91,7 +94,7 @@ impl Error {
             Error::Encode { .. } => "encode_failed",
             Error::Schema(_) => "invalid_schema",
             Error::Config(_) => "config",
-            Error::Kafka { .. } => "kafka",
+            Error::Kafka { .. } | Error::ReadBack(_) => "kafka",
             Error::Io { .. } => "io",
         }
     }

@@ -7,13 +7,19 @@
 //! role come first and are overridable, except where correctness depends on
 //! them (see [`ClientRole`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::error::{Error, Result};
 use crate::topics::TopicSpec;
@@ -182,6 +188,163 @@ pub async fn create_topics(args: &KafkaArgs, specs: &[TopicSpec], timeout: Durat
         }
     }
     Ok(created)
+}
+
+/// Topic → partition → offset.
+pub type TopicOffsets = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// End offsets of every partition of `topics`, in one offsets request (a
+/// request per partition costs a round trip each on a slow broker).
+pub fn end_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topics: &[&str]) -> Result<TopicOffsets> {
+    let mut query = TopicPartitionList::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| Error::kafka(format!("metadata of {topic}"), e))?;
+        for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
+            query
+                .add_partition_offset(topic, part.id(), Offset::End)
+                .map_err(|e| Error::kafka("building an end-offset query", e))?;
+        }
+    }
+    let answer =
+        consumer.offsets_for_times(query, Duration::from_secs(10)).map_err(|e| Error::kafka("querying end offsets", e))?;
+    let mut ends: TopicOffsets = topics.iter().map(|t| (t.to_string(), BTreeMap::new())).collect();
+    for e in answer.elements() {
+        let Offset::Offset(end) = e.offset() else {
+            return Err(Error::ReadBack(format!(
+                "no end offset for {} partition {}: {:?}",
+                e.topic(),
+                e.partition(),
+                e.offset()
+            )));
+        };
+        ends.entry(e.topic().to_string()).or_default().insert(e.partition(), end);
+    }
+    Ok(ends)
+}
+
+/// Reads every record of `topics` written at or after `from` (a partition
+/// missing from `from` is read from offset 0) up to the ends the topics have
+/// now, calling `visit` on each. This is how services find the outputs a
+/// previous owner wrote after its last durable checkpoint. `reader` names the
+/// client (its group id is never joined: partitions are assigned).
+pub fn read_back(
+    args: &KafkaArgs,
+    reader: &str,
+    topics: &[&str],
+    from: &TopicOffsets,
+    timeout: Duration,
+    mut visit: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<()> {
+    let mut config = args.client_config(&ClientRole::Consumer { group_id: reader.to_string() })?;
+    config.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create().map_err(|e| Error::kafka("creating read-back consumer", e))?;
+    let highs = end_offsets(&consumer, topics)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut targets = std::collections::HashMap::new();
+    for (topic, parts) in &highs {
+        for (p, high) in parts {
+            let start = from.get(topic).and_then(|m| m.get(p)).copied().unwrap_or(0);
+            if *high > start {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(start))
+                    .map_err(|e| Error::kafka("building read-back assignment", e))?;
+                targets.insert((topic.clone(), *p), *high);
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl).map_err(|e| Error::kafka("assigning read-back", e))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !targets.is_empty() && std::time::Instant::now() < deadline {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let at = (msg.topic().to_string(), msg.partition());
+        if targets.get(&at).is_some_and(|high| msg.offset() + 1 >= *high) {
+            targets.remove(&at);
+        }
+        visit(&msg);
+    }
+    match targets.keys().next() {
+        Some((topic, p)) => Err(Error::ReadBack(format!("could not read {topic} partition {p} to its end in {timeout:?}"))),
+        None => Ok(()),
+    }
+}
+
+/// Producer context that remembers the first failed delivery and, per output
+/// partition, the end of what this producer has written. After a flush,
+/// anything written later lands beyond those ends: the lower bound a resumed
+/// owner reads back from, with no offset query per checkpoint.
+#[derive(Debug, Default)]
+pub struct DeliveryTracker {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    written_end: Mutex<TopicOffsets>,
+}
+
+impl DeliveryTracker {
+    /// The first delivery error since creation, if any delivery failed.
+    pub fn first_error(&self) -> Option<String> {
+        if self.failed.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        Some(self.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default())
+    }
+
+    /// `base` raised by every acknowledged write: a lower bound of where
+    /// records written from now on will land.
+    pub fn ends_over(&self, base: &TopicOffsets) -> TopicOffsets {
+        let mut ends = base.clone();
+        let written = self.written_end.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, parts) in written.iter() {
+            let per = ends.entry(topic.clone()).or_default();
+            for (p, end) in parts {
+                let e = per.entry(*p).or_insert(0);
+                *e = (*e).max(*end);
+            }
+        }
+        ends
+    }
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(m) => {
+                let mut ends = self.written_end.lock().unwrap_or_else(|p| p.into_inner());
+                let end = ends.entry(m.topic().to_string()).or_default().entry(m.partition()).or_insert(0);
+                *end = (*end).max(m.offset() + 1);
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// Sends one record on a threaded producer, waiting while its queue is full.
+pub fn send_blocking<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+) -> Result<()> {
+    let mut record = BaseRecord::to(topic).key(key).payload(value);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(Error::kafka(format!("producing to {topic}"), e)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -422,6 +422,9 @@ pub struct ShardManifest {
     pub stats: ShardStats,
     /// Reward function version of all rows.
     pub reward_fn_version: String,
+    /// The statistics per model version.
+    #[serde(default)]
+    pub versions: Vec<ShardVersionStats>,
     /// Lake commit sequence number.
     pub commit_seq: i64,
     /// Commit time.
@@ -449,6 +452,34 @@ pub struct ShardStats {
     pub rating_outcome_disagreements: i64,
     /// Rows per pseudonymous user.
     pub user_rows: BTreeMap<String, i64>,
+}
+
+/// Statistics of one model version's rows in a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ShardVersionStats {
+    /// Base model.
+    pub model_id: String,
+    /// Adapter version; `None` is the base model alone.
+    #[serde(default)]
+    pub adapter_version: Option<String>,
+    /// Rows.
+    pub rows: i64,
+    /// Accepted rows.
+    pub accepted: i64,
+    /// Rejected rows.
+    pub rejected: i64,
+    /// Dismissed rows.
+    pub dismissed: i64,
+    /// Ignored rows.
+    pub ignored: i64,
+    /// Σ reward.
+    pub reward_sum: f64,
+    /// Σ reward².
+    pub reward_sum_sq: f64,
+    /// Distinct users.
+    pub distinct_users: i64,
+    /// Rows of the heaviest user.
+    pub max_user_rows: i64,
 }
 
 /// One trigger evaluation and its gates (topic `trigger-decisions`).

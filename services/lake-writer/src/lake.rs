@@ -1,36 +1,37 @@
-//! The lake on a local filesystem: Hive layout, validated partition values,
-//! and the commit protocol that makes files visible atomically.
+//! The lake: Hive layout, validated partition values, and the commit
+//! protocol that makes files visible atomically, over any [`Storage`].
 //!
 //! Layout under the lake root:
 //! - `rewards/tenant=<t>/date=YYYY-MM-DD/hour=HH/<topic>-<partition>-<first>-<last>.parquet`:
-//!   committed data files, named from the source position they hold, so a
-//!   replay of the same range produces the same name;
-//! - `_flywheel_tmp/`: files being written (a name starting with `_` is
-//!   skipped by DuckDB, Spark and pyarrow scans, and nothing here is ever
-//!   inside `rewards/`); removed on start;
-//! - `_flywheel_log/<seq>.json`: the commit log. A commit is visible once its
-//!   entry exists; the entry is created with `create_new`, so two writers can
-//!   never both commit the same sequence number.
+//!   data files, named from the source offsets of their rows;
+//! - `_flywheel_log/<seq>.json`: the commit log. A file is committed once an
+//!   entry names it; entries are created with `put_new`, so two writers can
+//!   never both take a sequence number;
+//! - `_flywheel_state/`: intents (files a commit in flight is about to add)
+//!   and the manifest publisher's progress; `_flywheel_tmp/`: the local
+//!   store's temp files. Names starting with `_` are skipped by DuckDB,
+//!   Spark and pyarrow directory scans.
 //!
-//! A commit: write each file under `_flywheel_tmp`, fsync, rename into place,
-//! fsync the directories, then write the log entry (temp, fsync, link to its
-//! final name). A crash before the entry leaves renamed files no entry names:
-//! [`Lake::open`] deletes them, so readers scanning directories see them at
-//! most until the writer restarts, and never partially written.
+//! A commit of source partition `p`: check in the log that nobody committed
+//! `p` past where this writer started; record the intent; create each data
+//! file (whole or not at all); create the next log entry, re-checking `p`
+//! if another writer took that number. A crash before the entry leaves
+//! complete files no entry names: the next owner of `p` deletes them using
+//! the intent, before it writes anything.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::LakeError;
+use crate::store::Storage;
 
 /// Directory of the commit log under the lake root.
 pub const LOG_DIR: &str = "_flywheel_log";
-/// Directory of files being written.
-pub const TMP_DIR: &str = "_flywheel_tmp";
+/// Directory of intents and publisher progress.
+pub const STATE_DIR: &str = "_flywheel_state";
 /// Directory of the reward table.
 pub const REWARDS_DIR: &str = "rewards";
 /// Longest accepted partition value.
@@ -81,9 +82,19 @@ pub fn partition_dir(tenant: &str, shown_time: i64) -> Result<PathBuf, LakeError
 /// The deterministic file name of the rows of `topic`/`partition` in
 /// `[first, last]`.
 pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> Result<String, LakeError> {
+    Ok(format!("{}{first:020}-{last:020}.parquet", file_prefix(topic, partition)?))
+}
+
+/// The prefix of every file name (data and temp) of a source partition.
+pub fn file_prefix(topic: &str, partition: i32) -> Result<String, LakeError> {
     let safe = topic.replace('.', "_");
     validate_partition_value("source topic", &safe)?;
-    Ok(format!("{safe}-{partition}-{first:020}-{last:020}.parquet"))
+    Ok(format!("{safe}-{partition}-"))
+}
+
+/// The key of a source partition in commit entries: `topic/partition`.
+pub fn source_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
 }
 
 /// One file added by a commit.
@@ -97,6 +108,32 @@ pub struct AddedFile {
     pub bytes: u64,
     /// SHA-256 of the file, hex.
     pub sha256: String,
+    /// Per source `topic/partition`: the lowest and highest offset of its
+    /// rows in this file.
+    #[serde(default)]
+    pub sources: BTreeMap<String, (i64, i64)>,
+}
+
+/// A record the writer rejected; published to the dead-letter topic after
+/// the commit that covers its offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Machine-readable reason.
+    pub reason_code: String,
+    /// What is wrong.
+    pub reason: String,
+    /// Original key.
+    #[serde(default)]
+    pub key: Option<Vec<u8>>,
+    /// Original value.
+    #[serde(default)]
+    pub value: Option<Vec<u8>>,
 }
 
 /// A commit log entry.
@@ -110,74 +147,92 @@ pub struct Commit {
     #[serde(default)]
     pub removed: Vec<String>,
     /// Per source `topic/partition`: the inclusive offset range this commit
-    /// covers. The next commit of that partition starts right after it.
+    /// covers (rows written, replays dropped and records rejected). The next
+    /// commit of that partition starts right after it.
     pub offsets: BTreeMap<String, (i64, i64)>,
+    /// Records rejected in those ranges.
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
     /// Wall-clock time of the commit (ms), for operators only.
     pub committed_at: i64,
+    /// Who wrote it (`host/pid` or a tool name), for operators only.
+    #[serde(default)]
+    pub writer: String,
 }
 
-/// A file staged under the temp directory, waiting for its commit.
+/// A file to add in a commit.
 #[derive(Debug)]
-pub struct StagedFile {
-    tmp: PathBuf,
-    /// Final path relative to the lake root.
-    pub path: PathBuf,
+pub struct NewFile {
+    /// Path relative to the lake root.
+    pub path: String,
     /// Rows.
     pub rows: u64,
+    /// Content.
+    pub bytes: Vec<u8>,
+    /// Source offset ranges of its rows.
+    pub sources: BTreeMap<String, (i64, i64)>,
+}
+
+impl NewFile {
+    fn added(&self) -> AddedFile {
+        AddedFile {
+            path: self.path.clone(),
+            rows: self.rows,
+            bytes: self.bytes.len() as u64,
+            sha256: flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&self.bytes)),
+            sources: self.sources.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Intent {
+    paths: Vec<String>,
 }
 
 /// A lake root with its replayed commit log.
 #[derive(Debug)]
 pub struct Lake {
-    root: PathBuf,
+    storage: Arc<dyn Storage>,
     commits: Vec<Commit>,
-    /// Files staged so far: keeps temp names unique when files of one commit
-    /// share a name in different partition directories.
-    staged: std::sync::atomic::AtomicU64,
+    writer: String,
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LakeError {
-    let context = context.into();
-    move |e| LakeError::Io { context, detail: e.to_string() }
+fn log_path(seq: u64) -> String {
+    format!("{LOG_DIR}/{seq:020}.json")
 }
 
-fn sync_dir(dir: &Path) -> Result<(), LakeError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+fn intent_path(name: &str) -> String {
+    format!("{STATE_DIR}/intent/{name}.json")
 }
 
 impl Lake {
-    /// Opens (creating) the lake at `root`: reads the commit log, removes temp
-    /// files and data files no commit names (left by a crash mid-commit).
-    pub fn open(root: &Path) -> Result<Lake, LakeError> {
-        for dir in [LOG_DIR, TMP_DIR, REWARDS_DIR] {
-            std::fs::create_dir_all(root.join(dir)).map_err(io(format!("creating {}", root.join(dir).display())))?;
-        }
-        let mut commits = Vec::new();
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(root.join(LOG_DIR))
-            .map_err(io("listing the commit log"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        entries.sort();
-        for (i, path) in entries.iter().enumerate() {
-            let commit: Commit = serde_json::from_slice(&std::fs::read(path).map_err(io(path.display().to_string()))?)
-                .map_err(|e| LakeError::Log { path: path.display().to_string(), detail: e.to_string() })?;
-            if commit.seq != i as u64 {
-                return Err(LakeError::Log {
-                    path: path.display().to_string(),
-                    detail: format!("expected commit {i}, found {}", commit.seq),
-                });
-            }
-            commits.push(commit);
-        }
-        let lake = Lake { root: root.to_path_buf(), commits, staged: Default::default() };
-        lake.remove_uncommitted()?;
+    /// Opens the lake on `storage` and reads its commit log.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Lake, LakeError> {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        let mut lake = Lake { storage, commits: Vec::new(), writer: format!("{host}/{}", std::process::id()) };
+        lake.refresh()?;
         Ok(lake)
     }
 
-    /// The lake root.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Reads log entries committed since the last read (by any writer).
+    pub fn refresh(&mut self) -> Result<(), LakeError> {
+        loop {
+            let seq = self.commits.len() as u64;
+            let path = log_path(seq);
+            let Some(bytes) = self.storage.get(&path)? else { return Ok(()) };
+            let commit: Commit = serde_json::from_slice(&bytes)
+                .map_err(|e| LakeError::Log { path: path.clone(), detail: e.to_string() })?;
+            if commit.seq != seq {
+                return Err(LakeError::Log { path, detail: format!("expected commit {seq}, found {}", commit.seq) });
+            }
+            self.commits.push(commit);
+        }
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     /// Every commit, in order.
@@ -185,7 +240,7 @@ impl Lake {
         &self.commits
     }
 
-    /// The committed data files (added and not removed since), relative paths.
+    /// The committed data files (added and not removed since), by path.
     pub fn files(&self) -> Vec<&AddedFile> {
         let mut live: BTreeMap<&str, &AddedFile> = BTreeMap::new();
         for c in &self.commits {
@@ -197,6 +252,10 @@ impl Lake {
             }
         }
         live.into_values().collect()
+    }
+
+    fn is_live(&self, path: &str) -> bool {
+        self.files().iter().any(|f| f.path == path)
     }
 
     /// The last committed offset of each source `topic/partition`.
@@ -211,89 +270,184 @@ impl Lake {
         out
     }
 
-    fn remove_uncommitted(&self) -> Result<(), LakeError> {
-        let tmp = self.root.join(TMP_DIR);
-        for e in std::fs::read_dir(&tmp).map_err(io("listing temp files"))?.flatten() {
-            std::fs::remove_file(e.path()).map_err(io(format!("removing {}", e.path().display())))?;
+    /// The last committed offset of one source partition.
+    pub fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        let key = source_key(topic, partition);
+        self.commits.iter().filter_map(|c| c.offsets.get(&key).map(|r| r.1)).max()
+    }
+
+    /// Makes the lake consistent for a source partition this writer just
+    /// took over: deletes the files a crashed commit of it created but never
+    /// committed, and its leftover temp files.
+    pub fn recover_partition(&mut self, topic: &str, partition: i32) -> Result<(), LakeError> {
+        let name = file_prefix(topic, partition)?;
+        self.storage.discard_temp(&name)?;
+        self.discard_intent(&name)
+    }
+
+    fn discard_intent(&mut self, name: &str) -> Result<(), LakeError> {
+        let path = intent_path(name);
+        let Some(bytes) = self.storage.get(&path)? else { return Ok(()) };
+        self.refresh()?;
+        let intent: Intent = serde_json::from_slice(&bytes)
+            .map_err(|e| LakeError::Log { path: path.clone(), detail: e.to_string() })?;
+        for file in intent.paths.iter().filter(|p| !self.is_live(p)) {
+            tracing::warn!(file, "removing a data file no commit names (crash mid-commit)");
+            self.storage.delete(file)?;
         }
-        let live: std::collections::HashSet<PathBuf> =
-            self.files().into_iter().map(|f| self.root.join(&f.path)).collect();
-        let mut stack = vec![self.root.join(REWARDS_DIR)];
-        while let Some(dir) = stack.pop() {
-            for e in std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?.flatten() {
-                let path = e.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if !live.contains(&path) {
-                    tracing::warn!(file = %path.display(), "removing a data file no commit names (crash mid-commit)");
-                    std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+        self.storage.delete(&path)
+    }
+
+    /// Creates `files`, replacing an uncommitted leftover of the same name.
+    fn create_files(&mut self, files: &[NewFile]) -> Result<(), LakeError> {
+        for f in files {
+            match self.storage.put_new(&f.path, &f.bytes) {
+                Ok(()) => {}
+                Err(LakeError::Exists(_)) => {
+                    self.refresh()?;
+                    if self.is_live(&f.path) {
+                        return Err(LakeError::Conflict(format!("{} is already committed", f.path)));
+                    }
+                    self.storage.delete(&f.path)?;
+                    self.storage.put_new(&f.path, &f.bytes)?;
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    /// Writes a file under the temp directory with `write` and fsyncs it.
-    pub fn stage(
-        &self,
-        path: PathBuf,
-        rows: u64,
-        write: impl FnOnce(&mut File) -> Result<(), LakeError>,
-    ) -> Result<StagedFile, LakeError> {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let n = self.staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.root.join(TMP_DIR).join(format!("{n}-{name}"));
-        let mut file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-        write(&mut file)?;
-        file.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
-        Ok(StagedFile { tmp, path, rows })
-    }
-
-    /// Moves `files` into place and appends the commit entry that makes them
-    /// visible, covering `offsets`. Returns the commit.
-    pub fn commit(
+    /// Appends the next log entry; `still_valid` re-checks the commit's
+    /// precondition against entries other writers added meanwhile.
+    fn append(
         &mut self,
-        files: Vec<StagedFile>,
-        offsets: BTreeMap<String, (i64, i64)>,
-        committed_at: i64,
+        mut commit: Commit,
+        still_valid: impl Fn(&Lake) -> Result<(), LakeError>,
     ) -> Result<&Commit, LakeError> {
-        let mut added = Vec::new();
-        for f in files {
-            let target = self.root.join(&f.path);
-            let dir = target.parent().expect("data files live in a partition directory");
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-            let bytes = std::fs::read(&f.tmp).map_err(io(format!("reading {}", f.tmp.display())))?;
-            let sha256 = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-            std::fs::rename(&f.tmp, &target).map_err(io(format!("renaming into {}", target.display())))?;
-            sync_dir(dir)?;
-            added.push(AddedFile {
-                path: f.path.to_string_lossy().replace('\\', "/"),
-                rows: f.rows,
-                bytes: bytes.len() as u64,
-                sha256,
-            });
+        loop {
+            self.refresh()?;
+            still_valid(self)?;
+            commit.seq = self.commits.len() as u64;
+            let bytes = serde_json::to_vec_pretty(&commit)
+                .map_err(|e| LakeError::Log { path: log_path(commit.seq), detail: e.to_string() })?;
+            match self.storage.put_new(&log_path(commit.seq), &bytes) {
+                Ok(()) => break,
+                Err(LakeError::Exists(_)) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        let commit = Commit { seq: self.commits.len() as u64, added, removed: Vec::new(), offsets, committed_at };
-        let log = self.root.join(LOG_DIR);
-        let tmp = self.root.join(TMP_DIR).join(format!("commit-{}.json", commit.seq));
-        let mut file = File::create(&tmp).map_err(io("creating a commit entry"))?;
-        serde_json::to_writer_pretty(&mut file, &commit)
-            .map_err(|e| LakeError::Log { path: tmp.display().to_string(), detail: e.to_string() })?;
-        file.flush().and_then(|()| file.sync_all()).map_err(io("syncing a commit entry"))?;
-        // A hard link fails if the name exists: a second writer cannot take
-        // the same sequence number.
-        let entry = log.join(format!("{:020}.json", commit.seq));
-        std::fs::hard_link(&tmp, &entry).map_err(io(format!("committing {}", entry.display())))?;
-        std::fs::remove_file(&tmp).map_err(io("removing a temp commit entry"))?;
-        sync_dir(&log)?;
         self.commits.push(commit);
         Ok(self.commits.last().expect("just pushed"))
+    }
+
+    /// Commits `files` with the offsets `range` of source `topic`/`partition`
+    /// and the records rejected in it. `previous` is the partition's last
+    /// committed offset when this writer started reading it: if the log says
+    /// otherwise, another writer owns the partition and this fails with
+    /// [`LakeError::Conflict`] (the caller drops its buffer and re-reads).
+    pub fn commit_partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        previous: Option<i64>,
+        range: (i64, i64),
+        files: Vec<NewFile>,
+        rejected: Vec<Rejected>,
+        committed_at: i64,
+    ) -> Result<&Commit, LakeError> {
+        let name = file_prefix(topic, partition)?;
+        let check = move |lake: &Lake| {
+            let now = lake.committed_offset(topic, partition);
+            if now == previous {
+                Ok(())
+            } else {
+                Err(LakeError::Conflict(format!(
+                    "{topic}/{partition} was committed up to {now:?} by another writer; this one read from {previous:?}"
+                )))
+            }
+        };
+        self.refresh()?;
+        check(self)?;
+        let intent = Intent { paths: files.iter().map(|f| f.path.clone()).collect() };
+        if !files.is_empty() {
+            let bytes = serde_json::to_vec(&intent).map_err(|e| LakeError::Config(e.to_string()))?;
+            self.storage.put(&intent_path(&name), &bytes)?;
+        }
+        self.create_files(&files)?;
+        let commit = Commit {
+            seq: 0,
+            added: files.iter().map(NewFile::added).collect(),
+            removed: Vec::new(),
+            offsets: [(source_key(topic, partition), range)].into(),
+            rejected,
+            committed_at,
+            writer: self.writer.clone(),
+        };
+        match self.append(commit, check) {
+            Ok(_) => {}
+            Err(e) => {
+                // Leave the intent: the partition's next owner removes the files.
+                return Err(e);
+            }
+        }
+        if !files.is_empty() {
+            self.storage.delete(&intent_path(&name))?;
+        }
+        Ok(self.commits.last().expect("just committed"))
+    }
+
+    /// Replaces `removed` (committed files) by `added` in one commit. Fails
+    /// with [`LakeError::Conflict`] if another commit removed any of them.
+    pub fn commit_replace(
+        &mut self,
+        added: Vec<NewFile>,
+        removed: Vec<String>,
+        committed_at: i64,
+        writer: &str,
+    ) -> Result<&Commit, LakeError> {
+        const NAME: &str = "compaction";
+        self.discard_intent(NAME)?;
+        let bytes = serde_json::to_vec(&Intent { paths: added.iter().map(|f| f.path.clone()).collect() })
+            .map_err(|e| LakeError::Config(e.to_string()))?;
+        self.storage.put(&intent_path(NAME), &bytes)?;
+        self.create_files(&added)?;
+        let wanted: BTreeSet<String> = removed.iter().cloned().collect();
+        let commit = Commit {
+            seq: 0,
+            added: added.iter().map(NewFile::added).collect(),
+            removed,
+            offsets: BTreeMap::new(),
+            rejected: Vec::new(),
+            committed_at,
+            writer: writer.to_string(),
+        };
+        self.append(commit, |lake| {
+            let live: BTreeSet<&str> = lake.files().iter().map(|f| f.path.as_str()).collect();
+            match wanted.iter().find(|p| !live.contains(p.as_str())) {
+                Some(gone) => Err(LakeError::Conflict(format!("{gone} was removed by another commit"))),
+                None => Ok(()),
+            }
+        })?;
+        self.storage.delete(&intent_path(NAME))?;
+        Ok(self.commits.last().expect("just committed"))
+    }
+
+    /// Deletes the bytes of files that commits removed (idempotent).
+    pub fn vacuum(&self) -> Result<usize, LakeError> {
+        let live: BTreeSet<&str> = self.files().iter().map(|f| f.path.as_str()).collect();
+        let mut n = 0;
+        for path in self.commits.iter().flat_map(|c| &c.removed).filter(|p| !live.contains(p.as_str())) {
+            self.storage.delete(path)?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::LocalStore;
 
     #[test]
     fn partition_values_cannot_escape_the_lake() {
@@ -322,37 +476,78 @@ mod tests {
         );
     }
 
-    #[test]
-    fn commits_survive_reopen_and_uncommitted_files_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut lake = Lake::open(dir.path()).unwrap();
-        let path = partition_dir("acme", 0).unwrap().join(file_name("rewards", 1, 0, 9).unwrap());
-        let staged = lake.stage(path.clone(), 10, |f| f.write_all(b"ten rows").map_err(io("test"))).unwrap();
-        lake.commit(vec![staged], [("rewards/1".to_string(), (0, 9))].into(), 1).unwrap();
-        // A crash mid-commit: a staged file, and a renamed one without an entry.
-        let ghost = partition_dir("acme", 0).unwrap().join(file_name("rewards", 1, 10, 19).unwrap());
-        let staged = lake.stage(ghost.clone(), 10, |f| f.write_all(b"x").map_err(io("test"))).unwrap();
-        std::fs::rename(&staged.tmp, dir.path().join(&ghost)).unwrap();
-        lake.stage(ghost.clone(), 10, |f| f.write_all(b"y").map_err(io("test"))).unwrap();
-
-        let lake = Lake::open(dir.path()).unwrap();
-        assert_eq!(lake.committed_offsets(), [("rewards/1".to_string(), 9)].into());
-        let files = lake.files();
-        assert_eq!(files.len(), 1);
-        assert_eq!(files[0].path, path.to_string_lossy());
-        assert_eq!((files[0].rows, files[0].bytes), (10, 8));
-        assert!(dir.path().join(&path).exists());
-        assert!(!dir.path().join(&ghost).exists(), "uncommitted file removed");
-        assert_eq!(std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+    fn new_file(first: i64, last: i64, content: &[u8]) -> NewFile {
+        let dir = partition_dir("acme", 0).unwrap();
+        NewFile {
+            path: format!("{}/{}", dir.display(), file_name("rewards", 1, first, last).unwrap()),
+            rows: (last - first + 1) as u64,
+            bytes: content.to_vec(),
+            sources: [(source_key("rewards", 1), (first, last))].into(),
+        }
     }
 
     #[test]
-    fn a_second_writer_cannot_take_a_committed_sequence_number() {
+    fn commits_survive_reopen_and_a_crashed_commit_is_cleaned_up() {
         let dir = tempfile::tempdir().unwrap();
-        let mut a = Lake::open(dir.path()).unwrap();
-        let mut b = Lake::open(dir.path()).unwrap();
-        a.commit(Vec::new(), BTreeMap::new(), 1).unwrap();
-        let err = b.commit(Vec::new(), BTreeMap::new(), 2).unwrap_err();
-        assert!(err.to_string().contains("committing"), "{err}");
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let mut lake = Lake::open(storage.clone()).unwrap();
+        let kept = new_file(0, 9, b"ten rows");
+        let kept_path = kept.path.clone();
+        lake.commit_partition("rewards", 1, None, (0, 9), vec![kept], Vec::new(), 1).unwrap();
+        // A crash mid-commit: intent written, file created, no log entry.
+        let ghost = new_file(10, 19, b"x");
+        let intent = serde_json::to_vec(&Intent { paths: vec![ghost.path.clone()] }).unwrap();
+        storage.put(&intent_path("rewards-1-"), &intent).unwrap();
+        storage.put_new(&ghost.path, &ghost.bytes).unwrap();
+
+        let mut lake = Lake::open(storage.clone()).unwrap();
+        assert_eq!(lake.committed_offsets(), [("rewards/1".to_string(), 9)].into());
+        lake.recover_partition("rewards", 1).unwrap();
+        let files = lake.files();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].path, kept_path);
+        assert_eq!((files[0].rows, files[0].bytes), (10, 8));
+        assert!(dir.path().join(&kept_path).exists());
+        assert!(!dir.path().join(&ghost.path).exists(), "uncommitted file removed");
+        assert!(storage.list(STATE_DIR).unwrap().is_empty(), "intent removed");
+        // The same range again commits cleanly over a leftover of the same name.
+        storage.put_new(&ghost.path, b"stale").unwrap();
+        lake.commit_partition("rewards", 1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], Vec::new(), 2).unwrap();
+        assert_eq!(storage.get(&ghost.path).unwrap().as_deref(), Some(&b"y"[..]));
+    }
+
+    #[test]
+    fn a_zombie_writer_cannot_commit_a_partition_another_writer_moved_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let mut a = Lake::open(storage.clone()).unwrap();
+        let mut b = Lake::open(storage.clone()).unwrap();
+        a.commit_partition("rewards", 1, None, (0, 9), vec![new_file(0, 9, b"a")], Vec::new(), 1).unwrap();
+        // b read partition 1 from the start too, before a committed.
+        let err = b.commit_partition("rewards", 1, None, (0, 4), vec![new_file(0, 4, b"b")], Vec::new(), 2);
+        assert!(matches!(err, Err(LakeError::Conflict(_))), "{err:?}");
+        // Other partitions and the next sequence number are fine.
+        b.commit_partition("rewards", 2, None, (0, 0), Vec::new(), Vec::new(), 3).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.commits().len(), 2);
+        assert_eq!(a.committed_offsets(), [("rewards/1".into(), 9), ("rewards/2".into(), 0)].into());
+    }
+
+    #[test]
+    fn replacing_files_is_one_commit_and_vacuum_deletes_the_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let mut lake = Lake::open(storage.clone()).unwrap();
+        let (one, two) = (new_file(0, 4, b"1"), new_file(5, 9, b"2"));
+        let old = vec![one.path.clone(), two.path.clone()];
+        lake.commit_partition("rewards", 1, None, (0, 9), vec![one, two], Vec::new(), 1).unwrap();
+        let mut merged = new_file(0, 9, b"12");
+        merged.path = merged.path.replace("rewards-1-", "compacted-");
+        lake.commit_replace(vec![merged], old.clone(), 2, "test").unwrap();
+        assert_eq!(lake.files().len(), 1);
+        assert_eq!(lake.vacuum().unwrap(), 2);
+        assert!(old.iter().all(|p| !dir.path().join(p).exists()));
+        let again = lake.commit_replace(Vec::new(), old, 3, "test");
+        assert!(matches!(again, Err(LakeError::Conflict(_))), "cannot remove twice");
     }
 }

@@ -1,12 +1,21 @@
 //! The lake writer: rewards from Kafka into a Hive-partitioned Parquet lake
 //! that analysts query directly, committed atomically and exactly once.
 //!
+//! - [`service`]: the Kafka service (`rewards` → lake, `shards`, `dead-letters`);
 //! - [`lake`]: Hive layout, partition-value validation and the atomic commit log;
+//! - [`store`]: local directory or object store underneath;
+//! - [`shard`]: buffered records → files, rejected records and manifests;
 //! - [`parquet_shard`]: reward records → Arrow → Parquet, columns derived from
 //!   the reward Avro schema.
 
 pub mod lake;
+pub mod service;
+pub mod store;
 pub mod parquet_shard;
+pub mod shard;
+pub mod compact;
+
+pub use service::{Config, run};
 
 /// The lake writer's errors.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +58,16 @@ pub enum LakeError {
         /// What is wrong.
         detail: String,
     },
+    /// An object that must be created fresh already exists.
+    #[error("{0} already exists")]
+    Exists(String),
+    /// Another writer committed the same source partition first (a zombie
+    /// after a rebalance): this writer's buffered rows are stale.
+    #[error("commit conflict: {0}")]
+    Conflict(String),
+    /// Producing manifests or dead letters failed.
+    #[error("kafka: {0}")]
+    Kafka(String),
     /// Parquet encoding failed.
     #[error("{context}: {detail}")]
     Parquet {

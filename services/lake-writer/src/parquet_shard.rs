@@ -65,27 +65,56 @@ pub struct RewardBatcher {
     batch_rows: usize,
 }
 
-fn decoder(batch_rows: usize) -> Result<Decoder, LakeError> {
+/// The reward schemas a batcher decodes with.
+#[derive(Debug, Clone)]
+pub struct RewardSchemas {
+    /// Writer schemas by the 8-byte fingerprint in each record's header.
+    pub writers: Vec<([u8; 8], String)>,
+    /// The schema whose columns the batches have.
+    pub reader: String,
+}
+
+impl RewardSchemas {
+    /// Every released reward schema, read as the current one.
+    pub fn released() -> Result<RewardSchemas, LakeError> {
+        Ok(RewardSchemas {
+            writers: released_schemas(RecordKind::Reward)?.into_iter().map(|(f, t)| (f, t.to_string())).collect(),
+            reader: RecordKind::Reward.current_schema().to_string(),
+        })
+    }
+}
+
+fn decoder(schemas: &RewardSchemas, batch_rows: usize) -> Result<Decoder, LakeError> {
     // Fingerprints as our codec writes them: arrow-avro's own canonical-form
     // fingerprint of the same schema text differs, so it is not recomputed.
     let mut store = SchemaStore::new();
-    for (fingerprint, text) in released_schemas(RecordKind::Reward)? {
+    for (fingerprint, text) in &schemas.writers {
         store
-            .set(Fingerprint::Rabin(u64::from_le_bytes(fingerprint)), AvroSchema::new(text.to_string()))
+            .set(Fingerprint::Rabin(u64::from_le_bytes(*fingerprint)), AvroSchema::new(text.clone()))
             .map_err(LakeError::arrow("registering a reward schema"))?;
     }
     ReaderBuilder::new()
         .with_writer_schema_store(store)
-        .with_reader_schema(AvroSchema::new(RecordKind::Reward.current_schema().to_string()))
+        .with_reader_schema(AvroSchema::new(schemas.reader.clone()))
         .with_batch_size(batch_rows.max(1))
         .build_decoder()
         .map_err(LakeError::arrow("building the reward decoder"))
 }
 
 impl RewardBatcher {
-    /// A batcher holding at most `batch_rows` rows.
+    /// A batcher holding at most `batch_rows` rows of the released schemas.
     pub fn new(batch_rows: usize) -> Result<Self, LakeError> {
-        Ok(RewardBatcher { decoder: decoder(batch_rows)?, partitions: Vec::new(), offsets: Vec::new(), batch_rows })
+        Self::with_schemas(&RewardSchemas::released()?, batch_rows)
+    }
+
+    /// A batcher for explicit schemas (a reader ahead of the released ones).
+    pub fn with_schemas(schemas: &RewardSchemas, batch_rows: usize) -> Result<Self, LakeError> {
+        Ok(RewardBatcher {
+            decoder: decoder(schemas, batch_rows)?,
+            partitions: Vec::new(),
+            offsets: Vec::new(),
+            batch_rows,
+        })
     }
 
     /// Rows held.
@@ -134,7 +163,7 @@ impl RewardBatcher {
 
 /// The Arrow schema of lake files: the reward columns plus the source columns.
 pub fn lake_schema() -> Result<Arc<Schema>, LakeError> {
-    let reward = decoder(1)?.schema();
+    let reward = decoder(&RewardSchemas::released()?, 1)?.schema();
     Ok(Arc::new(extend(&reward)))
 }
 
@@ -157,8 +186,7 @@ fn with_source_columns(
     RecordBatch::try_new(schema, columns).map_err(LakeError::arrow("adding source columns"))
 }
 
-/// Encodes `batches` (all of one schema) as one Parquet file into `out`;
-/// returns the bytes written.
+/// Encodes `batches` (all of one schema) as one Parquet file into `out`.
 pub fn write_parquet<W: std::io::Write + Send>(
     batches: &[RecordBatch],
     settings: &ParquetSettings,

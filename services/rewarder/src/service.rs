@@ -19,16 +19,16 @@
 //! 4. On revocation the partition is checkpointed before it is released, so
 //!    the next owner resumes without a gap or a repeat.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, KafkaArgs};
+use flywheel_core::kafka::{ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking};
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
 use flywheel_core::topics::{Topic, TopicsArgs};
@@ -39,7 +39,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -283,7 +283,7 @@ struct Checkpoint {
     next_offset: i64,
     reward_fn_version: String,
     /// Output topic → partition → end offset when the checkpoint was taken.
-    output_ends: BTreeMap<String, BTreeMap<i32, i64>>,
+    output_ends: TopicOffsets,
     state: JoinState,
 }
 
@@ -294,36 +294,6 @@ struct PartitionWork {
     last_record_at: Instant,
     /// Outputs already written by a previous run after the checkpoint.
     already_written: HashSet<String>,
-}
-
-/// Producer context that remembers the first failed delivery and, per
-/// output partition, the end of what this producer has written: after a
-/// flush, anything written later lands beyond it, which is the lower bound a
-/// resumed partition reads back from (no offset queries per checkpoint).
-#[derive(Default)]
-struct DeliveryWatch {
-    failed: AtomicU64,
-    first_error: Mutex<Option<String>>,
-    written_end: Mutex<BTreeMap<String, BTreeMap<i32, i64>>>,
-}
-
-impl ClientContext for DeliveryWatch {}
-
-impl ProducerContext for DeliveryWatch {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(m) => {
-                let mut ends = self.written_end.lock().unwrap_or_else(|p| p.into_inner());
-                let end = ends.entry(m.topic().to_string()).or_default().entry(m.partition()).or_insert(0);
-                *end = (*end).max(m.offset() + 1);
-            }
-            Err((e, _)) => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
 }
 
 struct Topics {
@@ -340,12 +310,12 @@ struct Core {
     join: JoinConfig,
     reward_fn: RewardFunction,
     checkpoint_dir: PathBuf,
-    producer: ThreadedProducer<DeliveryWatch>,
+    producer: ThreadedProducer<DeliveryTracker>,
     partitions: Mutex<HashMap<i32, PartitionWork>>,
     metrics: Metrics,
     kafka: KafkaArgs,
     /// End offsets of the output topics when this process started.
-    startup_ends: BTreeMap<String, BTreeMap<i32, i64>>,
+    startup_ends: TopicOffsets,
 }
 
 struct RebalanceContext {
@@ -379,17 +349,8 @@ fn checkpoint_path(dir: &Path, topic: &str, partition: i32) -> PathBuf {
 impl Core {
     /// Lower bounds of where outputs written from now on will land: the end
     /// offsets seen at start-up, raised by every acknowledged write.
-    fn output_ends(&self) -> BTreeMap<String, BTreeMap<i32, i64>> {
-        let mut ends = self.startup_ends.clone();
-        let written = self.producer.context().written_end.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (topic, parts) in written {
-            let per = ends.entry(topic).or_default();
-            for (p, end) in parts {
-                let e = per.entry(p).or_insert(0);
-                *e = (*e).max(end);
-            }
-        }
-        ends
+    fn output_ends(&self) -> TopicOffsets {
+        self.producer.context().ends_over(&self.startup_ends)
     }
 
     /// Flushes outputs, then writes a checkpoint for each partition in `which`.
@@ -399,9 +360,7 @@ impl Core {
         consumer: Option<&BaseConsumer<RebalanceContext>>,
     ) -> Result<(), RewarderError> {
         self.producer.flush(Duration::from_secs(30)).map_err(|e| RewarderError::Delivery(e.to_string()))?;
-        let watch = self.producer.context();
-        if watch.failed.load(Ordering::SeqCst) > 0 {
-            let first = watch.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+        if let Some(first) = self.producer.context().first_error() {
             return Err(RewarderError::Delivery(first));
         }
         let ends = self.output_ends();
@@ -500,50 +459,14 @@ impl Core {
     }
 
     /// Output ids written for `partition` after the given end offsets.
-    fn written_since(
-        &self,
-        partition: i32,
-        ends: &BTreeMap<String, BTreeMap<i32, i64>>,
-    ) -> Result<HashSet<String>, RewarderError> {
-        // Assigned, never subscribed: the group id is only a required name.
-        let mut config =
-            self.kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-readback".into() })?;
-        config.set("enable.auto.commit", "false");
-        let reader: BaseConsumer =
-            config.create().map_err(|e| flywheel_core::Error::kafka("creating read-back consumer", e))?;
-        let topics = [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics];
-        let highs = end_offsets(&reader, &topics)?;
-        let mut tpl = TopicPartitionList::new();
-        let mut targets = HashMap::new();
-        for (topic, parts) in &highs {
-            for (p, high) in parts {
-                let from = ends.get(topic).and_then(|m| m.get(p)).copied().unwrap_or(0);
-                if *high > from {
-                    tpl.add_partition_offset(topic, *p, Offset::Offset(from))
-                        .map_err(|e| flywheel_core::Error::kafka("building read-back assignment", e))?;
-                    targets.insert((topic.clone(), *p), *high);
-                }
-            }
-        }
+    fn written_since(&self, partition: i32, ends: &TopicOffsets) -> Result<HashSet<String>, RewarderError> {
+        let topics = [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics].map(String::as_str);
         let mut seen = HashSet::new();
-        if targets.is_empty() {
-            return Ok(seen);
-        }
-        reader.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning read-back", e))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !targets.is_empty() && Instant::now() < deadline {
-            let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) else { continue };
-            let at = (msg.topic().to_string(), msg.partition());
-            if targets.get(&at).is_some_and(|high| msg.offset() + 1 >= *high) {
-                targets.remove(&at);
-            }
-            if let Some(id) = self.output_id_for(msg.topic(), &msg, partition) {
+        read_back(&self.kafka, "flywheel-rewarder-readback", &topics, ends, Duration::from_secs(60), |msg| {
+            if let Some(id) = self.output_id_for(msg.topic(), msg, partition) {
                 seen.insert(id);
             }
-        }
-        if let Some(((topic, p), _)) = targets.iter().next() {
-            return Err(RewarderError::Delivery(format!("could not read back {topic} partition {p} to its end")));
-        }
+        })?;
         Ok(seen)
     }
 
@@ -568,20 +491,7 @@ impl Core {
     }
 
     fn send(&self, topic: &str, key: &str, value: &[u8]) -> Result<(), RewarderError> {
-        let mut record = BaseRecord::to(topic).key(key).payload(value);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(RewarderError::Delivery(e.to_string())),
-            }
-        }
+        send_blocking(&self.producer, topic, key, value).map_err(|e| RewarderError::Delivery(e.to_string()))
     }
 
     fn dead_letter(
@@ -720,42 +630,6 @@ impl Core {
     }
 }
 
-/// End offsets of every partition of `topics`, in one offsets request
-/// (a request per partition costs a round trip each on a slow broker).
-fn end_offsets<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topics: &[&String],
-) -> Result<BTreeMap<String, BTreeMap<i32, i64>>, RewarderError> {
-    let mut query = TopicPartitionList::new();
-    for topic in topics {
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| flywheel_core::Error::kafka(format!("metadata of {topic}"), e))?;
-        for part in md.topics().first().map(|t| t.partitions()).unwrap_or(&[]) {
-            query
-                .add_partition_offset(topic, part.id(), Offset::End)
-                .map_err(|e| flywheel_core::Error::kafka("building an end-offset query", e))?;
-        }
-    }
-    let answer = consumer
-        .offsets_for_times(query, Duration::from_secs(10))
-        .map_err(|e| flywheel_core::Error::kafka("querying end offsets", e))?;
-    let mut ends: BTreeMap<String, BTreeMap<i32, i64>> =
-        topics.iter().map(|t| (t.to_string(), BTreeMap::new())).collect();
-    for e in answer.elements() {
-        let Offset::Offset(end) = e.offset() else {
-            return Err(RewarderError::Delivery(format!(
-                "no end offset for {} partition {}: {:?}",
-                e.topic(),
-                e.partition(),
-                e.offset()
-            )));
-        };
-        ends.entry(e.topic().to_string()).or_default().insert(e.partition(), end);
-    }
-    Ok(ends)
-}
-
 fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
     let fail = |detail: String| RewarderError::Checkpoint { path: path.display().to_string(), detail };
     let dir = path.parent().expect("checkpoint paths have a parent");
@@ -792,10 +666,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     readiness.set("consuming", false);
     let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
-    let producer: ThreadedProducer<DeliveryWatch> = config
+    let producer: ThreadedProducer<DeliveryTracker> = config
         .kafka
         .client_config(&ClientRole::Producer)?
-        .create_with_context(DeliveryWatch::default())
+        .create_with_context(DeliveryTracker::default())
         .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
     let startup_ends = {
         let probe: BaseConsumer = config
@@ -803,10 +677,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             .client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-probe".into() })?
             .create()
             .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
-        let names: Vec<String> = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
-            .map(|t| topics_config.name(t))
-            .into();
-        end_offsets(&probe, &names.iter().collect::<Vec<_>>())?
+        let names = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
+            .map(|t| topics_config.name(t));
+        end_offsets(&probe, &names.each_ref().map(String::as_str))?
     };
     let core = Arc::new(Core {
         topics: Topics {
