@@ -6,14 +6,19 @@
 
 pub mod metrics_oracle;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
-use flywheel_core::kafka::{KafkaArgs, create_topics};
+use flywheel_core::codec::decode;
+use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::topics::{CleanupPolicy, Topic, TopicSpec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
 /// The workspace root (one level above this crate).
 pub fn workspace_root() -> PathBuf {
@@ -107,6 +112,43 @@ pub async fn create_unique_topic(label: &str, partitions: i32) -> String {
     let created = create_topics(&kafka_args(), &[spec], Duration::from_secs(30)).await.expect("creating test topic");
     assert_eq!(created, vec![name.clone()], "topic {name} should be new");
     name
+}
+
+/// Every record of a topic, per partition in offset order.
+pub fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, i64, T)> {
+    let mut config = kafka.client_config(&ClientRole::Admin).unwrap();
+    config.set("group.id", "flywheel-test-reader");
+    let c: BaseConsumer = config.create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = HashMap::new();
+    for part in md.topics()[0].partitions() {
+        let (_, high) = c.fetch_watermarks(topic, part.id(), Duration::from_secs(10)).unwrap();
+        if high > 0 {
+            tpl.add_partition_offset(topic, part.id(), Offset::Beginning).unwrap();
+            remaining.insert(part.id(), high);
+        }
+    }
+    if remaining.is_empty() {
+        return Vec::new();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+                remaining.remove(&m.partition());
+            }
+            // Undecodable records (the malformed-record cases) are the
+            // services' to dead-letter; readers here skip them.
+            if let Some(Ok(record)) = m.payload().map(decode::<T>) {
+                out.push((m.partition(), m.offset(), record));
+            }
+        }
+    }
+    out.sort_by_key(|(p, o, _)| (*p, *o));
+    out
 }
 
 pub use flywheel_cli::http::{HttpResponse, http};

@@ -1,20 +1,40 @@
 //! The lake as analysts see it: files committed by the lake writer's commit
-//! protocol, read back by an independent reader (DuckDB, from `make setup`'s
-//! `.venv`) with Hive partitioning, checked against the rewards written.
+//! path (the same `prepare` and `commit_partition` the service runs), read
+//! back by an independent reader (DuckDB, from `make setup`'s `.venv`) with
+//! Hive partitioning, checked against the rewards written; plus rejected
+//! tenants, schema evolution and compaction.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
-use flywheel_core::codec::encode;
+use flywheel_core::codec::{encode, header_of};
 use flywheel_core::records::{Outcome, Reward};
-use flywheel_lake_writer::lake::{Lake, file_name, partition_dir};
-use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardBatcher, write_parquet};
+use flywheel_lake_writer::compact::{CompactOptions, compact};
+use flywheel_lake_writer::lake::{Lake, PartitionCommit, Rejected, partition_dir};
+use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
+use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
+use flywheel_lake_writer::store::{LocalStore, Storage};
 use flywheel_tests::workspace_root;
 
 fn python() -> std::path::PathBuf {
     let p = workspace_root().join(".venv/bin/python");
     assert!(p.exists(), "{} is missing: run `make setup` (installs duckdb and pyarrow)", p.display());
     p
+}
+
+/// Runs a DuckDB query over `glob` (under `root`) and returns its rows as JSON.
+fn duckdb(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let script = r#"
+import duckdb, json, sys
+con = duckdb.connect()
+rows = con.execute(sys.argv[2].replace('ROOT', sys.argv[1])).fetchall()
+print(json.dumps([[v if isinstance(v, (int, float)) or v is None else str(v) for v in r] for r in rows]))
+"#;
+    let out = Command::new(python()).args(["-c", script, &root.display().to_string(), sql]).output().unwrap();
+    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn reward(i: i64) -> Reward {
@@ -29,50 +49,61 @@ fn reward(i: i64) -> Reward {
     r
 }
 
+struct TestLake {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    lake: Lake,
+    settings: ParquetSettings,
+}
+
+impl TestLake {
+    fn new() -> TestLake {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(&root).unwrap());
+        let settings = ParquetSettings { row_group_rows: 16, ..ParquetSettings::default() };
+        TestLake { _dir: dir, root, lake: Lake::open(storage).unwrap(), settings }
+    }
+
+    /// Commits encoded records as offsets `first..` of partition 0, the way
+    /// the service does; returns the rejected records.
+    fn commit(&mut self, records: &[Vec<u8>], first: i64, schemas: &RewardSchemas) -> Vec<Rejected> {
+        let mut buf = RowBuffer::default();
+        for (i, bytes) in records.iter().enumerate() {
+            buf.push(Some(b"key"), Some(bytes), first + i as i64, 0);
+        }
+        let url = self.lake.storage().url();
+        let ctx = ShardContext { topic: "rewards", partition: 0, lake_url: &url, settings: &self.settings, schemas };
+        let prepared = prepare(&ctx, &buf, &RecentIds::new(1000)).unwrap();
+        let files = prepared.files.into_iter().map(|f| f.file).collect();
+        let previous = self.lake.committed_offset("rewards", 0);
+        let range = buf.range().unwrap();
+        let rejected = prepared.rejected;
+        let c = PartitionCommit { topic: "rewards", partition: 0, previous, range, files, rejected, committed_at: 1 };
+        let c = self.lake.commit_partition(c).unwrap();
+        c.rejected.clone()
+    }
+}
+
 #[test]
 fn duckdb_reads_committed_files_with_hive_partitions_and_exact_values() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut lake = Lake::open(dir.path()).unwrap();
-    // Two commits of one source partition, grouped by partition directory.
+    let mut t = TestLake::new();
+    let schemas = RewardSchemas::released().unwrap();
     for (first, last) in [(0i64, 59i64), (60, 119)] {
-        let mut groups: BTreeMap<std::path::PathBuf, Vec<Reward>> = BTreeMap::new();
-        for i in first..=last {
-            let r = reward(i);
-            groups.entry(partition_dir(&r.tenant, r.shown_time).unwrap()).or_default().push(r);
-        }
-        let mut staged = Vec::new();
-        for (dir_path, rows) in groups {
-            let mut batcher = RewardBatcher::new(1000).unwrap();
-            for r in &rows {
-                let offset = r.reward_id.trim_start_matches("reward-").parse().unwrap();
-                batcher.push(&encode(r).unwrap(), 0, offset).unwrap();
-            }
-            let batch = batcher.take().unwrap().unwrap();
-            let path = dir_path.join(file_name("rewards", 0, first, last).unwrap());
-            let settings = ParquetSettings { row_group_rows: 16, ..ParquetSettings::default() };
-            staged.push(lake.stage(path, rows.len() as u64, |f| write_parquet(&[batch], &settings, f)).unwrap());
-        }
-        lake.commit(staged, [("rewards/0".to_string(), (first, last))].into(), 0).unwrap();
+        let records: Vec<Vec<u8>> = (first..=last).map(|i| encode(&reward(i)).unwrap()).collect();
+        assert!(t.commit(&records, first, &schemas).is_empty());
     }
     // globex in hour 0, acme in hours 1 and 2: three directories per commit.
-    assert_eq!(Lake::open(dir.path()).unwrap().files().len(), 6);
+    assert_eq!(t.lake.files().len(), 6);
 
-    let script = r#"
-import duckdb, json, sys
-con = duckdb.connect()
-rows = con.execute("""
-  select tenant, cast(date as varchar), hour, count(*), sum(reward), count(distinct reward_id),
-         sum(case when outcome = 'ACCEPTED' then 1 else 0 end), min(_source_offset), max(_source_offset),
-         min(lineage.partition)
-  from read_parquet(?, hive_partitioning = true)
-  group by all order by all
-""", [sys.argv[1] + '/rewards/**/*.parquet']).fetchall()
-print(json.dumps([[str(v) if not isinstance(v, (int, float)) else v for v in r] for r in rows]))
-"#;
-    let out = Command::new(python()).args(["-c", script, &dir.path().display().to_string()]).output().unwrap();
-    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
-    let got: Vec<Vec<serde_json::Value>> = serde_json::from_slice(&out.stdout).unwrap();
-
+    let got = duckdb(
+        &t.root,
+        "select tenant, cast(date as varchar), hour, count(*), sum(reward), count(distinct reward_id),
+                sum(case when outcome = 'ACCEPTED' then 1 else 0 end), min(_source_offset), max(_source_offset),
+                min(lineage.partition)
+         from read_parquet('ROOT/rewards/**/*.parquet', hive_partitioning = true)
+         group by all order by all",
+    );
     // The same aggregates computed here from the rewards written.
     /// Rows, Σ reward, accepted, lowest and highest source offset.
     type Totals = (i64, f64, i64, i64, i64);
@@ -103,4 +134,130 @@ print(json.dumps([[str(v) if not isinstance(v, (int, float)) else v for v in r] 
         assert_eq!((row[7].as_i64(), row[8].as_i64()), (Some(*lo), Some(*hi)));
         assert!(row[9].is_number(), "lineage struct readable: {row:?}");
     }
+}
+
+#[test]
+fn hostile_tenants_are_rejected_and_nothing_lands_outside_the_lake() {
+    let mut t = TestLake::new();
+    let schemas = RewardSchemas::released().unwrap();
+    let hostile = ["../../etc", "/abs", "a/../../b", "UPPER", "tenant=x", "..", "", "x\u{0}y", &"y".repeat(65)];
+    let mut records = Vec::new();
+    for (i, tenant) in hostile.iter().enumerate() {
+        let mut r = reward(i as i64);
+        r.tenant = tenant.to_string();
+        records.push(encode(&r).unwrap());
+    }
+    records.push(encode(&reward(100)).unwrap());
+    records.push(b"not avro at all".to_vec());
+    let rejected = t.commit(&records, 0, &schemas);
+    let codes: Vec<(i64, &str)> = rejected.iter().map(|r| (r.offset, r.reason_code.as_str())).collect();
+    let mut expected: Vec<(i64, &str)> = (0..hostile.len() as i64).map(|o| (o, "invalid_tenant")).collect();
+    expected.push((hostile.len() as i64 + 1, "bad_magic"));
+    assert_eq!(codes, expected);
+    assert!(rejected.iter().all(|r| r.value.is_some() && r.key.as_deref() == Some(&b"key"[..])), "originals kept");
+    // Every file in the lake directory tree is under the root, and only the
+    // valid row was written.
+    let parent = t.root.parent().unwrap();
+    let outside: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("etc") || e.file_name() == "b")
+        .collect();
+    assert!(outside.is_empty(), "{outside:?}");
+    assert_eq!(t.lake.files().len(), 1);
+    assert!(t.lake.files()[0].path.starts_with("rewards/tenant=acme/"));
+    assert_eq!(t.lake.committed_offset("rewards", 0), Some(hostile.len() as i64 + 1), "rejected offsets are covered");
+}
+
+/// The reward schema with one more optional field, as a future release
+/// would add it.
+fn reward_schema_v2() -> String {
+    let mut schema: serde_json::Value =
+        serde_json::from_str(flywheel_core::RecordKind::Reward.current_schema()).unwrap();
+    schema["fields"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "serving_latency_ms", "type": ["null", "long"], "default": null,
+        "doc": "Test-only field: time the model took to produce the suggestion."
+    }));
+    schema.to_string()
+}
+
+#[test]
+fn a_new_optional_field_becomes_a_nullable_column_and_old_and_new_files_read_together() {
+    let mut t = TestLake::new();
+    let v1 = RewardSchemas::released().unwrap();
+    let old: Vec<Vec<u8>> = (0..30).map(|i| encode(&reward(i)).unwrap()).collect();
+    t.commit(&old, 0, &v1);
+
+    let text = reward_schema_v2();
+    let schema = apache_avro::Schema::parse_str(&text).unwrap();
+    let header = header_of(&schema);
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema).build().unwrap();
+    let mut v2 = v1.clone();
+    v2.writers.push((header[2..].try_into().unwrap(), text.clone()));
+    v2.reader = text;
+    let new: Vec<Vec<u8>> = (30..60)
+        .map(|i| {
+            let apache_avro::types::Value::Record(mut fields) = apache_avro::to_value(reward(i)).unwrap() else {
+                panic!("a record")
+            };
+            fields.push((
+                "serving_latency_ms".into(),
+                apache_avro::types::Value::Union(1, Box::new(apache_avro::types::Value::Long(i * 10))),
+            ));
+            let value = apache_avro::types::Value::Record(fields).resolve(&schema).unwrap();
+            let mut bytes = header.to_vec();
+            bytes.extend(writer.write_value_to_vec(value).unwrap());
+            bytes
+        })
+        .collect();
+    assert!(t.commit(&new, 30, &v2).is_empty());
+
+    let got = duckdb(
+        &t.root,
+        "select count(*), count(serving_latency_ms), sum(serving_latency_ms), min(_source_offset)
+         from read_parquet('ROOT/rewards/**/*.parquet', union_by_name = true)",
+    );
+    let expected_sum: i64 = (30..60).map(|i| i * 10).sum();
+    assert_eq!(got, vec![vec![serde_json::json!(60), 30.into(), expected_sum.into(), 0.into()]]);
+    let nulls = duckdb(
+        &t.root,
+        "select count(*) from read_parquet('ROOT/rewards/**/*.parquet', union_by_name = true)
+         where serving_latency_ms is null and _source_offset < 30",
+    );
+    assert_eq!(nulls, vec![vec![serde_json::json!(30)]], "old rows read as null");
+}
+
+#[test]
+fn compaction_merges_closed_hours_in_one_commit_and_keeps_every_row() {
+    let mut t = TestLake::new();
+    let schemas = RewardSchemas::released().unwrap();
+    for first in (0..200).step_by(20) {
+        let records: Vec<Vec<u8>> = (first..first + 20).map(|i| encode(&reward(i)).unwrap()).collect();
+        t.commit(&records, first, &schemas);
+    }
+    // Rounded sums: a merged file adds the same values in another order.
+    let query = "select tenant, hour, count(*), count(distinct reward_id), round(sum(reward), 6), min(_source_offset),
+                        max(_source_offset), round(sum(_source_offset * reward), 6), string_agg(reward_id, ',' order by reward_id)
+                 from read_parquet('ROOT/rewards/**/*.parquet', hive_partitioning = true) group by all order by all";
+    let before = duckdb(&t.root, query);
+    let files_before = t.lake.files().len();
+    assert_eq!(files_before, 30, "three directories per commit");
+    let commits_before = t.lake.commits().len();
+
+    let opts = CompactOptions {
+        target_bytes: 64 * 1024 * 1024,
+        closed_before_ms: 1_795_424_400_000 + 2 * 3_600_000, // hours 09 and 10 closed, 11 open
+        settings: t.settings,
+        writer: "test".into(),
+    };
+    let report = compact(&mut t.lake, &opts).unwrap();
+    assert_eq!((report.files_in, report.files_out), (20, 2), "{report:?}");
+    assert_eq!(t.lake.commits().len(), commits_before + 2, "one commit per merged file");
+    assert_eq!(t.lake.files().len(), 10 + 2);
+    assert_eq!(report.vacuumed, 20, "old bytes deleted after the commit");
+    assert_eq!(duckdb(&t.root, query), before, "same rows, counts and values");
+    let on_disk = t.lake.storage().list("rewards").unwrap().len();
+    assert_eq!(on_disk, t.lake.files().len(), "a directory scan sees exactly the committed files");
+    // Nothing is left to do, and a second run changes nothing.
+    assert_eq!(compact(&mut t.lake, &opts).unwrap(), Default::default());
 }

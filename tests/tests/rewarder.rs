@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_core::codec::{decode, encode};
+use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
@@ -15,11 +15,8 @@ use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
-use flywheel_tests::{kafka_args, unique_topic, workspace_binary};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use flywheel_tests::{kafka_args, read_all, unique_topic, workspace_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 const T0: i64 = 1_795_424_400_000;
@@ -162,43 +159,6 @@ async fn tick_all(kafka: &KafkaArgs, topic: &str, n: usize, suggestions_so_far: 
             .map_err(|(e, _)| e)
             .unwrap();
     }
-}
-
-/// Every record of a topic, per partition in offset order.
-fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, i64, T)> {
-    let mut config = kafka.client_config(&ClientRole::Admin).unwrap();
-    config.set("group.id", "rewarder-test-reader");
-    let c: BaseConsumer = config.create().unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = HashMap::new();
-    for part in md.topics()[0].partitions() {
-        let (_, high) = c.fetch_watermarks(topic, part.id(), Duration::from_secs(10)).unwrap();
-        if high > 0 {
-            tpl.add_partition_offset(topic, part.id(), Offset::Beginning).unwrap();
-            remaining.insert(part.id(), high);
-        }
-    }
-    if remaining.is_empty() {
-        return Vec::new();
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
-                remaining.remove(&m.partition());
-            }
-            // Undecodable input records (the malformed-record case) are the
-            // rewarder's to dead-letter; readers here skip them.
-            if let Some(Ok(record)) = m.payload().map(decode::<T>) {
-                out.push((m.partition(), m.offset(), record));
-            }
-        }
-    }
-    out.sort_by_key(|(p, o, _)| (*p, *o));
-    out
 }
 
 fn join_config() -> JoinConfig {

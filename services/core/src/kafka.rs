@@ -207,8 +207,9 @@ pub fn end_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topics: &[&st
                 .map_err(|e| Error::kafka("building an end-offset query", e))?;
         }
     }
-    let answer =
-        consumer.offsets_for_times(query, Duration::from_secs(10)).map_err(|e| Error::kafka("querying end offsets", e))?;
+    let answer = consumer
+        .offsets_for_times(query, Duration::from_secs(10))
+        .map_err(|e| Error::kafka("querying end offsets", e))?;
     let mut ends: TopicOffsets = topics.iter().map(|t| (t.to_string(), BTreeMap::new())).collect();
     for e in answer.elements() {
         let Offset::Offset(end) = e.offset() else {
@@ -267,7 +268,9 @@ pub fn read_back(
         visit(&msg);
     }
     match targets.keys().next() {
-        Some((topic, p)) => Err(Error::ReadBack(format!("could not read {topic} partition {p} to its end in {timeout:?}"))),
+        Some((topic, p)) => {
+            Err(Error::ReadBack(format!("could not read {topic} partition {p} to its end in {timeout:?}")))
+        }
         None => Ok(()),
     }
 }

@@ -185,6 +185,27 @@ impl NewFile {
     }
 }
 
+/// What one source partition commits.
+#[derive(Debug)]
+pub struct PartitionCommit<'a> {
+    /// Source topic.
+    pub topic: &'a str,
+    /// Source partition.
+    pub partition: i32,
+    /// The partition's last committed offset when this writer started
+    /// reading it.
+    pub previous: Option<i64>,
+    /// Inclusive offset range covered: rows written, replays dropped and
+    /// records rejected.
+    pub range: (i64, i64),
+    /// Files to add.
+    pub files: Vec<NewFile>,
+    /// Records rejected in the range.
+    pub rejected: Vec<Rejected>,
+    /// Wall-clock time (ms).
+    pub committed_at: i64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Intent {
     paths: Vec<String>,
@@ -289,13 +310,13 @@ impl Lake {
         let path = intent_path(name);
         let Some(bytes) = self.storage.get(&path)? else { return Ok(()) };
         self.refresh()?;
-        let intent: Intent = serde_json::from_slice(&bytes)
-            .map_err(|e| LakeError::Log { path: path.clone(), detail: e.to_string() })?;
+        let intent: Intent =
+            serde_json::from_slice(&bytes).map_err(|e| LakeError::Log { path: path.clone(), detail: e.to_string() })?;
         for file in intent.paths.iter().filter(|p| !self.is_live(p)) {
             tracing::warn!(file, "removing a data file no commit names (crash mid-commit)");
             self.storage.delete(file)?;
         }
-        self.storage.delete(&path)
+        self.storage.delete(&path).map(drop)
     }
 
     /// Creates `files`, replacing an uncommitted leftover of the same name.
@@ -340,21 +361,12 @@ impl Lake {
         Ok(self.commits.last().expect("just pushed"))
     }
 
-    /// Commits `files` with the offsets `range` of source `topic`/`partition`
-    /// and the records rejected in it. `previous` is the partition's last
-    /// committed offset when this writer started reading it: if the log says
-    /// otherwise, another writer owns the partition and this fails with
-    /// [`LakeError::Conflict`] (the caller drops its buffer and re-reads).
-    pub fn commit_partition(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        previous: Option<i64>,
-        range: (i64, i64),
-        files: Vec<NewFile>,
-        rejected: Vec<Rejected>,
-        committed_at: i64,
-    ) -> Result<&Commit, LakeError> {
+    /// Commits one source partition's files, offsets and rejected records
+    /// (see [`PartitionCommit`]). If the log shows another writer committed
+    /// the partition past `previous`, this fails with [`LakeError::Conflict`]
+    /// (the caller drops its buffer and re-reads).
+    pub fn commit_partition(&mut self, c: PartitionCommit<'_>) -> Result<&Commit, LakeError> {
+        let PartitionCommit { topic, partition, previous, range, files, rejected, committed_at } = c;
         let name = file_prefix(topic, partition)?;
         let check = move |lake: &Lake| {
             let now = lake.committed_offset(topic, partition);
@@ -437,8 +449,7 @@ impl Lake {
         let live: BTreeSet<&str> = self.files().iter().map(|f| f.path.as_str()).collect();
         let mut n = 0;
         for path in self.commits.iter().flat_map(|c| &c.removed).filter(|p| !live.contains(p.as_str())) {
-            self.storage.delete(path)?;
-            n += 1;
+            n += usize::from(self.storage.delete(path)?);
         }
         Ok(n)
     }
@@ -476,6 +487,18 @@ mod tests {
         );
     }
 
+    fn pc(
+        topic: &str,
+        partition: i32,
+        previous: Option<i64>,
+        range: (i64, i64),
+        files: Vec<NewFile>,
+        rejected: Vec<Rejected>,
+        committed_at: i64,
+    ) -> PartitionCommit<'_> {
+        PartitionCommit { topic, partition, previous, range, files, rejected, committed_at }
+    }
+
     fn new_file(first: i64, last: i64, content: &[u8]) -> NewFile {
         let dir = partition_dir("acme", 0).unwrap();
         NewFile {
@@ -493,7 +516,7 @@ mod tests {
         let mut lake = Lake::open(storage.clone()).unwrap();
         let kept = new_file(0, 9, b"ten rows");
         let kept_path = kept.path.clone();
-        lake.commit_partition("rewards", 1, None, (0, 9), vec![kept], Vec::new(), 1).unwrap();
+        lake.commit_partition(pc("rewards", 1, None, (0, 9), vec![kept], Vec::new(), 1)).unwrap();
         // A crash mid-commit: intent written, file created, no log entry.
         let ghost = new_file(10, 19, b"x");
         let intent = serde_json::to_vec(&Intent { paths: vec![ghost.path.clone()] }).unwrap();
@@ -512,7 +535,8 @@ mod tests {
         assert!(storage.list(STATE_DIR).unwrap().is_empty(), "intent removed");
         // The same range again commits cleanly over a leftover of the same name.
         storage.put_new(&ghost.path, b"stale").unwrap();
-        lake.commit_partition("rewards", 1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], Vec::new(), 2).unwrap();
+        lake.commit_partition(pc("rewards", 1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], Vec::new(), 2))
+            .unwrap();
         assert_eq!(storage.get(&ghost.path).unwrap().as_deref(), Some(&b"y"[..]));
     }
 
@@ -522,12 +546,12 @@ mod tests {
         let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
         let mut a = Lake::open(storage.clone()).unwrap();
         let mut b = Lake::open(storage.clone()).unwrap();
-        a.commit_partition("rewards", 1, None, (0, 9), vec![new_file(0, 9, b"a")], Vec::new(), 1).unwrap();
+        a.commit_partition(pc("rewards", 1, None, (0, 9), vec![new_file(0, 9, b"a")], Vec::new(), 1)).unwrap();
         // b read partition 1 from the start too, before a committed.
-        let err = b.commit_partition("rewards", 1, None, (0, 4), vec![new_file(0, 4, b"b")], Vec::new(), 2);
+        let err = b.commit_partition(pc("rewards", 1, None, (0, 4), vec![new_file(0, 4, b"b")], Vec::new(), 2));
         assert!(matches!(err, Err(LakeError::Conflict(_))), "{err:?}");
         // Other partitions and the next sequence number are fine.
-        b.commit_partition("rewards", 2, None, (0, 0), Vec::new(), Vec::new(), 3).unwrap();
+        b.commit_partition(pc("rewards", 2, None, (0, 0), Vec::new(), Vec::new(), 3)).unwrap();
         a.refresh().unwrap();
         assert_eq!(a.commits().len(), 2);
         assert_eq!(a.committed_offsets(), [("rewards/1".into(), 9), ("rewards/2".into(), 0)].into());
@@ -540,7 +564,7 @@ mod tests {
         let mut lake = Lake::open(storage.clone()).unwrap();
         let (one, two) = (new_file(0, 4, b"1"), new_file(5, 9, b"2"));
         let old = vec![one.path.clone(), two.path.clone()];
-        lake.commit_partition("rewards", 1, None, (0, 9), vec![one, two], Vec::new(), 1).unwrap();
+        lake.commit_partition(pc("rewards", 1, None, (0, 9), vec![one, two], Vec::new(), 1)).unwrap();
         let mut merged = new_file(0, 9, b"12");
         merged.path = merged.path.replace("rewards-1-", "compacted-");
         lake.commit_replace(vec![merged], old.clone(), 2, "test").unwrap();

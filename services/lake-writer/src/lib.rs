@@ -8,12 +8,12 @@
 //! - [`parquet_shard`]: reward records → Arrow → Parquet, columns derived from
 //!   the reward Avro schema.
 
-pub mod lake;
-pub mod service;
-pub mod store;
-pub mod parquet_shard;
-pub mod shard;
 pub mod compact;
+pub mod lake;
+pub mod parquet_shard;
+pub mod service;
+pub mod shard;
+pub mod store;
 
 pub use service::{Config, run};
 

@@ -35,16 +35,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::LakeError;
-use crate::lake::{Commit, Lake, Rejected, STATE_DIR, file_prefix, source_key};
+use crate::lake::{Commit, Lake, PartitionCommit, Rejected, STATE_DIR, file_prefix, source_key};
 use crate::parquet_shard::{ParquetSettings, RewardSchemas};
 use crate::shard::{PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats};
 use crate::store::{Storage, open_storage};
@@ -229,7 +229,8 @@ impl ConsumerContext for RebalanceContext {
                 }
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for p in &parts {
-                    let start = lake.committed_offset(&self.topic, *p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+                    let start =
+                        lake.committed_offset(&self.topic, *p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
                     if let Err(e) = tpl.set_partition_offset(&self.topic, *p, start) {
                         tracing::error!(partition = p, error = %e, "setting a start offset failed");
                     }
@@ -418,10 +419,10 @@ impl Writer {
     /// partition) that are not on their topics yet.
     fn publish_pending(&mut self, partition: i32, prefix: &str, commits: &[Commit]) -> Result<(), LakeError> {
         let marker: Option<PublishedMarker> = match self.storage.get(&marker_path(prefix))? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| LakeError::Log {
-                path: marker_path(prefix),
-                detail: e.to_string(),
-            })?),
+            Some(bytes) => Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| LakeError::Log { path: marker_path(prefix), detail: e.to_string() })?,
+            ),
             None => None,
         };
         let Some(marker) = marker else {
@@ -485,7 +486,11 @@ impl Writer {
     }
 
     /// Buffers one record of an owned partition.
-    fn handle(&mut self, consumer: &BaseConsumer<RebalanceContext>, msg: &BorrowedMessage<'_>) -> Result<(), LakeError> {
+    fn handle(
+        &mut self,
+        consumer: &BaseConsumer<RebalanceContext>,
+        msg: &BorrowedMessage<'_>,
+    ) -> Result<(), LakeError> {
         let (partition, offset) = (msg.partition(), msg.offset());
         let Some(state) = self.parts.get_mut(&partition) else {
             return Ok(()); // not ours (revoked meanwhile)
@@ -572,7 +577,9 @@ impl Writer {
         let rejected = prepared.rejected;
         let result = {
             let mut lake = self.lake.lock().unwrap_or_else(|p| p.into_inner());
-            lake.commit_partition(&self.names.rewards, partition, previous, range, files, rejected, now).cloned()
+            let topic = &self.names.rewards;
+            let c = PartitionCommit { topic, partition, previous, range, files, rejected, committed_at: now };
+            lake.commit_partition(c).cloned()
         };
         let commit = match result {
             Ok(c) => c,
@@ -688,7 +695,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         let (mut last_check, mut last_group_commit) = (Instant::now(), Instant::now());
         while !loop_shutdown.is_cancelled() {
             let polled = consumer.poll(Duration::from_millis(100));
-            let revoked: Vec<i32> = std::mem::take(&mut *consumer.context().revoked.lock().unwrap_or_else(|p| p.into_inner()));
+            let revoked: Vec<i32> =
+                std::mem::take(&mut *consumer.context().revoked.lock().unwrap_or_else(|p| p.into_inner()));
             for p in revoked {
                 writer.parts.remove(&p);
             }

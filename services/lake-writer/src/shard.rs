@@ -12,7 +12,7 @@ use std::time::Instant;
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, TimestampMillisecondType};
 use arrow_array::{Array, RecordBatch, StringArray, UInt32Array};
-use flywheel_core::codec::{Codec, RecordKind};
+use flywheel_core::codec::{Codec, HEADER_LEN, MAGIC, RecordKind};
 use flywheel_core::records::{OffsetRange, ShardManifest, ShardStats, ShardVersionStats};
 
 use crate::LakeError;
@@ -189,12 +189,24 @@ pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> R
     // Header check first: a record of another kind or an unknown schema
     // never reaches the columnar decoder.
     let codec = Codec::global();
+    let known: HashSet<[u8; 8]> = ctx.schemas.writers.iter().map(|(f, _)| *f).collect();
     let mut candidates = Vec::with_capacity(buf.len());
     for i in 0..buf.len() {
-        match codec.identify(buf.value(i)) {
-            Ok((RecordKind::Reward, _)) => candidates.push(i),
+        let value = buf.value(i);
+        let header_ok = value.len() >= HEADER_LEN && value[..2] == MAGIC;
+        if header_ok && value[2..HEADER_LEN].try_into().is_ok_and(|f: [u8; 8]| known.contains(&f)) {
+            candidates.push(i);
+            continue;
+        }
+        match codec.identify(value) {
             Ok((kind, _)) => {
-                out.rejected.push(reject(i, "wrong_record_kind", format!("a {kind} record on the rewards topic")))
+                let why = if kind == RecordKind::Reward {
+                    "a reward schema this writer was not built with".to_string()
+                } else {
+                    format!("a {kind} record on the rewards topic")
+                };
+                let code = if kind == RecordKind::Reward { "unknown_schema" } else { "wrong_record_kind" };
+                out.rejected.push(reject(i, code, why));
             }
             Err(e) => out.rejected.push(reject(i, e.reason_code(), e.to_string())),
         }
@@ -303,19 +315,19 @@ fn encode_file(
         content_sha256: String::new(),
         min_event_time: min_time,
         max_event_time: max_time,
-        source: OffsetRange { topic: ctx.topic.to_string(), partition: ctx.partition, first_offset: first, last_offset: last },
+        source: OffsetRange {
+            topic: ctx.topic.to_string(),
+            partition: ctx.partition,
+            first_offset: first,
+            last_offset: last,
+        },
         stats,
         reward_fn_version: version.to_string(),
         versions,
         commit_seq: -1,
         committed_at: 0,
     };
-    let file = NewFile {
-        path,
-        rows,
-        bytes,
-        sources: [(source_key(ctx.topic, ctx.partition), (first, last))].into(),
-    };
+    let file = NewFile { path, rows, bytes, sources: [(source_key(ctx.topic, ctx.partition), (first, last))].into() };
     Ok(PreparedFile { file, manifest })
 }
 
@@ -402,7 +414,8 @@ pub fn ids_in_file(bytes: Vec<u8>, partition: i32) -> Result<Vec<(i64, u128)>, L
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
         .map_err(LakeError::parquet("opening a lake file"))?;
-    let names = ["reward_id", crate::parquet_shard::SOURCE_PARTITION_COLUMN, crate::parquet_shard::SOURCE_OFFSET_COLUMN];
+    let names =
+        ["reward_id", crate::parquet_shard::SOURCE_PARTITION_COLUMN, crate::parquet_shard::SOURCE_OFFSET_COLUMN];
     let mask = ProjectionMask::columns(builder.parquet_schema(), names);
     let reader = builder.with_projection(mask).build().map_err(LakeError::parquet("reading a lake file"))?;
     let mut out = Vec::new();
@@ -423,7 +436,7 @@ pub fn ids_in_file(bytes: Vec<u8>, partition: i32) -> Result<Vec<(i64, u128)>, L
             }
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|(offset, _)| std::cmp::Reverse(*offset));
     Ok(out)
 }
 

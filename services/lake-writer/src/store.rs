@@ -40,8 +40,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, LakeError>;
     /// Every object under `prefix` (recursively), relative paths.
     fn list(&self, prefix: &str) -> Result<Vec<String>, LakeError>;
-    /// Deletes `path`; absent is fine.
-    fn delete(&self, path: &str) -> Result<(), LakeError>;
+    /// Deletes `path`; absent is fine. Returns whether something was deleted.
+    fn delete(&self, path: &str) -> Result<bool, LakeError>;
     /// Removes temporary files whose name starts with `prefix`: leftovers of
     /// a writer killed mid-put. Object stores have none.
     fn discard_temp(&self, prefix: &str) -> Result<(), LakeError>;
@@ -168,10 +168,10 @@ impl Storage for LocalStore {
         Ok(out)
     }
 
-    fn delete(&self, path: &str) -> Result<(), LakeError> {
+    fn delete(&self, path: &str) -> Result<bool, LakeError> {
         match std::fs::remove_file(self.full(path)?) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(LakeError::Io { context: format!("deleting {path}"), detail: e.to_string() }),
         }
     }
@@ -266,9 +266,16 @@ impl Storage for ObjectStorage {
         Ok(out)
     }
 
-    fn delete(&self, path: &str) -> Result<(), LakeError> {
-        match self.runtime.block_on(self.store.delete(&self.at(path))) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+    fn delete(&self, path: &str) -> Result<bool, LakeError> {
+        // Stores answer a delete of nothing with success: ask first.
+        let at = self.at(path);
+        match self.runtime.block_on(self.store.head(&at)) {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(LakeError::Io { context: format!("checking {path}"), detail: e.to_string() }),
+        }
+        match self.runtime.block_on(self.store.delete(&at)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(LakeError::Io { context: format!("deleting {path}"), detail: e.to_string() }),
         }
     }
@@ -318,8 +325,8 @@ mod tests {
         assert_eq!(store.get("a/two.json").unwrap().as_deref(), Some(&b"2"[..]), "put_new never overwrites");
         assert_eq!(store.list("a").unwrap(), vec!["a/b/one.json".to_string(), "a/two.json".to_string()]);
         assert!(store.list("nothing").unwrap().is_empty());
-        store.delete("a/two.json").unwrap();
-        store.delete("a/two.json").unwrap();
+        assert!(store.delete("a/two.json").unwrap());
+        assert!(!store.delete("a/two.json").unwrap());
         assert_eq!(store.get("a/two.json").unwrap(), None);
     }
 
@@ -332,7 +339,8 @@ mod tests {
         assert!(local.put("../escape", b"x").is_err(), "no path leaves the root");
         assert_eq!(std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0, "no temp file left");
         exercise(open_storage("memory://", runtime.handle().clone()).unwrap().as_ref());
-        let fs: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let fs: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
         exercise(&ObjectStorage::new(fs, "via-object-store", "file:///x", runtime.handle().clone()));
         assert!(dir.path().join("via-object-store/a/b/one.json").exists());
         let err = open_storage("s3://bucket/lake", runtime.handle().clone()).err().map(|e| e.to_string());

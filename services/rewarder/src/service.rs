@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking};
+use flywheel_core::kafka::{
+    ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking,
+};
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
 use flywheel_core::topics::{Topic, TopicsArgs};
@@ -460,7 +462,8 @@ impl Core {
 
     /// Output ids written for `partition` after the given end offsets.
     fn written_since(&self, partition: i32, ends: &TopicOffsets) -> Result<HashSet<String>, RewarderError> {
-        let topics = [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics].map(String::as_str);
+        let topics =
+            [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics].map(String::as_str);
         let mut seen = HashSet::new();
         read_back(&self.kafka, "flywheel-rewarder-readback", &topics, ends, Duration::from_secs(60), |msg| {
             if let Some(id) = self.output_id_for(msg.topic(), msg, partition) {
