@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod http;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +38,9 @@ pub enum CliError {
     /// From the collector.
     #[error(transparent)]
     Collector(#[from] flywheel_collector::CollectorError),
+    /// From the lake.
+    #[error(transparent)]
+    Lake(#[from] flywheel_lake_writer::LakeError),
     /// From an HTTP exchange.
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
@@ -80,6 +84,58 @@ pub enum Command {
     Tail(TailArgs),
     /// Run the flywheel locally on the embedded broker.
     Demo(DemoArgs),
+    /// Inspect and maintain the reward lake.
+    #[command(subcommand)]
+    Lake(LakeCommand),
+}
+
+/// Where the lake is.
+#[derive(Debug, Clone, Args)]
+pub struct LakeRootArgs {
+    /// Lake root: a directory, `file:///path`, or an object store URL.
+    #[arg(long = "lake-root", env = "FLYWHEEL_LAKE_ROOT", default_value = ".flywheel/lake")]
+    pub lake_root: String,
+}
+
+/// `flywheel lake` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LakeCommand {
+    /// List the committed files (from the commit log: never a partial or
+    /// uncommitted file). Feed `--format paths` to DuckDB's `read_parquet([...])`.
+    Files {
+        /// The lake.
+        #[command(flatten)]
+        root: LakeRootArgs,
+        /// Output: a table, JSON lines, or one path per line.
+        #[arg(long, env = "FLYWHEEL_LAKE_FILES_FORMAT", value_enum, default_value_t = FilesFormat::Table)]
+        format: FilesFormat,
+    },
+    /// Merge small files of closed hours into larger ones, one commit per
+    /// merged file; row content is unchanged. Run one compaction at a time.
+    Compact {
+        /// The lake.
+        #[command(flatten)]
+        root: LakeRootArgs,
+        /// Size merged files aim at; files this big are left alone.
+        #[arg(long = "target-bytes", env = "FLYWHEEL_LAKE_COMPACT_TARGET_BYTES", default_value_t = 256 * 1024 * 1024)]
+        target_bytes: u64,
+        /// Only hours that ended at least this long ago (late rewards may
+        /// still land in recent hours; shards pinned by pending train
+        /// requests should be older than this).
+        #[arg(long = "older-than-hours", env = "FLYWHEEL_LAKE_COMPACT_OLDER_THAN_HOURS", default_value_t = 24)]
+        older_than_hours: u64,
+    },
+}
+
+/// Output format of `flywheel lake files`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FilesFormat {
+    /// Aligned columns.
+    Table,
+    /// One JSON object per file.
+    Json,
+    /// Full paths only.
+    Paths,
 }
 
 /// Where the embedded broker runs.
@@ -166,7 +222,74 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
             tail(&cli.kafka, &topics, &args, &shutdown, &mut out).map(|_| ())
         }
         Command::Demo(args) => demo(&cli.kafka, &topics, cli.topics.topics_config.as_deref(), &args, shutdown).await,
+        Command::Lake(command) => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || lake_command(command, runtime))
+                .await
+                .map_err(|e| CliError::Usage(format!("lake command failed: {e}")))?
+        }
     }
+}
+
+fn lake_command(command: LakeCommand, runtime: tokio::runtime::Handle) -> Result<()> {
+    match command {
+        LakeCommand::Files { root, format } => {
+            let lake = flywheel_lake_writer::service::open_lake(&root.lake_root, runtime)?;
+            let stdout = std::io::stdout();
+            print_files(&lake, format, &mut stdout.lock())
+        }
+        LakeCommand::Compact { root, target_bytes, older_than_hours } => {
+            let mut lake = flywheel_lake_writer::service::open_lake(&root.lake_root, runtime)?;
+            let opts = flywheel_lake_writer::compact::CompactOptions {
+                target_bytes,
+                closed_before_ms: flywheel_core::now_millis() - older_than_hours as i64 * 3_600_000,
+                settings: Default::default(),
+                writer: format!("flywheel lake compact/{}", std::process::id()),
+            };
+            let report = flywheel_lake_writer::compact::compact(&mut lake, &opts)?;
+            println!(
+                "merged {} files into {} ({} rows); deleted {} retired files",
+                report.files_in, report.files_out, report.rows, report.vacuumed
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes the committed files of `lake` in `format`.
+pub fn print_files(lake: &flywheel_lake_writer::lake::Lake, format: FilesFormat, out: &mut impl Write) -> Result<()> {
+    let files = lake.files();
+    let base = lake.storage().url();
+    let full = |path: &str| match base.strip_prefix("file://") {
+        Some(dir) => format!("{dir}/{path}"),
+        None => format!("{}/{path}", base.trim_end_matches('/')),
+    };
+    let io = |e: std::io::Error| CliError::Usage(format!("writing output: {e}"));
+    match format {
+        FilesFormat::Table => {
+            writeln!(out, "{:>10} {:>12} {:<16} path", "rows", "bytes", "sha256").map_err(io)?;
+            for f in &files {
+                writeln!(out, "{:>10} {:>12} {:<16} {}", f.rows, f.bytes, &f.sha256[..16.min(f.sha256.len())], f.path)
+                    .map_err(io)?;
+            }
+            let rows: u64 = files.iter().map(|f| f.rows).sum();
+            writeln!(out, "{} files, {rows} rows, {} commits", files.len(), lake.commits().len()).map_err(io)?;
+        }
+        FilesFormat::Json => {
+            for f in &files {
+                let line = serde_json::json!({
+                    "path": f.path, "uri": full(&f.path), "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256,
+                });
+                writeln!(out, "{line}").map_err(io)?;
+            }
+        }
+        FilesFormat::Paths => {
+            for f in &files {
+                writeln!(out, "{}", full(&f.path)).map_err(io)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run_broker(args: &BrokerArgs, shutdown: CancellationToken) -> Result<()> {
@@ -381,6 +504,55 @@ pub fn product_form(fixture: &serde_json::Value, user_id: &str, event_time: i64,
 
 const DEMO_TOKEN: &str = "demo-token-change-me-0001";
 
+fn demo_lake_root(broker_dir: &Path) -> PathBuf {
+    broker_dir.parent().unwrap_or(Path::new(".")).join("demo-lake")
+}
+
+/// Waits for the lake to commit every reward on the topic, then shows the
+/// committed files and the newest shard manifest.
+async fn lake_section(
+    kafka: &KafkaArgs,
+    topics: &TopicsConfig,
+    broker_dir: &Path,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let root = demo_lake_root(broker_dir).display().to_string();
+    let probe: BaseConsumer = kafka
+        .client_config(&ClientRole::Consumer { group_id: "flywheel-demo-probe".into() })?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
+    let rewards_topic = topics.name(Topic::Rewards);
+    let ends = flywheel_core::kafka::end_offsets(&probe, &[rewards_topic.as_str()])?;
+    let ends = ends.get(&rewards_topic).cloned().unwrap_or_default();
+    let runtime = tokio::runtime::Handle::current();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let lake = loop {
+        let (root, runtime) = (root.clone(), runtime.clone());
+        let lake = tokio::task::spawn_blocking(move || flywheel_lake_writer::service::open_lake(&root, runtime))
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))??;
+        let caught_up = ends
+            .iter()
+            .all(|(p, end)| *end == 0 || lake.committed_offset(&rewards_topic, *p).is_some_and(|c| c + 1 >= *end));
+        if caught_up || std::time::Instant::now() > deadline || shutdown.is_cancelled() {
+            break lake;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("== the lake, from its commit log (`flywheel lake files --lake-root {root}`):");
+    let mut buf = Vec::new();
+    print_files(&lake, FilesFormat::Table, &mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    for line in lines.iter().take(1).chain(lines.iter().skip(1).rev().take(4).rev()) {
+        println!("   {line}");
+    }
+    println!(
+        "   query it: duckdb -c \"select tenant, outcome, count(*), avg(reward) from read_parquet('{root}/rewards/**/*.parquet', hive_partitioning=true) group by all\""
+    );
+    Ok(())
+}
+
 async fn demo(
     kafka: &KafkaArgs,
     topics: &TopicsConfig,
@@ -454,6 +626,32 @@ async fn demo(
         "== rewarder consuming {} (5 min outcome window, idle partitions advance by wall clock)",
         topics.name(Topic::Interactions)
     );
+
+    let lake_root = demo_lake_root(&args.broker.data_dir);
+    let lake_args = [
+        "flywheel-lake-writer".to_string(),
+        "--kafka-brokers".into(),
+        kafka.brokers.clone(),
+        "--ops-listen".into(),
+        "127.0.0.1:0".into(),
+        "--group-id".into(),
+        "flywheel-demo-lake-writer".into(),
+        "--lake-root".into(),
+        lake_root.display().to_string(),
+        "--roll-max-age-ms".into(),
+        "2000".into(),
+        "--roll-idle-ms".into(),
+        "1000".into(),
+        "--log-filter".into(),
+        "warn".into(),
+    ]
+    .into_iter()
+    .chain(topics_file.map(|p| ["--topics-config".to_string(), p.display().to_string()]).into_iter().flatten());
+    let lake_config = <flywheel_lake_writer::Config as Parser>::try_parse_from(lake_args)
+        .map_err(|e| CliError::Usage(format!("demo lake writer configuration: {e}")))?;
+    let lake_shutdown = shutdown.child_token();
+    let lake_writer = tokio::spawn(flywheel_lake_writer::run(lake_config, lake_shutdown.clone()));
+    println!("== lake writer committing rewards to {} (files roll after 2 s in the demo)", lake_root.display());
 
     // Two suggestions of this run: one accepted, edited, rated, thanked and
     // completed; one rejected. Shown 400 s ago so their windows have closed.
@@ -559,10 +757,17 @@ async fn demo(
     if shown_rewards < 2 {
         println!("   (no rewards within 45 s; check the rewarder's logs)");
     }
-    println!("== lake writer, trigger, trainer and gate are not in this build yet; stopping");
+    lake_section(&kafka, topics, &args.broker.data_dir, &shutdown).await?;
+    println!("== trigger, trainer and gate are not in this build yet; stopping");
     collector_shutdown.cancel();
     rewarder_shutdown.cancel();
+    lake_shutdown.cancel();
     collector.wait().await?;
+    match lake_writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(CliError::Usage(format!("lake writer failed: {e}"))),
+        Err(e) => return Err(CliError::Usage(format!("lake writer task failed: {e}"))),
+    }
     match rewarder.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(CliError::Usage(format!("rewarder failed: {e}"))),

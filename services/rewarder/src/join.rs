@@ -150,6 +150,30 @@ pub fn reward_id(tenant: &str, suggestion_id: &str, reward_fn_version: &str) -> 
     flywheel_core::hex(&digest)
 }
 
+impl JoinState {
+    /// Rewrites the JSON of a state checkpointed before closed suggestions
+    /// were kept as fingerprints (ids as strings) into the current form; a
+    /// current state is returned unchanged. `None` when it is neither.
+    pub fn migrate_json(mut state: serde_json::Value) -> Option<serde_json::Value> {
+        use serde_json::Value;
+        let legacy = state["closed_by_deadline"]
+            .as_array()
+            .is_some_and(|entries| entries.iter().any(|e| e.get(1).is_some_and(Value::is_string)));
+        if !legacy {
+            return Some(state);
+        }
+        let closed = state.get_mut("closed")?.as_object_mut()?;
+        let migrated: serde_json::Map<String, Value> =
+            closed.iter().map(|(id, t)| (id_fingerprint(id).to_string(), t.clone())).collect();
+        *closed = migrated;
+        for entry in state.get_mut("closed_by_deadline")?.as_array_mut()? {
+            let id = entry.get(1)?.as_str()?.to_string();
+            entry[1] = Value::from(id_fingerprint(&id));
+        }
+        Some(state)
+    }
+}
+
 impl PartitionJoiner {
     /// An empty joiner for one partition of `topic`.
     pub fn new(topic: &str, partition: i32, config: JoinConfig, reward_fn: RewardFunction) -> Self {

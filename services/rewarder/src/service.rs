@@ -398,7 +398,7 @@ impl Core {
         let path = checkpoint_path(&self.checkpoint_dir, &self.topics.input, partition);
         let checkpoint: Option<Checkpoint> =
             match std::fs::read(&path) {
-                Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| RewarderError::Checkpoint {
+                Ok(bytes) => Some(parse_checkpoint(&bytes).map_err(|e| RewarderError::Checkpoint {
                     path: path.display().to_string(),
                     detail: e.to_string(),
                 })?),
@@ -633,6 +633,17 @@ impl Core {
     }
 }
 
+/// Parses a checkpoint, migrating the join state of older releases.
+fn parse_checkpoint(bytes: &[u8]) -> Result<Checkpoint, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    if let Some(state) = value.get_mut("state").map(serde_json::Value::take)
+        && let Some(migrated) = JoinState::migrate_json(state)
+    {
+        value["state"] = migrated;
+    }
+    serde_json::from_value(value)
+}
+
 fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
     let fail = |detail: String| RewarderError::Checkpoint { path: path.display().to_string(), detail };
     let dir = path.parent().expect("checkpoint paths have a parent");
@@ -757,4 +768,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     shutdown.cancel();
     let _ = ops.task.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_of_the_release_before_fingerprinted_ids_still_load() {
+        // Written by the rewarder before closed suggestion ids became fingerprints.
+        let legacy = br#"{"next_offset":24,"reward_fn_version":"cursor-default-v1","output_ends":{"rewards":{"0":0,"1":1}},"state":{"open":{},"by_deadline":[],"closed":{"sugg-000042":1795424700000},"closed_by_deadline":[[1795424700000,"sugg-000042"]],"max_event_time":1795433720945,"counters":{"duplicates":0,"late":16,"orphans":0,"closed_early":0,"rewards":1}}}"#;
+        let cp = parse_checkpoint(legacy).unwrap();
+        assert_eq!(cp.next_offset, 24);
+        let state = serde_json::to_value(&cp.state).unwrap();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(b"sugg-000042");
+        let fingerprint = u64::from_be_bytes(digest[..8].try_into().unwrap());
+        assert_eq!(state["closed"][fingerprint.to_string()], serde_json::json!(1_795_424_700_000_i64));
+        assert_eq!(state["closed_by_deadline"][0][1], serde_json::json!(fingerprint));
+        // A current checkpoint round-trips unchanged.
+        let current = serde_json::to_vec(&cp).unwrap();
+        assert_eq!(serde_json::to_value(parse_checkpoint(&current).unwrap().state).unwrap(), state);
+    }
 }
