@@ -25,7 +25,7 @@ use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{Outcome, Reward};
 use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
 use flywheel_lake_writer::lake::{Lake, PartitionCommit};
-use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
+use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
 use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
 use flywheel_lake_writer::store::{LocalStore, Storage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -64,6 +64,23 @@ fn median(v: &mut [f64]) -> f64 {
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The two halves of `prepare` alone: Avro → Arrow decode, and Parquet
+/// encoding of the decoded batch (rows/s each).
+fn phases(records: &[Vec<u8>]) -> (f64, f64) {
+    let arena: Vec<u8> = records.concat();
+    let offsets: Vec<i64> = (0..records.len() as i64).collect();
+    let started = Instant::now();
+    let mut batcher = RewardBatcher::new(records.len()).unwrap();
+    batcher.push_all(&arena, 0, &offsets).unwrap();
+    let batch = batcher.take().unwrap().unwrap();
+    let decode = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    write_parquet(&[batch], &ParquetSettings::default(), &mut out).unwrap();
+    let n = records.len() as f64;
+    (n / decode, n / started.elapsed().as_secs_f64())
 }
 
 /// One encode+write run; returns (prepare rows/s, prepare+commit rows/s, parquet bytes).
@@ -308,7 +325,11 @@ async fn main() {
     let records: Vec<Vec<u8>> = (0..CORE_ROWS).map(|i| encode(&reward(i)).unwrap()).collect();
     let avro_bytes: usize = records.iter().map(Vec::len).sum();
     let (mut prep, mut full, mut parquet_bytes) = (Vec::new(), Vec::new(), 0);
+    let (mut decode, mut encode_pq) = (Vec::new(), Vec::new());
     for run in 0..CORE_RUNS {
+        let (d, e) = tokio::task::block_in_place(|| phases(&records));
+        decode.push(d);
+        encode_pq.push(e);
         let (p, f, b) = tokio::task::block_in_place(|| core_run(&records, &dir.join(format!("core-{run}"))));
         eprintln!("core run {run}: prepare {p:.0} rows/s, prepare+commit {f:.0} rows/s");
         prep.push(p);
@@ -316,6 +337,8 @@ async fn main() {
         parquet_bytes = b;
     }
     println!("lake_bench: encode + write, {CORE_ROWS} rewards (Avro {avro_bytes} bytes), {CORE_RUNS} runs, one thread");
+    println!("  phase: Avro -> Arrow decode only          {:>9.0} rows/s (median)", median(&mut decode));
+    println!("  phase: Parquet encode only (zstd 3)       {:>9.0} rows/s (median)", median(&mut encode_pq));
     println!("  decode + route + Parquet (zstd 3)         {:>9.0} rows/s (median)", median(&mut prep));
     println!("  ... + commit on local disk (fsync)        {:>9.0} rows/s (median)", median(&mut full));
     println!(
@@ -323,6 +346,9 @@ async fn main() {
         avro_bytes as f64 / parquet_bytes as f64
     );
 
+    if std::env::var("LAKE_BENCH_PARTS").is_ok_and(|p| p == "core") {
+        return;
+    }
     // 2 and 3 through the broker.
     let binary = std::env::var_os("FLYWHEEL_TANSU_BIN").map(Into::into).unwrap_or_else(|| default_binary(&root()));
     let broker = LocalBroker::start_with_storage(

@@ -509,19 +509,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn commits_survive_reopen_and_a_crashed_commit_is_cleaned_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+    /// Commits offsets 0-9 of rewards/1, then leaves what a crash mid-commit
+    /// of 10-19 leaves: the intent and a created file, no log entry.
+    fn commit_then_crash_mid_commit(storage: &Arc<dyn Storage>) -> (String, NewFile) {
         let mut lake = Lake::open(storage.clone()).unwrap();
         let kept = new_file(0, 9, b"ten rows");
         let kept_path = kept.path.clone();
         lake.commit_partition(pc("rewards", 1, None, (0, 9), vec![kept], Vec::new(), 1)).unwrap();
-        // A crash mid-commit: intent written, file created, no log entry.
         let ghost = new_file(10, 19, b"x");
         let intent = serde_json::to_vec(&Intent { paths: vec![ghost.path.clone()] }).unwrap();
         storage.put(&intent_path("rewards-1-"), &intent).unwrap();
         storage.put_new(&ghost.path, &ghost.bytes).unwrap();
+        (kept_path, ghost)
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_a_crashed_commit_is_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let (kept_path, ghost) = commit_then_crash_mid_commit(&storage);
 
         let mut lake = Lake::open(storage.clone()).unwrap();
         assert_eq!(lake.committed_offsets(), [("rewards/1".to_string(), 9)].into());
@@ -538,6 +544,24 @@ mod tests {
         lake.commit_partition(pc("rewards", 1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], Vec::new(), 2))
             .unwrap();
         assert_eq!(storage.get(&ghost.path).unwrap().as_deref(), Some(&b"y"[..]));
+    }
+
+    #[test]
+    fn the_commit_protocol_runs_on_an_object_store() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let storage = crate::store::open_storage("memory://", runtime.handle().clone()).unwrap();
+        let (kept_path, ghost) = commit_then_crash_mid_commit(&storage);
+
+        let mut lake = Lake::open(storage.clone()).unwrap();
+        lake.recover_partition("rewards", 1).unwrap();
+        assert_eq!(lake.files().iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec![kept_path.as_str()]);
+        assert_eq!(storage.get(&ghost.path).unwrap(), None, "uncommitted object removed");
+        let mut zombie = Lake::open(storage.clone()).unwrap();
+        lake.commit_partition(pc("rewards", 1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], Vec::new(), 2))
+            .unwrap();
+        let err = zombie.commit_partition(pc("rewards", 1, Some(9), (10, 12), Vec::new(), Vec::new(), 3));
+        assert!(matches!(err, Err(LakeError::Conflict(_))), "{err:?}");
+        assert_eq!(Lake::open(storage).unwrap().committed_offsets(), [("rewards/1".to_string(), 19)].into());
     }
 
     #[test]

@@ -149,6 +149,24 @@ impl RewardBatcher {
         Ok(())
     }
 
+    /// Adds records laid end to end in `bytes` (read at `partition`, one
+    /// offset each), in one decoder call: cheaper than one call per record.
+    pub fn push_all(&mut self, bytes: &[u8], partition: i32, offsets: &[i64]) -> Result<(), LakeError> {
+        if self.offsets.len() + offsets.len() > self.batch_rows {
+            return Err(LakeError::Config(format!("batch of {} rows is full", self.batch_rows)));
+        }
+        let consumed = self.decoder.decode(bytes).map_err(LakeError::arrow("decoding rewards"))?;
+        if consumed != bytes.len() {
+            return Err(LakeError::Arrow {
+                context: "decoding rewards".into(),
+                detail: format!("{} of {} bytes consumed", consumed, bytes.len()),
+            });
+        }
+        self.partitions.extend(std::iter::repeat_n(partition, offsets.len()));
+        self.offsets.extend_from_slice(offsets);
+        Ok(())
+    }
+
     /// The rows so far as one batch (with the source columns), leaving the
     /// batcher empty.
     pub fn take(&mut self) -> Result<Option<RecordBatch>, LakeError> {

@@ -5,7 +5,7 @@
 //! Rows are decoded once, by `arrow-avro`, straight into columns; routing,
 //! replay detection and statistics then work on those columns.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher as _;
 use std::time::Instant;
 
@@ -189,7 +189,8 @@ pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> R
     // Header check first: a record of another kind or an unknown schema
     // never reaches the columnar decoder.
     let codec = Codec::global();
-    let known: HashSet<[u8; 8]> = ctx.schemas.writers.iter().map(|(f, _)| *f).collect();
+    // A handful of released versions: a scan beats hashing.
+    let known: Vec<[u8; 8]> = ctx.schemas.writers.iter().map(|(f, _)| *f).collect();
     let mut candidates = Vec::with_capacity(buf.len());
     for i in 0..buf.len() {
         let value = buf.value(i);
@@ -237,8 +238,8 @@ pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> R
         .column_by_name("shown_time")
         .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
         .ok_or_else(|| LakeError::Config("shown_time is not a millisecond timestamp column".into()))?;
-    let mut groups: BTreeMap<(&str, i64, &str), Vec<u32>> = BTreeMap::new();
-    let mut in_batch = HashSet::new();
+    let mut groups: HashMap<(&str, i64, &str), Vec<u32>, foldhash::fast::FixedState> = HashMap::default();
+    let mut in_batch: HashSet<u128, foldhash::fast::FixedState> = HashSet::default();
     for (j, &i) in rows.iter().enumerate() {
         let id = id_fingerprint(ids.value(j));
         if recent.contains(id) || !in_batch.insert(id) {
@@ -255,9 +256,17 @@ pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> R
         let hour = shown.value(j).div_euclid(3_600_000);
         groups.entry((tenant, hour, versions.value(j))).or_default().push(j as u32);
     }
+    // Files in key order, so the same buffer always yields the same commit.
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     for ((tenant, hour, version), indices) in groups {
-        let part = arrow_select::take::take_record_batch(&batch, &UInt32Array::from(indices))
-            .map_err(LakeError::arrow("splitting rows by partition"))?;
+        // The common case, every row in one directory, needs no copy.
+        let part = if indices.len() == batch.num_rows() {
+            batch.clone()
+        } else {
+            arrow_select::take::take_record_batch(&batch, &UInt32Array::from(indices))
+                .map_err(LakeError::arrow("splitting rows by partition"))?
+        };
         out.files.push(encode_file(ctx, part, tenant, hour, version)?);
     }
     out.rejected.sort_by_key(|r| r.offset);
@@ -272,10 +281,19 @@ fn decode(
     which: &[usize],
 ) -> Result<(Option<RecordBatch>, Vec<usize>), LakeError> {
     let mut batcher = RewardBatcher::with_schemas(ctx.schemas, which.len().max(1))?;
-    for &i in which {
-        batcher.push(buf.value(i), ctx.partition, buf.offsets[i])?;
+    if which.len() == buf.len() {
+        batcher.push_all(&buf.values, ctx.partition, &buf.offsets)?;
+    } else {
+        for &i in which {
+            batcher.push(buf.value(i), ctx.partition, buf.offsets[i])?;
+        }
     }
-    Ok((batcher.take()?, which.to_vec()))
+    let batch = batcher.take()?;
+    // The decoder must have produced exactly one row per record.
+    if batch.as_ref().map_or(0, RecordBatch::num_rows) != which.len() {
+        return Err(LakeError::Config("decoded row count differs from the records given".into()));
+    }
+    Ok((batch, which.to_vec()))
 }
 
 fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, LakeError> {
@@ -332,9 +350,9 @@ fn encode_file(
 }
 
 #[derive(Default)]
-struct VersionAcc {
+struct VersionAcc<'a> {
     stats: ShardVersionStats,
-    users: HashMap<String, i64>,
+    users: HashMap<&'a str, i64, foldhash::fast::FixedState>,
 }
 
 /// Statistics of a batch of lake rows: totals, per model version, and the
@@ -364,18 +382,21 @@ pub fn shard_stats(batch: &RecordBatch) -> Result<(ShardStats, Vec<ShardVersionS
         .and_then(|c| c.as_primitive_opt::<arrow_array::types::Float64Type>())
         .ok_or_else(|| LakeError::Config("signals.rating column missing".into()))?;
     let mut total = ShardStats::default();
-    let mut per: BTreeMap<(String, Option<String>), VersionAcc> = BTreeMap::new();
+    // Keys borrowed from the columns: no allocation per row.
+    let mut all_users: HashMap<&str, i64, foldhash::fast::FixedState> = HashMap::default();
+    let mut per: HashMap<(&str, Option<&str>), VersionAcc<'_>, foldhash::fast::FixedState> = HashMap::default();
     let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
     for i in 0..batch.num_rows() {
         let o = symbols.value(outcome.keys().value(i) as usize);
         let r = reward.value(i);
-        let adapter = (!adapters.is_null(i)).then(|| adapters.value(i).to_string());
-        let acc = per.entry((models.value(i).to_string(), adapter)).or_default();
+        let user = users.value(i);
+        let adapter = (!adapters.is_null(i)).then(|| adapters.value(i));
+        let acc = per.entry((models.value(i), adapter)).or_default();
         acc.stats.rows += 1;
         acc.stats.reward_sum += r;
         acc.stats.reward_sum_sq += r * r;
-        *acc.users.entry(users.value(i).to_string()).or_default() += 1;
-        *total.user_rows.entry(users.value(i).to_string()).or_default() += 1;
+        *acc.users.entry(user).or_default() += 1;
+        *all_users.entry(user).or_default() += 1;
         total.reward_sum += r;
         total.reward_sum_sq += r * r;
         match o {
@@ -394,16 +415,18 @@ pub fn shard_stats(batch: &RecordBatch) -> Result<(ShardStats, Vec<ShardVersionS
         min_t = min_t.min(shown.value(i));
         max_t = max_t.max(shown.value(i));
     }
-    let versions = per
+    total.user_rows = all_users.into_iter().map(|(u, n)| (u.to_string(), n)).collect();
+    let mut versions: Vec<ShardVersionStats> = per
         .into_iter()
         .map(|((model_id, adapter_version), acc)| ShardVersionStats {
-            model_id,
-            adapter_version,
+            model_id: model_id.to_string(),
+            adapter_version: adapter_version.map(str::to_string),
             distinct_users: acc.users.len() as i64,
             max_user_rows: acc.users.values().copied().max().unwrap_or(0),
             ..acc.stats
         })
         .collect();
+    versions.sort_by(|a, b| (&a.model_id, &a.adapter_version).cmp(&(&b.model_id, &b.adapter_version)));
     Ok((total, versions, min_t, max_t))
 }
 
@@ -447,4 +470,56 @@ pub fn read_file(bytes: Vec<u8>) -> Result<Vec<RecordBatch>, LakeError> {
         .build()
         .map_err(LakeError::parquet("reading a lake file"))?;
     reader.map(|b| b.map_err(LakeError::arrow("reading a lake file"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_core::codec::encode;
+    use flywheel_core::records::Reward;
+
+    fn reward(i: i64) -> Reward {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/fixtures/reward.accepted.json");
+        let mut r: Reward = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        r.reward_id = format!("r{i}");
+        r.user_id = format!("u{}", i % 3);
+        r.adapter_version = (i % 2 == 1).then(|| "a1".to_string());
+        r.reward = i as f64;
+        r
+    }
+
+    #[test]
+    fn replays_are_dropped_and_statistics_count_what_was_written() {
+        let mut buf = RowBuffer::default();
+        // r0..r5, then r2 again (a replay in the same buffer) and r9 (remembered from before).
+        for (o, i) in [0, 1, 2, 3, 4, 5, 2, 9].into_iter().enumerate() {
+            buf.push(None, Some(&encode(&reward(i)).unwrap()), o as i64, 0);
+        }
+        let mut recent = RecentIds::new(10);
+        recent.insert(id_fingerprint("r9"));
+        let (settings, schemas) = (ParquetSettings::default(), RewardSchemas::released().unwrap());
+        let ctx = ShardContext {
+            topic: "rewards",
+            partition: 0,
+            lake_url: "memory://",
+            settings: &settings,
+            schemas: &schemas,
+        };
+        let out = prepare(&ctx, &buf, &recent).unwrap();
+        assert_eq!(out.replays, 2);
+        assert_eq!(out.written.len(), 6);
+        assert_eq!(out.files.len(), 1, "one tenant, one hour, one reward function");
+        let m = &out.files[0].manifest;
+        assert_eq!((m.rows, m.source.first_offset, m.source.last_offset), (6, 0, 5));
+        assert_eq!(m.stats.reward_sum, (0..6).sum::<i64>() as f64);
+        assert_eq!(m.stats.user_rows, [("u0".to_string(), 2), ("u1".into(), 2), ("u2".into(), 2)].into());
+        let base = m.versions.iter().find(|v| v.adapter_version.is_none()).unwrap();
+        assert_eq!((base.rows, base.reward_sum, base.distinct_users, base.max_user_rows), (3, 6.0, 3, 1));
+        // Capacity bounds what is remembered, oldest first out.
+        let mut small = RecentIds::new(2);
+        for id in [1, 2, 3] {
+            small.insert(id);
+        }
+        assert!(!small.contains(1) && small.contains(2) && small.contains(3));
+    }
 }
