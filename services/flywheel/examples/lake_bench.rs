@@ -361,7 +361,7 @@ async fn main() {
     .expect("the benchmark needs the broker: run `make setup`");
     let kafka = KafkaArgs::local(broker.bootstrap());
     let settings: [(&str, &[&str], u64); 2] = [
-        ("defaults (age 60 s, idle 10 s)", &[], 150),
+        ("defaults (age 55 s, idle 10 s)", &[], 150),
         ("low latency (age 5 s, idle 1 s)", &["--roll-max-age-ms", "5000", "--roll-idle-ms", "1000"], 60),
     ];
     let rate = 1000;
