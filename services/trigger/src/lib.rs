@@ -1,0 +1,18 @@
+//! The trigger: accumulates shard manifests per (tenant, base model) and
+//! fires a train request when there is enough *good* signal, explaining every
+//! evaluation that does not fire.
+//!
+//! - [`policy`]: the signal gates, pure and deterministic.
+
+pub mod policy;
+
+/// The trigger's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    /// From the core library.
+    #[error(transparent)]
+    Core(#[from] flywheel_core::Error),
+    /// Bad configuration.
+    #[error("configuration error: {0}")]
+    Config(String),
+}
