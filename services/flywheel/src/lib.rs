@@ -508,6 +508,70 @@ fn demo_lake_root(broker_dir: &Path) -> PathBuf {
     broker_dir.parent().unwrap_or(Path::new(".")).join("demo-lake")
 }
 
+/// Runs the trigger over the shards so far and shows its newest decision:
+/// with a demo's handful of rows it explains why training does not fire.
+async fn trigger_section(
+    kafka: &KafkaArgs,
+    topics: &TopicsConfig,
+    topics_file: Option<&Path>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let args = [
+        "flywheel-trigger".to_string(),
+        "--kafka-brokers".into(),
+        kafka.brokers.clone(),
+        "--ops-listen".into(),
+        "127.0.0.1:0".into(),
+        "--evaluate-every-ms".into(),
+        "1000".into(),
+        "--log-filter".into(),
+        "warn".into(),
+    ]
+    .into_iter()
+    .chain(topics_file.map(|p| ["--topics-config".to_string(), p.display().to_string()]).into_iter().flatten());
+    let config = <flywheel_trigger::Config as Parser>::try_parse_from(args)
+        .map_err(|e| CliError::Usage(format!("demo trigger configuration: {e}")))?;
+    let stop = shutdown.child_token();
+    let task = tokio::spawn(flywheel_trigger::run(config, stop.clone()));
+    println!("== trigger evaluating the shards with the default policy (10,000 examples, 20 users, ...)");
+    let started = std::time::Instant::now();
+    let mut shown = false;
+    while !shown && started.elapsed() < Duration::from_secs(20) && !shutdown.is_cancelled() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let tail_args = TailArgs { topic: Topic::TriggerDecisions.default_name().into(), max: None, idle_secs: 2 };
+        let mut buf = Vec::new();
+        tail(kafka, topics, &tail_args, shutdown, &mut buf)?;
+        let newest = String::from_utf8_lossy(&buf)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["record"]["tenant"] == "demo")
+            .max_by_key(|v| v["record"]["evaluated_at"].as_i64());
+        if let Some(v) = newest {
+            let d = &v["record"];
+            println!(
+                "   tenant={} base_model={} fired={} over {} shards; failing gates:",
+                d["tenant"].as_str().unwrap_or_default(),
+                d["base_model"].as_str().unwrap_or_default(),
+                d["fired"],
+                d["shard_ids"].as_array().map_or(0, Vec::len)
+            );
+            for g in d["gates"].as_array().into_iter().flatten().filter(|g| g["passed"] == false) {
+                println!("     {}", g["message"].as_str().unwrap_or_default());
+            }
+            shown = true;
+        }
+    }
+    if !shown {
+        println!("   (no decision within 20 s)");
+    }
+    stop.cancel();
+    match task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CliError::Usage(format!("trigger failed: {e}"))),
+        Err(e) => Err(CliError::Usage(format!("trigger task failed: {e}"))),
+    }
+}
+
 /// Waits for the lake to commit every reward on the topic, then shows the
 /// committed files and the newest shard manifest.
 async fn lake_section(
@@ -758,7 +822,8 @@ async fn demo(
         println!("   (no rewards within 45 s; check the rewarder's logs)");
     }
     lake_section(&kafka, topics, &args.broker.data_dir, &shutdown).await?;
-    println!("== trigger, trainer and gate are not in this build yet; stopping");
+    trigger_section(&kafka, topics, topics_file, &shutdown).await?;
+    println!("== trainer and gate are not in this build yet; stopping");
     collector_shutdown.cancel();
     rewarder_shutdown.cancel();
     lake_shutdown.cancel();

@@ -2,9 +2,13 @@
 //! fires a train request when there is enough *good* signal, explaining every
 //! evaluation that does not fire.
 //!
-//! - [`policy`]: the signal gates, pure and deterministic.
+//! - [`policy`]: the signal gates, pure and deterministic;
+//! - [`service`]: the Kafka service (`shards` → `train-requests`, `trigger-decisions`).
 
 pub mod policy;
+pub mod service;
+
+pub use service::{Config, run};
 
 /// The trigger's errors.
 #[derive(Debug, thiserror::Error)]

@@ -196,7 +196,20 @@ fn gate(name: &str, observed: f64, comparison: &str, threshold: f64, label: &str
         observed,
         threshold,
         comparison: comparison.into(),
-        message: format!("{name} {observed:.6} {shown} {label} {threshold} ({verdict})"),
+        message: format!("{name} {} {shown} {label} {} ({verdict})", number(observed), number(threshold)),
+    }
+}
+
+/// A number as people read it: integers without decimals, others to four
+/// significant decimals.
+fn number(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else if v.is_finite() {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        v.to_string()
     }
 }
 
@@ -291,7 +304,7 @@ mod tests {
         acc.add(&shard("s1", 600, 40, 300, 0), "base");
         let gates = evaluate(&policy(), &acc, &RequestHistory::default(), 1_000);
         assert_eq!(failing(&gates), vec!["examples"]);
-        assert_eq!(gates[0].message, "examples 600.000000 < minimum 1000 (fails)");
+        assert_eq!(gates[0].message, "examples 600 < minimum 1000 (fails)");
         acc.add(&shard("s2", 600, 40, 300, 10), "base");
         assert!(failing(&evaluate(&policy(), &acc, &RequestHistory::default(), 1_000)).is_empty());
     }
@@ -321,7 +334,7 @@ mod tests {
         acc.add(&noisy, "base");
         let gates = evaluate(&policy(), &acc, &RequestHistory::default(), now);
         assert_eq!(failing(&gates), vec!["rating_disagreement"]);
-        assert!(gates[6].message.contains("0.500000 > ceiling 0.3"), "{}", gates[6].message);
+        assert_eq!(gates[6].message, "rating_disagreement 0.5 > ceiling 0.3 (fails)");
         // Cooldown and daily budget.
         let mut acc = Accumulated::default();
         acc.add(&shard("s", 1_200, 40, 600, now), "base");

@@ -1,0 +1,407 @@
+//! The trigger service: reads `shards` (and the live adapters of
+//! `model-registry`) from the beginning, accumulates manifests per (tenant,
+//! base model) since the last train request, evaluates the policy's gates
+//! and publishes a `train-requests` record when they all hold, and a
+//! `trigger-decisions` record whenever the outcome of an evaluation changes.
+//!
+//! Restart safety: the state is the topics. On start the trigger reads every
+//! train request ever made; their shards are used, their times are the
+//! cooldown and budget history. A request id is a hash of its shard set and
+//! policy version, and a request is recorded as made only after the broker
+//! acknowledged it, so a restart neither fires twice for the same shards nor
+//! forgets a shard.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flywheel_core::codec::{decode, encode};
+use flywheel_core::kafka::{ClientRole, KafkaArgs, read_back};
+use flywheel_core::records::{
+    HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
+    TriggerDecision,
+};
+use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
+use flywheel_core::topics::{Topic, TopicsArgs};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::TriggerError;
+use crate::policy::{Accumulated, Policy, RequestHistory, evaluate, request_id, stable_id};
+
+/// Trigger configuration; every flag has an environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flywheel-trigger", version, about = "Fires training when there is enough good signal")]
+pub struct Config {
+    /// Common service flags.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: TopicsArgs,
+    /// Policy TOML: a `[default]` table and `[overrides."<tenant>/<base model>"]`
+    /// tables (each a full policy; unset fields take the built-in defaults).
+    #[arg(long = "policy", env = "FLYWHEEL_TRIGGER_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Re-evaluate every (tenant, base model) at least this often, so
+    /// cooldowns and staleness are noticed without new shards.
+    #[arg(long = "evaluate-every-ms", env = "FLYWHEEL_TRIGGER_EVALUATE_EVERY_MS", default_value_t = 60_000)]
+    pub evaluate_every_ms: u64,
+}
+
+/// Policies per (tenant, base model).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policies {
+    /// The policy of every pair without an override.
+    #[serde(default)]
+    pub default: Policy,
+    /// Overrides by `"<tenant>/<base model>"`.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, Policy>,
+}
+
+impl Policies {
+    /// Reads and checks a policy file.
+    pub fn load(path: &std::path::Path) -> Result<Policies, TriggerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TriggerError::Config(format!("reading {}: {e}", path.display())))?;
+        let p: Policies =
+            toml::from_str(&text).map_err(|e| TriggerError::Config(format!("{}: {e}", path.display())))?;
+        p.default.check()?;
+        for (key, policy) in &p.overrides {
+            policy.check().map_err(|e| TriggerError::Config(format!("override {key}: {e}")))?;
+        }
+        Ok(p)
+    }
+
+    /// The policy of a pair.
+    pub fn of(&self, tenant: &str, base_model: &str) -> &Policy {
+        self.overrides.get(&format!("{tenant}/{base_model}")).unwrap_or(&self.default)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairLabels {
+    tenant: String,
+    base_model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GateLabels {
+    gate: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    requests: Counter,
+    decisions: Counter,
+    gate_failures: Family<GateLabels, Counter>,
+    pending_examples: Family<PairLabels, Gauge>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("trigger");
+        r.register("train_requests", "Train requests published", m.requests.clone());
+        r.register("decisions", "Trigger decisions published", m.decisions.clone());
+        r.register("gate_failures", "Failed gates in published decisions", m.gate_failures.clone());
+        r.register("pending_examples", "Examples accumulated since the last request", m.pending_examples.clone());
+        m
+    }
+}
+
+/// The trigger's state, rebuilt from the topics on start.
+#[derive(Debug, Default)]
+pub struct TriggerState {
+    /// (tenant, base model, shard id) already in a train request.
+    pub used: HashSet<(String, String, String)>,
+    /// Accumulated manifests per (tenant, base model).
+    pub pending: BTreeMap<(String, String), (Accumulated, Vec<ShardManifest>)>,
+    /// Request times per (tenant, base model).
+    pub history: HashMap<(String, String), RequestHistory>,
+    /// Live adapter per (tenant, base model), from the registry.
+    pub live: HashMap<(String, String), String>,
+    /// The last published decision's id per pair: a decision is published
+    /// when it differs.
+    pub last_decision: HashMap<(String, String), String>,
+}
+
+impl TriggerState {
+    /// Records a request read from `train-requests`.
+    pub fn request_made(&mut self, r: &TrainRequest) {
+        let key = (r.tenant.clone(), r.base_model.clone());
+        for s in &r.shards {
+            self.used.insert((key.0.clone(), key.1.clone(), s.shard_id.clone()));
+        }
+        self.history.entry(key.clone()).or_default().created_at.push(r.created_at);
+        if let Some((acc, manifests)) = self.pending.get_mut(&key) {
+            manifests.retain(|m| !self.used.contains(&(key.0.clone(), key.1.clone(), m.shard_id.clone())));
+            let mut fresh = Accumulated::default();
+            for m in manifests.iter() {
+                fresh.add(m, &key.1);
+            }
+            *acc = fresh;
+        }
+    }
+
+    /// Adds a manifest to every base model it has rows of (unless used).
+    pub fn manifest(&mut self, m: ShardManifest) {
+        let models: std::collections::BTreeSet<String> = m.versions.iter().map(|v| v.model_id.clone()).collect();
+        for model in models {
+            if self.used.contains(&(m.tenant.clone(), model.clone(), m.shard_id.clone())) {
+                continue;
+            }
+            let (acc, manifests) = self.pending.entry((m.tenant.clone(), model.clone())).or_default();
+            if manifests.iter().any(|x| x.shard_id == m.shard_id) {
+                continue; // the same manifest twice
+            }
+            acc.add(&m, &model);
+            manifests.push(m.clone());
+        }
+    }
+}
+
+/// Default training settings of a request (the trainer's issue refines them).
+pub fn default_objective(seed: i64) -> TrainingObjective {
+    TrainingObjective {
+        kind: ObjectiveKind::Reinforce,
+        lora_rank: 8,
+        lora_alpha: 16.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        learning_rate: 1e-4,
+        weight_decay: 0.0,
+        warmup_steps: 10,
+        max_steps: 200,
+        batch_size: 16,
+        max_grad_norm: 1.0,
+        kl_coef: 0.05,
+        ppo_clip: None,
+        kto_beta: 0.1,
+        kto_desirable_weight: 1.0,
+        kto_undesirable_weight: 1.0,
+        seed,
+    }
+}
+
+/// One evaluation of a pair: the decision, and the request when it fires.
+pub fn decide(
+    state: &TriggerState,
+    policies: &Policies,
+    tenant: &str,
+    base_model: &str,
+    now: i64,
+) -> Option<(TriggerDecision, Option<TrainRequest>)> {
+    let key = (tenant.to_string(), base_model.to_string());
+    let (acc, manifests) = state.pending.get(&key)?;
+    if manifests.is_empty() {
+        return None;
+    }
+    let policy = policies.of(tenant, base_model);
+    let history = state.history.get(&key).cloned().unwrap_or_default();
+    let gates = evaluate(policy, acc, &history, now);
+    let fired = gates.iter().all(|g| g.passed);
+    let mut shard_ids = acc.shard_ids.clone();
+    shard_ids.sort();
+    let request = fired.then(|| {
+        let id = request_id(tenant, base_model, policy, &shard_ids);
+        let seed = i64::from_str_radix(&id[..15], 16).unwrap_or_default();
+        TrainRequest {
+            request_id: id,
+            tenant: tenant.into(),
+            base_model: base_model.into(),
+            parent_adapter_version: state.live.get(&key).cloned(),
+            shards: manifests
+                .iter()
+                .map(|m| ShardRef {
+                    shard_id: m.shard_id.clone(),
+                    uri: m.uri.clone(),
+                    lake_root: m.lake_root.clone(),
+                    content_sha256: m.content_sha256.clone(),
+                    rows: m.rows,
+                })
+                .collect(),
+            window_start: manifests.iter().map(|m| m.min_event_time).min().unwrap_or_default(),
+            window_end: manifests.iter().map(|m| m.max_event_time).max().unwrap_or_default(),
+            objective: default_objective(seed),
+            holdout: HoldoutRule { salt: format!("{tenant}/{base_model}/holdout-v1"), fraction: 0.1 },
+            policy_version: policy.version.clone(),
+            created_at: now,
+        }
+    });
+    let failing: Vec<&str> = gates.iter().filter(|g| !g.passed).map(|g| g.gate.as_str()).collect();
+    let mut parts = vec![tenant, base_model, policy.version.as_str()];
+    parts.extend(shard_ids.iter().map(String::as_str));
+    parts.push("|");
+    parts.extend(failing);
+    let decision = TriggerDecision {
+        decision_id: stable_id(&parts),
+        tenant: tenant.into(),
+        base_model: base_model.into(),
+        evaluated_at: now,
+        fired,
+        train_request_id: request.as_ref().map(|r| r.request_id.clone()),
+        policy_version: policy.version.clone(),
+        shard_ids,
+        gates,
+    };
+    Some((decision, request))
+}
+
+/// Runs the trigger until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TriggerError> {
+    let topics = config.topics.load()?;
+    let policies = match &config.policy {
+        Some(p) => Policies::load(p)?,
+        None => Policies::default(),
+    };
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::default();
+    readiness.set("caught_up", false);
+    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let names = (topics.name(Topic::Shards), topics.name(Topic::ModelRegistry));
+    let (requests_topic, decisions_topic) = (topics.name(Topic::TrainRequests), topics.name(Topic::TriggerDecisions));
+
+    // Every request ever made: used shards and the request history.
+    let mut state = TriggerState::default();
+    let kafka = config.kafka.clone();
+    let requests_read = requests_topic.clone();
+    let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
+        let mut made = Vec::new();
+        read_back(
+            &kafka,
+            "flywheel-trigger-requests",
+            &[&requests_read],
+            &Default::default(),
+            Duration::from_secs(60),
+            |m| {
+                if let Some(Ok(r)) = m.payload().map(decode::<TrainRequest>) {
+                    made.push(r);
+                }
+            },
+        )
+        .map(|()| made)
+    })
+    .await
+    .map_err(|e| TriggerError::Config(format!("reading train requests: {e}")))??;
+    for r in &made {
+        state.request_made(r);
+    }
+    tracing::info!(requests = made.len(), used_shards = state.used.len(), "recovered from train-requests");
+
+    let producer: FutureProducer = config
+        .kafka
+        .client_config(&ClientRole::Producer)?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    let consumer: BaseConsumer = config
+        .kafka
+        .client_config(&ClientRole::Consumer { group_id: "flywheel-trigger".into() })?
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+    let ends = flywheel_core::kafka::end_offsets(&consumer, &[&names.0, &names.1])?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, parts) in &ends {
+        for p in parts.keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
+    let mut remaining: HashMap<(String, i32), i64> = ends
+        .iter()
+        .flat_map(|(t, parts)| parts.iter().filter(|(_, e)| **e > 0).map(|(p, e)| ((t.clone(), *p), *e)))
+        .collect();
+    let mut dirty: HashSet<(String, String)> = HashSet::new();
+    let every = Duration::from_millis(config.evaluate_every_ms.max(100));
+    let mut last_sweep = Instant::now();
+    tracing::info!(shards = %names.0, "trigger started");
+    while !shutdown.is_cancelled() {
+        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        if let Some(Ok(msg)) = polled {
+            let at = (msg.topic().to_string(), msg.partition());
+            if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
+                remaining.remove(&at);
+            }
+            if msg.topic() == names.0 {
+                match msg.payload().map(decode::<ShardManifest>) {
+                    Some(Ok(m)) => {
+                        for v in &m.versions {
+                            dirty.insert((m.tenant.clone(), v.model_id.clone()));
+                        }
+                        state.manifest(m);
+                    }
+                    _ => tracing::warn!(offset = msg.offset(), "undecodable shard manifest skipped"),
+                }
+            } else if let Some(Ok(e)) = msg.payload().map(decode::<RegistryEntry>) {
+                let key = (e.tenant.clone(), e.base_model.clone());
+                match e.live {
+                    Some(live) => state.live.insert(key, live.adapter_version),
+                    None => state.live.remove(&key),
+                };
+            }
+        }
+        if !remaining.is_empty() {
+            continue; // decide only on the whole history
+        }
+        readiness.set("caught_up", true);
+        if last_sweep.elapsed() >= every {
+            dirty.extend(state.pending.keys().cloned());
+            last_sweep = Instant::now();
+        }
+        for key in std::mem::take(&mut dirty) {
+            let now = flywheel_core::now_millis();
+            let Some((decision, request)) = decide(&state, &policies, &key.0, &key.1, now) else { continue };
+            let labels = PairLabels { tenant: key.0.clone(), base_model: key.1.clone() };
+            let pending = state.pending.get(&key).map_or(0, |(a, _)| a.examples);
+            metrics.pending_examples.get_or_create(&labels).set(pending as i64);
+            if let Some(request) = &request {
+                let bytes = encode(request)?;
+                producer
+                    .send(
+                        FutureRecord::to(&requests_topic).key(&request.request_id).payload(&bytes),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| flywheel_core::Error::kafka("producing a train request", e))?;
+                state.request_made(request);
+                metrics.requests.inc();
+                tracing::info!(tenant = %key.0, base_model = %key.1, request = %request.request_id, shards = request.shards.len(), "train request published");
+            }
+            if state.last_decision.get(&key) == Some(&decision.decision_id) {
+                continue;
+            }
+            for g in decision.gates.iter().filter(|g| !g.passed) {
+                metrics.gate_failures.get_or_create(&GateLabels { gate: g.gate.clone() }).inc();
+                tracing::info!(tenant = %key.0, base_model = %key.1, gate = %g.gate, "{}", g.message);
+            }
+            let bytes = encode(&decision)?;
+            let key_text = format!("{}/{}", key.0, key.1);
+            producer
+                .send(FutureRecord::to(&decisions_topic).key(&key_text).payload(&bytes), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| flywheel_core::Error::kafka("producing a decision", e))?;
+            metrics.decisions.inc();
+            state.last_decision.insert(key, decision.decision_id);
+        }
+    }
+    shutdown.cancel();
+    let _ = ops.task.await;
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The trigger against the real broker: a volume threshold crossing fires
+//! exactly once with the shards accumulated so far, a refused evaluation is
+//! explained on the decisions topic, and a restart neither fires again for
+//! the same shards nor loses any.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flywheel_core::codec::encode;
+use flywheel_core::kafka::{ClientRole, create_topics};
+use flywheel_core::records::{ShardManifest, ShardVersionStats, TrainRequest, TriggerDecision};
+use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_tests::{kafka_args, read_all, unique_topic, workspace_root};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+fn manifest(id: &str) -> ShardManifest {
+    let path = workspace_root().join("schemas/fixtures/shard_manifest.committed.json");
+    let mut m: ShardManifest = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    m.shard_id = id.into();
+    m.tenant = "acme".into();
+    m.uri = format!("rewards/tenant=acme/date=2026-11-23/hour=09/{id}.parquet");
+    m.rows = 600;
+    m.stats.user_rows = (0..40).map(|u| (format!("user-{u}"), 15)).collect();
+    m.stats.rated = 0;
+    m.stats.rating_outcome_disagreements = 0;
+    m.versions = vec![ShardVersionStats {
+        model_id: "base".into(),
+        rows: 600,
+        accepted: 300,
+        rejected: 300,
+        reward_sum: 0.0,
+        reward_sum_sq: 600.0,
+        distinct_users: 40,
+        max_user_rows: 15,
+        ..Default::default()
+    }];
+    m
+}
+
+struct Setup {
+    topics: TopicsConfig,
+    args: Vec<String>,
+}
+
+async fn setup() -> Setup {
+    let kafka = kafka_args();
+    let topics = TopicsConfig { prefix: format!("{}.", unique_topic("trigger")), ..TopicsConfig::default() };
+    let specs: Vec<_> = [Topic::Shards, Topic::TrainRequests, Topic::TriggerDecisions, Topic::ModelRegistry]
+        .map(|t| topics.spec(t))
+        .into();
+    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
+    let dir = std::env::temp_dir().join(unique_topic("trigger"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let topics_file = dir.join("topics.toml");
+    std::fs::write(&topics_file, format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[default]\nmin_examples = 1000\nmin_accepted = 100\nmin_rejected = 100\ncooldown_ms = 0\n",
+    )
+    .unwrap();
+    let args = [
+        "flywheel-trigger",
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--topics-config",
+        &topics_file.display().to_string(),
+        "--policy",
+        &policy.display().to_string(),
+        "--ops-listen",
+        "127.0.0.1:0",
+        "--evaluate-every-ms",
+        "300",
+        "--log-filter",
+        "warn",
+    ]
+    .map(String::from)
+    .into();
+    Setup { topics, args }
+}
+
+async fn produce(s: &Setup, ids: &[&str]) {
+    let producer: FutureProducer = kafka_args().client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    for id in ids {
+        let bytes = encode(&manifest(id)).unwrap();
+        producer
+            .send(FutureRecord::to(&s.topics.name(Topic::Shards)).key("acme").payload(&bytes), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Runs the trigger in process until the returned token is cancelled.
+fn start(s: &Setup) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let config = flywheel_trigger::Config::try_parse_from(&s.args).unwrap();
+    let token = CancellationToken::new();
+    let t = token.clone();
+    (token, tokio::spawn(async move { flywheel_trigger::run(config, t).await.unwrap() }))
+}
+
+fn requests(s: &Setup) -> Vec<TrainRequest> {
+    read_all::<TrainRequest>(&kafka_args(), &s.topics.name(Topic::TrainRequests)).into_iter().map(|r| r.2).collect()
+}
+
+fn decisions(s: &Setup) -> Vec<TriggerDecision> {
+    read_all::<TriggerDecision>(&kafka_args(), &s.topics.name(Topic::TriggerDecisions))
+        .into_iter()
+        .map(|r| r.2)
+        .collect()
+}
+
+fn wait_until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met in {secs} s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn shard_set(r: &TrainRequest) -> Vec<String> {
+    let mut ids: Vec<String> = r.shards.iter().map(|s| s.shard_id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fires_once_per_threshold_crossing_explains_refusals_and_survives_restarts() {
+    let s = setup().await;
+    let (stop, task) = start(&s);
+    produce(&s, &["s1"]).await;
+    // 600 examples < 1000: refused, and the decision says why with numbers.
+    let refused = tokio::task::block_in_place(|| {
+        wait_until(30, || decisions(&s).into_iter().find(|d| !d.fired && d.shard_ids == vec!["s1".to_string()]))
+    });
+    let examples = refused.gates.iter().find(|g| g.gate == "examples").unwrap();
+    assert!(!examples.passed && examples.observed == 600.0 && examples.threshold == 1000.0, "{examples:?}");
+    assert_eq!(examples.message, "examples 600 < minimum 1000 (fails)");
+    assert!(refused.gates.iter().filter(|g| g.gate != "examples").all(|g| g.passed), "{:?}", refused.gates);
+    assert!(requests(&s).is_empty());
+
+    produce(&s, &["s2"]).await;
+    let first = tokio::task::block_in_place(|| wait_until(30, || requests(&s).into_iter().next()));
+    assert_eq!(shard_set(&first), vec!["s1", "s2"]);
+    assert_eq!((first.tenant.as_str(), first.base_model.as_str()), ("acme", "base"));
+    assert!(first.shards.iter().all(|r| r.rows == 600 && !r.content_sha256.is_empty()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(requests(&s).len(), 1, "fired once for the crossing");
+    let fired: Vec<TriggerDecision> = decisions(&s).into_iter().filter(|d| d.fired).collect();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].train_request_id.as_deref(), Some(first.request_id.as_str()));
+
+    // Restart: the state comes back from the topics; nothing fires again.
+    stop.cancel();
+    task.await.unwrap();
+    let (stop, task) = start(&s);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(requests(&s).len(), 1, "a restart fired again for the same shards");
+
+    // New shards after the restart make the next request, with only them.
+    produce(&s, &["s3", "s4"]).await;
+    let all = tokio::task::block_in_place(|| wait_until(30, || Some(requests(&s)).filter(|r| r.len() >= 2)));
+    assert_eq!(all.len(), 2);
+    assert_eq!(shard_set(&all[1]), vec!["s3", "s4"]);
+    assert_ne!(all[0].request_id, all[1].request_id);
+    stop.cancel();
+    task.await.unwrap();
+}
