@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 TANSU         := $(TOOLS_DIR)/bin/tansu
 TANSU_STAMP   := $(TOOLS_DIR)/.tansu-$(TANSU_VERSION)
 VENV          ?= $(CURDIR)/.venv
-PY_STAMP      := $(VENV)/.flywheel-python-1
+PY_STAMP      := $(VENV)/.flywheel-python-2
 SYSTEM_PKGS   := libssl-dev zlib1g-dev pkg-config
 CARGO         ?= cargo
 FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
@@ -44,12 +44,12 @@ $(TANSU_STAMP):
 	fi
 	@touch $@
 
-python: $(PY_STAMP) ## Create .venv with duckdb and pyarrow (independent Parquet readers for analyst-side checks)
+python: $(PY_STAMP) ## Create .venv with duckdb, pyarrow (independent Parquet readers) and numpy (independent model reference)
 
 $(PY_STAMP):
 	python3 -m venv "$(VENV)"
-	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow
-	"$(VENV)/bin/python" -c "import duckdb, pyarrow; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__)"
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow numpy
+	"$(VENV)/bin/python" -c "import duckdb, pyarrow, numpy; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__)"
 	@touch $@
 
 fmt: ## Format the code

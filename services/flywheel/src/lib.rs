@@ -87,6 +87,24 @@ pub enum Command {
     /// Inspect and maintain the reward lake.
     #[command(subcommand)]
     Lake(LakeCommand),
+    /// Model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// `flywheel model` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write the deterministic tiny Llama-family checkpoint (HF layout:
+    /// config.json + model.safetensors) used by tests and the demo.
+    Tiny {
+        /// Output directory.
+        #[arg(long, env = "FLYWHEEL_MODEL_OUT", default_value = ".flywheel/models/tiny")]
+        out: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, env = "FLYWHEEL_MODEL_SEED", default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 /// Where the lake is.
@@ -222,6 +240,21 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
             tail(&cli.kafka, &topics, &args, &shutdown, &mut out).map(|_| ())
         }
         Command::Demo(args) => demo(&cli.kafka, &topics, cli.topics.topics_config.as_deref(), &args, shutdown).await,
+        Command::Model(ModelCommand::Tiny { out, seed }) => {
+            let model = flywheel_trainer::tiny::tiny_model(seed).map_err(|e| CliError::Usage(e.to_string()))?;
+            flywheel_trainer::tiny::save(&model, &out).map_err(|e| CliError::Usage(e.to_string()))?;
+            let c = &model.config;
+            println!(
+                "wrote {} ({} layers, width {}, {} heads / {} kv heads, vocabulary {})",
+                out.display(),
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.kv_heads(),
+                c.vocab_size
+            );
+            Ok(())
+        }
         Command::Lake(command) => {
             let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || lake_command(command, runtime))

@@ -1,0 +1,76 @@
+//! The trainer: LoRA post-training of Llama-family models from lake shards.
+//!
+//! - [`model`]: the HF checkpoint format and the CPU forward pass;
+//! - [`lora`]: adapters, their PEFT file format and initialisation;
+//! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo.
+
+pub mod lora;
+pub mod model;
+pub mod tiny;
+
+/// The trainer's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A file could not be read or written.
+    #[error("{path}: {detail}")]
+    Io {
+        /// File.
+        path: String,
+        /// OS error.
+        detail: String,
+    },
+    /// A file is not what it should be (missing tensor, wrong shape, bad JSON).
+    #[error("invalid model or adapter: {0}")]
+    Format(String),
+    /// A model feature this trainer does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl TrainerError {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> TrainerError {
+        TrainerError::Io { path: path.display().to_string(), detail: e.to_string() }
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for initialisation: the same
+/// seed gives the same weights on every machine.
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-bound, bound).
+    pub fn uniform(&mut self, bound: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (unit * 2.0 - 1.0) * bound
+    }
+}
+
+/// Writes f32 tensors `(name, values, shape)` as a safetensors file with the
+/// `{"format": "pt"}` metadata transformers requires.
+pub fn write_safetensors(path: &std::path::Path, tensors: &[(String, &[f32], Vec<usize>)]) -> Result<(), TrainerError> {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, _, shape), data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| TrainerError::Format(format!("{name}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let out = safetensors::serialize(views, metadata).map_err(|e| TrainerError::Format(e.to_string()))?;
+    std::fs::write(path, out).map_err(|e| TrainerError::io(path, e))
+}
