@@ -1,9 +1,11 @@
 //! The trainer: LoRA post-training of Llama-family models from lake shards.
 //!
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
+//! - [`grad`]: the manual backward pass to the LoRA parameters;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo.
 
+pub mod grad;
 pub mod lora;
 pub mod model;
 pub mod tiny;

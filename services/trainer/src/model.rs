@@ -294,6 +294,16 @@ impl Model {
 
     /// Logits `[tokens × vocab]` of a token sequence (positions 0..).
     pub fn forward(&self, tokens: &[u32], lora: Option<&LoraAdapter>) -> Result<Vec<f32>, TrainerError> {
+        self.forward_traced(tokens, lora, None)
+    }
+
+    /// The forward pass, keeping in `trace` what the backward pass needs.
+    pub fn forward_traced(
+        &self,
+        tokens: &[u32],
+        lora: Option<&LoraAdapter>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>, TrainerError> {
         let c = &self.config;
         let (t, h, hd) = (tokens.len(), c.hidden_size, c.head_dim());
         let (nh, nkv) = (c.num_attention_heads, c.kv_heads());
@@ -311,36 +321,106 @@ impl Model {
         }
         let (cos, sin) = rope_tables(t, hd, c.rope_theta);
         for l in 0..c.num_hidden_layers {
-            let normed =
+            let x_in = x.clone();
+            let normed1 =
                 rms_norm(&x, h, self.weight(&format!("model.layers.{l}.input_layernorm.weight")), c.rms_norm_eps);
-            let mut q = self.project(&normed, t, l, "q_proj", lora);
-            let mut k = self.project(&normed, t, l, "k_proj", lora);
-            let v = self.project(&normed, t, l, "v_proj", lora);
+            let mut q = self.project(&normed1, t, l, "q_proj", lora);
+            let mut k = self.project(&normed1, t, l, "k_proj", lora);
+            let v = self.project(&normed1, t, l, "v_proj", lora);
             apply_rope(&mut q, t, nh, hd, &cos, &sin);
             apply_rope(&mut k, t, nkv, hd, &cos, &sin);
-            let attn = causal_attention(&q, &k, &v, t, nh, nkv, hd);
+            let (attn, probs) = causal_attention(&q, &k, &v, t, nh, nkv, hd);
             let o = self.project(&attn, t, l, "o_proj", lora);
             for (xv, ov) in x.iter_mut().zip(o) {
                 *xv += ov;
             }
-            let normed = rms_norm(
+            let x_mid = x.clone();
+            let normed2 = rms_norm(
                 &x,
                 h,
                 self.weight(&format!("model.layers.{l}.post_attention_layernorm.weight")),
                 c.rms_norm_eps,
             );
-            let gate = self.project(&normed, t, l, "gate_proj", lora);
-            let up = self.project(&normed, t, l, "up_proj", lora);
+            let gate = self.project(&normed2, t, l, "gate_proj", lora);
+            let up = self.project(&normed2, t, l, "up_proj", lora);
             let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
             let down = self.project(&act, t, l, "down_proj", lora);
             for (xv, dv) in x.iter_mut().zip(down) {
                 *xv += dv;
             }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.layers.push(LayerTrace { x_in, normed1, q, k, v, probs, attn, x_mid, normed2, gate, up, act });
+            }
         }
         let normed = rms_norm(&x, h, self.weight("model.norm.weight"), c.rms_norm_eps);
         let head = if c.tie_word_embeddings { embed } else { self.weight("lm_head.weight") };
-        Ok(matmul_t(&normed, t, h, head, c.vocab_size))
+        let logits = matmul_t(&normed, t, h, head, c.vocab_size);
+        if let Some(tr) = trace {
+            tr.x_final = x;
+            tr.normed_final = normed;
+            tr.cos = cos;
+            tr.sin = sin;
+        }
+        Ok(logits)
     }
+
+    /// The LM head matrix `[vocab × hidden]`.
+    pub fn head(&self) -> &[f32] {
+        if self.config.tie_word_embeddings {
+            self.weight("model.embed_tokens.weight")
+        } else {
+            self.weight("lm_head.weight")
+        }
+    }
+
+    /// A weight by name (panics if absent: names come from the checked set).
+    pub fn weight_of(&self, name: &str) -> &[f32] {
+        self.weight(name)
+    }
+}
+
+/// What one decoder layer's forward pass leaves for the backward pass.
+#[derive(Debug, Clone, Default)]
+pub struct LayerTrace {
+    /// Residual stream entering the layer.
+    pub x_in: Vec<f32>,
+    /// Input RMSNorm output.
+    pub normed1: Vec<f32>,
+    /// Queries after RoPE.
+    pub q: Vec<f32>,
+    /// Keys after RoPE.
+    pub k: Vec<f32>,
+    /// Values.
+    pub v: Vec<f32>,
+    /// Attention probabilities `[heads × t × t]`.
+    pub probs: Vec<f32>,
+    /// Attention output before `o_proj`.
+    pub attn: Vec<f32>,
+    /// Residual stream after attention.
+    pub x_mid: Vec<f32>,
+    /// Post-attention RMSNorm output.
+    pub normed2: Vec<f32>,
+    /// Gate projection.
+    pub gate: Vec<f32>,
+    /// Up projection.
+    pub up: Vec<f32>,
+    /// SwiGLU output.
+    pub act: Vec<f32>,
+}
+
+/// Activations of a whole forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// Per layer.
+    pub layers: Vec<LayerTrace>,
+    /// Residual stream before the final norm.
+    pub x_final: Vec<f32>,
+    /// Final norm output.
+    pub normed_final: Vec<f32>,
+    /// RoPE tables.
+    pub cos: Vec<f32>,
+    /// RoPE tables.
+    pub sin: Vec<f32>,
 }
 
 /// `a [m × k] · w[n × k]ᵀ` → `[m × n]`, with matrixmultiply's
@@ -399,38 +479,50 @@ pub fn apply_rope(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32],
     }
 }
 
-/// Causal grouped-query attention; returns `[t × heads·hd]`.
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], t: usize, nh: usize, nkv: usize, hd: usize) -> Vec<f32> {
+/// Causal grouped-query attention; returns `[t × heads·hd]` and the
+/// probabilities `[heads × t × t]` (zero above the diagonal).
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0f32; t * nh * hd];
-    let mut scores = vec![0.0f32; t];
+    let mut probs = vec![0.0f32; nh * t * t];
     for h in 0..nh {
         let kvh = h / group;
         for i in 0..t {
             let qi = &q[i * nh * hd + h * hd..i * nh * hd + (h + 1) * hd];
+            let scores = &mut probs[(h * t + i) * t..(h * t + i) * t + i + 1];
             let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
+            for (j, s) in scores.iter_mut().enumerate() {
                 let kj = &k[j * nkv * hd + kvh * hd..j * nkv * hd + (kvh + 1) * hd];
                 *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                 max = max.max(*s);
             }
             let mut sum = 0.0;
-            for s in scores.iter_mut().take(i + 1) {
+            for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
             let o = &mut out[i * nh * hd + h * hd..i * nh * hd + (h + 1) * hd];
-            for (j, s) in scores.iter().enumerate().take(i + 1) {
+            for (j, p) in scores.iter().enumerate() {
                 let vj = &v[j * nkv * hd + kvh * hd..j * nkv * hd + (kvh + 1) * hd];
-                let p = s / sum;
                 for (ov, vv) in o.iter_mut().zip(vj) {
                     *ov += p * vv;
                 }
             }
         }
     }
-    out
+    (out, probs)
 }
 
 /// SiLU.
