@@ -2,12 +2,16 @@
 //!
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
 //! - [`grad`]: the manual backward pass to the LoRA parameters;
+//! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
+//! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo.
 
 pub mod grad;
 pub mod lora;
 pub mod model;
+pub mod objective;
+pub mod optim;
 pub mod tiny;
 
 /// The trainer's errors.
