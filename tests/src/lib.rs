@@ -151,4 +151,31 @@ pub fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) ->
     out
 }
 
+/// Commits encoded reward records as offsets `first..` of `rewards`
+/// partition 0 through the lake writer's own path (`prepare`, then
+/// `commit_partition`); returns the rejected records.
+pub fn commit_records(
+    lake: &mut flywheel_lake_writer::lake::Lake,
+    settings: &flywheel_lake_writer::parquet_shard::ParquetSettings,
+    records: &[Vec<u8>],
+    first: i64,
+    schemas: &flywheel_lake_writer::parquet_shard::RewardSchemas,
+) -> Vec<flywheel_lake_writer::lake::Rejected> {
+    use flywheel_lake_writer::lake::PartitionCommit;
+    use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
+    let mut buf = RowBuffer::default();
+    for (i, bytes) in records.iter().enumerate() {
+        buf.push(Some(b"key"), Some(bytes), first + i as i64, 0);
+    }
+    let url = lake.storage().url();
+    let ctx = ShardContext { topic: "rewards", partition: 0, lake_url: &url, settings, schemas };
+    let prepared = prepare(&ctx, &buf, &RecentIds::new(1000)).unwrap();
+    let files = prepared.files.into_iter().map(|f| f.file).collect();
+    let previous = lake.committed_offset("rewards", 0);
+    let range = buf.range().unwrap();
+    let rejected = prepared.rejected;
+    let c = PartitionCommit { topic: "rewards", partition: 0, previous, range, files, rejected, committed_at: 1 };
+    lake.commit_partition(c).unwrap().rejected.clone()
+}
+
 pub use flywheel_cli::http::{HttpResponse, http};

@@ -12,11 +12,10 @@ use std::sync::Arc;
 use flywheel_core::codec::{encode, header_of};
 use flywheel_core::records::{Outcome, Reward};
 use flywheel_lake_writer::compact::{CompactOptions, compact};
-use flywheel_lake_writer::lake::{Lake, PartitionCommit, Rejected, partition_dir};
+use flywheel_lake_writer::lake::{Lake, Rejected, partition_dir};
 use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
-use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
 use flywheel_lake_writer::store::{LocalStore, Storage};
-use flywheel_tests::workspace_root;
+use flywheel_tests::{commit_records, workspace_root};
 
 fn python() -> std::path::PathBuf {
     let p = workspace_root().join(".venv/bin/python");
@@ -68,20 +67,7 @@ impl TestLake {
     /// Commits encoded records as offsets `first..` of partition 0, the way
     /// the service does; returns the rejected records.
     fn commit(&mut self, records: &[Vec<u8>], first: i64, schemas: &RewardSchemas) -> Vec<Rejected> {
-        let mut buf = RowBuffer::default();
-        for (i, bytes) in records.iter().enumerate() {
-            buf.push(Some(b"key"), Some(bytes), first + i as i64, 0);
-        }
-        let url = self.lake.storage().url();
-        let ctx = ShardContext { topic: "rewards", partition: 0, lake_url: &url, settings: &self.settings, schemas };
-        let prepared = prepare(&ctx, &buf, &RecentIds::new(1000)).unwrap();
-        let files = prepared.files.into_iter().map(|f| f.file).collect();
-        let previous = self.lake.committed_offset("rewards", 0);
-        let range = buf.range().unwrap();
-        let rejected = prepared.rejected;
-        let c = PartitionCommit { topic: "rewards", partition: 0, previous, range, files, rejected, committed_at: 1 };
-        let c = self.lake.commit_partition(c).unwrap();
-        c.rejected.clone()
+        commit_records(&mut self.lake, &self.settings, records, first, schemas)
     }
 }
 

@@ -5,9 +5,11 @@
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
-//! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo.
+//! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
+//! - [`job`]: one train request → adapter + model candidate.
 
 pub mod grad;
+pub mod job;
 pub mod lora;
 pub mod model;
 pub mod objective;

@@ -200,7 +200,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let letter = b'a' + ((i + offset) % 20) as u8;
-                let accepted = i % 2 == 0;
+                let accepted = i.is_multiple_of(2);
                 let completion = if accepted { [letter, letter, letter] } else { [letter + 3, letter + 1, letter + 4] };
                 let mut tokens: Vec<u32> = prefix.iter().map(|b| u32::from(*b)).collect();
                 tokens.push(u32::from(letter));

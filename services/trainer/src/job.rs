@@ -1,0 +1,276 @@
+//! One training job: a train request in, a PEFT adapter and a model
+//! candidate out. Reads exactly the shards the request pins (refusing any
+//! whose content hash differs), splits train/holdout deterministically by a
+//! salted hash of `suggestion_id`, trains the request's objective, and
+//! evaluates candidate and parent on the holdout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::cast::AsArray as _;
+use arrow_array::types::{Float64Type, Int32Type};
+use arrow_array::{Array as _, RecordBatch};
+use flywheel_core::records::{ModelCandidate, ObjectiveKind, TrainRequest};
+use flywheel_lake_writer::store::{Storage, open_storage};
+use serde::Serialize;
+
+use crate::TrainerError;
+use crate::lora::LoraAdapter;
+use crate::model::Model;
+use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob, implicit_reward_accuracy};
+use crate::optim::{AdamW, clip_grad_norm, learning_rate};
+
+/// Version of the training code, part of every adapter version.
+pub const CODE_VERSION: &str = concat!("flywheel-trainer/", env!("CARGO_PKG_VERSION"));
+
+/// Where models and adapters live, and limits.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// Base models by name: `<models_root>/<base_model>/config.json`, ...
+    pub models_root: PathBuf,
+    /// Adapters are written to `<adapters_root>/<tenant>/<adapter_version>/`.
+    pub adapters_root: PathBuf,
+    /// Longest example in tokens (prompt truncated from the left).
+    pub max_tokens: usize,
+}
+
+fn safe_relative(name: &str) -> Result<&str, TrainerError> {
+    let ok = !name.is_empty()
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if ok { Ok(name) } else { Err(TrainerError::Format(format!("'{name}' cannot name a directory"))) }
+}
+
+/// Bytes as tokens: the tokenizer of the tiny model (vocabulary 256).
+fn byte_tokens(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
+
+/// The examples of the pinned shards, read and hash-checked.
+fn read_examples(
+    req: &TrainRequest,
+    max_tokens: usize,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Vec<(String, Example)>, TrainerError> {
+    let mut stores: HashMap<String, Arc<dyn Storage>> = HashMap::new();
+    let mut out = Vec::new();
+    for shard in &req.shards {
+        let store = match stores.get(&shard.lake_root) {
+            Some(s) => s.clone(),
+            None => {
+                let s =
+                    open_storage(&shard.lake_root, runtime.clone()).map_err(|e| TrainerError::Format(e.to_string()))?;
+                stores.insert(shard.lake_root.clone(), s.clone());
+                s
+            }
+        };
+        let bytes = store
+            .get(&shard.uri)
+            .map_err(|e| TrainerError::Format(e.to_string()))?
+            .ok_or_else(|| TrainerError::Format(format!("shard {} is missing at {}", shard.shard_id, shard.uri)))?;
+        let digest = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if digest != shard.content_sha256 {
+            return Err(TrainerError::Format(format!(
+                "shard {} has SHA-256 {digest}, the request pins {}",
+                shard.shard_id, shard.content_sha256
+            )));
+        }
+        let batches = flywheel_lake_writer::shard::read_file(bytes).map_err(|e| TrainerError::Format(e.to_string()))?;
+        for batch in &batches {
+            out.extend(examples_of(batch, max_tokens)?);
+        }
+    }
+    Ok(out)
+}
+
+fn examples_of(batch: &RecordBatch, max_tokens: usize) -> Result<Vec<(String, Example)>, TrainerError> {
+    let missing = |c: &str| TrainerError::Format(format!("shard column {c} is missing or mistyped"));
+    let string =
+        |c: &'static str| batch.column_by_name(c).and_then(|a| a.as_string_opt::<i32>()).ok_or_else(|| missing(c));
+    let (ids, prompts, completions) = (string("suggestion_id")?, string("prompt")?, string("completion")?);
+    let reward = batch
+        .column_by_name("reward")
+        .and_then(|a| a.as_primitive_opt::<Float64Type>())
+        .ok_or_else(|| missing("reward"))?;
+    let behavior = batch
+        .column_by_name("behavior_logprob")
+        .and_then(|a| a.as_primitive_opt::<Float64Type>())
+        .ok_or_else(|| missing("behavior_logprob"))?;
+    let outcome = batch
+        .column_by_name("outcome")
+        .and_then(|a| a.as_dictionary_opt::<Int32Type>())
+        .ok_or_else(|| missing("outcome"))?;
+    let symbols = outcome.values().as_string_opt::<i32>().ok_or_else(|| missing("outcome"))?;
+    let mut out = Vec::new();
+    for i in 0..batch.num_rows() {
+        let completion = byte_tokens(completions.value(i));
+        if completion.is_empty() {
+            continue; // nothing to learn from an empty completion
+        }
+        let mut prompt = byte_tokens(prompts.value(i));
+        let keep = max_tokens.saturating_sub(completion.len()).max(1);
+        if prompt.len() > keep {
+            prompt.drain(..prompt.len() - keep);
+        }
+        if prompt.is_empty() {
+            prompt.push(u32::from(b'\n'));
+        }
+        let prompt_len = prompt.len();
+        let mut tokens = prompt;
+        tokens.extend(completion);
+        tokens.truncate(max_tokens.max(prompt_len + 1));
+        out.push((
+            ids.value(i).to_string(),
+            Example {
+                tokens,
+                prompt_len,
+                reward: reward.value(i),
+                accepted: symbols.value(outcome.keys().value(i) as usize) == "ACCEPTED",
+                behavior_logprob: (!behavior.is_null(i)).then(|| behavior.value(i)),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Whether `suggestion_id` is held out under `salt` and `fraction`.
+pub fn held_out(salt: &str, suggestion_id: &str, fraction: f64) -> bool {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{salt}\\0{suggestion_id}").as_bytes());
+    let x = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    x < fraction
+}
+
+/// Holdout metrics of an adapter.
+fn evaluate(model: &Model, lora: &LoraAdapter, holdout: &[Example]) -> Result<BTreeMap<String, f64>, TrainerError> {
+    let mut m = BTreeMap::new();
+    let (mut acc, mut rej, mut kl, mut tokens) = (Vec::new(), Vec::new(), 0.0, 0usize);
+    for ex in holdout {
+        let lp = completion_logprob(model, Some(lora), ex)?;
+        let base = completion_logprob(model, None, ex)?;
+        kl += lp - base;
+        tokens += ex.tokens.len() - ex.prompt_len;
+        if ex.accepted { acc.push(lp) } else { rej.push(lp) }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    m.insert("holdout_logprob_accepted".into(), mean(&acc));
+    m.insert("holdout_logprob_rejected".into(), mean(&rej));
+    m.insert("kl_to_base_per_token".into(), kl / tokens.max(1) as f64);
+    if !acc.is_empty() && !rej.is_empty() {
+        m.insert("implicit_reward_accuracy".into(), implicit_reward_accuracy(model, lora, holdout)?);
+    }
+    Ok(m)
+}
+
+#[derive(Serialize)]
+struct MetricsFile<'a> {
+    request_id: &'a str,
+    code_version: &'a str,
+    steps: u64,
+    losses: &'a [f64],
+    candidate: &'a BTreeMap<String, f64>,
+    parent: &'a BTreeMap<String, f64>,
+}
+
+/// Runs one request to completion; returns the candidate and the adapter
+/// directory. Errors publish nothing.
+pub fn run_job(
+    req: &TrainRequest,
+    settings: &JobSettings,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(ModelCandidate, PathBuf), TrainerError> {
+    let started = Instant::now();
+    let base_dir = settings.models_root.join(safe_relative(&req.base_model)?);
+    let model = Model::load(&base_dir)?;
+    if model.config.vocab_size < 256 || base_dir.join("tokenizer.json").exists() {
+        return Err(TrainerError::Unsupported(format!(
+            "{}: only byte-vocabulary models train so far (tokenizer.json support is not built yet)",
+            req.base_model
+        )));
+    }
+    let tenant = safe_relative(&req.tenant)?;
+    let o = &req.objective;
+    let targets: Vec<&str> = o.target_modules.iter().map(String::as_str).collect();
+    let parent = match &req.parent_adapter_version {
+        Some(v) => LoraAdapter::load_peft(&settings.adapters_root.join(tenant).join(safe_relative(v)?), &model.config)?,
+        None => LoraAdapter::init(&model.config, o.lora_rank.max(1) as usize, o.lora_alpha, &targets, o.seed as u64)?,
+    };
+    let mut examples = read_examples(req, settings.max_tokens, runtime)?;
+    // A fixed order independent of shard order: by suggestion id.
+    examples.sort_by(|a, b| a.0.cmp(&b.0));
+    let (holdout, train): (Vec<_>, Vec<_>) =
+        examples.into_iter().partition(|(id, _)| held_out(&req.holdout.salt, id, req.holdout.fraction));
+    let holdout: Vec<Example> = holdout.into_iter().map(|(_, e)| e).collect();
+    let train: Vec<Example> = train.into_iter().map(|(_, e)| e).collect();
+    if train.is_empty() {
+        return Err(TrainerError::Format(format!("request {} has no training examples", req.request_id)));
+    }
+    let objective = match o.kind {
+        ObjectiveKind::Reinforce => Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip },
+        ObjectiveKind::Kto => Objective::Kto {
+            beta: o.kto_beta,
+            desirable_weight: o.kto_desirable_weight,
+            undesirable_weight: o.kto_undesirable_weight,
+        },
+        ObjectiveKind::Sft => Objective::Sft,
+    };
+    let mut lora = parent.clone();
+    let mut opt = AdamW::new(o.weight_decay);
+    let steps = o.max_steps.max(1) as u64;
+    let batch = (o.batch_size.max(1) as usize).min(train.len());
+    let mut losses = Vec::new();
+    let mut tokens = 0i64;
+    for step in 0..steps {
+        let start = (step as usize * batch) % train.len();
+        let items: Vec<Example> = (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect();
+        tokens += items.iter().map(|e| e.tokens.len() as i64).sum::<i64>();
+        let (loss, mut grads) = batch_loss_and_grads(&model, &lora, &items, &objective)?;
+        clip_grad_norm(&mut grads, o.max_grad_norm);
+        opt.update(&mut lora, &grads, learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate));
+        losses.push(loss);
+        if step % 10 == 0 || step + 1 == steps {
+            tracing::info!(request = %req.request_id, step, steps, loss, "training");
+        }
+    }
+    let candidate_metrics = evaluate(&model, &lora, &holdout)?;
+    let parent_metrics = evaluate(&model, &parent, &holdout)?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{}\0{CODE_VERSION}", req.request_id).as_bytes());
+    let version = format!("a-{}", &flywheel_core::hex(&digest)[..16]);
+    let dir = settings.adapters_root.join(tenant).join(&version);
+    lora.save_peft(&dir, &model.config, &req.base_model)?;
+    let metrics = MetricsFile {
+        request_id: &req.request_id,
+        code_version: CODE_VERSION,
+        steps,
+        losses: &losses,
+        candidate: &candidate_metrics,
+        parent: &parent_metrics,
+    };
+    let json = serde_json::to_vec_pretty(&metrics).map_err(|e| TrainerError::Format(e.to_string()))?;
+    std::fs::write(dir.join("metrics.json"), json).map_err(|e| TrainerError::io(&dir.join("metrics.json"), e))?;
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| TrainerError::io(&dir, e))?;
+    let kl = candidate_metrics.get("kl_to_base_per_token").copied().unwrap_or_default()
+        - parent_metrics.get("kl_to_base_per_token").copied().unwrap_or_default();
+    let candidate = ModelCandidate {
+        adapter_version: version,
+        request_id: req.request_id.clone(),
+        tenant: req.tenant.clone(),
+        base_model: req.base_model.clone(),
+        parent_adapter_version: req.parent_adapter_version.clone(),
+        adapter_uri: dir.display().to_string(),
+        adapter_sha256: flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&weights)),
+        objective: o.kind,
+        train_examples: train.len() as i64,
+        holdout_examples: holdout.len() as i64,
+        steps: steps as i32,
+        tokens,
+        train_seconds: started.elapsed().as_secs_f64(),
+        device: "cpu".into(),
+        candidate_metrics,
+        parent_metrics,
+        kl_to_parent: kl,
+        created_at: flywheel_core::now_millis(),
+    };
+    Ok((candidate, dir))
+}

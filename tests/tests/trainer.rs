@@ -1,0 +1,123 @@
+//! A training job end to end on the CPU: rewards committed to a real lake by
+//! the lake writer's path, a train request pinning those shards, the tiny
+//! checkpoint; the job must learn the preference in the data (holdout
+//! implicit-reward accuracy), write a loadable PEFT adapter, be
+//! deterministic, and refuse a shard whose content hash differs.
+
+use std::sync::Arc;
+
+use flywheel_core::codec::encode;
+use flywheel_core::records::{HoldoutRule, ObjectiveKind, Outcome, Reward, ShardRef, TrainRequest};
+use flywheel_lake_writer::lake::Lake;
+use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
+use flywheel_lake_writer::store::{LocalStore, Storage};
+use flywheel_tests::{commit_records, workspace_root};
+use flywheel_trainer::job::{JobSettings, run_job};
+use flywheel_trainer::lora::LoraAdapter;
+use flywheel_trainer::model::Model;
+
+/// Accepted suggestions repeat the prompt's last letter; rejected ones do not.
+fn reward(i: usize) -> Reward {
+    let fixture = workspace_root().join("schemas/fixtures/reward.accepted.json");
+    let mut r: Reward = serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    let letter = (b'a' + (i % 20) as u8) as char;
+    let accepted = i.is_multiple_of(2);
+    r.reward_id = format!("r{i}");
+    r.suggestion_id = format!("sugg-{i:04}");
+    r.tenant = "acme".into();
+    r.prompt = format!("say {letter}");
+    r.completion = if accepted {
+        format!("{letter}{letter}{letter}")
+    } else {
+        let shift = |d: u8| ((letter as u8 - b'a' + d) % 26 + b'a') as char;
+        format!("{}{}{}", shift(3), shift(1), shift(4))
+    };
+    r.outcome = if accepted { Outcome::Accepted } else { Outcome::Rejected };
+    r.reward = if accepted { 0.75 } else { -0.25 };
+    r.behavior_logprob = None;
+    r
+}
+
+fn request(lake: &Lake, id: &str) -> TrainRequest {
+    let shards = lake
+        .files()
+        .iter()
+        .map(|f| ShardRef {
+            shard_id: f.path.rsplit('/').next().unwrap().trim_end_matches(".parquet").into(),
+            uri: f.path.clone(),
+            lake_root: lake.storage().url(),
+            content_sha256: f.sha256.clone(),
+            rows: f.rows as i64,
+        })
+        .collect();
+    let mut objective = flywheel_trigger::service::default_objective(1);
+    objective.kind = ObjectiveKind::Kto;
+    objective.lora_rank = 4;
+    objective.lora_alpha = 8.0;
+    objective.target_modules = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"].map(String::from).into();
+    objective.learning_rate = 2e-2;
+    objective.warmup_steps = 3;
+    objective.max_steps = 40;
+    objective.batch_size = 16;
+    TrainRequest {
+        request_id: id.into(),
+        tenant: "acme".into(),
+        base_model: "flywheel/tiny".into(),
+        parent_adapter_version: None,
+        shards,
+        window_start: 0,
+        window_end: 0,
+        objective,
+        holdout: HoldoutRule { salt: "acme/flywheel/tiny/holdout-v1".into(), fraction: 0.25 },
+        policy_version: "test".into(),
+        created_at: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    flywheel_trainer::tiny::save(&flywheel_trainer::tiny::tiny_model(3).unwrap(), &models.join("flywheel/tiny"))
+        .unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(&dir.path().join("lake")).unwrap());
+    let mut lake = Lake::open(storage).unwrap();
+    let records: Vec<Vec<u8>> = (0..96).map(|i| encode(&reward(i)).unwrap()).collect();
+    let schemas = RewardSchemas::released().unwrap();
+    assert!(commit_records(&mut lake, &ParquetSettings::default(), &records, 0, &schemas).is_empty());
+    let settings =
+        JobSettings { models_root: models.clone(), adapters_root: dir.path().join("adapters"), max_tokens: 64 };
+    let runtime = tokio::runtime::Handle::current();
+
+    let req = request(&lake, "req-1");
+    let (candidate, adapter_dir) = tokio::task::block_in_place(|| run_job(&req, &settings, &runtime)).unwrap();
+    let accuracy = candidate.candidate_metrics["implicit_reward_accuracy"];
+    assert_eq!(candidate.parent_metrics["implicit_reward_accuracy"], 0.5, "the parent is the base");
+    assert!(accuracy > 0.8, "holdout implicit-reward accuracy {accuracy}");
+    assert_eq!(candidate.train_examples + candidate.holdout_examples, 96);
+    assert!(candidate.holdout_examples > 10, "{}", candidate.holdout_examples);
+    assert_eq!(candidate.parent_metrics["kl_to_base_per_token"], 0.0, "a fresh adapter is the base");
+    assert!(candidate.candidate_metrics["kl_to_base_per_token"].abs() > 1e-3, "training moved the policy");
+    // The adapter is a PEFT directory that loads and matches the recorded hash.
+    let model = Model::load(&models.join("flywheel/tiny")).unwrap();
+    let adapter = LoraAdapter::load_peft(&adapter_dir, &model.config).unwrap();
+    assert_eq!((adapter.rank, adapter.alpha), (4, 8.0));
+    let bytes = std::fs::read(adapter_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(candidate.adapter_sha256, flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+    assert!(adapter_dir.join("metrics.json").exists());
+
+    // The same request again: the same adapter, bit for bit.
+    let (again, _) = tokio::task::block_in_place(|| run_job(&req, &settings, &runtime)).unwrap();
+    assert_eq!(
+        (again.adapter_version, again.adapter_sha256),
+        (candidate.adapter_version.clone(), candidate.adapter_sha256)
+    );
+
+    // A shard whose bytes differ from the pinned hash: refused, nothing written.
+    let mut tampered = request(&lake, "req-2");
+    tampered.shards[0].content_sha256 = "0".repeat(64);
+    let err = tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime)).unwrap_err().to_string();
+    assert!(err.contains("the request pins"), "{err}");
+    let written: Vec<_> = std::fs::read_dir(dir.path().join("adapters/acme")).unwrap().collect();
+    assert_eq!(written.len(), 1, "only the first request's adapter exists");
+}
