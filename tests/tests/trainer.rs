@@ -74,8 +74,9 @@ fn request(lake: &Lake, id: &str) -> TrainRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hashes() {
+/// A temp dir with the tiny model under `models/flywheel/tiny` and a lake of
+/// 96 toy rewards under `lake`.
+fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Lake) {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     flywheel_trainer::tiny::save(&flywheel_trainer::tiny::tiny_model(3).unwrap(), &models.join("flywheel/tiny"))
@@ -85,6 +86,12 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     let records: Vec<Vec<u8>> = (0..96).map(|i| encode(&reward(i)).unwrap()).collect();
     let schemas = RewardSchemas::released().unwrap();
     assert!(commit_records(&mut lake, &ParquetSettings::default(), &records, 0, &schemas).is_empty());
+    (dir, models, lake)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hashes() {
+    let (dir, models, lake) = fixture();
     let settings =
         JobSettings { models_root: models.clone(), adapters_root: dir.path().join("adapters"), max_tokens: 64 };
     let runtime = tokio::runtime::Handle::current();
@@ -120,4 +127,88 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     assert!(err.contains("the request pins"), "{err}");
     let written: Vec<_> = std::fs::read_dir(dir.path().join("adapters/acme")).unwrap().collect();
     assert_eq!(written.len(), 1, "only the first request's adapter exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_ones() {
+    use clap::Parser;
+    use flywheel_core::kafka::{ClientRole, create_topics};
+    use flywheel_core::records::{DeadLetter, ModelCandidate};
+    use flywheel_core::topics::{Topic, TopicsConfig};
+    use flywheel_tests::{kafka_args, read_all, unique_topic};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::time::{Duration, Instant};
+
+    let (dir, models, lake) = fixture();
+    let kafka = kafka_args();
+    let topics = TopicsConfig { prefix: format!("{}.", unique_topic("trainer")), ..TopicsConfig::default() };
+    let specs: Vec<_> =
+        [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters].map(|t| topics.spec(t)).into();
+    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
+    let topics_file = dir.path().join("topics.toml");
+    std::fs::write(&topics_file, format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
+    let mut good = request(&lake, "req-good");
+    good.objective.max_steps = 5;
+    let mut tampered = request(&lake, "req-tampered");
+    tampered.shards[0].content_sha256 = "0".repeat(64);
+    let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    for r in [&good, &tampered] {
+        let bytes = encode(r).unwrap();
+        let to = topics.name(Topic::TrainRequests);
+        producer.send(FutureRecord::to(&to).key(&r.request_id).payload(&bytes), Duration::from_secs(30)).await.unwrap();
+    }
+    let start = |group: &str| {
+        let args = [
+            "flywheel-trainer",
+            "--kafka-brokers",
+            &kafka.brokers,
+            "--kafka-session-timeout-ms",
+            "6000",
+            "--topics-config",
+            &topics_file.display().to_string(),
+            "--group-id",
+            group,
+            "--models-root",
+            &models.display().to_string(),
+            "--adapters-root",
+            &dir.path().join("adapters").display().to_string(),
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--log-filter",
+            "warn",
+        ];
+        let config = flywheel_trainer::Config::try_parse_from(args).unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        (token, tokio::spawn(async move { flywheel_trainer::run(config, t).await.unwrap() }))
+    };
+    let candidates = || -> Vec<ModelCandidate> {
+        read_all::<ModelCandidate>(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect()
+    };
+    let dead = || -> Vec<DeadLetter> {
+        read_all::<DeadLetter>(&kafka, &topics.name(Topic::DeadLetters)).into_iter().map(|r| r.2).collect()
+    };
+    let group = unique_topic("trainer-group");
+    let (stop, task) = start(&group);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (candidates().is_empty() || dead().is_empty()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let got = candidates();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].request_id, "req-good");
+    assert_eq!((got[0].steps, got[0].device.as_str()), (5, "cpu"));
+    let letters = dead();
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].service.as_str(), letters[0].reason_code.as_str()), ("trainer", "train_failed"));
+    assert!(letters[0].reason.contains("the request pins"), "{}", letters[0].reason);
+    stop.cancel();
+    task.await.unwrap();
+
+    // A fresh group re-reads every request: the trained one is skipped.
+    let (stop, task) = start(&unique_topic("trainer-group-2"));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(candidates().len(), 1, "a request was trained twice");
+    stop.cancel();
+    task.await.unwrap();
 }

@@ -1,14 +1,3 @@
 //! `flywheel-collector`: parse config, set up tracing, run until SIGTERM/SIGINT, drain.
 
-use clap::Parser;
-use flywheel_collector::{Config, run};
-use flywheel_core::runtime::{init_tracing, shutdown_on_signals};
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    init_tracing(&config.service.log)?;
-    let shutdown = shutdown_on_signals();
-    run(config, shutdown).await?;
-    Ok(())
-}
+flywheel_core::service_main!(flywheel_collector::Config, flywheel_collector::run);

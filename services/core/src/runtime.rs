@@ -23,6 +23,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
+/// Defines a service binary's `main`, the same for every service: parse the
+/// config (clap derive, every flag with an environment variable), install
+/// tracing, create the SIGTERM/SIGINT shutdown token and run the service's
+/// `run(config, shutdown)` until it has drained. The config needs a
+/// `service: ServiceArgs` field.
+#[macro_export]
+macro_rules! service_main {
+    ($config:ty, $run:path) => {
+        #[::tokio::main]
+        async fn main() -> ::anyhow::Result<()> {
+            let config = <$config as ::clap::Parser>::parse();
+            $crate::runtime::init_tracing(&config.service.log)?;
+            let shutdown = $crate::runtime::shutdown_on_signals();
+            $run(config, shutdown).await?;
+            Ok(())
+        }
+    };
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

@@ -1,14 +1,3 @@
 //! `flywheel-lake-writer`: parse config, set up tracing, run until SIGTERM/SIGINT, commit buffers.
 
-use clap::Parser;
-use flywheel_core::runtime::{init_tracing, shutdown_on_signals};
-use flywheel_lake_writer::{Config, run};
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    init_tracing(&config.service.log)?;
-    let shutdown = shutdown_on_signals();
-    run(config, shutdown).await?;
-    Ok(())
-}
+flywheel_core::service_main!(flywheel_lake_writer::Config, flywheel_lake_writer::run);

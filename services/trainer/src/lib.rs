@@ -6,7 +6,10 @@
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
-//! - [`job`]: one train request → adapter + model candidate.
+//! - [`job`]: one train request → adapter + model candidate;
+//! - [`service`]: the Kafka service (`train-requests` → `model-candidates`).
+
+pub use service::{Config, run};
 
 pub mod grad;
 pub mod job;
@@ -14,11 +17,15 @@ pub mod lora;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod service;
 pub mod tiny;
 
 /// The trainer's errors.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
+    /// From the core library (configuration, Kafka, codec).
+    #[error(transparent)]
+    Core(#[from] flywheel_core::Error),
     /// A file could not be read or written.
     #[error("{path}: {detail}")]
     Io {

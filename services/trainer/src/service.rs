@@ -1,0 +1,201 @@
+//! The trainer service: consumes `train-requests`, runs each as a job
+//! ([`crate::job`]) and publishes its `model-candidates` record; a request
+//! that cannot be trained (missing or tampered shard, unsupported model) is
+//! dead-lettered with the reason and publishes nothing.
+//!
+//! Exactly once per request: on start the trainer reads every candidate
+//! already published and skips their requests; a job is deterministic, so a
+//! request retried after a crash produces the same adapter version and
+//! bytes. The group offset is committed after the candidate is acknowledged.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use flywheel_core::codec::{decode, encode};
+use flywheel_core::kafka::{ClientRole, KafkaArgs, read_back};
+use flywheel_core::records::{DeadLetter, ModelCandidate, SourcePosition, TrainRequest};
+use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
+use flywheel_core::topics::{Topic, TopicsArgs};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::TrainerError;
+use crate::job::{JobSettings, run_job};
+
+/// Trainer configuration; every flag has an environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flywheel-trainer", version, about = "Trains LoRA adapters from train requests")]
+pub struct Config {
+    /// Common service flags.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: TopicsArgs,
+    /// Consumer group.
+    #[arg(long = "group-id", env = "FLYWHEEL_TRAINER_GROUP_ID", default_value = "flywheel-trainer")]
+    pub group_id: String,
+    /// Base models by name: `<root>/<base_model>/config.json`, `model.safetensors`.
+    #[arg(long = "models-root", env = "FLYWHEEL_TRAINER_MODELS_ROOT", default_value = ".flywheel/models")]
+    pub models_root: PathBuf,
+    /// Where adapters are written: `<root>/<tenant>/<adapter_version>/`.
+    #[arg(long = "adapters-root", env = "FLYWHEEL_TRAINER_ADAPTERS_ROOT", default_value = ".flywheel/adapters")]
+    pub adapters_root: PathBuf,
+    /// Longest training example in tokens (prompts are cut from the left).
+    #[arg(long = "max-tokens", env = "FLYWHEEL_TRAINER_MAX_TOKENS", default_value_t = 512)]
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    candidates: Counter,
+    failed: Counter,
+    skipped: Counter,
+    busy: Gauge,
+}
+
+/// Runs the trainer until `shutdown` (a job in progress finishes first).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TrainerError> {
+    let topics = config.topics.load()?;
+    let (requests, candidates, dead) =
+        (topics.name(Topic::TrainRequests), topics.name(Topic::ModelCandidates), topics.name(Topic::DeadLetters));
+    let mut registry = Registry::default();
+    let metrics = Metrics::default();
+    let r = registry.sub_registry_with_prefix("trainer");
+    r.register("candidates", "Model candidates published", metrics.candidates.clone());
+    r.register("failed_requests", "Train requests dead-lettered", metrics.failed.clone());
+    r.register("skipped_requests", "Train requests already trained", metrics.skipped.clone());
+    r.register("busy", "1 while a job runs", metrics.busy.clone());
+    let readiness = Readiness::default();
+    readiness.set("recovered", false);
+    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+
+    // Requests already trained: their candidates are on the topic.
+    let kafka = config.kafka.clone();
+    let candidates_topic = candidates.clone();
+    let mut done: HashSet<String> = tokio::task::spawn_blocking(move || {
+        let mut done = HashSet::new();
+        read_back(
+            &kafka,
+            "flywheel-trainer-candidates",
+            &[&candidates_topic],
+            &Default::default(),
+            Duration::from_secs(60),
+            |m| {
+                if let Some(Ok(c)) = m.payload().map(decode::<ModelCandidate>) {
+                    done.insert(c.request_id);
+                }
+            },
+        )
+        .map(|()| done)
+    })
+    .await
+    .map_err(|e| TrainerError::Format(format!("reading candidates: {e}")))??;
+    readiness.set("recovered", true);
+    tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
+
+    let producer: FutureProducer = config
+        .kafka
+        .client_config(&ClientRole::Producer)?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    let consumer: StreamConsumer = config
+        .kafka
+        .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
+        .set("enable.auto.commit", "false")
+        // A job may take long: stay in the group meanwhile.
+        .set("max.poll.interval.ms", "86400000")
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+    consumer.subscribe(&[&requests]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
+    let settings = JobSettings {
+        models_root: config.models_root.clone(),
+        adapters_root: config.adapters_root.clone(),
+        max_tokens: config.max_tokens,
+    };
+    tracing::info!(input = %requests, "trainer started");
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "consume error");
+                continue;
+            }
+        };
+        let position =
+            SourcePosition { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
+        let payload = msg.payload().map(<[u8]>::to_vec);
+        let outcome = match payload.as_deref().map(decode::<TrainRequest>) {
+            Some(Ok(req)) if done.contains(&req.request_id) => {
+                metrics.skipped.inc();
+                tracing::info!(request = %req.request_id, "already trained; skipped");
+                None
+            }
+            Some(Ok(req)) => {
+                metrics.busy.set(1);
+                let (settings, runtime) = (settings.clone(), tokio::runtime::Handle::current());
+                let id = req.request_id.clone();
+                let result = tokio::task::spawn_blocking(move || run_job(&req, &settings, &runtime))
+                    .await
+                    .map_err(|e| TrainerError::Format(format!("job panicked: {e}")))
+                    .and_then(|r| r);
+                metrics.busy.set(0);
+                match result {
+                    Ok((candidate, _)) => {
+                        let bytes = encode(&candidate)?;
+                        let key = format!("{}/{}", candidate.tenant, candidate.base_model);
+                        producer
+                            .send(FutureRecord::to(&candidates).key(&key).payload(&bytes), Duration::from_secs(30))
+                            .await
+                            .map_err(|(e, _)| TrainerError::Format(format!("publishing a candidate: {e}")))?;
+                        metrics.candidates.inc();
+                        tracing::info!(request = %id, adapter = %candidate.adapter_version, "candidate published");
+                        done.insert(id);
+                        None
+                    }
+                    Err(e) => Some(("train_failed", e.to_string())),
+                }
+            }
+            Some(Err(e)) => Some((e.reason_code(), e.to_string())),
+            None => Some(("empty_value", "record has no value".to_string())),
+        };
+        if let Some((code, reason)) = outcome {
+            metrics.failed.inc();
+            tracing::warn!(%reason, offset = position.offset, "train request dead-lettered");
+            let letter = DeadLetter {
+                service: "trainer".into(),
+                reason_code: code.into(),
+                reason,
+                source: position,
+                original_key: msg.key().map(<[u8]>::to_vec),
+                original_value: payload,
+                failed_at: flywheel_core::now_millis(),
+            };
+            let bytes = encode(&letter)?;
+            producer
+                .send(FutureRecord::<(), _>::to(&dead).payload(&bytes), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| TrainerError::Format(format!("publishing a dead letter: {e}")))?;
+        }
+        if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
+            tracing::warn!(error = %e, "committing the group offset failed");
+        }
+    }
+    shutdown.cancel();
+    let _ = ops.task.await;
+    Ok(())
+}
