@@ -856,7 +856,9 @@ async fn demo(
     }
     lake_section(&kafka, topics, &args.broker.data_dir, &shutdown).await?;
     trigger_section(&kafka, topics, topics_file, &shutdown).await?;
-    println!("== trainer and gate are not in this build yet; stopping");
+    println!(
+        "== the trigger did not fire on the demo's few rows, so the trainer has nothing to do; the gate is not in this build yet; stopping"
+    );
     collector_shutdown.cancel();
     rewarder_shutdown.cancel();
     lake_shutdown.cancel();
