@@ -72,6 +72,7 @@ bench: tools ## Benchmarks (release build); results and how to read them in BENC
 	$(CARGO) run --release --locked -p flywheel-collector --example collector_bench
 	$(CARGO) build --release --locked -p flywheel-lake-writer --bin flywheel-lake-writer
 	$(CARGO) run --release --locked -p flywheel --example lake_bench
+	$(CARGO) run --release --locked -p flywheel-trainer --example train_bench
 
 demo: setup ## Run the flywheel locally on the embedded broker
 	$(FLYWHEEL) demo --tansu-bin "$(TANSU)"

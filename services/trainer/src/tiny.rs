@@ -30,7 +30,12 @@ pub fn tiny_config() -> LlamaConfig {
 
 /// The tiny model with weights drawn from `seed`.
 pub fn tiny_model(seed: u64) -> Result<Model, TrainerError> {
-    let config = tiny_config();
+    random_model(tiny_config(), true, seed)
+}
+
+/// A model of any shape with weights drawn from `seed` (uniform, scaled by
+/// 1/√fan-in; norms near 1), optionally with q/k/v biases.
+pub fn random_model(config: LlamaConfig, biases: bool, seed: u64) -> Result<Model, TrainerError> {
     let mut rng = SplitMix(seed);
     let mut tensors = HashMap::new();
     for (name, shape) in Model::expected_shapes(&config) {
@@ -43,10 +48,13 @@ pub fn tiny_model(seed: u64) -> Result<Model, TrainerError> {
         };
         tensors.insert(name, Tensor { shape, data });
     }
-    for l in 0..config.num_hidden_layers {
-        for (module, width) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
-            let data = (0..width).map(|_| rng.uniform(0.05)).collect();
-            tensors.insert(format!("model.layers.{l}.self_attn.{module}.bias"), Tensor { shape: vec![width], data });
+    if biases {
+        let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+        for l in 0..config.num_hidden_layers {
+            for (module, width) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                let data = (0..width).map(|_| rng.uniform(0.05)).collect();
+                tensors.insert(format!("model.layers.{l}.self_attn.{module}.bias"), Tensor { shape: vec![width], data });
+            }
         }
     }
     Model::from_tensors(config, tensors)
