@@ -53,7 +53,8 @@ pub fn random_model(config: LlamaConfig, biases: bool, seed: u64) -> Result<Mode
         for l in 0..config.num_hidden_layers {
             for (module, width) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 let data = (0..width).map(|_| rng.uniform(0.05)).collect();
-                tensors.insert(format!("model.layers.{l}.self_attn.{module}.bias"), Tensor { shape: vec![width], data });
+                tensors
+                    .insert(format!("model.layers.{l}.self_attn.{module}.bias"), Tensor { shape: vec![width], data });
             }
         }
     }
