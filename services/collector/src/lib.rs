@@ -27,9 +27,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
 use flywheel_core::codec::encode;
-use flywheel_core::kafka::{ClientRole, KafkaArgs, parse_properties};
-use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs, drain};
-use flywheel_core::topics::{Topic, TopicsArgs};
+use flywheel_core::kafka::{ClientRole, parse_properties};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, drain};
+use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -63,15 +63,9 @@ pub enum CollectorError {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flywheel-collector", version, about = "Captures product interaction events into Kafka")]
 pub struct Config {
-    /// Common service flags.
+    /// Service, Kafka and topic flags every service has.
     #[command(flatten)]
-    pub service: ServiceArgs,
-    /// Kafka connection.
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic layout.
-    #[command(flatten)]
-    pub topics: TopicsArgs,
+    pub common: CommonArgs,
     /// Address of the public API.
     #[arg(long = "listen", env = "FLYWHEEL_COLLECTOR_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -663,8 +657,8 @@ impl Running {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, CollectorError> {
     let tokens = load_tokens(&config)?;
     let pseudonymizer = load_secret(&config)?;
-    let topics = config.topics.load()?;
-    let mut producer_config = config.kafka.client_config(&ClientRole::Producer)?;
+    let topics = config.common.topics.load()?;
+    let mut producer_config = config.common.kafka.client_config(&ClientRole::Producer)?;
     producer_config
         .set("message.timeout.ms", config.produce_timeout_ms.to_string())
         .set("queue.buffering.max.messages", config.max_in_flight_events.max(1000).to_string());
@@ -693,7 +687,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
 
     let mut tasks: JoinSet<Result<(), CollectorError>> = JoinSet::new();
-    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
     tasks.spawn(async move { ops.task.await.unwrap_or(Ok(())).map_err(CollectorError::from) });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -733,7 +728,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
 
     let (kafka, registry_topic, follow_shutdown) =
-        (config.kafka.clone(), topics.name(Topic::ModelRegistry), shutdown.clone());
+        (config.common.kafka.clone(), topics.name(Topic::ModelRegistry), shutdown.clone());
     tasks.spawn(async move {
         tokio::task::spawn_blocking(move || follow_registry(&kafka, &registry_topic, view, readiness, follow_shutdown))
             .await
@@ -741,7 +736,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
 
     tracing::info!(%api_addr, ops_addr = %ops.local_addr, topic = %topics.name(Topic::Interactions), "collector started");
-    Ok(Running { api_addr, ops_addr: ops.local_addr, tasks, producer, drain_timeout: config.service.drain_timeout() })
+    Ok(Running {
+        api_addr,
+        ops_addr: ops.local_addr,
+        tasks,
+        producer,
+        drain_timeout: config.common.service.drain_timeout(),
+    })
 }
 
 /// Runs the collector until `shutdown` is cancelled, then drains.

@@ -27,14 +27,14 @@ use crate::error::{Error, Result};
 /// config (clap derive, every flag with an environment variable), install
 /// tracing, create the SIGTERM/SIGINT shutdown token and run the service's
 /// `run(config, shutdown)` until it has drained. The config needs a
-/// `service: ServiceArgs` field.
+/// `common: CommonArgs` field.
 #[macro_export]
 macro_rules! service_main {
     ($config:ty, $run:path) => {
         #[::tokio::main]
         async fn main() -> ::anyhow::Result<()> {
             let config = <$config as ::clap::Parser>::parse();
-            $crate::runtime::init_tracing(&config.service.log)?;
+            $crate::runtime::init_tracing(&config.common.service.log)?;
             let shutdown = $crate::runtime::shutdown_on_signals();
             $run(config, shutdown).await?;
             Ok(())
@@ -74,6 +74,21 @@ pub struct ServiceArgs {
     /// Seconds to wait for in-flight work to finish after SIGTERM/SIGINT.
     #[arg(long = "drain-timeout-secs", env = "FLYWHEEL_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+}
+
+/// Flags every service has: its own operation, the Kafka connection and the
+/// topic layout; flatten into each service's config as `common`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Logging, ops endpoint, drain timeout.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: crate::kafka::KafkaArgs,
+    /// Topic layout.
+    #[command(flatten)]
+    pub topics: crate::topics::TopicsArgs,
 }
 
 impl ServiceArgs {

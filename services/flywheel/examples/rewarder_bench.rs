@@ -225,7 +225,7 @@ async fn rewarder_round(
     ])
     .unwrap();
     if label == "r0c0" && std::env::var_os("BENCH_LOG").is_some() {
-        let _ = flywheel_core::runtime::init_tracing(&config.service.log);
+        let _ = flywheel_core::runtime::init_tracing(&config.common.service.log);
     }
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(flywheel_rewarder::run(config, shutdown.clone()));

@@ -23,12 +23,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{
-    ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking,
-};
+use flywheel_core::kafka::{ClientRole, DeliveryTracker, TopicOffsets, end_offsets, read_back, send_blocking};
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
-use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
-use flywheel_core::topics::{Topic, TopicsArgs};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -53,15 +51,9 @@ use crate::store::{Storage, open_storage};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flywheel-lake-writer", version, about = "Writes rewards into the Parquet lake, exactly once")]
 pub struct Config {
-    /// Common service flags.
+    /// Service, Kafka and topic flags every service has.
     #[command(flatten)]
-    pub service: ServiceArgs,
-    /// Kafka connection.
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic layout.
-    #[command(flatten)]
-    pub topics: TopicsArgs,
+    pub common: CommonArgs,
     /// Consumer group; instances in one group share the partitions.
     #[arg(long = "group-id", env = "FLYWHEEL_LAKE_GROUP_ID", default_value = "flywheel-lake-writer")]
     pub group_id: String,
@@ -441,7 +433,7 @@ impl Writer {
         let (mut shards, mut dead) = (HashSet::new(), HashSet::new());
         let topics = [self.names.shards.as_str(), self.names.dead.as_str()];
         let reader = format!("{}-readback", self.config.group_id);
-        read_back(&self.config.kafka, &reader, &topics, &marker.ends, Duration::from_secs(60), |msg| {
+        read_back(&self.config.common.kafka, &reader, &topics, &marker.ends, Duration::from_secs(60), |msg| {
             let Some(payload) = msg.payload() else { return };
             if msg.topic() == self.names.shards {
                 if let Ok(m) = decode::<ShardManifest>(payload)
@@ -633,12 +625,13 @@ impl Writer {
 /// Runs the lake writer until `shutdown`, then commits what it buffered.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LakeError> {
     config.check()?;
-    let topics_config = config.topics.load()?;
+    let topics_config = config.common.topics.load()?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set("consuming", false);
-    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
     let runtime = tokio::runtime::Handle::current();
     let names = Names {
@@ -651,12 +644,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         let storage = open_storage(&config.lake_root, runtime)?;
         let lake = Arc::new(Mutex::new(Lake::open(storage.clone())?));
         let producer: ThreadedProducer<DeliveryTracker> = config
+            .common
             .kafka
             .client_config(&ClientRole::Producer)?
             .create_with_context(DeliveryTracker::default())
             .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
         let startup_ends = {
             let probe: BaseConsumer = config
+                .common
                 .kafka
                 .client_config(&ClientRole::Consumer { group_id: format!("{}-probe", config.group_id) })?
                 .create()
@@ -670,6 +665,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
             revoked: Mutex::default(),
         };
         let consumer: BaseConsumer<RebalanceContext> = config
+            .common
             .kafka
             .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
             .set("enable.auto.commit", "false")

@@ -32,8 +32,8 @@ use flywheel_core::kafka::{
     ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking,
 };
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
-use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
-use flywheel_core::topics::{Topic, TopicsArgs};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -77,15 +77,9 @@ pub enum RewarderError {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flywheel-rewarder", version, about = "Turns interaction events into rewards")]
 pub struct Config {
-    /// Common service flags.
+    /// Service, Kafka and topic flags every service has.
     #[command(flatten)]
-    pub service: ServiceArgs,
-    /// Kafka connection.
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic layout.
-    #[command(flatten)]
-    pub topics: TopicsArgs,
+    pub common: CommonArgs,
     /// Consumer group; instances in one group share the partitions.
     #[arg(long = "group-id", env = "FLYWHEEL_REWARDER_GROUP_ID", default_value = "flywheel-rewarder")]
     pub group_id: String,
@@ -661,7 +655,7 @@ fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), Rewarder
 
 /// Runs the rewarder until `shutdown`, then checkpoints and exits.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RewarderError> {
-    let topics_config = config.topics.load()?;
+    let topics_config = config.common.topics.load()?;
     let reward_fn = match &config.reward_function {
         Some(p) => RewardFunction::load(p).map_err(|e| RewarderError::Config(e.to_string()))?,
         None => RewardFunction::default(),
@@ -678,15 +672,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set("consuming", false);
-    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
     let producer: ThreadedProducer<DeliveryTracker> = config
+        .common
         .kafka
         .client_config(&ClientRole::Producer)?
         .create_with_context(DeliveryTracker::default())
         .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
     let startup_ends = {
         let probe: BaseConsumer = config
+            .common
             .kafka
             .client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-probe".into() })?
             .create()
@@ -715,10 +712,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
         producer,
         partitions: Mutex::new(HashMap::new()),
         metrics,
-        kafka: config.kafka.clone(),
+        kafka: config.common.kafka.clone(),
         startup_ends,
     });
     let consumer: BaseConsumer<RebalanceContext> = config
+        .common
         .kafka
         .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
         .set("enable.auto.commit", "false")

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, KafkaArgs, read_back};
+use flywheel_core::kafka::{ClientRole, read_back};
 use flywheel_core::records::{DeadLetter, ModelCandidate, SourcePosition, TrainRequest};
-use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
-use flywheel_core::topics::{Topic, TopicsArgs};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::topics::Topic;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -33,15 +33,9 @@ use crate::job::{JobSettings, run_job};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flywheel-trainer", version, about = "Trains LoRA adapters from train requests")]
 pub struct Config {
-    /// Common service flags.
+    /// Service, Kafka and topic flags every service has.
     #[command(flatten)]
-    pub service: ServiceArgs,
-    /// Kafka connection.
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic layout.
-    #[command(flatten)]
-    pub topics: TopicsArgs,
+    pub common: CommonArgs,
     /// Consumer group.
     #[arg(long = "group-id", env = "FLYWHEEL_TRAINER_GROUP_ID", default_value = "flywheel-trainer")]
     pub group_id: String,
@@ -66,7 +60,7 @@ struct Metrics {
 
 /// Runs the trainer until `shutdown` (a job in progress finishes first).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TrainerError> {
-    let topics = config.topics.load()?;
+    let topics = config.common.topics.load()?;
     let (requests, candidates, dead) =
         (topics.name(Topic::TrainRequests), topics.name(Topic::ModelCandidates), topics.name(Topic::DeadLetters));
     let mut registry = Registry::default();
@@ -78,10 +72,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     r.register("busy", "1 while a job runs", metrics.busy.clone());
     let readiness = Readiness::default();
     readiness.set("recovered", false);
-    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
     // Requests already trained: their candidates are on the topic.
-    let kafka = config.kafka.clone();
+    let kafka = config.common.kafka.clone();
     let candidates_topic = candidates.clone();
     let mut done: HashSet<String> = tokio::task::spawn_blocking(move || {
         let mut done = HashSet::new();
@@ -105,11 +100,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
 
     let producer: FutureProducer = config
+        .common
         .kafka
         .client_config(&ClientRole::Producer)?
         .create()
         .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
     let consumer: StreamConsumer = config
+        .common
         .kafka
         .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
         .set("enable.auto.commit", "false")

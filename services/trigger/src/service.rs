@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, KafkaArgs, read_back};
+use flywheel_core::kafka::{ClientRole, read_back};
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
     TriggerDecision,
 };
-use flywheel_core::runtime::{OpsServer, Readiness, ServiceArgs};
-use flywheel_core::topics::{Topic, TopicsArgs};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -43,15 +43,9 @@ use crate::policy::{Accumulated, Policy, RequestHistory, evaluate, request_id, s
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flywheel-trigger", version, about = "Fires training when there is enough good signal")]
 pub struct Config {
-    /// Common service flags.
+    /// Service, Kafka and topic flags every service has.
     #[command(flatten)]
-    pub service: ServiceArgs,
-    /// Kafka connection.
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic layout.
-    #[command(flatten)]
-    pub topics: TopicsArgs,
+    pub common: CommonArgs,
     /// Policy TOML: a `[default]` table and `[overrides."<tenant>/<base model>"]`
     /// tables (each a full policy; unset fields take the built-in defaults).
     #[arg(long = "policy", env = "FLYWHEEL_TRIGGER_POLICY")]
@@ -264,7 +258,7 @@ pub fn decide(
 
 /// Runs the trigger until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TriggerError> {
-    let topics = config.topics.load()?;
+    let topics = config.common.topics.load()?;
     let policies = match &config.policy {
         Some(p) => Policies::load(p)?,
         None => Policies::default(),
@@ -273,13 +267,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set("caught_up", false);
-    let ops = OpsServer::start(config.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
     let names = (topics.name(Topic::Shards), topics.name(Topic::ModelRegistry));
     let (requests_topic, decisions_topic) = (topics.name(Topic::TrainRequests), topics.name(Topic::TriggerDecisions));
 
     // Every request ever made: used shards and the request history.
     let mut state = TriggerState::default();
-    let kafka = config.kafka.clone();
+    let kafka = config.common.kafka.clone();
     let requests_read = requests_topic.clone();
     let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
         let mut made = Vec::new();
@@ -305,11 +300,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     tracing::info!(requests = made.len(), used_shards = state.used.len(), "recovered from train-requests");
 
     let producer: FutureProducer = config
+        .common
         .kafka
         .client_config(&ClientRole::Producer)?
         .create()
         .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
     let consumer: BaseConsumer = config
+        .common
         .kafka
         .client_config(&ClientRole::Consumer { group_id: "flywheel-trigger".into() })?
         .set("enable.auto.commit", "false")
