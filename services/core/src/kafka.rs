@@ -275,6 +275,47 @@ pub fn read_back(
     }
 }
 
+/// Every record of `topic` from its start to its current end, decoded as
+/// `T` (undecodable records are skipped with a warning): how services rebuild
+/// their state from a topic on start.
+pub fn read_topic<T: crate::AvroRecord>(
+    args: &KafkaArgs,
+    reader: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    read_back(args, reader, &[topic], &TopicOffsets::new(), timeout, |m| {
+        match m.payload().map(crate::codec::decode::<T>) {
+            Some(Ok(r)) => out.push(r),
+            _ => {
+                tracing::warn!(topic, partition = m.partition(), offset = m.offset(), "skipping an undecodable record")
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// End offsets of every partition of `topics`, through a short-lived
+/// consumer named `reader` (never joins its group).
+pub fn topic_ends(args: &KafkaArgs, reader: &str, topics: &[&str]) -> Result<TopicOffsets> {
+    let probe: BaseConsumer = args
+        .client_config(&ClientRole::Consumer { group_id: reader.to_string() })?
+        .create()
+        .map_err(|e| Error::kafka("creating offset probe", e))?;
+    end_offsets(&probe, topics)
+}
+
+impl KafkaArgs {
+    /// A producer whose [`DeliveryTracker`] records failures and the ends it
+    /// wrote (the services that read their own outputs back use it).
+    pub fn tracked_producer(&self) -> Result<ThreadedProducer<DeliveryTracker>> {
+        self.client_config(&ClientRole::Producer)?
+            .create_with_context(DeliveryTracker::default())
+            .map_err(|e| Error::kafka("creating producer", e))
+    }
+}
+
 /// Producer context that remembers the first failed delivery and, per output
 /// partition, the end of what this producer has written. After a flush,
 /// anything written later lands beyond those ends: the lower bound a resumed

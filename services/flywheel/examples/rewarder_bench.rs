@@ -137,13 +137,10 @@ fn reader(kafka: &KafkaArgs) -> BaseConsumer {
     kafka.client_config(&ClientRole::Consumer { group_id: "bench-reader".into() }).unwrap().create().unwrap()
 }
 
+/// End offsets of every partition of `topic`, in one request.
 fn ends(c: &BaseConsumer, topic: &str) -> HashMap<i32, i64> {
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.id(), c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap().1))
-        .collect()
+    let ends = flywheel_core::kafka::end_offsets(c, &[topic]).unwrap();
+    ends.get(topic).map(|m| m.iter().map(|(p, e)| (*p, *e)).collect()).unwrap_or_default()
 }
 
 /// Reads the whole topic; returns records/s and the records.

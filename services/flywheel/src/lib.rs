@@ -614,12 +614,8 @@ async fn lake_section(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let root = demo_lake_root(broker_dir).display().to_string();
-    let probe: BaseConsumer = kafka
-        .client_config(&ClientRole::Consumer { group_id: "flywheel-demo-probe".into() })?
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
     let rewards_topic = topics.name(Topic::Rewards);
-    let ends = flywheel_core::kafka::end_offsets(&probe, &[rewards_topic.as_str()])?;
+    let ends = flywheel_core::kafka::topic_ends(kafka, "flywheel-demo-probe", &[&rewards_topic])?;
     let ends = ends.get(&rewards_topic).cloned().unwrap_or_default();
     let runtime = tokio::runtime::Handle::current();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

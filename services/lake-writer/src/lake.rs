@@ -216,6 +216,10 @@ struct Intent {
 pub struct Lake {
     storage: Arc<dyn Storage>,
     commits: Vec<Commit>,
+    /// Live files by path, derived from `commits` as they are read.
+    live: BTreeMap<String, AddedFile>,
+    /// Last committed offset per source `topic/partition`, likewise.
+    committed: BTreeMap<String, i64>,
     writer: String,
 }
 
@@ -231,7 +235,13 @@ impl Lake {
     /// Opens the lake on `storage` and reads its commit log.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Lake, LakeError> {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        let mut lake = Lake { storage, commits: Vec::new(), writer: format!("{host}/{}", std::process::id()) };
+        let mut lake = Lake {
+            storage,
+            commits: Vec::new(),
+            live: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            writer: format!("{host}/{}", std::process::id()),
+        };
         lake.refresh()?;
         Ok(lake)
     }
@@ -247,8 +257,23 @@ impl Lake {
             if commit.seq != seq {
                 return Err(LakeError::Log { path, detail: format!("expected commit {seq}, found {}", commit.seq) });
             }
-            self.commits.push(commit);
+            self.push(commit);
         }
+    }
+
+    /// Appends a commit read or written, keeping the derived views current.
+    fn push(&mut self, commit: Commit) {
+        for f in &commit.added {
+            self.live.insert(f.path.clone(), f.clone());
+        }
+        for r in &commit.removed {
+            self.live.remove(r);
+        }
+        for (tp, (_, last)) in &commit.offsets {
+            let e = self.committed.entry(tp.clone()).or_insert(*last);
+            *e = (*e).max(*last);
+        }
+        self.commits.push(commit);
     }
 
     /// The storage.
@@ -263,38 +288,22 @@ impl Lake {
 
     /// The committed data files (added and not removed since), by path.
     pub fn files(&self) -> Vec<&AddedFile> {
-        let mut live: BTreeMap<&str, &AddedFile> = BTreeMap::new();
-        for c in &self.commits {
-            for f in &c.added {
-                live.insert(&f.path, f);
-            }
-            for r in &c.removed {
-                live.remove(r.as_str());
-            }
-        }
-        live.into_values().collect()
+        self.live.values().collect()
     }
 
-    fn is_live(&self, path: &str) -> bool {
-        self.files().iter().any(|f| f.path == path)
+    /// Whether `path` is a committed, live data file.
+    pub fn is_live(&self, path: &str) -> bool {
+        self.live.contains_key(path)
     }
 
     /// The last committed offset of each source `topic/partition`.
     pub fn committed_offsets(&self) -> BTreeMap<String, i64> {
-        let mut out = BTreeMap::new();
-        for c in &self.commits {
-            for (tp, (_, last)) in &c.offsets {
-                let e = out.entry(tp.clone()).or_insert(*last);
-                *e = (*e).max(*last);
-            }
-        }
-        out
+        self.committed.clone()
     }
 
     /// The last committed offset of one source partition.
     pub fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
-        let key = source_key(topic, partition);
-        self.commits.iter().filter_map(|c| c.offsets.get(&key).map(|r| r.1)).max()
+        self.committed.get(&source_key(topic, partition)).copied()
     }
 
     /// Makes the lake consistent for a source partition this writer just
@@ -357,7 +366,7 @@ impl Lake {
                 Err(e) => return Err(e),
             }
         }
-        self.commits.push(commit);
+        self.push(commit);
         Ok(self.commits.last().expect("just pushed"))
     }
 
@@ -395,13 +404,8 @@ impl Lake {
             committed_at,
             writer: self.writer.clone(),
         };
-        match self.append(commit, check) {
-            Ok(_) => {}
-            Err(e) => {
-                // Leave the intent: the partition's next owner removes the files.
-                return Err(e);
-            }
-        }
+        // On failure the intent stays: the partition's next owner removes the files.
+        self.append(commit, check)?;
         if !files.is_empty() {
             self.storage.delete(&intent_path(&name))?;
         }
@@ -433,12 +437,9 @@ impl Lake {
             committed_at,
             writer: writer.to_string(),
         };
-        self.append(commit, |lake| {
-            let live: BTreeSet<&str> = lake.files().iter().map(|f| f.path.as_str()).collect();
-            match wanted.iter().find(|p| !live.contains(p.as_str())) {
-                Some(gone) => Err(LakeError::Conflict(format!("{gone} was removed by another commit"))),
-                None => Ok(()),
-            }
+        self.append(commit, |lake| match wanted.iter().find(|p| !lake.is_live(p)) {
+            Some(gone) => Err(LakeError::Conflict(format!("{gone} was removed by another commit"))),
+            None => Ok(()),
         })?;
         self.storage.delete(&intent_path(NAME))?;
         Ok(self.commits.last().expect("just committed"))
@@ -446,9 +447,8 @@ impl Lake {
 
     /// Deletes the bytes of files that commits removed (idempotent).
     pub fn vacuum(&self) -> Result<usize, LakeError> {
-        let live: BTreeSet<&str> = self.files().iter().map(|f| f.path.as_str()).collect();
         let mut n = 0;
-        for path in self.commits.iter().flat_map(|c| &c.removed).filter(|p| !live.contains(p.as_str())) {
+        for path in self.commits.iter().flat_map(|c| &c.removed).filter(|p| !self.is_live(p)) {
             n += usize::from(self.storage.delete(path)?);
         }
         Ok(n)

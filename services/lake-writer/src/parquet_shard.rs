@@ -179,12 +179,6 @@ impl RewardBatcher {
     }
 }
 
-/// The Arrow schema of lake files: the reward columns plus the source columns.
-pub fn lake_schema() -> Result<Arc<Schema>, LakeError> {
-    let reward = decoder(&RewardSchemas::released()?, 1)?.schema();
-    Ok(Arc::new(extend(&reward)))
-}
-
 fn extend(reward: &Schema) -> Schema {
     let mut fields: Vec<Arc<Field>> = reward.fields().iter().cloned().collect();
     fields.push(Arc::new(Field::new(SOURCE_PARTITION_COLUMN, DataType::Int32, false)));

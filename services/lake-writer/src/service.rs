@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, DeliveryTracker, TopicOffsets, end_offsets, read_back, send_blocking};
+use flywheel_core::kafka::{ClientRole, DeliveryTracker, TopicOffsets, read_back, send_blocking, topic_ends};
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
 use flywheel_core::topics::Topic;
@@ -362,27 +362,25 @@ impl Writer {
         let started = Instant::now();
         let topic = self.names.rewards.clone();
         let prefix = file_prefix(&topic, partition)?;
-        let (previous, pending, files) = {
+        let key = source_key(&topic, partition);
+        let (previous, files) = {
             let mut lake = self.lake();
             lake.refresh()?;
             lake.recover_partition(&topic, partition)?;
-            let key = source_key(&topic, partition);
-            let commits: Vec<Commit> =
-                lake.commits().iter().filter(|c| c.offsets.contains_key(&key)).cloned().collect();
-            let mut files: Vec<(u64, String)> = Vec::new();
-            for c in lake.commits() {
-                for f in c.added.iter().filter(|f| f.sources.contains_key(&key)) {
-                    files.push((c.seq, f.path.clone()));
-                }
-            }
-            let live: HashSet<String> = lake.files().iter().map(|f| f.path.clone()).collect();
-            files.retain(|(_, p)| live.contains(p));
-            (lake.committed_offset(&topic, partition), commits, files)
+            // Live files holding rows of this partition, oldest commit first.
+            let files: Vec<String> = lake
+                .commits()
+                .iter()
+                .flat_map(|c| &c.added)
+                .filter(|f| f.sources.contains_key(&key) && lake.is_live(&f.path))
+                .map(|f| f.path.clone())
+                .collect();
+            (lake.committed_offset(&topic, partition), files)
         };
-        self.publish_pending(partition, &prefix, &pending)?;
+        self.publish_pending(partition, &prefix, &key)?;
         let mut recent = RecentIds::new(self.config.dedupe_window);
         let mut ids = Vec::new();
-        for (_, path) in files.iter().rev() {
+        for path in files.iter().rev() {
             if ids.len() >= self.config.dedupe_window {
                 break;
             }
@@ -408,9 +406,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Publishes the manifests and dead letters of `commits` (all of one
-    /// partition) that are not on their topics yet.
-    fn publish_pending(&mut self, partition: i32, prefix: &str, commits: &[Commit]) -> Result<(), LakeError> {
+    /// Publishes the manifests and dead letters of the commits of source
+    /// partition `key` that are not on their topics yet.
+    fn publish_pending(&mut self, partition: i32, prefix: &str, key: &str) -> Result<(), LakeError> {
         let marker: Option<PublishedMarker> = match self.storage.get(&marker_path(prefix))? {
             Some(bytes) => Some(
                 serde_json::from_slice(&bytes)
@@ -418,15 +416,21 @@ impl Writer {
             ),
             None => None,
         };
+        let after = marker.as_ref().and_then(|m| m.through_seq);
+        let pending: Vec<Commit> = self
+            .lake()
+            .commits()
+            .iter()
+            .filter(|c| c.offsets.contains_key(key) && after.is_none_or(|t| c.seq > t))
+            .cloned()
+            .collect();
         let Some(marker) = marker else {
             // Nothing of this partition was ever published: the marker is
             // always written before the first publication.
             let ends = self.flush_producer()?;
             self.write_marker(prefix, &PublishedMarker { through_seq: None, ends })?;
-            return self.publish(partition, prefix, commits, &HashSet::new(), &HashSet::new());
+            return self.publish(partition, prefix, &pending, &HashSet::new(), &HashSet::new());
         };
-        let pending: Vec<Commit> =
-            commits.iter().filter(|c| marker.through_seq.is_none_or(|t| c.seq > t)).cloned().collect();
         if pending.is_empty() {
             return Ok(());
         }
@@ -643,21 +647,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
     let worker = tokio::task::spawn_blocking(move || -> Result<(), LakeError> {
         let storage = open_storage(&config.lake_root, runtime)?;
         let lake = Arc::new(Mutex::new(Lake::open(storage.clone())?));
-        let producer: ThreadedProducer<DeliveryTracker> = config
-            .common
-            .kafka
-            .client_config(&ClientRole::Producer)?
-            .create_with_context(DeliveryTracker::default())
-            .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
-        let startup_ends = {
-            let probe: BaseConsumer = config
-                .common
-                .kafka
-                .client_config(&ClientRole::Consumer { group_id: format!("{}-probe", config.group_id) })?
-                .create()
-                .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
-            end_offsets(&probe, &[names.shards.as_str(), names.dead.as_str()])?
-        };
+        let producer = config.common.kafka.tracked_producer()?;
+        let probe = format!("{}-probe", config.group_id);
+        let startup_ends = topic_ends(&config.common.kafka, &probe, &[&names.shards, &names.dead])?;
         let context = RebalanceContext {
             lake: lake.clone(),
             topic: names.rewards.clone(),

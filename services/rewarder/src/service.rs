@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{
-    ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, end_offsets, read_back, send_blocking,
+    ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, read_back, send_blocking, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
@@ -675,23 +675,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     let ops =
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
-    let producer: ThreadedProducer<DeliveryTracker> = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Producer)?
-        .create_with_context(DeliveryTracker::default())
-        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
-    let startup_ends = {
-        let probe: BaseConsumer = config
-            .common
-            .kafka
-            .client_config(&ClientRole::Consumer { group_id: "flywheel-rewarder-probe".into() })?
-            .create()
-            .map_err(|e| flywheel_core::Error::kafka("creating offset probe", e))?;
-        let names = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
-            .map(|t| topics_config.name(t));
-        end_offsets(&probe, &names.each_ref().map(String::as_str))?
-    };
+    let producer = config.common.kafka.tracked_producer()?;
+    let outputs = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
+        .map(|t| topics_config.name(t));
+    let startup_ends =
+        topic_ends(&config.common.kafka, "flywheel-rewarder-probe", &outputs.each_ref().map(String::as_str))?;
     let core = Arc::new(Core {
         topics: Topics {
             input: topics_config.name(Topic::Interactions),

@@ -61,11 +61,6 @@ impl AdamW {
         }
     }
 
-    /// Steps taken.
-    pub fn steps(&self) -> u64 {
-        self.step
-    }
-
     /// One update of `lora` with `grads` at learning rate `lr`.
     pub fn update(&mut self, lora: &mut LoraAdapter, grads: &LoraGrads, lr: f64) {
         self.step += 1;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, read_back};
+use flywheel_core::kafka::{ClientRole, read_topic};
 use flywheel_core::records::{DeadLetter, ModelCandidate, SourcePosition, TrainRequest};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
 use flywheel_core::topics::Topic;
@@ -79,23 +79,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     let kafka = config.common.kafka.clone();
     let candidates_topic = candidates.clone();
     let mut done: HashSet<String> = tokio::task::spawn_blocking(move || {
-        let mut done = HashSet::new();
-        read_back(
-            &kafka,
-            "flywheel-trainer-candidates",
-            &[&candidates_topic],
-            &Default::default(),
-            Duration::from_secs(60),
-            |m| {
-                if let Some(Ok(c)) = m.payload().map(decode::<ModelCandidate>) {
-                    done.insert(c.request_id);
-                }
-            },
-        )
-        .map(|()| done)
+        read_topic::<ModelCandidate>(&kafka, "flywheel-trainer-candidates", &candidates_topic, Duration::from_secs(60))
     })
     .await
-    .map_err(|e| TrainerError::Format(format!("reading candidates: {e}")))??;
+    .map_err(|e| TrainerError::Format(format!("reading candidates: {e}")))??
+    .into_iter()
+    .map(|c| c.request_id)
+    .collect();
     readiness.set("recovered", true);
     tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
 

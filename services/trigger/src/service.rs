@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, read_back};
+use flywheel_core::kafka::{ClientRole, read_topic};
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
     TriggerDecision,
@@ -277,20 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     let kafka = config.common.kafka.clone();
     let requests_read = requests_topic.clone();
     let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
-        let mut made = Vec::new();
-        read_back(
-            &kafka,
-            "flywheel-trigger-requests",
-            &[&requests_read],
-            &Default::default(),
-            Duration::from_secs(60),
-            |m| {
-                if let Some(Ok(r)) = m.payload().map(decode::<TrainRequest>) {
-                    made.push(r);
-                }
-            },
-        )
-        .map(|()| made)
+        read_topic(&kafka, "flywheel-trigger-requests", &requests_read, Duration::from_secs(60))
     })
     .await
     .map_err(|e| TriggerError::Config(format!("reading train requests: {e}")))??;
