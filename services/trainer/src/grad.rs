@@ -9,25 +9,12 @@
 use std::collections::BTreeMap;
 
 use crate::TrainerError;
+use crate::linalg::{matmul, matmul_t, matmul_tn};
 use crate::lora::LoraAdapter;
-use crate::model::{Model, Trace, matmul_t, projection_name, silu};
+use crate::model::{Model, Trace, projection_name, silu};
 
 /// Gradients per adapted (layer, projection): (dA, dB), shaped like A and B.
 pub type LoraGrads = BTreeMap<(usize, String), (Vec<f32>, Vec<f32>)>;
-
-/// `a [m × k] · b [k × n]`.
-fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
-    let a = ndarray::ArrayView2::from_shape((m, k), &a[..m * k]).expect("a is m × k");
-    let b = ndarray::ArrayView2::from_shape((k, n), &b[..k * n]).expect("b is k × n");
-    a.dot(&b).iter().copied().collect()
-}
-
-/// `a [k × m]ᵀ · b [k × n]` → `[m × n]`.
-fn matmul_tn(a: &[f32], k: usize, m: usize, b: &[f32], n: usize) -> Vec<f32> {
-    let a = ndarray::ArrayView2::from_shape((k, m), &a[..k * m]).expect("a is k × m");
-    let b = ndarray::ArrayView2::from_shape((k, n), &b[..k * n]).expect("b is k × n");
-    a.t().dot(&b).iter().copied().collect()
-}
 
 fn add_into(acc: &mut [f32], x: &[f32]) {
     for (a, b) in acc.iter_mut().zip(x) {
@@ -145,6 +132,52 @@ fn project_backward(
     dx
 }
 
+/// `log π(tokens[prompt_len..] | tokens[..prompt_len])` from the logits of
+/// the whole sequence: position p predicts token p + 1, and only completion
+/// tokens count.
+pub fn completion_logprob_of(logits: &[f32], vocab: usize, tokens: &[u32], prompt_len: usize) -> f64 {
+    let mut logp = 0.0;
+    for p in prompt_len.saturating_sub(1)..tokens.len().saturating_sub(1) {
+        let row = &logits[p * vocab..(p + 1) * vocab];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|v| f64::from(v - max).exp()).sum();
+        logp += f64::from(row[tokens[p + 1] as usize] - max) - sum.ln();
+    }
+    logp
+}
+
+/// A completion's forward pass under the adapter, kept for its backward.
+#[derive(Debug)]
+pub struct TracedCompletion {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    logits: Vec<f32>,
+    trace: Trace,
+    /// `log π(completion | prompt)`.
+    pub logp: f64,
+}
+
+/// Runs the forward pass of `tokens` under `lora`, keeping what the
+/// backward pass needs.
+pub fn trace_completion(
+    model: &Model,
+    lora: &LoraAdapter,
+    tokens: &[u32],
+    prompt_len: usize,
+) -> Result<TracedCompletion, TrainerError> {
+    if prompt_len == 0 || prompt_len >= tokens.len() {
+        return Err(TrainerError::Format(format!(
+            "a sequence of {} tokens needs a prompt of 1..{} tokens, got {prompt_len}",
+            tokens.len(),
+            tokens.len()
+        )));
+    }
+    let mut trace = Trace::default();
+    let logits = model.forward_traced(tokens, Some(lora), Some(&mut trace))?;
+    let logp = completion_logprob_of(&logits, model.config.vocab_size, tokens, prompt_len);
+    Ok(TracedCompletion { tokens: tokens.to_vec(), prompt_len, logits, trace, logp })
+}
+
 /// `log π(tokens[prompt_len..] | tokens[..prompt_len])` under the adapted
 /// model, and the gradient of `coef` times it with respect to the adapter.
 pub fn completion_logprob_grad(
@@ -154,32 +187,28 @@ pub fn completion_logprob_grad(
     prompt_len: usize,
     coef: f32,
 ) -> Result<(f64, LoraGrads), TrainerError> {
-    if prompt_len == 0 || prompt_len >= tokens.len() {
-        return Err(TrainerError::Format(format!(
-            "a sequence of {} tokens needs a prompt of 1..{} tokens, got {prompt_len}",
-            tokens.len(),
-            tokens.len()
-        )));
-    }
+    let traced = trace_completion(model, lora, tokens, prompt_len)?;
+    Ok((traced.logp, backward(model, lora, &traced, coef)))
+}
+
+/// The gradient of `coef · log π(completion | prompt)` with respect to the
+/// adapter, from a traced forward pass.
+pub fn backward(model: &Model, lora: &LoraAdapter, traced: &TracedCompletion, coef: f32) -> LoraGrads {
+    let TracedCompletion { tokens, prompt_len, logits, trace, .. } = traced;
     let c = &model.config;
     let (t, h, hd, vocab) = (tokens.len(), c.hidden_size, c.head_dim(), c.vocab_size);
     let (nh, nkv) = (c.num_attention_heads, c.kv_heads());
-    let mut trace = Trace::default();
-    let logits = model.forward_traced(tokens, Some(lora), Some(&mut trace))?;
-    // Position p predicts token p + 1; only completion tokens carry loss.
-    let mut logp = 0.0f64;
+    // d(coef · log softmax[target]) / d logits = coef · (onehot − softmax).
     let mut dlogits = vec![0.0f32; t * vocab];
     for p in prompt_len - 1..t - 1 {
         let row = &logits[p * vocab..(p + 1) * vocab];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = row.iter().map(|v| f64::from(v - max).exp()).sum();
-        let target = tokens[p + 1] as usize;
-        logp += f64::from(row[target] - max) - sum.ln();
         let d = &mut dlogits[p * vocab..(p + 1) * vocab];
         for (dv, v) in d.iter_mut().zip(row) {
             *dv = -coef * (f64::from(v - max).exp() / sum) as f32;
         }
-        d[target] += coef;
+        d[tokens[p + 1] as usize] += coef;
     }
     let mut grads = LoraGrads::new();
     let dnormed = matmul(&dlogits, t, vocab, model.head(), h);
@@ -210,7 +239,7 @@ pub fn completion_logprob_grad(
         let w1 = model.weight_of(&format!("model.layers.{l}.input_layernorm.weight"));
         add_into(&mut dx, &rms_norm_backward(&tr.x_in, h, w1, c.rms_norm_eps, &dn1));
     }
-    Ok((logp, grads))
+    grads
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::TrainerError;
 use crate::lora::LoraAdapter;
 use crate::model::Model;
-use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob, implicit_reward_accuracy};
+use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob, pairwise_accuracy};
 use crate::optim::{AdamW, clip_grad_norm, learning_rate};
 
 /// Version of the training code, part of every adapter version.
@@ -145,20 +145,22 @@ pub fn held_out(salt: &str, suggestion_id: &str, fraction: f64) -> bool {
 /// Holdout metrics of an adapter.
 fn evaluate(model: &Model, lora: &LoraAdapter, holdout: &[Example]) -> Result<BTreeMap<String, f64>, TrainerError> {
     let mut m = BTreeMap::new();
+    // Log-probability and implicit reward (versus the base) per example.
     let (mut acc, mut rej, mut kl, mut tokens) = (Vec::new(), Vec::new(), 0.0, 0usize);
     for ex in holdout {
         let lp = completion_logprob(model, Some(lora), ex)?;
-        let base = completion_logprob(model, None, ex)?;
-        kl += lp - base;
+        let r = lp - completion_logprob(model, None, ex)?;
+        kl += r;
         tokens += ex.tokens.len() - ex.prompt_len;
-        if ex.accepted { acc.push(lp) } else { rej.push(lp) }
+        if ex.accepted { acc.push((lp, r)) } else { rej.push((lp, r)) }
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let mean = |v: &[(f64, f64)]| v.iter().map(|(lp, _)| lp).sum::<f64>() / v.len().max(1) as f64;
     m.insert("holdout_logprob_accepted".into(), mean(&acc));
     m.insert("holdout_logprob_rejected".into(), mean(&rej));
     m.insert("kl_to_base_per_token".into(), kl / tokens.max(1) as f64);
-    if !acc.is_empty() && !rej.is_empty() {
-        m.insert("implicit_reward_accuracy".into(), implicit_reward_accuracy(model, lora, holdout)?);
+    let rewards = |v: &[(f64, f64)]| v.iter().map(|(_, r)| *r).collect::<Vec<f64>>();
+    if let Some(accuracy) = pairwise_accuracy(&rewards(&acc), &rewards(&rej)) {
+        m.insert("implicit_reward_accuracy".into(), accuracy);
     }
     Ok(m)
 }

@@ -13,6 +13,7 @@ pub use service::{Config, run};
 
 pub mod grad;
 pub mod job;
+pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod objective;

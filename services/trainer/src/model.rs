@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
+use crate::linalg::matmul_t;
 use crate::lora::LoraAdapter;
 
 /// The fields of `config.json` the forward pass needs.
@@ -421,15 +422,6 @@ pub struct Trace {
     pub cos: Vec<f32>,
     /// RoPE tables.
     pub sin: Vec<f32>,
-}
-
-/// `a [m × k] · w[n × k]ᵀ` → `[m × n]`, with matrixmultiply's
-/// multithreaded SGEMM (through ndarray's safe interface).
-pub fn matmul_t(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let a = ndarray::ArrayView2::from_shape((m, k), &a[..m * k]).expect("a is m × k");
-    let w = ndarray::ArrayView2::from_shape((n, k), &w[..n * k]).expect("w is n × k");
-    let c = a.dot(&w.t());
-    if c.is_standard_layout() { c.into_raw_vec_and_offset().0 } else { c.iter().copied().collect() }
 }
 
 /// RMSNorm of each `width`-wide row, computed in f32 as HF does.

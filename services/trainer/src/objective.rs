@@ -11,7 +11,7 @@
 //! - Reward-weighted SFT: `L = −w·log π` on accepted completions.
 
 use crate::TrainerError;
-use crate::grad::{LoraGrads, completion_logprob_grad};
+use crate::grad::{LoraGrads, TracedCompletion, backward, completion_logprob_of, trace_completion};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
 
@@ -60,15 +60,7 @@ fn sigmoid(x: f64) -> f64 {
 /// `log π(completion | prompt)` under `lora` (or the base when `None`).
 pub fn completion_logprob(model: &Model, lora: Option<&LoraAdapter>, ex: &Example) -> Result<f64, TrainerError> {
     let logits = model.forward(&ex.tokens, lora)?;
-    let vocab = model.config.vocab_size;
-    let mut lp = 0.0;
-    for p in ex.prompt_len.saturating_sub(1)..ex.tokens.len() - 1 {
-        let row = &logits[p * vocab..(p + 1) * vocab];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = row.iter().map(|v| f64::from(v - max).exp()).sum();
-        lp += f64::from(row[ex.tokens[p + 1] as usize] - max) - sum.ln();
-    }
-    Ok(lp)
+    Ok(completion_logprob_of(&logits, model.config.vocab_size, &ex.tokens, ex.prompt_len))
 }
 
 /// The mean loss of a batch and its gradient with respect to the adapter.
@@ -87,8 +79,11 @@ pub fn batch_loss_and_grads(
         Objective::Reinforce { kl_coef, .. } => *kl_coef > 0.0,
         Objective::Sft => false,
     };
-    let policy: Vec<f64> =
-        batch.iter().map(|ex| completion_logprob(model, Some(lora), ex)).collect::<Result<_, _>>()?;
+    // One traced forward pass per example serves both the loss value and
+    // the backward pass.
+    let traced: Vec<TracedCompletion> =
+        batch.iter().map(|ex| trace_completion(model, lora, &ex.tokens, ex.prompt_len)).collect::<Result<_, _>>()?;
+    let policy: Vec<f64> = traced.iter().map(|t| t.logp).collect();
     let reference: Vec<f64> = if needs_ref {
         batch.iter().map(|ex| completion_logprob(model, None, ex)).collect::<Result<_, _>>()?
     } else {
@@ -145,13 +140,12 @@ pub fn batch_loss_and_grads(
     }
     let mut grads = LoraGrads::new();
     let mut loss = 0.0;
-    for (ex, (l, dl)) in batch.iter().zip(terms) {
+    for (traced, (l, dl)) in traced.iter().zip(terms) {
         loss += l / n;
         if dl == 0.0 {
             continue;
         }
-        let (_, g) = completion_logprob_grad(model, lora, &ex.tokens, ex.prompt_len, (dl / n) as f32)?;
-        for (key, (ga, gb)) in g {
+        for (key, (ga, gb)) in backward(model, lora, traced, (dl / n) as f32) {
             let (a, b) = grads.entry(key).or_insert_with(|| (vec![0.0; ga.len()], vec![0.0; gb.len()]));
             a.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
             b.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
@@ -170,12 +164,19 @@ pub fn implicit_reward_accuracy(model: &Model, lora: &LoraAdapter, holdout: &[Ex
         let r = completion_logprob(model, Some(lora), ex)? - completion_logprob(model, None, ex)?;
         if ex.accepted { acc.push(r) } else { rej.push(r) }
     }
-    if acc.is_empty() || rej.is_empty() {
-        return Err(TrainerError::Format("holdout needs accepted and rejected examples".into()));
+    pairwise_accuracy(&acc, &rej)
+        .ok_or_else(|| TrainerError::Format("holdout needs accepted and rejected examples".into()))
+}
+
+/// The share of (accepted, rejected) pairs whose implicit rewards are
+/// ordered right (ties count half); `None` without both kinds.
+pub fn pairwise_accuracy(accepted: &[f64], rejected: &[f64]) -> Option<f64> {
+    if accepted.is_empty() || rejected.is_empty() {
+        return None;
     }
     let mut wins = 0.0;
-    for a in &acc {
-        for r in &rej {
+    for a in accepted {
+        for r in rejected {
             wins += if a > r {
                 1.0
             } else if a == r {
@@ -185,7 +186,7 @@ pub fn implicit_reward_accuracy(model: &Model, lora: &LoraAdapter, holdout: &[Ex
             };
         }
     }
-    Ok(wins / (acc.len() * rej.len()) as f64)
+    Some(wins / (accepted.len() * rejected.len()) as f64)
 }
 
 #[cfg(test)]
