@@ -98,6 +98,42 @@ pub fn unique_topic(label: &str) -> String {
     format!("t-{label}-{}-{n}-{nanos}", std::process::id())
 }
 
+/// A test's own topic map: a unique prefix, the wanted topics created on the
+/// shared broker, and the topics file services are started with.
+#[derive(Debug)]
+pub struct TestTopics {
+    /// Kafka settings of the shared broker.
+    pub kafka: KafkaArgs,
+    /// The map (prefix and overrides).
+    pub topics: flywheel_core::topics::TopicsConfig,
+    /// `topics.toml` for `--topics-config`.
+    pub file: PathBuf,
+    /// A fresh directory of this test (holds the file).
+    pub dir: PathBuf,
+}
+
+/// Creates `wanted` under a unique prefix, with `partitions` overriding one
+/// topic's partition count.
+pub async fn test_topics(label: &str, wanted: &[Topic], partitions: Option<(Topic, i32)>) -> TestTopics {
+    let kafka = kafka_args();
+    let prefix = format!("{}.", unique_topic(label));
+    let mut text = format!("prefix = \"{prefix}\"\n");
+    let mut topics = flywheel_core::topics::TopicsConfig { prefix, ..Default::default() };
+    if let Some((topic, n)) = partitions {
+        let name = topic.default_name();
+        text.push_str(&format!("[topics.{name}]\npartitions = {n}\n"));
+        let o = flywheel_core::topics::TopicOverride { partitions: Some(n), ..Default::default() };
+        topics.topics.insert(name.into(), o);
+    }
+    let specs: Vec<TopicSpec> = wanted.iter().map(|t| topics.spec(*t)).collect();
+    create_topics(&kafka, &specs, Duration::from_secs(30)).await.expect("creating test topics");
+    let dir = std::env::temp_dir().join(unique_topic(label));
+    std::fs::create_dir_all(&dir).expect("creating the test directory");
+    let file = dir.join("topics.toml");
+    std::fs::write(&file, text).expect("writing topics.toml");
+    TestTopics { kafka, topics, file, dir }
+}
+
 /// Creates a fresh topic with `partitions` partitions and returns its name.
 pub async fn create_unique_topic(label: &str, partitions: i32) -> String {
     let name = unique_topic(label);

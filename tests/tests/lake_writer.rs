@@ -12,12 +12,12 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use flywheel_core::codec::encode;
-use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::{DeadLetter, Outcome, Reward, ShardManifest};
-use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
+use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake_writer::lake::Lake;
 use flywheel_lake_writer::store::{LocalStore, Storage};
-use flywheel_tests::{kafka_args, read_all, unique_topic, workspace_binary, workspace_root};
+use flywheel_tests::{read_all, test_topics, unique_topic, workspace_binary, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: i32 = 3;
@@ -32,20 +32,11 @@ struct Setup {
 }
 
 async fn setup(label: &str) -> Setup {
-    let kafka = kafka_args();
-    let mut topics = TopicsConfig { prefix: format!("{}.", unique_topic(label)), ..TopicsConfig::default() };
-    topics.topics.insert("rewards".into(), TopicOverride { partitions: Some(PARTITIONS), ..Default::default() });
-    let specs: Vec<_> = [Topic::Rewards, Topic::Shards, Topic::DeadLetters].map(|t| topics.spec(t)).into();
-    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
-    let dir = std::env::temp_dir().join(unique_topic(label));
-    std::fs::create_dir_all(&dir).unwrap();
-    let topics_file = dir.join("topics.toml");
-    std::fs::write(
-        &topics_file,
-        format!("prefix = \"{}\"\n[topics.rewards]\npartitions = {PARTITIONS}\n", topics.prefix),
-    )
-    .unwrap();
-    Setup { kafka, topics, topics_file, lake: dir.join("lake"), group: unique_topic(&format!("{label}-group")) }
+    let t =
+        test_topics(label, &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, PARTITIONS)))
+            .await;
+    let group = unique_topic(&format!("{label}-group"));
+    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake: t.dir.join("lake"), group }
 }
 
 /// A small deterministic generator (xorshift), seeded per run and printed.

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::encode;
-use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
-use flywheel_tests::{kafka_args, read_all, unique_topic, workspace_binary};
+use flywheel_tests::{read_all, test_topics, unique_topic, workspace_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -32,31 +32,15 @@ struct Setup {
 }
 
 async fn setup(label: &str) -> Setup {
-    let kafka = kafka_args();
-    let mut topics = TopicsConfig { prefix: format!("{}.", unique_topic(label)), ..TopicsConfig::default() };
-    topics.topics.insert(
-        "interactions".into(),
-        flywheel_core::topics::TopicOverride { partitions: Some(PARTITIONS), ..Default::default() },
-    );
-    let specs: Vec<_> =
-        [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
-            .map(|t| topics.spec(t))
-            .into();
-    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
-    let dir = std::env::temp_dir().join(unique_topic(label));
-    std::fs::create_dir_all(&dir).unwrap();
-    let topics_file = dir.join("topics.toml");
-    std::fs::write(
-        &topics_file,
-        format!("prefix = \"{}\"\n[topics.interactions]\npartitions = {PARTITIONS}\n", topics.prefix),
-    )
-    .unwrap();
+    let wanted =
+        [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics];
+    let t = test_topics(label, &wanted, Some((Topic::Interactions, PARTITIONS))).await;
     Setup {
         group: unique_topic(&format!("{label}-group")),
-        kafka,
-        topics,
-        topics_file,
-        checkpoints: dir.join("checkpoints"),
+        kafka: t.kafka,
+        topics: t.topics,
+        topics_file: t.file,
+        checkpoints: t.dir.join("checkpoints"),
     }
 }
 

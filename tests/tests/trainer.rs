@@ -132,21 +132,16 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_ones() {
     use clap::Parser;
-    use flywheel_core::kafka::{ClientRole, create_topics};
+    use flywheel_core::kafka::ClientRole;
     use flywheel_core::records::{DeadLetter, ModelCandidate};
-    use flywheel_core::topics::{Topic, TopicsConfig};
-    use flywheel_tests::{kafka_args, read_all, unique_topic};
+    use flywheel_core::topics::Topic;
+    use flywheel_tests::{TestTopics, read_all, test_topics, unique_topic};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::time::{Duration, Instant};
 
     let (dir, models, lake) = fixture();
-    let kafka = kafka_args();
-    let topics = TopicsConfig { prefix: format!("{}.", unique_topic("trainer")), ..TopicsConfig::default() };
-    let specs: Vec<_> =
-        [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters].map(|t| topics.spec(t)).into();
-    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
-    let topics_file = dir.path().join("topics.toml");
-    std::fs::write(&topics_file, format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
+    let wanted = [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters];
+    let TestTopics { kafka, topics, file: topics_file, .. } = test_topics("trainer", &wanted, None).await;
     let mut good = request(&lake, "req-good");
     good.objective.max_steps = 5;
     let mut tampered = request(&lake, "req-tampered");

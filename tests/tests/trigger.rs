@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::encode;
-use flywheel_core::kafka::{ClientRole, create_topics};
+use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ShardManifest, ShardVersionStats, TrainRequest, TriggerDecision};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{kafka_args, read_all, unique_topic, workspace_root};
+use flywheel_tests::{TestTopics, kafka_args, read_all, test_topics, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -44,16 +44,8 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let kafka = kafka_args();
-    let topics = TopicsConfig { prefix: format!("{}.", unique_topic("trigger")), ..TopicsConfig::default() };
-    let specs: Vec<_> = [Topic::Shards, Topic::TrainRequests, Topic::TriggerDecisions, Topic::ModelRegistry]
-        .map(|t| topics.spec(t))
-        .into();
-    create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
-    let dir = std::env::temp_dir().join(unique_topic("trigger"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let topics_file = dir.join("topics.toml");
-    std::fs::write(&topics_file, format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
+    let wanted = [Topic::Shards, Topic::TrainRequests, Topic::TriggerDecisions, Topic::ModelRegistry];
+    let TestTopics { kafka, topics, file: topics_file, dir } = test_topics("trigger", &wanted, None).await;
     let policy = dir.join("policy.toml");
     std::fs::write(
         &policy,

@@ -30,74 +30,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../rewarder/examples/common/bench_stream.rs"]
+mod bench_stream;
+use bench_stream::{T0, bench_stream, shown};
+
 const SUGGESTIONS: usize = 60_000;
 const PARTITIONS: i32 = 4;
 const ROUNDS: usize = 3;
 const WINDOW_MS: i64 = 5_000;
-const T0: i64 = 1_795_424_400_000;
-
-fn event(n: usize, s: &str, t: i64, payload: InteractionPayload) -> Interaction {
-    Interaction {
-        event_id: format!("8e000000-0000-4000-8000-{n:012}"),
-        event_time: t,
-        received_time: t,
-        tenant: "bench".into(),
-        user_id: format!("{:064x}", n % 5003),
-        session_id: None,
-        suggestion_id: s.into(),
-        payload,
-        attributes: Default::default(),
-    }
-}
-
-fn shown(n: usize, s: &str, t: i64) -> Interaction {
-    event(
-        n,
-        s,
-        t,
-        InteractionPayload::Shown(SuggestionShown {
-            model_id: "flywheel/tiny-llama".into(),
-            adapter_version: Some("a1".into()),
-            experiment_arm: Some("live".into()),
-            surface: "editor-inline".into(),
-            prompt: "def fibonacci(n):\n    ".into(),
-            completion: "if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)".into(),
-            behavior_logprob: Some(-7.25),
-            latency_ms: 180,
-        }),
-    )
-}
-
-/// Suggestions 10 ms apart; 80 % get an outcome, 10 % a follow-up, 5 % a
-/// rating, interleaved as a product would send them.
-fn input() -> Vec<Interaction> {
-    let mut events = Vec::new();
-    for i in 0..SUGGESTIONS {
-        let s = format!("sugg-{i}");
-        let t = T0 + i as i64 * 10;
-        events.push(shown(4 * i, &s, t));
-        match i % 10 {
-            0..=4 => events.push(event(
-                4 * i + 1,
-                &s,
-                t + 400,
-                InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: 400 }),
-            )),
-            5..=7 => events.push(event(4 * i + 1, &s, t + 300, InteractionPayload::Rejected(Default::default()))),
-            _ => {}
-        }
-        if i % 10 == 0 {
-            let f = FollowUp { action: FollowUpAction::Regenerate, detail: None };
-            events.push(event(4 * i + 2, &s, t + 900, InteractionPayload::FollowUp(f)));
-        }
-        if i % 20 == 0 {
-            let r = SuggestionRated { score: 4.0, scale_min: 1.0, scale_max: 5.0 };
-            events.push(event(4 * i + 3, &s, t + 1500, InteractionPayload::Rated(r)));
-        }
-    }
-    events.sort_by_key(|e| (e.event_time, e.event_id.clone()));
-    events
-}
 
 async fn produce(kafka: &KafkaArgs, topic: &str, events: &[Interaction]) {
     let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
@@ -271,7 +211,7 @@ async fn main() {
         LocalBroker::start_with_storage(&binary, free_local_addr().unwrap(), &data, storage, Duration::from_secs(60))
             .expect("the benchmark needs the broker: run `make setup`");
     let kafka = KafkaArgs::local(broker.bootstrap());
-    let events = input();
+    let events = bench_stream(SUGGESTIONS);
     let mut raw = Vec::new();
     let mut rewarder = vec![Vec::new(); CADENCES.len()];
     let mut rewards = 0;

@@ -12,90 +12,16 @@ use flywheel_core::records::*;
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 
+#[path = "common/bench_stream.rs"]
+mod bench_stream;
+use bench_stream::bench_stream;
+
 const SUGGESTIONS: usize = 1_000_000;
 const RUNS: usize = 5;
-const T0: i64 = 1_795_424_400_000;
-
-fn event(n: usize, s: &str, t: i64, payload: InteractionPayload) -> Interaction {
-    Interaction {
-        event_id: format!("7e000000-0000-4000-8000-{n:012}"),
-        event_time: t,
-        received_time: t,
-        tenant: "bench".into(),
-        user_id: format!("{:064x}", n % 5003),
-        session_id: None,
-        suggestion_id: s.into(),
-        payload,
-        attributes: Default::default(),
-    }
-}
 
 fn main() {
-    // Suggestions every 10 ms of event time; outcomes and follow-ups arrive
-    // interleaved a few hundred ms later, as from a real product.
-    let mut events: Vec<(i64, Interaction)> = Vec::new();
-    for i in 0..SUGGESTIONS {
-        let s = format!("sugg-{i}");
-        let t = T0 + i as i64 * 10;
-        events.push((
-            t,
-            event(
-                4 * i,
-                &s,
-                t,
-                InteractionPayload::Shown(SuggestionShown {
-                    model_id: "flywheel/tiny-llama".into(),
-                    adapter_version: Some("a1".into()),
-                    experiment_arm: Some("live".into()),
-                    surface: "editor-inline".into(),
-                    prompt: "def fibonacci(n):\n    ".into(),
-                    completion: "if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)".into(),
-                    behavior_logprob: Some(-7.25),
-                    latency_ms: 180,
-                }),
-            ),
-        ));
-        match i % 10 {
-            0..=4 => events.push((
-                t + 400,
-                event(
-                    4 * i + 1,
-                    &s,
-                    t + 400,
-                    InteractionPayload::Accepted(SuggestionAccepted { time_to_accept_ms: 400 }),
-                ),
-            )),
-            5..=7 => events.push((
-                t + 300,
-                event(4 * i + 1, &s, t + 300, InteractionPayload::Rejected(SuggestionRejected::default())),
-            )),
-            _ => {}
-        }
-        if i % 10 == 0 {
-            events.push((
-                t + 900,
-                event(
-                    4 * i + 2,
-                    &s,
-                    t + 900,
-                    InteractionPayload::FollowUp(FollowUp { action: FollowUpAction::Regenerate, detail: None }),
-                ),
-            ));
-        }
-        if i % 20 == 0 {
-            events.push((
-                t + 1500,
-                event(
-                    4 * i + 3,
-                    &s,
-                    t + 1500,
-                    InteractionPayload::Rated(SuggestionRated { score: 4.0, scale_min: 1.0, scale_max: 5.0 }),
-                ),
-            ));
-        }
-    }
-    events.sort_by_key(|(t, e)| (*t, e.event_id.clone()));
-    let encoded: Vec<Vec<u8>> = events.iter().map(|(_, e)| encode(e).expect("encode")).collect();
+    let events = bench_stream(SUGGESTIONS);
+    let encoded: Vec<Vec<u8>> = events.iter().map(|e| encode(e).expect("encode")).collect();
     drop(events);
 
     // Side by side in one process, interleaved run by run so drift in the

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crate::TrainerError;
 use crate::linalg::{matmul, matmul_t, matmul_tn};
 use crate::lora::LoraAdapter;
-use crate::model::{Model, Trace, projection_name, silu};
+use crate::model::{Model, Trace, projection_name, silu, unapply_rope};
 
 /// Gradients per adapted (layer, projection): (dA, dB), shaped like A and B.
 pub type LoraGrads = BTreeMap<(usize, String), (Vec<f32>, Vec<f32>)>;
@@ -33,22 +33,6 @@ pub fn rms_norm_backward(x: &[f32], width: usize, weight: &[f32], eps: f64, dy: 
         dx.extend(drow.iter().zip(weight).zip(row).map(|((d, w), v)| inv * d * w - k * v));
     }
     dx
-}
-
-/// RoPE backward (the inverse rotation applied to the gradient).
-pub fn rope_backward(dx: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
-    let half = hd / 2;
-    for p in 0..t {
-        for h in 0..heads {
-            let base = p * heads * hd + h * hd;
-            for i in 0..half {
-                let (d1, d2) = (dx[base + i], dx[base + i + half]);
-                let (c, s) = (cos[p * hd + i], sin[p * hd + i]);
-                dx[base + i] = d1 * c + d2 * s;
-                dx[base + i + half] = -d1 * s + d2 * c;
-            }
-        }
-    }
 }
 
 /// Attention backward: returns (dq, dk, dv) from `dout`.
@@ -231,8 +215,8 @@ pub fn backward(model: &Model, lora: &LoraAdapter, traced: &TracedCompletion, co
         // Attention: x_mid = x_in + o(attn(rope(q), rope(k), v)).
         let dattn = project_backward(model, lora, l, "o_proj", &tr.attn, t, &dx, &mut grads);
         let (mut dq, mut dk, dv) = attention_backward(&tr.q, &tr.k, &tr.v, &tr.probs, &dattn, t, nh, nkv, hd);
-        rope_backward(&mut dq, t, nh, hd, &trace.cos, &trace.sin);
-        rope_backward(&mut dk, t, nkv, hd, &trace.cos, &trace.sin);
+        unapply_rope(&mut dq, t, nh, hd, &trace.cos, &trace.sin);
+        unapply_rope(&mut dk, t, nkv, hd, &trace.cos, &trace.sin);
         let mut dn1 = project_backward(model, lora, l, "q_proj", &tr.normed1, t, &dq, &mut grads);
         add_into(&mut dn1, &project_backward(model, lora, l, "k_proj", &tr.normed1, t, &dk, &mut grads));
         add_into(&mut dn1, &project_backward(model, lora, l, "v_proj", &tr.normed1, t, &dv, &mut grads));

@@ -456,16 +456,27 @@ pub fn rope_tables(positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, 
 
 /// Rotates each head of `x [t × heads·hd]`: `x·cos + rotate_half(x)·sin`.
 pub fn apply_rope(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    rotate_halves(x, t, heads, hd, cos, sin, 1.0);
+}
+
+/// The inverse rotation (angles negated): RoPE's backward pass, since a
+/// rotation's transpose is its inverse.
+pub fn unapply_rope(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    rotate_halves(x, t, heads, hd, cos, sin, -1.0);
+}
+
+/// Rotates each (i, i + hd/2) pair of every head by the position's angle
+/// times `direction`.
+fn rotate_halves(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32], direction: f32) {
     let half = hd / 2;
     for p in 0..t {
         for h in 0..heads {
             let base = p * heads * hd + h * hd;
             for i in 0..half {
                 let (a, b) = (x[base + i], x[base + i + half]);
-                let (c1, s1) = (cos[p * hd + i], sin[p * hd + i]);
-                let (c2, s2) = (cos[p * hd + i + half], sin[p * hd + i + half]);
-                x[base + i] = a * c1 - b * s1;
-                x[base + i + half] = b * c2 + a * s2;
+                let (c, s) = (cos[p * hd + i], direction * sin[p * hd + i]);
+                x[base + i] = a * c - b * s;
+                x[base + i + half] = b * c + a * s;
             }
         }
     }
