@@ -12,6 +12,7 @@ use flywheel_lake_writer::lake::Lake;
 use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
 use flywheel_lake_writer::store::{LocalStore, Storage};
 use flywheel_tests::{commit_records, workspace_root};
+use flywheel_trainer::backend::Device;
 use flywheel_trainer::job::{JobSettings, run_job};
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
@@ -92,12 +93,24 @@ fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Lake) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hashes() {
     let (dir, models, lake) = fixture();
-    let settings =
-        JobSettings { models_root: models.clone(), adapters_root: dir.path().join("adapters"), max_tokens: 64 };
+    let settings = JobSettings {
+        models_root: models.clone(),
+        adapters_root: dir.path().join("adapters"),
+        max_tokens: 64,
+        device: Device::Cpu,
+    };
     let runtime = tokio::runtime::Handle::current();
 
     let req = request(&lake, "req-1");
-    let (candidate, adapter_dir) = tokio::task::block_in_place(|| run_job(&req, &settings, &runtime)).unwrap();
+    let mut seen = Vec::new();
+    let (candidate, adapter_dir) =
+        tokio::task::block_in_place(|| run_job(&req, &settings, &runtime, &mut |p| seen.push(*p))).unwrap();
+    // Progress is reported once per step, with throughput and a falling ETA.
+    assert_eq!(seen.iter().map(|p| p.step).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+    assert!(seen.windows(2).all(|w| w[1].tokens > w[0].tokens && w[1].elapsed >= w[0].elapsed));
+    assert_eq!(seen.last().unwrap().tokens, candidate.tokens);
+    assert!(seen.iter().all(|p| p.tokens_per_second() > 0.0 && p.loss.is_finite()));
+    assert_eq!(seen.last().unwrap().eta(), std::time::Duration::ZERO);
     let accuracy = candidate.candidate_metrics["implicit_reward_accuracy"];
     assert_eq!(candidate.parent_metrics["implicit_reward_accuracy"], 0.5, "the parent is the base");
     assert!(accuracy > 0.8, "holdout implicit-reward accuracy {accuracy}");
@@ -114,7 +127,7 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     assert!(adapter_dir.join("metrics.json").exists());
 
     // The same request again: the same adapter, bit for bit.
-    let (again, _) = tokio::task::block_in_place(|| run_job(&req, &settings, &runtime)).unwrap();
+    let (again, _) = tokio::task::block_in_place(|| run_job(&req, &settings, &runtime, &mut |_| {})).unwrap();
     assert_eq!(
         (again.adapter_version, again.adapter_sha256),
         (candidate.adapter_version.clone(), candidate.adapter_sha256)
@@ -123,7 +136,8 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     // A shard whose bytes differ from the pinned hash: refused, nothing written.
     let mut tampered = request(&lake, "req-2");
     tampered.shards[0].content_sha256 = "0".repeat(64);
-    let err = tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime)).unwrap_err().to_string();
+    let err =
+        tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
     assert!(err.contains("the request pins"), "{err}");
     let written: Vec<_> = std::fs::read_dir(dir.path().join("adapters/acme")).unwrap().collect();
     assert_eq!(written.len(), 1, "only the first request's adapter exists");
@@ -206,4 +220,37 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     assert_eq!(candidates().len(), 1, "a request was trained twice");
     stop.cancel();
     task.await.unwrap();
+}
+
+/// `flywheel train` in separate processes (matrixmultiply reads its thread
+/// count once per process): 1 and 2 GEMM threads give the same adapter bytes.
+#[test]
+fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
+    let (dir, models, lake) = fixture();
+    let mut req = request(&lake, "req-threads");
+    req.objective.max_steps = 6;
+    let request_file = dir.path().join("request.json");
+    std::fs::write(&request_file, serde_json::to_vec(&req).unwrap()).unwrap();
+    let run = |threads: &str| -> (serde_json::Value, Vec<u8>) {
+        let adapters = dir.path().join(format!("adapters-{threads}"));
+        let out = std::process::Command::new(flywheel_tests::workspace_binary("flywheel"))
+            .args(["train", "--request-file", &request_file.display().to_string()])
+            .args(["--models-root", &models.display().to_string()])
+            .args(["--adapters-root", &adapters.display().to_string(), "--max-tokens", "64"])
+            .env("MATMUL_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let candidate: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let uri = candidate["adapter_uri"].as_str().unwrap().to_string();
+        assert!(uri.starts_with(&adapters.display().to_string()), "{uri}");
+        (candidate, std::fs::read(std::path::Path::new(&uri).join("adapter_model.safetensors")).unwrap())
+    };
+    let (one, one_bytes) = run("1");
+    let (two, two_bytes) = run("2");
+    assert_eq!(one["steps"], 6);
+    assert_eq!(one["request_id"], "req-threads");
+    assert!(one_bytes == two_bytes, "adapters differ between 1 and 2 GEMM threads");
+    assert_eq!(one["adapter_sha256"], two["adapter_sha256"]);
+    assert_eq!(one["candidate_metrics"], two["candidate_metrics"]);
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::records::TrainRequest;
 use flywheel_core::runtime::LogArgs;
 use flywheel_core::topics::{Topic, TopicsArgs, TopicsConfig};
 use flywheel_core::{Codec, RecordKind};
@@ -90,6 +91,25 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run one train request here, with a progress bar: from a JSON file
+    /// (as `flywheel tail` prints it) or from `train-requests` (by id, else
+    /// the latest). Writes the adapter and prints the candidate as JSON;
+    /// publishes nothing.
+    Train(TrainArgs),
+}
+
+/// `flywheel train` arguments.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A train request as JSON; without it the request is read from the topic.
+    #[arg(long, env = "FLYWHEEL_TRAIN_REQUEST_FILE")]
+    pub request_file: Option<PathBuf>,
+    /// Which request on `train-requests` (default: the latest).
+    #[arg(long, env = "FLYWHEEL_TRAIN_REQUEST_ID", conflicts_with = "request_file")]
+    pub request_id: Option<String>,
+    /// Models, adapters, limits and device.
+    #[command(flatten)]
+    pub job: flywheel_trainer::job::JobSettings,
 }
 
 /// `flywheel model` subcommands.
@@ -255,6 +275,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
             );
             Ok(())
         }
+        Command::Train(args) => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| train(&cli.kafka, &topics, &args, &runtime))
+        }
         Command::Lake(command) => {
             let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || lake_command(command, runtime))
@@ -262,6 +286,48 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
                 .map_err(|e| CliError::Usage(format!("lake command failed: {e}")))?
         }
     }
+}
+
+/// The train request `args` name: from its file, or from the topic.
+fn train_request(kafka: &KafkaArgs, topics: &TopicsConfig, args: &TrainArgs) -> Result<TrainRequest> {
+    if let Some(path) = &args.request_file {
+        let text = std::fs::read(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        return serde_json::from_slice(&text)
+            .map_err(|e| CliError::Usage(format!("{} is not a train request: {e}", path.display())));
+    }
+    let topic = topics.name(Topic::TrainRequests);
+    let requests: Vec<TrainRequest> =
+        flywheel_core::kafka::read_topic(kafka, "flywheel-cli", &topic, Duration::from_secs(30))?;
+    let found = match &args.request_id {
+        Some(id) => requests.into_iter().rev().find(|r| &r.request_id == id),
+        None => requests.into_iter().next_back(),
+    };
+    found.ok_or_else(|| {
+        CliError::Usage(match &args.request_id {
+            Some(id) => format!("no train request {id} on {topic}"),
+            None => format!("{topic} holds no train request"),
+        })
+    })
+}
+
+fn train(kafka: &KafkaArgs, topics: &TopicsConfig, args: &TrainArgs, runtime: &tokio::runtime::Handle) -> Result<()> {
+    let req = train_request(kafka, topics, args)?;
+    // Drawn only on a terminal; logs and pipes get the tracing lines.
+    let bar = indicatif::ProgressBar::new(req.objective.max_steps.max(1) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:32} {pos}/{len} steps  {msg}  ETA {eta}")
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+    );
+    let (candidate, dir) = flywheel_trainer::job::run_job(&req, &args.job, runtime, &mut |p| {
+        bar.set_position(p.step);
+        bar.set_message(format!("loss {:.4}  {:.0} tokens/s", p.loss, p.tokens_per_second()));
+    })
+    .map_err(|e| CliError::Usage(format!("request {}: {e}", req.request_id)))?;
+    bar.finish_and_clear();
+    eprintln!("adapter written to {}", dir.display());
+    let json = serde_json::to_string_pretty(&candidate).map_err(|e| CliError::Usage(e.to_string()))?;
+    println!("{json}");
+    Ok(())
 }
 
 fn lake_command(command: LakeCommand, runtime: tokio::runtime::Handle) -> Result<()> {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Float64Type, Int32Type};
@@ -17,23 +17,32 @@ use flywheel_lake_writer::store::{Storage, open_storage};
 use serde::Serialize;
 
 use crate::TrainerError;
+use crate::backend::{Backend, Device, StepSettings, open_backend};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
-use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob, pairwise_accuracy};
-use crate::optim::{AdamW, clip_grad_norm, learning_rate};
+use crate::objective::{Example, Objective, pairwise_accuracy};
+use crate::optim::learning_rate;
+use crate::tokenize::TextTokenizer;
 
 /// Version of the training code, part of every adapter version.
 pub const CODE_VERSION: &str = concat!("flywheel-trainer/", env!("CARGO_PKG_VERSION"));
 
-/// Where models and adapters live, and limits.
-#[derive(Debug, Clone)]
+/// Where models and adapters live, limits and device: the flags of the
+/// trainer service and of `flywheel train`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct JobSettings {
-    /// Base models by name: `<models_root>/<base_model>/config.json`, ...
+    /// Base models by name: `<root>/<base_model>/config.json`, `model.safetensors`, `tokenizer.json`.
+    #[arg(long = "models-root", env = "FLYWHEEL_TRAINER_MODELS_ROOT", default_value = ".flywheel/models")]
     pub models_root: PathBuf,
-    /// Adapters are written to `<adapters_root>/<tenant>/<adapter_version>/`.
+    /// Where adapters are written: `<root>/<tenant>/<adapter_version>/`.
+    #[arg(long = "adapters-root", env = "FLYWHEEL_TRAINER_ADAPTERS_ROOT", default_value = ".flywheel/adapters")]
     pub adapters_root: PathBuf,
-    /// Longest example in tokens (prompt truncated from the left).
+    /// Longest training example in tokens (prompts are cut from the left).
+    #[arg(long = "max-tokens", env = "FLYWHEEL_TRAINER_MAX_TOKENS", default_value_t = 512)]
     pub max_tokens: usize,
+    /// Where training runs.
+    #[arg(long, env = "FLYWHEEL_TRAINER_DEVICE", value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
 }
 
 fn safe_relative(name: &str) -> Result<&str, TrainerError> {
@@ -43,14 +52,10 @@ fn safe_relative(name: &str) -> Result<&str, TrainerError> {
     if ok { Ok(name) } else { Err(TrainerError::Format(format!("'{name}' cannot name a directory"))) }
 }
 
-/// Bytes as tokens: the tokenizer of the tiny model (vocabulary 256).
-fn byte_tokens(text: &str) -> Vec<u32> {
-    text.bytes().map(u32::from).collect()
-}
-
 /// The examples of the pinned shards, read and hash-checked.
 fn read_examples(
     req: &TrainRequest,
+    tokenizer: &TextTokenizer,
     max_tokens: usize,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<(String, Example)>, TrainerError> {
@@ -79,13 +84,17 @@ fn read_examples(
         }
         let batches = flywheel_lake_writer::shard::read_file(bytes).map_err(|e| TrainerError::Format(e.to_string()))?;
         for batch in &batches {
-            out.extend(examples_of(batch, max_tokens)?);
+            out.extend(examples_of(batch, tokenizer, max_tokens)?);
         }
     }
     Ok(out)
 }
 
-fn examples_of(batch: &RecordBatch, max_tokens: usize) -> Result<Vec<(String, Example)>, TrainerError> {
+fn examples_of(
+    batch: &RecordBatch,
+    tokenizer: &TextTokenizer,
+    max_tokens: usize,
+) -> Result<Vec<(String, Example)>, TrainerError> {
     let missing = |c: &str| TrainerError::Format(format!("shard column {c} is missing or mistyped"));
     let string =
         |c: &'static str| batch.column_by_name(c).and_then(|a| a.as_string_opt::<i32>()).ok_or_else(|| missing(c));
@@ -103,19 +112,24 @@ fn examples_of(batch: &RecordBatch, max_tokens: usize) -> Result<Vec<(String, Ex
         .and_then(|a| a.as_dictionary_opt::<Int32Type>())
         .ok_or_else(|| missing("outcome"))?;
     let symbols = outcome.values().as_string_opt::<i32>().ok_or_else(|| missing("outcome"))?;
+    let newline = match tokenizer.encode("\n")? {
+        ids if ids.is_empty() => vec![0],
+        ids => ids,
+    };
     let mut out = Vec::new();
     for i in 0..batch.num_rows() {
-        let completion = byte_tokens(completions.value(i));
+        let completion = tokenizer.encode(completions.value(i))?;
         if completion.is_empty() {
             continue; // nothing to learn from an empty completion
         }
-        let mut prompt = byte_tokens(prompts.value(i));
+        let mut prompt = tokenizer.encode(prompts.value(i))?;
         let keep = max_tokens.saturating_sub(completion.len()).max(1);
         if prompt.len() > keep {
             prompt.drain(..prompt.len() - keep);
         }
         if prompt.is_empty() {
-            prompt.push(u32::from(b'\n'));
+            // The first completion token needs a context to be predicted from.
+            prompt = newline.clone();
         }
         let prompt_len = prompt.len();
         let mut tokens = prompt;
@@ -142,14 +156,20 @@ pub fn held_out(salt: &str, suggestion_id: &str, fraction: f64) -> bool {
     x < fraction
 }
 
-/// Holdout metrics of an adapter.
-fn evaluate(model: &Model, lora: &LoraAdapter, holdout: &[Example]) -> Result<BTreeMap<String, f64>, TrainerError> {
+/// Holdout metrics of an adapter; `base` holds the base model's
+/// log-probabilities of the holdout completions.
+fn evaluate(
+    backend: &mut dyn Backend,
+    lora: &LoraAdapter,
+    holdout: &[Example],
+    base: &[f64],
+) -> Result<BTreeMap<String, f64>, TrainerError> {
     let mut m = BTreeMap::new();
     // Log-probability and implicit reward (versus the base) per example.
     let (mut acc, mut rej, mut kl, mut tokens) = (Vec::new(), Vec::new(), 0.0, 0usize);
-    for ex in holdout {
-        let lp = completion_logprob(model, Some(lora), ex)?;
-        let r = lp - completion_logprob(model, None, ex)?;
+    let logprobs = backend.completion_logprobs(holdout, Some(lora))?;
+    for ((ex, lp), base_lp) in holdout.iter().zip(logprobs).zip(base) {
+        let r = lp - base_lp;
         kl += r;
         tokens += ex.tokens.len() - ex.prompt_len;
         if ex.accepted { acc.push((lp, r)) } else { rej.push((lp, r)) }
@@ -175,22 +195,46 @@ struct MetricsFile<'a> {
     parent: &'a BTreeMap<String, f64>,
 }
 
+/// Where a job stands after a training step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Steps done.
+    pub step: u64,
+    /// Steps in the job.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub loss: f64,
+    /// Tokens trained on so far.
+    pub tokens: i64,
+    /// Time since training started (loading and reading shards excluded).
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Training throughput so far.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Time left at the mean step time so far.
+    pub fn eta(&self) -> Duration {
+        let per_step = self.elapsed.as_secs_f64() / self.step.max(1) as f64;
+        Duration::from_secs_f64(per_step * self.steps.saturating_sub(self.step) as f64)
+    }
+}
+
 /// Runs one request to completion; returns the candidate and the adapter
-/// directory. Errors publish nothing.
+/// directory. Errors publish nothing. `on_step` sees every step's progress.
 pub fn run_job(
     req: &TrainRequest,
     settings: &JobSettings,
     runtime: &tokio::runtime::Handle,
+    on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(ModelCandidate, PathBuf), TrainerError> {
     let started = Instant::now();
     let base_dir = settings.models_root.join(safe_relative(&req.base_model)?);
-    let model = Model::load(&base_dir)?;
-    if model.config.vocab_size < 256 || base_dir.join("tokenizer.json").exists() {
-        return Err(TrainerError::Unsupported(format!(
-            "{}: only byte-vocabulary models train so far (tokenizer.json support is not built yet)",
-            req.base_model
-        )));
-    }
+    let model = Arc::new(Model::load(&base_dir)?);
+    let tokenizer = TextTokenizer::load(&base_dir, model.config.vocab_size)?;
     let tenant = safe_relative(&req.tenant)?;
     let o = &req.objective;
     let targets: Vec<&str> = o.target_modules.iter().map(String::as_str).collect();
@@ -198,7 +242,7 @@ pub fn run_job(
         Some(v) => LoraAdapter::load_peft(&settings.adapters_root.join(tenant).join(safe_relative(v)?), &model.config)?,
         None => LoraAdapter::init(&model.config, o.lora_rank.max(1) as usize, o.lora_alpha, &targets, o.seed as u64)?,
     };
-    let mut examples = read_examples(req, settings.max_tokens, runtime)?;
+    let mut examples = read_examples(req, &tokenizer, settings.max_tokens, runtime)?;
     // A fixed order independent of shard order: by suggestion id.
     examples.sort_by(|a, b| a.0.cmp(&b.0));
     let (holdout, train): (Vec<_>, Vec<_>) =
@@ -217,26 +261,41 @@ pub fn run_job(
         },
         ObjectiveKind::Sft => Objective::Sft,
     };
-    let mut lora = parent.clone();
-    let mut opt = AdamW::new(o.weight_decay);
+    let mut backend = open_backend(settings.device, model.clone(), parent.clone(), o.weight_decay)?;
     let steps = o.max_steps.max(1) as u64;
     let batch = (o.batch_size.max(1) as usize).min(train.len());
     let mut losses = Vec::new();
     let mut tokens = 0i64;
+    let training = Instant::now();
     for step in 0..steps {
         let start = (step as usize * batch) % train.len();
         let items: Vec<Example> = (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect();
         tokens += items.iter().map(|e| e.tokens.len() as i64).sum::<i64>();
-        let (loss, mut grads) = batch_loss_and_grads(&model, &lora, &items, &objective)?;
-        clip_grad_norm(&mut grads, o.max_grad_norm);
-        opt.update(&mut lora, &grads, learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate));
+        let lr = learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate);
+        let loss = backend.train_step(
+            &items,
+            &objective,
+            StepSettings { learning_rate: lr, max_grad_norm: o.max_grad_norm },
+        )?;
         losses.push(loss);
+        let progress = Progress { step: step + 1, steps, loss, tokens, elapsed: training.elapsed() };
         if step % 10 == 0 || step + 1 == steps {
-            tracing::info!(request = %req.request_id, step, steps, loss, "training");
+            tracing::info!(
+                request = %req.request_id,
+                step = step + 1,
+                steps,
+                loss,
+                tokens_per_second = progress.tokens_per_second(),
+                eta_seconds = progress.eta().as_secs_f64(),
+                "training"
+            );
         }
+        on_step(&progress);
     }
-    let candidate_metrics = evaluate(&model, &lora, &holdout)?;
-    let parent_metrics = evaluate(&model, &parent, &holdout)?;
+    let lora = backend.adapter()?;
+    let base = backend.completion_logprobs(&holdout, None)?;
+    let candidate_metrics = evaluate(backend.as_mut(), &lora, &holdout, &base)?;
+    let parent_metrics = evaluate(backend.as_mut(), &parent, &holdout, &base)?;
     let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{}\0{CODE_VERSION}", req.request_id).as_bytes());
     let version = format!("a-{}", &flywheel_core::hex(&digest)[..16]);
     let dir = settings.adapters_root.join(tenant).join(&version);
@@ -268,7 +327,7 @@ pub fn run_job(
         steps: steps as i32,
         tokens,
         train_seconds: started.elapsed().as_secs_f64(),
-        device: "cpu".into(),
+        device: backend.device().into(),
         candidate_metrics,
         parent_metrics,
         kl_to_parent: kl,

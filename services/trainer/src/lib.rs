@@ -1,16 +1,19 @@
 //! The trainer: LoRA post-training of Llama-family models from lake shards.
 //!
+//! - [`backend`]: where training runs (the CPU reference; CUDA beside it);
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
 //! - [`grad`]: the manual backward pass to the LoRA parameters;
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
+//! - [`tokenize`]: the model's `tokenizer.json` (HF `tokenizers`);
 //! - [`job`]: one train request → adapter + model candidate;
 //! - [`service`]: the Kafka service (`train-requests` → `model-candidates`).
 
 pub use service::{Config, run};
 
+pub mod backend;
 pub mod grad;
 pub mod job;
 pub mod linalg;
@@ -20,6 +23,7 @@ pub mod objective;
 pub mod optim;
 pub mod service;
 pub mod tiny;
+pub mod tokenize;
 
 /// The trainer's errors.
 #[derive(Debug, thiserror::Error)]

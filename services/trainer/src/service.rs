@@ -9,7 +9,6 @@
 //! bytes. The group offset is committed after the candidate is acknowledged.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -24,10 +23,11 @@ use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
 use crate::TrainerError;
-use crate::job::{JobSettings, run_job};
+use crate::job::{JobSettings, Progress, run_job};
 
 /// Trainer configuration; every flag has an environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -39,15 +39,9 @@ pub struct Config {
     /// Consumer group.
     #[arg(long = "group-id", env = "FLYWHEEL_TRAINER_GROUP_ID", default_value = "flywheel-trainer")]
     pub group_id: String,
-    /// Base models by name: `<root>/<base_model>/config.json`, `model.safetensors`.
-    #[arg(long = "models-root", env = "FLYWHEEL_TRAINER_MODELS_ROOT", default_value = ".flywheel/models")]
-    pub models_root: PathBuf,
-    /// Where adapters are written: `<root>/<tenant>/<adapter_version>/`.
-    #[arg(long = "adapters-root", env = "FLYWHEEL_TRAINER_ADAPTERS_ROOT", default_value = ".flywheel/adapters")]
-    pub adapters_root: PathBuf,
-    /// Longest training example in tokens (prompts are cut from the left).
-    #[arg(long = "max-tokens", env = "FLYWHEEL_TRAINER_MAX_TOKENS", default_value_t = 512)]
-    pub max_tokens: usize,
+    /// Models, adapters, limits and device of every job.
+    #[command(flatten)]
+    pub job: JobSettings,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -56,6 +50,21 @@ struct Metrics {
     failed: Counter,
     skipped: Counter,
     busy: Gauge,
+    step: Gauge,
+    steps: Gauge,
+    loss: Gauge<f64, AtomicU64>,
+    tokens_per_second: Gauge<f64, AtomicU64>,
+    eta_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    fn progress(&self, p: &Progress) {
+        self.step.set(p.step as i64);
+        self.steps.set(p.steps as i64);
+        self.loss.set(p.loss);
+        self.tokens_per_second.set(p.tokens_per_second());
+        self.eta_seconds.set(p.eta().as_secs_f64());
+    }
 }
 
 /// Runs the trainer until `shutdown` (a job in progress finishes first).
@@ -70,6 +79,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     r.register("failed_requests", "Train requests dead-lettered", metrics.failed.clone());
     r.register("skipped_requests", "Train requests already trained", metrics.skipped.clone());
     r.register("busy", "1 while a job runs", metrics.busy.clone());
+    r.register("job_step", "Steps done in the running (or last) job", metrics.step.clone());
+    r.register("job_steps", "Steps in the running (or last) job", metrics.steps.clone());
+    r.register("job_loss", "Loss of the last training step", metrics.loss.clone());
+    r.register("job_tokens_per_second", "Training throughput of the running job", metrics.tokens_per_second.clone());
+    r.register("job_eta_seconds", "Estimated time left in the running job", metrics.eta_seconds.clone());
     let readiness = Readiness::default();
     readiness.set("recovered", false);
     let ops =
@@ -105,11 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
         .create()
         .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     consumer.subscribe(&[&requests]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
-    let settings = JobSettings {
-        models_root: config.models_root.clone(),
-        adapters_root: config.adapters_root.clone(),
-        max_tokens: config.max_tokens,
-    };
+    let settings = config.job.clone();
     tracing::info!(input = %requests, "trainer started");
     loop {
         let msg = tokio::select! {
@@ -136,10 +146,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
                 metrics.busy.set(1);
                 let (settings, runtime) = (settings.clone(), tokio::runtime::Handle::current());
                 let id = req.request_id.clone();
-                let result = tokio::task::spawn_blocking(move || run_job(&req, &settings, &runtime))
-                    .await
-                    .map_err(|e| TrainerError::Format(format!("job panicked: {e}")))
-                    .and_then(|r| r);
+                let job_metrics = metrics.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    run_job(&req, &settings, &runtime, &mut |p| job_metrics.progress(p))
+                })
+                .await
+                .map_err(|e| TrainerError::Format(format!("job panicked: {e}")))
+                .and_then(|r| r);
                 metrics.busy.set(0);
                 match result {
                     Ok((candidate, _)) => {

@@ -61,9 +61,13 @@ pub fn random_model(config: LlamaConfig, biases: bool, seed: u64) -> Result<Mode
     Model::from_tensors(config, tensors)
 }
 
-/// Writes `config.json` and `model.safetensors` of `model` into `dir`.
+/// Writes `config.json`, `model.safetensors` and (for a 256-token
+/// vocabulary) the byte-level `tokenizer.json` of `model` into `dir`.
 pub fn save(model: &Model, dir: &Path) -> Result<(), TrainerError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+    if model.config.vocab_size == 256 {
+        crate::tokenize::write_byte_tokenizer(dir)?;
+    }
     let json = serde_json::to_vec_pretty(&model.config).map_err(|e| TrainerError::Format(e.to_string()))?;
     std::fs::write(dir.join("config.json"), json).map_err(|e| TrainerError::io(&dir.join("config.json"), e))?;
     let mut names: Vec<&String> = model.tensors().keys().collect();

@@ -1,0 +1,138 @@
+//! Where training runs. A [`Backend`] holds the frozen base model, the
+//! adapter being trained and its optimiser state, so a device backend keeps
+//! all three resident and only the batch crosses the bus. [`CpuBackend`] is
+//! the reference every other backend is checked against.
+
+use std::sync::Arc;
+
+use crate::TrainerError;
+use crate::lora::LoraAdapter;
+use crate::model::Model;
+use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob};
+use crate::optim::{AdamW, clip_grad_norm};
+
+/// Which backend a job runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Device {
+    /// The CPU reference path (multithreaded f32 GEMM).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through CUDA (cargo feature `cuda`).
+    Cuda,
+}
+
+impl Device {
+    /// The name recorded in candidates.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// Settings of one optimisation step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSettings {
+    /// Learning rate of this step (after the schedule).
+    pub learning_rate: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub max_grad_norm: f64,
+}
+
+/// One training device.
+pub trait Backend: Send {
+    /// The device name recorded in candidates ("cpu", "cuda").
+    fn device(&self) -> &'static str;
+
+    /// Loss and gradients of `batch`, clipping, and one AdamW update of the
+    /// adapter being trained; returns the batch's mean loss.
+    fn train_step(&mut self, batch: &[Example], objective: &Objective, step: StepSettings)
+    -> Result<f64, TrainerError>;
+
+    /// `log π(completion | prompt)` of each example under `adapter`, or the
+    /// base when `None` (evaluation; the adapter need not be the trained one).
+    fn completion_logprobs(
+        &mut self,
+        examples: &[Example],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f64>, TrainerError>;
+
+    /// The trained adapter's current weights, on the host.
+    fn adapter(&self) -> Result<LoraAdapter, TrainerError>;
+}
+
+/// The CPU reference backend.
+#[derive(Debug)]
+pub struct CpuBackend {
+    model: Arc<Model>,
+    lora: LoraAdapter,
+    optimizer: AdamW,
+}
+
+impl CpuBackend {
+    /// Trains `lora` on `model` with AdamW (`weight_decay`).
+    pub fn new(model: Arc<Model>, lora: LoraAdapter, weight_decay: f64) -> CpuBackend {
+        CpuBackend { model, lora, optimizer: AdamW::new(weight_decay) }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> &'static str {
+        Device::Cpu.name()
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &[Example],
+        objective: &Objective,
+        step: StepSettings,
+    ) -> Result<f64, TrainerError> {
+        let (loss, mut grads) = batch_loss_and_grads(&self.model, &self.lora, batch, objective)?;
+        clip_grad_norm(&mut grads, step.max_grad_norm);
+        self.optimizer.update(&mut self.lora, &grads, step.learning_rate);
+        Ok(loss)
+    }
+
+    fn completion_logprobs(
+        &mut self,
+        examples: &[Example],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f64>, TrainerError> {
+        examples.iter().map(|ex| completion_logprob(&self.model, adapter, ex)).collect()
+    }
+
+    fn adapter(&self) -> Result<LoraAdapter, TrainerError> {
+        Ok(self.lora.clone())
+    }
+}
+
+/// The backend for `device`: a clear error when this build or machine
+/// cannot provide it.
+pub fn open_backend(
+    device: Device,
+    model: Arc<Model>,
+    lora: LoraAdapter,
+    weight_decay: f64,
+) -> Result<Box<dyn Backend>, TrainerError> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuBackend::new(model, lora, weight_decay))),
+        Device::Cuda => Err(TrainerError::Unsupported(
+            "--device cuda: the CUDA training step is not built yet (issues 8-9); use --device cpu".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asking_for_cuda_in_a_build_without_it_is_a_clear_error() {
+        let model = Arc::new(crate::tiny::tiny_model(1).unwrap());
+        let lora = LoraAdapter::init(&model.config, 2, 4.0, &["q_proj"], 1).unwrap();
+        let e = open_backend(Device::Cuda, model.clone(), lora.clone(), 0.0).err().unwrap().to_string();
+        assert!(e.contains("--device cuda") && e.contains("--device cpu"), "{e}");
+        assert_eq!(open_backend(Device::Cpu, model, lora, 0.0).unwrap().device(), "cpu");
+    }
+}
