@@ -166,7 +166,7 @@ fn f16_to_f32(h: u16) -> f32 {
 
 impl Model {
     /// Loads `dir/config.json` and `dir/model.safetensors` (or the shards
-    /// named by `model.safetensors.index.json`), checking every tensor the
+    /// named by `model.safetensors.index.json`; memory-mapped), checking every tensor the
     /// config implies is present with its shape.
     pub fn load(dir: &Path) -> Result<Model, TrainerError> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| TrainerError::io(p, e));
@@ -190,7 +190,13 @@ impl Model {
         };
         let mut tensors = HashMap::new();
         for file in files {
-            let bytes = read(&file)?;
+            let handle = std::fs::File::open(&file).map_err(|e| TrainerError::io(&file, e))?;
+            // Mapped, not read: only the f32 copies occupy memory, one shard
+            // of raw bytes is never resident twice.
+            // SAFETY: checkpoints are immutable inputs; a file truncated
+            // while mapped is outside what the trainer supports.
+            #[allow(unsafe_code)]
+            let bytes = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| TrainerError::io(&file, e))?;
             let st = safetensors::SafeTensors::deserialize(&bytes)
                 .map_err(|e| TrainerError::Format(format!("{}: {e}", file.display())))?;
             for (name, view) in st.tensors() {
