@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod error;
 pub mod kafka;
+pub mod policy;
 pub mod records;
 pub mod runtime;
 pub mod stats;

@@ -6,6 +6,7 @@
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
+//! - [`sample`]: sampling completions (the simulated product's serving side);
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
 //! - [`tokenize`]: the model's `tokenizer.json` (HF `tokenizers`);
 //! - [`job`]: one train request → adapter + model candidate;
@@ -21,6 +22,7 @@ pub mod lora;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod sample;
 pub mod service;
 pub mod tiny;
 pub mod tokenize;
@@ -67,6 +69,11 @@ impl SplitMix {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in [-bound, bound).

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use flywheel_core::records::{EpochMillis, GateResult, ShardManifest};
+use flywheel_core::policy::CheckPolicy;
+use flywheel_core::records::{EpochMillis, GateResult, ObjectiveKind, ShardManifest, TrainingObjective};
 use serde::{Deserialize, Serialize};
 
 use crate::TriggerError;
@@ -44,6 +45,69 @@ pub struct Policy {
     pub max_staleness_ms: i64,
     /// Volume that suffices once the data is stale.
     pub stale_min_examples: u64,
+    /// Share of suggestions the trainer holds out for evaluation.
+    pub holdout_fraction: f64,
+    /// Training settings of the requests (`[default.objective]`).
+    pub objective: ObjectiveSettings,
+}
+
+/// Training settings a policy may set; unset fields keep the built-in ones
+/// (`service::default_objective`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObjectiveSettings {
+    /// `REINFORCE`, `KTO` or `SFT`.
+    pub kind: Option<ObjectiveKind>,
+    /// LoRA rank.
+    pub lora_rank: Option<i32>,
+    /// LoRA alpha (scale alpha / rank).
+    pub lora_alpha: Option<f64>,
+    /// Modules that get adapters: any of q_proj … down_proj.
+    pub target_modules: Option<Vec<String>>,
+    /// Peak learning rate.
+    pub learning_rate: Option<f64>,
+    /// AdamW weight decay.
+    pub weight_decay: Option<f64>,
+    /// Warm-up steps.
+    pub warmup_steps: Option<i32>,
+    /// Optimisation steps.
+    pub max_steps: Option<i32>,
+    /// Examples per step.
+    pub batch_size: Option<i32>,
+    /// Gradient-norm clip.
+    pub max_grad_norm: Option<f64>,
+    /// KL penalty to the base (REINFORCE).
+    pub kl_coef: Option<f64>,
+    /// PPO clip range when behaviour log-probs were logged (REINFORCE).
+    pub ppo_clip: Option<f64>,
+    /// KTO β.
+    pub kto_beta: Option<f64>,
+}
+
+impl ObjectiveSettings {
+    /// Overrides the fields this policy sets.
+    pub fn apply(&self, o: &mut TrainingObjective) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        set(&mut o.kind, &self.kind);
+        set(&mut o.lora_rank, &self.lora_rank);
+        set(&mut o.lora_alpha, &self.lora_alpha);
+        set(&mut o.target_modules, &self.target_modules);
+        set(&mut o.learning_rate, &self.learning_rate);
+        set(&mut o.weight_decay, &self.weight_decay);
+        set(&mut o.warmup_steps, &self.warmup_steps);
+        set(&mut o.max_steps, &self.max_steps);
+        set(&mut o.batch_size, &self.batch_size);
+        set(&mut o.max_grad_norm, &self.max_grad_norm);
+        set(&mut o.kl_coef, &self.kl_coef);
+        if self.ppo_clip.is_some() {
+            o.ppo_clip = self.ppo_clip;
+        }
+        set(&mut o.kto_beta, &self.kto_beta);
+    }
 }
 
 impl Default for Policy {
@@ -62,6 +126,8 @@ impl Default for Policy {
             max_runs_per_day: 4,
             max_staleness_ms: 24 * 3_600_000,
             stale_min_examples: 1_000,
+            holdout_fraction: 0.1,
+            objective: ObjectiveSettings::default(),
         }
     }
 }
@@ -70,13 +136,15 @@ impl Policy {
     /// Parses a TOML policy (fields left out keep their defaults) and checks it.
     pub fn from_toml(text: &str) -> Result<Policy, TriggerError> {
         let policy: Policy = toml::from_str(text).map_err(|e| TriggerError::Config(e.to_string()))?;
-        policy.check()?;
+        policy.check().map_err(TriggerError::Config)?;
         Ok(policy)
     }
+}
 
+impl CheckPolicy for Policy {
     /// Rejects thresholds that make no sense.
-    pub fn check(&self) -> Result<(), TriggerError> {
-        let bad = |what: String| Err(TriggerError::Config(what));
+    fn check(&self) -> Result<(), String> {
+        let bad = |what: String| Err(what);
         if self.version.trim().is_empty() {
             return bad("policy version is empty".into());
         }
@@ -89,6 +157,12 @@ impl Policy {
         }
         if self.min_reward_variance < 0.0 || self.cooldown_ms < 0 || self.max_staleness_ms <= 0 {
             return bad("variance floor, cooldown and staleness must not be negative".into());
+        }
+        if !(self.holdout_fraction > 0.0 && self.holdout_fraction < 1.0) {
+            return bad(format!("holdout_fraction = {} is not in (0, 1)", self.holdout_fraction));
+        }
+        if self.objective.lora_rank.is_some_and(|r| r < 1) || self.objective.max_steps.is_some_and(|s| s < 1) {
+            return bad("objective lora_rank and max_steps must be at least 1".into());
         }
         if self.stale_min_examples > self.min_examples {
             return bad("stale_min_examples must not exceed min_examples".into());
@@ -382,5 +456,24 @@ mod tests {
         assert_eq!((p.min_examples, p.max_user_share, p.min_distinct_users), (50_000, 0.05, 20));
         assert!(Policy::from_toml("max_user_share = 1.5").is_err());
         assert!(Policy::from_toml("min_exampels = 5").unwrap_err().to_string().contains("unknown field"));
+        // Objective settings override only what they name.
+        let p =
+            Policy::from_toml("[objective]\nkind = \"KTO\"\nmax_steps = 30\ntarget_modules = [\"o_proj\"]\n").unwrap();
+        let mut o = crate::service::default_objective(1);
+        let before = o.clone();
+        p.objective.apply(&mut o);
+        assert_eq!(
+            (o.kind, o.max_steps, o.target_modules.clone()),
+            (ObjectiveKind::Kto, 30, vec!["o_proj".to_string()])
+        );
+        assert_eq!((o.learning_rate, o.lora_rank, o.seed), (before.learning_rate, before.lora_rank, before.seed));
+        assert!(Policy::from_toml("[objective]\nlora_rank = 0").is_err());
+        assert!(Policy::from_toml("holdout_fraction = 1.0").is_err());
+        // Per-pair files: overrides, and errors that name the table.
+        let file = "[default]\nmin_examples = 10\n[overrides.\"acme/tiny\"]\nmin_examples = 20\n";
+        let ps = crate::service::Policies::parse(file, "policy.toml").unwrap();
+        assert_eq!((ps.of("acme", "tiny").min_examples, ps.of("acme", "other").min_examples), (20, 10));
+        let bad = crate::service::Policies::parse("[overrides.\"a/b\"]\nmax_user_share = 2.0\n", "p.toml");
+        assert!(bad.unwrap_err().to_string().contains("override a/b: max_user_share = 2"));
     }
 }

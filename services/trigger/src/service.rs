@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, read_topic};
+use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
     TriggerDecision,
@@ -33,7 +34,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::TriggerError;
@@ -56,37 +56,8 @@ pub struct Config {
     pub evaluate_every_ms: u64,
 }
 
-/// Policies per (tenant, base model).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policies {
-    /// The policy of every pair without an override.
-    #[serde(default)]
-    pub default: Policy,
-    /// Overrides by `"<tenant>/<base model>"`.
-    #[serde(default)]
-    pub overrides: BTreeMap<String, Policy>,
-}
-
-impl Policies {
-    /// Reads and checks a policy file.
-    pub fn load(path: &std::path::Path) -> Result<Policies, TriggerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TriggerError::Config(format!("reading {}: {e}", path.display())))?;
-        let p: Policies =
-            toml::from_str(&text).map_err(|e| TriggerError::Config(format!("{}: {e}", path.display())))?;
-        p.default.check()?;
-        for (key, policy) in &p.overrides {
-            policy.check().map_err(|e| TriggerError::Config(format!("override {key}: {e}")))?;
-        }
-        Ok(p)
-    }
-
-    /// The policy of a pair.
-    pub fn of(&self, tenant: &str, base_model: &str) -> &Policy {
-        self.overrides.get(&format!("{tenant}/{base_model}")).unwrap_or(&self.default)
-    }
-}
+/// Trigger policies per (tenant, base model).
+pub type Policies = PairPolicies<Policy>;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PairLabels {
@@ -231,8 +202,15 @@ pub fn decide(
                 .collect(),
             window_start: manifests.iter().map(|m| m.min_event_time).min().unwrap_or_default(),
             window_end: manifests.iter().map(|m| m.max_event_time).max().unwrap_or_default(),
-            objective: default_objective(seed),
-            holdout: HoldoutRule { salt: format!("{tenant}/{base_model}/holdout-v1"), fraction: 0.1 },
+            objective: {
+                let mut o = default_objective(seed);
+                policy.objective.apply(&mut o);
+                o
+            },
+            holdout: HoldoutRule {
+                salt: format!("{tenant}/{base_model}/holdout-v1"),
+                fraction: policy.holdout_fraction,
+            },
             policy_version: policy.version.clone(),
             created_at: now,
         }
@@ -259,10 +237,7 @@ pub fn decide(
 /// Runs the trigger until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TriggerError> {
     let topics = config.common.topics.load()?;
-    let policies = match &config.policy {
-        Some(p) => Policies::load(p)?,
-        None => Policies::default(),
-    };
+    let policies = Policies::load_or_default(config.policy.as_deref())?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();

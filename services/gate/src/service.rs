@@ -1,0 +1,206 @@
+//! The gate service. Its state is the topics: on start it reads
+//! `model-registry`, `model-candidates` and `reward-metrics` from the
+//! beginning and decides nothing until it has read all three to the ends
+//! seen at start. Decisions are registry entries with increasing revisions,
+//! published (and acknowledged) before the next decision is taken, so a
+//! restart resumes from the last published entry: a candidate already in an
+//! entry's history is never decided twice, a candidate that arrived while
+//! the gate was down is decided once. Run one instance per cluster.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flywheel_core::codec::{decode, encode};
+use flywheel_core::kafka::ClientRole;
+use flywheel_core::policy::PairPolicies;
+use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::topics::Topic;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::atomic::AtomicU64;
+use tokio_util::sync::CancellationToken;
+
+use crate::GateError;
+use crate::policy::ReleasePolicy;
+use crate::release::GateState;
+
+/// Release policies per (tenant, base model).
+pub type Policies = PairPolicies<ReleasePolicy>;
+
+/// Gate configuration; every flag has an environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flywheel-gate", version, about = "Releases adapters that measurably beat the live one")]
+pub struct Config {
+    /// Service, Kafka and topic flags every service has.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Release policy TOML: `[default]` and `[overrides."<tenant>/<base model>"]`.
+    #[arg(long = "policy", env = "FLYWHEEL_GATE_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Re-read running canaries at least this often (for the maximum duration).
+    #[arg(long = "evaluate-every-ms", env = "FLYWHEEL_GATE_EVALUATE_EVERY_MS", default_value_t = 5_000)]
+    pub evaluate_every_ms: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairLabels {
+    tenant: String,
+    base_model: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    decisions: Family<ActionLabels, Counter>,
+    candidates: Counter,
+    windows: Counter,
+    canary_running: Family<PairLabels, Gauge>,
+    reward_p_value: Family<PairLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("gate");
+        r.register("decisions", "Release decisions by action", m.decisions.clone());
+        r.register("candidates", "Model candidates read", m.candidates.clone());
+        r.register("metrics_windows", "Reward-metrics records read", m.windows.clone());
+        r.register("canary_running", "1 while a pair has a canary", m.canary_running.clone());
+        r.register("canary_reward_p_value", "Always-valid p-value of the last canary look", m.reward_p_value.clone());
+        m
+    }
+
+    fn entry(&self, e: &RegistryEntry) {
+        let labels = PairLabels { tenant: e.tenant.clone(), base_model: e.base_model.clone() };
+        self.canary_running.get_or_create(&labels).set(i64::from(e.canary.is_some()));
+        if let Some(p) = e.history.last().and_then(|d| d.statistics.get("mean_reward_p_value")) {
+            self.reward_p_value.get_or_create(&labels).set(*p);
+        }
+    }
+}
+
+fn action_name(a: ReleaseAction) -> &'static str {
+    match a {
+        ReleaseAction::Rejected => "rejected",
+        ReleaseAction::CanaryStarted => "canary_started",
+        ReleaseAction::Promoted => "promoted",
+        ReleaseAction::RolledBack => "rolled_back",
+        ReleaseAction::Expired => "expired",
+    }
+}
+
+/// Runs the gate until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GateError> {
+    let topics = config.common.topics.load()?;
+    let policies = Policies::load_or_default(config.policy.as_deref())?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::default();
+    readiness.set("caught_up", false);
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let names = [Topic::ModelRegistry, Topic::ModelCandidates, Topic::RewardMetrics].map(|t| topics.name(t));
+    let producer: FutureProducer = config
+        .common
+        .kafka
+        .client_config(&ClientRole::Producer)?
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    let consumer: BaseConsumer = config
+        .common
+        .kafka
+        .client_config(&ClientRole::Consumer { group_id: "flywheel-gate".into() })?
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+    let ends = flywheel_core::kafka::end_offsets(&consumer, &names.each_ref().map(String::as_str))?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, parts) in &ends {
+        for p in parts.keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
+    let mut remaining: HashMap<(String, i32), i64> = ends
+        .iter()
+        .flat_map(|(t, parts)| parts.iter().filter(|(_, e)| **e > 0).map(|(p, e)| ((t.clone(), *p), *e)))
+        .collect();
+    let mut state = GateState::default();
+    let every = Duration::from_millis(config.evaluate_every_ms.max(100));
+    let mut last_look = Instant::now();
+    let mut changed = false;
+    tracing::info!(candidates = %names[1], metrics = %names[2], registry = %names[0], "gate started");
+    while !shutdown.is_cancelled() {
+        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        if let Some(Ok(msg)) = polled {
+            let at = (msg.topic().to_string(), msg.partition());
+            if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
+                remaining.remove(&at);
+            }
+            let payload = msg.payload().unwrap_or_default();
+            let skipped =
+                |what: &str| tracing::warn!(topic = msg.topic(), offset = msg.offset(), "undecodable {what} skipped");
+            if msg.topic() == names[0] {
+                match decode::<RegistryEntry>(payload) {
+                    Ok(e) => state.registry(e),
+                    Err(_) => skipped("registry entry"),
+                }
+            } else if msg.topic() == names[1] {
+                match decode::<ModelCandidate>(payload) {
+                    Ok(c) => {
+                        metrics.candidates.inc();
+                        state.candidate(c);
+                        changed = true;
+                    }
+                    Err(_) => skipped("candidate"),
+                }
+            } else {
+                match decode::<RewardMetrics>(payload) {
+                    Ok(m) => {
+                        metrics.windows.inc();
+                        changed |= state.metrics.add(m);
+                    }
+                    Err(_) => skipped("metrics window"),
+                }
+            }
+        }
+        if !remaining.is_empty() {
+            continue; // decide only on the whole history
+        }
+        readiness.set("caught_up", true);
+        if !changed && last_look.elapsed() < every {
+            continue;
+        }
+        (changed, last_look) = (false, Instant::now());
+        for entry in state.step(|t, m| policies.of(t, m), flywheel_core::now_millis()) {
+            let bytes = encode(&entry)?;
+            let key = format!("{}/{}", entry.tenant, entry.base_model);
+            producer
+                .send(FutureRecord::to(&names[0]).key(&key).payload(&bytes), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| flywheel_core::Error::kafka("producing a registry entry", e))?;
+            let d = entry.history.last().expect("a decision was appended");
+            metrics.decisions.get_or_create(&ActionLabels { action: action_name(d.action).into() }).inc();
+            metrics.entry(&entry);
+            tracing::info!(tenant = %entry.tenant, base_model = %entry.base_model, revision = entry.revision, adapter = %d.adapter_version, action = action_name(d.action), "{}", d.reason);
+        }
+    }
+    shutdown.cancel();
+    let _ = ops.task.await;
+    Ok(())
+}
