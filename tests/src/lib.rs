@@ -215,3 +215,15 @@ pub fn commit_records(
 }
 
 pub use flywheel_cli::http::{HttpResponse, http};
+
+/// Polls `f` every 500 ms until it returns `Some`; panics after `secs`.
+pub fn wait_until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "condition not met in {secs} s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

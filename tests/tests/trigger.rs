@@ -3,14 +3,14 @@
 //! explained on the decisions topic, and a restart neither fires again for
 //! the same shards nor loses any.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ShardManifest, ShardVersionStats, TrainRequest, TriggerDecision};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{TestTopics, kafka_args, read_all, test_topics, workspace_root};
+use flywheel_tests::{TestTopics, kafka_args, read_all, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -101,17 +101,6 @@ fn decisions(s: &Setup) -> Vec<TriggerDecision> {
         .into_iter()
         .map(|r| r.2)
         .collect()
-}
-
-fn wait_until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "condition not met in {secs} s");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 fn shard_set(r: &TrainRequest) -> Vec<String> {
