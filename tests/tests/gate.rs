@@ -168,7 +168,12 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
     }
     let e = s.wait_revision(5);
     let rolled = e.history.last().unwrap();
-    assert_eq!((rolled.action, rolled.adapter_version.as_str()), (ReleaseAction::RolledBack, "a3"), "{}", rolled.reason);
+    assert_eq!(
+        (rolled.action, rolled.adapter_version.as_str()),
+        (ReleaseAction::RolledBack, "a3"),
+        "{}",
+        rolled.reason
+    );
     assert_eq!(e.live.as_ref().unwrap().adapter_version, "a1");
     stop.cancel();
     task.await.unwrap();

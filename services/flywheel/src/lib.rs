@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod http;
+pub mod simulate;
 
 use std::io::Write;
 use std::net::SocketAddr;
