@@ -105,7 +105,9 @@ impl Collector {
 
     async fn stop(mut self) {
         self.shutdown.cancel();
-        self.running.take().unwrap().wait().await.unwrap();
+        if let Some(running) = self.running.take() {
+            running.wait().await.unwrap();
+        }
     }
 }
 
@@ -207,6 +209,20 @@ async fn accepted_batch_is_in_the_topic_unchanged_but_pseudonymised() {
     assert!(text.contains("collector_events_total{outcome=\"accepted\",reason=\"\"} 8"), "{text}");
     assert!(text.contains("collector_produce_latency_seconds_count 1"), "{text}");
     c.stop().await;
+}
+
+/// Regression: the service waited on its drain timeout from start, so the
+/// binary stopped serving 30 s after it began. It must serve until shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_serves_past_its_drain_timeout_until_shutdown() {
+    let mut c = Collector::start(kafka_args(), &[]).await;
+    let waiting = tokio::spawn(c.running.take().unwrap().wait());
+    tokio::time::sleep(Duration::from_secs(7)).await; // the drain timeout is 5 s
+    assert!(!waiting.is_finished(), "the collector stopped without a shutdown");
+    let r = c.post_events(&product_events("late@example.com")).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    c.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("drains after shutdown").unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,6 +631,7 @@ pub struct Running {
     tasks: JoinSet<Result<(), CollectorError>>,
     producer: ProducerSlot,
     drain_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Running {
@@ -642,8 +643,20 @@ impl std::fmt::Debug for Running {
 impl Running {
     /// Waits until shutdown, then drains requests, flushes the producer and
     /// stops background tasks.
-    pub async fn wait(self) -> Result<(), CollectorError> {
-        let result = drain(self.tasks, self.drain_timeout).await;
+    pub async fn wait(mut self) -> Result<(), CollectorError> {
+        // Serve until shutdown, or until a task ends on its own (a failure);
+        // only then does the drain timeout start counting.
+        let early = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            Some(done) = self.tasks.join_next() => Some(done),
+        };
+        self.shutdown.cancel();
+        let mut result = drain(self.tasks, self.drain_timeout).await;
+        match early {
+            Some(Ok(Err(e))) => result = Err(e),
+            Some(Err(join)) => tracing::error!(error = %join, "a collector task panicked"),
+            _ => {}
+        }
         let producer = self.producer.get();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         if let Ok(Err(e)) = flushed {
@@ -742,6 +755,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tasks,
         producer,
         drain_timeout: config.common.service.drain_timeout(),
+        shutdown,
     })
 }
 

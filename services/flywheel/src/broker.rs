@@ -4,8 +4,9 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::supervise::Supervised;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
@@ -58,7 +59,7 @@ pub fn default_binary(project_root: &Path) -> PathBuf {
 /// stops the broker within half a second, so no broker outlives its owner.
 #[derive(Debug)]
 pub struct LocalBroker {
-    child: Child,
+    process: Supervised,
     addr: SocketAddr,
     data_dir: PathBuf,
 }
@@ -90,28 +91,19 @@ impl LocalBroker {
             return Err(BrokerError::NotInstalled(binary.to_path_buf()));
         }
         std::fs::create_dir_all(data_dir).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
-        let log_path = data_dir.join("broker.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
-        let log_err = log.try_clone().map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
         let url = format!("tcp://{addr}");
+        let args: Vec<String> = ["broker", "--listener-url", &url, "--advertised-listener-url", &url]
+            .into_iter()
+            .chain(["--storage-engine", storage])
+            .map(String::from)
+            .collect();
         // tansu mis-joins absolute sqlite paths, so run it inside the data
         // directory with a relative database path.
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(WATCHDOG)
-            .arg("flywheel-broker-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", storage])
-            .current_dir(data_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
+        let log_path = data_dir.join("broker.log");
+        let _ = std::fs::remove_file(&log_path);
+        let process = Supervised::spawn("flywheel-broker", binary, &args, data_dir, &log_path)
             .map_err(|source| BrokerError::Spawn { binary: binary.into(), source })?;
-        let mut broker = LocalBroker { child, addr, data_dir: data_dir.to_path_buf() };
+        let mut broker = LocalBroker { process, addr, data_dir: data_dir.to_path_buf() };
         broker.wait_ready(ready_timeout)?;
         Ok(broker)
     }
@@ -119,7 +111,7 @@ impl LocalBroker {
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), BrokerError> {
         let started = Instant::now();
         while started.elapsed() < timeout {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if self.process.exit_status().is_some() {
                 return Err(self.not_ready(started.elapsed(), true));
             }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() && metadata_ok(self.addr) {
@@ -146,42 +138,14 @@ impl LocalBroker {
 
     /// Stops the broker (SIGTERM via the watchdog, then waits).
     pub fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // The watchdog forwards TERM to tansu and exits when it is gone.
-            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.stop(Duration::from_secs(10));
     }
 
     /// The exit status if the broker has exited (it should not on its own).
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        self.process.exit_status()
     }
 }
-
-impl Drop for LocalBroker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Runs the broker command given as "$@" and stops it when the owning process
-/// ($1) or the watchdog itself is gone or terminated.
-const WATCHDOG: &str = r#"owner=$1; shift
-"$@" &
-child=$!
-trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM INT
-while kill -0 "$owner" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
-kill -TERM $child 2>/dev/null
-wait $child"#;
 
 fn metadata_ok(addr: SocketAddr) -> bool {
     let producer: Result<BaseProducer, _> =

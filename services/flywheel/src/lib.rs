@@ -8,6 +8,8 @@
 pub mod broker;
 pub mod http;
 pub mod simulate;
+pub mod supervise;
+pub mod up;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -97,6 +99,11 @@ pub enum Command {
     /// the latest). Writes the adapter and prints the candidate as JSON;
     /// publishes nothing.
     Train(TrainArgs),
+    /// The simulated product alone, against a running collector.
+    Simulate(simulate::SimulateArgs),
+    /// The whole flywheel here: broker, topics, every service as a
+    /// supervised process, the simulated product and a live summary.
+    Up(up::UpArgs),
 }
 
 /// `flywheel train` arguments.
@@ -275,6 +282,19 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
                 c.vocab_size
             );
             Ok(())
+        }
+        Command::Simulate(args) => {
+            let stats = simulate::simulate(&args, shutdown, |s| {
+                tracing::info!(requests = s.requests, events = s.events, errors = s.errors, "simulating")
+            })
+            .await?;
+            for (version, (shown, accepted)) in &stats.by_version {
+                println!("{version}: {shown} shown, accept rate {:.3}", *accepted as f64 / (*shown).max(1) as f64);
+            }
+            Ok(())
+        }
+        Command::Up(args) => {
+            up::up(&cli.kafka, &topics, cli.topics.topics_config.as_deref(), &args, shutdown).await.map(|_| ())
         }
         Command::Train(args) => {
             let runtime = tokio::runtime::Handle::current();
@@ -938,4 +958,14 @@ async fn demo(
     }
     drop(broker);
     Ok(())
+}
+
+#[cfg(test)]
+mod cli_tests {
+    #[test]
+    fn every_subcommand_has_consistent_flags() {
+        // clap's own checks: unique names, valid defaults, no clashes
+        // between flattened groups.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -46,6 +46,14 @@ pub struct SimulateArgs {
     /// Models: `<root>/<base model>/` (config, weights, tokenizer).
     #[arg(long, env = "FLYWHEEL_SIM_MODELS_ROOT", default_value = ".flywheel/models")]
     pub models_root: PathBuf,
+    /// The simulated product.
+    #[command(flatten)]
+    pub product: ProductArgs,
+}
+
+/// The simulated product and its users (also flags of `flywheel up`).
+#[derive(Debug, Clone, Args)]
+pub struct ProductArgs {
     /// Base model served (as the collector's route answers it).
     #[arg(long, env = "FLYWHEEL_SIM_BASE_MODEL", default_value = "flywheel/tiny")]
     pub base_model: String,
@@ -145,11 +153,14 @@ pub struct Outcome {
 }
 
 /// Draws the user's reaction to `completion`.
-pub fn react(user: &User, completion: &str, args: &SimulateArgs, rng: &mut SplitMix) -> Outcome {
+pub fn react(user: &User, completion: &str, args: &ProductArgs, rng: &mut SplitMix) -> Outcome {
     let p = accept_probability(user, completion.as_bytes(), args.preference_strength);
-    let accepted = if rng.unit() < args.label_noise { rng.unit() < 0.5 } else { rng.unit() < p };
-    // Ratings follow the true preference (noise is in the clicks only).
-    let rating = (rng.unit() < args.rating_share).then(|| (1.0 + (4.0 * p + rng.unit() - 0.5).round()).clamp(1.0, 5.0));
+    let liked = rng.unit() < p;
+    let accepted = if rng.unit() < args.label_noise { rng.unit() < 0.5 } else { liked };
+    // Ratings say what the user really thought (noise is in the clicks
+    // only), so noisy clicks show up as rating/outcome disagreement.
+    let stars = rng.unit().round();
+    let rating = (rng.unit() < args.rating_share).then(|| if liked { 4.0 + stars } else { 1.0 + stars });
     let edited = (accepted && rng.unit() < 0.1).then(|| completion.trim_end().to_string());
     Outcome { accepted, rating, decision_ms: 300 + (rng.unit() * 2500.0) as i64, edited }
 }
@@ -233,9 +244,23 @@ impl Server {
     }
 }
 
-fn event(user: &str, suggestion: &str, seq: u64, at_ms: i64, payload: serde_json::Value) -> serde_json::Value {
+/// A version-4-shaped UUID from the simulation's generator (reproducible).
+fn uuid(rng: &mut SplitMix) -> String {
+    let (a, b) = (rng.next_u64(), rng.next_u64());
+    let b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xFFFF,
+        a & 0x0FFF,
+        b >> 48,
+        b & 0xFFFF_FFFF_FFFF
+    )
+}
+
+fn event(id: String, user: &str, suggestion: &str, at_ms: i64, payload: serde_json::Value) -> serde_json::Value {
     serde_json::json!({
-        "event_id": format!("{suggestion}-{seq}"),
+        "event_id": id,
         "event_time": at_ms,
         "user_id": user,
         "session_id": format!("{user}-session"),
@@ -252,9 +277,10 @@ pub async fn simulate(
     shutdown: CancellationToken,
     mut on_tick: impl FnMut(&SimStats),
 ) -> Result<SimStats, CliError> {
-    let mut server = Server::load(&args.models_root, &args.base_model)?;
-    let users = population(args.users.max(1), args.seed);
-    let mut rng = SplitMix(args.seed);
+    let product = &args.product;
+    let mut server = Server::load(&args.models_root, &product.base_model)?;
+    let users = population(product.users.max(1), product.seed);
+    let mut rng = SplitMix(product.seed);
     let mut stats = SimStats::default();
     let mut pending: VecDeque<Due> = VecDeque::new();
     let auth = format!("Bearer {}", args.token);
@@ -262,23 +288,32 @@ pub async fn simulate(
     let run_id = format!("{:08x}", rng.next_u64() as u32);
     let mut next_request = Instant::now();
     let mut last_tick = Instant::now();
-    while !shutdown.is_cancelled() && (args.requests == 0 || stats.requests < args.requests) {
+    while !shutdown.is_cancelled() && (product.requests == 0 || stats.requests < product.requests) {
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            on_tick(&stats);
+            last_tick = Instant::now();
+        }
         let now = Instant::now();
         if now >= next_request {
             // Poisson arrivals at `rate`.
-            next_request += Duration::from_secs_f64(-(1.0 - rng.unit()).ln() / args.rate.max(0.01));
+            next_request += Duration::from_secs_f64(-(1.0 - rng.unit()).ln() / product.rate.max(0.01));
             let user = &users[(rng.next_u64() % users.len() as u64) as usize];
-            let path = format!("/v1/route?user_id={}&surface=editor&base_model={}", user.id, args.base_model);
+            let path = format!("/v1/route?user_id={}&surface=editor&base_model={}", user.id, product.base_model);
             let routed = match request(args.collector, "GET", &path, &headers[..1], Vec::new()).await {
                 Ok(r) if r.status == 200 => r.json(),
                 Ok(r) => {
                     stats.errors += 1;
-                    tracing::warn!(status = r.status, body = %String::from_utf8_lossy(&r.body), "route refused");
+                    if stats.errors.is_power_of_two() {
+                        let body = String::from_utf8_lossy(&r.body);
+                        tracing::warn!(status = r.status, %body, errors = stats.errors, "route refused");
+                    }
                     continue;
                 }
                 Err(e) => {
                     stats.errors += 1;
-                    tracing::warn!(error = %e, "collector unreachable");
+                    if stats.errors.is_power_of_two() {
+                        tracing::warn!(error = %e, errors = stats.errors, "collector unreachable");
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -290,9 +325,9 @@ pub async fn simulate(
             };
             let prompt = PROMPTS[(rng.next_u64() % PROMPTS.len() as u64) as usize];
             let (completion, logprob) = tokio::task::block_in_place(|| {
-                server.complete(prompt, adapter.as_deref(), args.completion_tokens, &mut rng)
+                server.complete(prompt, adapter.as_deref(), product.completion_tokens, &mut rng)
             })?;
-            let outcome = react(user, &completion, args, &mut rng);
+            let outcome = react(user, &completion, product, &mut rng);
             stats.requests += 1;
             let counts = stats.by_version.entry(version.clone().unwrap_or_else(|| "base".into())).or_default();
             counts.0 += 1;
@@ -309,7 +344,7 @@ pub async fn simulate(
                 "behavior_logprob": logprob,
                 "latency_ms": 40 + (rng.unit() * 80.0) as i64,
             }});
-            pending.push_back(Due { at: now, event: event(&user.id, &suggestion, 0, shown_at, shown) });
+            pending.push_back(Due { at: now, event: event(uuid(&mut rng), &user.id, &suggestion, shown_at, shown) });
             let decided = now + Duration::from_millis(outcome.decision_ms as u64);
             let decision = if outcome.accepted {
                 serde_json::json!({"accepted": {"time_to_accept_ms": outcome.decision_ms}})
@@ -317,20 +352,23 @@ pub async fn simulate(
                 serde_json::json!({"rejected": {"reason": "escape_key"}})
             };
             let decided_ms = shown_at + outcome.decision_ms;
-            pending.push_back(Due { at: decided, event: event(&user.id, &suggestion, 1, decided_ms, decision) });
+            pending.push_back(Due {
+                at: decided,
+                event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms, decision),
+            });
             if let Some(text) = outcome.edited {
                 let distance = completion.len().abs_diff(text.len()) as i64;
                 let edit = serde_json::json!({"edited": {"final_text": text, "edit_distance": distance}});
                 pending.push_back(Due {
                     at: decided + Duration::from_millis(500),
-                    event: event(&user.id, &suggestion, 2, decided_ms + 500, edit),
+                    event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms + 500, edit),
                 });
             }
             if let Some(score) = outcome.rating {
                 let rated = serde_json::json!({"rated": {"score": score, "scale_min": 1.0, "scale_max": 5.0}});
                 pending.push_back(Due {
                     at: decided + Duration::from_millis(700),
-                    event: event(&user.id, &suggestion, 3, decided_ms + 700, rated),
+                    event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms + 700, rated),
                 });
             }
         }
@@ -346,19 +384,21 @@ pub async fn simulate(
             let body = serde_json::to_vec(&batch).map_err(|e| CliError::Usage(e.to_string()))?;
             match request(args.collector, "POST", "/v1/events", &headers, body).await {
                 Ok(r) if r.status < 300 => stats.events += batch.len() as u64,
+                // Logged at 1, 2, 4, 8, ... errors: visible, not a flood.
                 Ok(r) => {
                     stats.errors += 1;
-                    tracing::warn!(status = r.status, body = %String::from_utf8_lossy(&r.body), "events refused");
+                    if stats.errors.is_power_of_two() {
+                        let body = String::from_utf8_lossy(&r.body);
+                        tracing::warn!(status = r.status, %body, errors = stats.errors, "events refused");
+                    }
                 }
                 Err(e) => {
                     stats.errors += 1;
-                    tracing::warn!(error = %e, "collector unreachable; events dropped");
+                    if stats.errors.is_power_of_two() {
+                        tracing::warn!(error = %e, errors = stats.errors, "collector unreachable; events dropped");
+                    }
                 }
             }
-        }
-        if last_tick.elapsed() >= Duration::from_secs(1) {
-            on_tick(&stats);
-            last_tick = Instant::now();
         }
         let wait = next_request.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
         tokio::time::sleep(wait).await;
@@ -382,12 +422,12 @@ mod tests {
     use flywheel_trainer::backend::{Backend, CpuBackend, StepSettings};
     use flywheel_trainer::objective::{Example, Objective};
 
-    fn args() -> SimulateArgs {
+    fn args() -> ProductArgs {
         use clap::Parser;
         #[derive(Parser)]
         struct Wrap {
             #[command(flatten)]
-            a: SimulateArgs,
+            a: ProductArgs,
         }
         Wrap::parse_from(["x"]).a
     }

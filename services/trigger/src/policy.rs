@@ -249,7 +249,7 @@ pub struct RequestHistory {
     pub created_at: Vec<EpochMillis>,
 }
 
-fn gate(name: &str, observed: f64, comparison: &str, threshold: f64, label: &str) -> GateResult {
+pub(crate) fn gate(name: &str, observed: f64, comparison: &str, threshold: f64, label: &str) -> GateResult {
     let passed = match comparison {
         ">=" => observed >= threshold,
         ">" => observed > threshold,

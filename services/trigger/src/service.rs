@@ -101,6 +101,9 @@ pub struct TriggerState {
     pub history: HashMap<(String, String), RequestHistory>,
     /// Live adapter per (tenant, base model), from the registry.
     pub live: HashMap<(String, String), String>,
+    /// Pairs with a canary running, from the registry: training waits for
+    /// the release to resolve, so the next adapter starts from the winner.
+    pub canary: HashSet<(String, String)>,
     /// The last published decision's id per pair: a decision is published
     /// when it differs.
     pub last_decision: HashMap<(String, String), String>,
@@ -178,7 +181,9 @@ pub fn decide(
     }
     let policy = policies.of(tenant, base_model);
     let history = state.history.get(&key).cloned().unwrap_or_default();
-    let gates = evaluate(policy, acc, &history, now);
+    let mut gates = evaluate(policy, acc, &history, now);
+    let canaries = f64::from(u8::from(state.canary.contains(&key)));
+    gates.push(crate::policy::gate("canary_running", canaries, "<", 1.0, "limit"));
     let fired = gates.iter().all(|g| g.passed);
     let mut shard_ids = acc.shard_ids.clone();
     shard_ids.sort();
@@ -310,6 +315,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
                 }
             } else if let Some(Ok(e)) = msg.payload().map(decode::<RegistryEntry>) {
                 let key = (e.tenant.clone(), e.base_model.clone());
+                if e.canary.is_some() {
+                    state.canary.insert(key.clone());
+                } else {
+                    state.canary.remove(&key);
+                }
+                dirty.insert(key.clone());
                 match e.live {
                     Some(live) => state.live.insert(key, live.adapter_version),
                     None => state.live.remove(&key),

@@ -1,0 +1,414 @@
+//! `flywheel up`: the whole flywheel on one machine. Starts the broker
+//! (unless told to use existing brokers), creates the topics, writes the
+//! tiny model and demo policies, starts every service as a supervised
+//! process, runs the simulated product against the collector and prints a
+//! live summary. Ctrl-C (or the duration, or the promotion count) stops the
+//! product first, then each service with SIGTERM so it drains, then the
+//! broker; the lake stays on disk.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use flywheel_core::codec::decode;
+use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
+use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics, TriggerDecision};
+use flywheel_core::topics::{Topic, TopicsConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::LocalBroker;
+use crate::simulate::{ProductArgs, SimStats, SimulateArgs, demo_objective, simulate};
+use crate::supervise::Supervised;
+use crate::{BrokerArgs, CliError, Result};
+
+/// Token of the demo tenant.
+pub const UP_TOKEN: &str = "demo-token-change-me-0001";
+
+/// `flywheel up` settings.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// The embedded broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Use the brokers of `--kafka-brokers` (and `--topics-config`) instead
+    /// of starting one.
+    #[arg(long, env = "FLYWHEEL_UP_EXTERNAL_BROKER")]
+    pub external_broker: bool,
+    /// Lake, models, adapters, checkpoints, policies and service logs.
+    #[arg(long, env = "FLYWHEEL_UP_WORK_DIR", default_value = ".flywheel/up")]
+    pub work_dir: PathBuf,
+    /// Where the collector listens.
+    #[arg(long, env = "FLYWHEEL_UP_COLLECTOR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub collector_listen: SocketAddr,
+    /// Stop after this many seconds (0: until Ctrl-C).
+    #[arg(long, env = "FLYWHEEL_UP_DURATION_S", default_value_t = 0)]
+    pub duration_s: u64,
+    /// Stop once this many versions were promoted (0: never).
+    #[arg(long, env = "FLYWHEEL_UP_STOP_AFTER_PROMOTIONS", default_value_t = 0)]
+    pub stop_after_promotions: usize,
+    /// Seconds between summary lines.
+    #[arg(long, env = "FLYWHEEL_UP_SUMMARY_EVERY_S", default_value_t = 10)]
+    pub summary_every_s: u64,
+    /// The simulated product.
+    #[command(flatten)]
+    pub product: ProductArgs,
+}
+
+/// What the topics say, followed in the background.
+#[derive(Debug, Default, Clone)]
+pub struct Watch {
+    /// Records read per topic.
+    pub counts: BTreeMap<String, u64>,
+    /// Latest registry entry per (tenant, base model).
+    pub registry: BTreeMap<(String, String), RegistryEntry>,
+    /// The newest trigger decision.
+    pub last_decision: Option<TriggerDecision>,
+    /// Candidates by adapter version.
+    pub candidates: BTreeMap<String, ModelCandidate>,
+    /// (shown, accepted) per served version from `reward-metrics` (one window length).
+    pub accept: BTreeMap<String, (i64, i64)>,
+}
+
+impl Watch {
+    /// Versions promoted so far, oldest first.
+    pub fn promoted(&self) -> Vec<String> {
+        self.registry
+            .values()
+            .flat_map(|e| e.history.iter())
+            .filter(|d| d.action == ReleaseAction::Promoted)
+            .map(|d| d.adapter_version.clone())
+            .collect()
+    }
+}
+
+fn follow(kafka: &KafkaArgs, topics: &TopicsConfig, window_ms: i64, watch: Arc<Mutex<Watch>>, stop: CancellationToken) {
+    let wanted = [
+        Topic::Rewards,
+        Topic::Shards,
+        Topic::TriggerDecisions,
+        Topic::TrainRequests,
+        Topic::ModelCandidates,
+        Topic::ModelRegistry,
+        Topic::RewardMetrics,
+        Topic::DeadLetters,
+    ];
+    let consumer: BaseConsumer =
+        match kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-up-watch".into() }).and_then(|mut c| {
+            c.set("enable.auto.commit", "false");
+            c.create().map_err(|e| flywheel_core::Error::kafka("creating the summary consumer", e))
+        }) {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!(error = %e, "no live summary"),
+        };
+    let names: Vec<String> = wanted.iter().map(|t| topics.name(*t)).collect();
+    let mut tpl = TopicPartitionList::new();
+    for (topic, t) in names.iter().zip(wanted) {
+        for p in 0..topics.spec(t).partitions {
+            let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
+        }
+    }
+    if let Err(e) = consumer.assign(&tpl) {
+        return tracing::warn!(error = %e, "no live summary");
+    }
+    while !stop.is_cancelled() {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let topic = msg.topic().to_string();
+        let payload = msg.payload().unwrap_or_default();
+        let mut w = watch.lock().unwrap_or_else(|p| p.into_inner());
+        *w.counts.entry(topic.clone()).or_default() += 1;
+        if topic == topics.name(Topic::ModelRegistry) {
+            if let Ok(e) = decode::<RegistryEntry>(payload) {
+                let key = (e.tenant.clone(), e.base_model.clone());
+                if w.registry.get(&key).is_none_or(|held| held.revision < e.revision) {
+                    w.registry.insert(key, e);
+                }
+            }
+        } else if topic == topics.name(Topic::TriggerDecisions) {
+            w.last_decision = decode::<TriggerDecision>(payload).ok();
+        } else if topic == topics.name(Topic::ModelCandidates) {
+            if let Ok(c) = decode::<ModelCandidate>(payload) {
+                w.candidates.insert(c.adapter_version.clone(), c);
+            }
+        } else if topic == topics.name(Topic::RewardMetrics) {
+            if let Ok(m) = decode::<RewardMetrics>(payload)
+                .map_err(|_| ())
+                .and_then(|m| if m.window_end - m.window_start == window_ms { Ok(m) } else { Err(()) })
+            {
+                let v = w.accept.entry(m.adapter_version.clone().unwrap_or_else(|| "base".into())).or_default();
+                v.0 += m.shown;
+                v.1 += m.accepted;
+            }
+        }
+    }
+}
+
+/// Length of the metrics windows the demo's rewarder publishes and its gate reads.
+const WINDOW_MS: i64 = 10_000;
+
+fn write_policies(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let trigger = flywheel_trigger::policy::Policy {
+        version: "up-demo-trigger-v1".into(),
+        min_examples: 600,
+        stale_min_examples: 600,
+        min_distinct_users: 20,
+        min_accepted: 60,
+        min_rejected: 60,
+        min_rated_for_noise: 40,
+        cooldown_ms: 20_000,
+        max_runs_per_day: 1000,
+        holdout_fraction: 0.2,
+        objective: demo_objective(),
+        ..Default::default()
+    };
+    #[derive(serde::Serialize)]
+    struct PolicyFile<'a> {
+        default: &'a flywheel_trigger::policy::Policy,
+    }
+    let text = toml::to_string(&PolicyFile { default: &trigger }).map_err(|e| CliError::Usage(e.to_string()))?;
+    let trigger_path = dir.join("trigger-policy.toml");
+    std::fs::write(&trigger_path, format!("# Written by `flywheel up`: demo-sized thresholds.\n{text}"))
+        .map_err(|e| CliError::Usage(format!("{}: {e}", trigger_path.display())))?;
+    let gate_path = dir.join("release-policy.toml");
+    let gate = format!(
+        "# Written by `flywheel up`: demo-sized canaries.\n[default]\nversion = \"up-demo-release-v1\"\nmin_holdout_examples = 40\ncanary_share = 0.5\nmin_shown_per_arm = 150\nmetrics_window_ms = {WINDOW_MS}\nmax_canary_ms = 300000\nmin_rated_per_arm = 20\n"
+    );
+    std::fs::write(&gate_path, gate).map_err(|e| CliError::Usage(format!("{}: {e}", gate_path.display())))?;
+    Ok((trigger_path, gate_path))
+}
+
+/// A service binary next to this one (`cargo build --workspace --bins`).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
+    let bin = exe.parent().map(|d| d.join(name)).filter(|p| p.is_file());
+    bin.ok_or_else(|| {
+        CliError::Usage(format!("{name} is not built next to {}: run `cargo build --workspace --bins`", exe.display()))
+    })
+}
+
+fn print_summary(started: Instant, sim: &SimStats, last_events: &mut (u64, Instant), watch: &Watch) {
+    let rate = (sim.events - last_events.0) as f64 / last_events.1.elapsed().as_secs_f64().max(1e-3);
+    *last_events = (sim.events, Instant::now());
+    let count = |t: &str| watch.counts.iter().filter(|(k, _)| k.ends_with(t)).map(|(_, v)| *v).sum::<u64>();
+    println!(
+        "[{:>4}s] events {} ({rate:.0}/s) · rewards {} · shards {} · train requests {} · candidates {} · promoted {}",
+        started.elapsed().as_secs(),
+        sim.events,
+        count("rewards"),
+        count("shards"),
+        count("train-requests"),
+        watch.candidates.len(),
+        watch.promoted().len()
+    );
+    if let Some(d) = &watch.last_decision {
+        let failing: Vec<&str> = d.gates.iter().filter(|g| !g.passed).map(|g| g.message.as_str()).collect();
+        let verdict = if d.fired { "fired".to_string() } else { format!("waiting: {}", failing.join("; ")) };
+        println!("        trigger: {verdict}");
+    }
+    for e in watch.registry.values() {
+        let live = e.live.as_ref().map_or("base", |a| a.adapter_version.as_str());
+        let canary = e
+            .canary
+            .as_ref()
+            .map(|c| format!(", canary {} at {:.0} %", c.adapter.adapter_version, c.traffic_share * 100.0));
+        println!("        registry rev {}: live {live}{}", e.revision, canary.unwrap_or_default());
+        if let Some(d) = e.history.last() {
+            println!("        last release decision: {:?} {} — {}", d.action, d.adapter_version, d.reason);
+        }
+    }
+    let mut versions: Vec<(&String, &(u64, u64))> = sim.by_version.iter().collect();
+    versions.sort_by_key(|(v, _)| (*v != "base", watch.candidates.get(*v).map(|c| c.created_at)));
+    for (v, (shown, accepted)) in versions {
+        let measured = watch
+            .accept
+            .get(v)
+            .filter(|(s, _)| *s > 0)
+            .map(|(s, a)| format!("{:.3} ({s} shown)", *a as f64 / *s as f64));
+        println!(
+            "        accept rate {v:<20} users saw {:.3} ({shown} shown) · reward-metrics {}",
+            *accepted as f64 / (*shown).max(1) as f64,
+            measured.unwrap_or_else(|| "pending".into())
+        );
+    }
+}
+
+/// Runs the flywheel until interrupted or done; returns what the topics say.
+pub async fn up(
+    kafka: &KafkaArgs,
+    topics: &TopicsConfig,
+    topics_file: Option<&Path>,
+    args: &UpArgs,
+    shutdown: CancellationToken,
+) -> Result<Watch> {
+    let data = std::path::absolute(&args.work_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+    for sub in ["logs", "models", "adapters", "lake", "rewarder"] {
+        std::fs::create_dir_all(data.join(sub)).map_err(|e| CliError::Usage(format!("{}: {e}", data.display())))?;
+    }
+    let mut kafka = kafka.clone();
+    let _broker = if args.external_broker {
+        println!("== using the brokers at {}", kafka.brokers);
+        None
+    } else {
+        println!(
+            "== starting the embedded broker on {} (data in {})",
+            args.broker.listen,
+            args.broker.data_dir.display()
+        );
+        let b = LocalBroker::start(
+            &args.broker.tansu_bin,
+            args.broker.listen,
+            &args.broker.data_dir,
+            Duration::from_secs(30),
+        )?;
+        kafka.brokers = b.bootstrap();
+        Some(b)
+    };
+    let created = create_topics(&kafka, &topics.specs(), Duration::from_secs(30)).await?;
+    println!("== topics: {} created, {} in the map", created.len(), Topic::ALL.len());
+    let model_dir = data.join("models").join(&args.product.base_model);
+    if !model_dir.join("model.safetensors").exists() {
+        let model = flywheel_trainer::tiny::tiny_model(7).map_err(|e| CliError::Usage(e.to_string()))?;
+        flywheel_trainer::tiny::save(&model, &model_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    println!("== base model {} in {}", args.product.base_model, model_dir.display());
+    let (trigger_policy, release_policy) = write_policies(&data)?;
+
+    let common = |name: &str| -> Vec<String> {
+        let mut a = vec!["--kafka-brokers".into(), kafka.brokers.clone(), "--ops-listen".into(), "127.0.0.1:0".into()];
+        a.extend(["--log-filter".into(), "info".into()]);
+        if let Some(f) = topics_file {
+            a.extend(["--topics-config".into(), f.display().to_string()]);
+        }
+        let _ = name;
+        a
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let path = |p: &Path| p.display().to_string();
+    let services: Vec<(&str, Vec<String>)> = vec![
+        (
+            "flywheel-collector",
+            [
+                s(&["--listen", &args.collector_listen.to_string(), "--token", &format!("{UP_TOKEN}=demo")]),
+                s(&["--hmac-secret", "up-demo-secret-not-for-production", "--base-model", &args.product.base_model]),
+            ]
+            .concat(),
+        ),
+        (
+            "flywheel-rewarder",
+            [
+                s(&["--group-id", "flywheel-up-rewarder", "--checkpoint-dir", &path(&data.join("rewarder"))]),
+                s(&["--outcome-window-ms", "5000", "--allowed-lateness-ms", "0", "--idle-advance-after-ms", "2000"]),
+                s(&["--checkpoint-every-ms", "1000", "--metrics-windows-ms", &WINDOW_MS.to_string()]),
+            ]
+            .concat(),
+        ),
+        (
+            "flywheel-lake-writer",
+            s(&[
+                "--group-id",
+                "flywheel-up-lake-writer",
+                "--lake-root",
+                &path(&data.join("lake")),
+                "--roll-max-age-ms",
+                "3000",
+                "--roll-idle-ms",
+                "1500",
+            ]),
+        ),
+        ("flywheel-trigger", s(&["--policy", &path(&trigger_policy), "--evaluate-every-ms", "2000"])),
+        (
+            "flywheel-trainer",
+            s(&[
+                "--group-id",
+                "flywheel-up-trainer",
+                "--models-root",
+                &path(&data.join("models")),
+                "--adapters-root",
+                &path(&data.join("adapters")),
+                "--max-tokens",
+                "128",
+            ]),
+        ),
+        ("flywheel-gate", s(&["--policy", &path(&release_policy), "--evaluate-every-ms", "1000"])),
+    ];
+    let mut children = Vec::new();
+    for (name, extra) in services {
+        let binary = sibling(name)?;
+        let mut argv = common(name);
+        argv.extend(extra);
+        let log = data.join("logs").join(format!("{name}.log"));
+        let child = Supervised::spawn(name, &binary, &argv, &data, &log)
+            .map_err(|e| CliError::Usage(format!("starting {name}: {e}")))?;
+        children.push(child);
+    }
+    println!("== services started; logs in {}", data.join("logs").display());
+    println!(
+        "== simulated product: {} users, {} requests/s, label noise {:.0} %, seed {}",
+        args.product.users,
+        args.product.rate,
+        args.product.label_noise * 100.0,
+        args.product.seed
+    );
+
+    let watch = Arc::new(Mutex::new(Watch::default()));
+    let stop_watch = CancellationToken::new();
+    let follower = {
+        let (kafka, topics, watch, stop) = (kafka.clone(), topics.clone(), watch.clone(), stop_watch.clone());
+        std::thread::spawn(move || follow(&kafka, &topics, WINDOW_MS, watch, stop))
+    };
+    let sim_args = SimulateArgs {
+        collector: args.collector_listen,
+        token: UP_TOKEN.into(),
+        models_root: data.join("models"),
+        product: args.product.clone(),
+    };
+    let sim_stop = shutdown.child_token();
+    let started = Instant::now();
+    let mut last_summary = Instant::now();
+    let mut last_events = (0u64, Instant::now());
+    let every = Duration::from_secs(args.summary_every_s.max(1));
+    let (deadline, promotions) = (args.duration_s, args.stop_after_promotions);
+    let mut crashed: Option<String> = None;
+    let result = simulate(&sim_args, sim_stop.clone(), |stats| {
+        let w = watch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if last_summary.elapsed() >= every {
+            print_summary(started, stats, &mut last_events, &w);
+            last_summary = Instant::now();
+        }
+        if let Some(c) =
+            children.iter_mut().find_map(|c| c.exit_status().map(|s| (c.name.clone(), s, c.log_path().to_path_buf())))
+        {
+            crashed = Some(format!("{} exited ({}); see {}", c.0, c.1, c.2.display()));
+            sim_stop.cancel();
+        }
+        if (deadline > 0 && started.elapsed() >= Duration::from_secs(deadline))
+            || (promotions > 0 && w.promoted().len() >= promotions)
+        {
+            sim_stop.cancel();
+        }
+    })
+    .await;
+    println!("== stopping: the product, then each service (SIGTERM, drain), then the broker");
+    for c in children.iter_mut() {
+        c.stop(Duration::from_secs(20));
+    }
+    stop_watch.cancel();
+    let _ = follower.join();
+    let stats = result?;
+    let w = watch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    print_summary(started, &stats, &mut last_events, &w);
+    println!(
+        "== the lake stays in {}; query it: duckdb -c \"select adapter_version, count(*), avg(case when outcome = 'ACCEPTED' then 1 else 0 end) as accept_rate from read_parquet('{}/rewards/**/*.parquet', hive_partitioning=true, union_by_name=true) group by all\"",
+        data.join("lake").display(),
+        data.join("lake").display()
+    );
+    match crashed {
+        Some(why) => Err(CliError::Usage(why)),
+        None => Ok(w),
+    }
+}
