@@ -74,8 +74,9 @@ bench: tools ## Benchmarks (release build); results and how to read them in BENC
 	$(CARGO) run --release --locked -p flywheel --example lake_bench
 	$(CARGO) run --release --locked -p flywheel-trainer --example train_bench
 
-demo: setup ## Run the flywheel locally on the embedded broker
-	$(FLYWHEEL) demo --tansu-bin "$(TANSU)"
+demo: setup ## Run the whole flywheel locally (embedded broker, every service, simulated product) until two promotions
+	$(CARGO) build --workspace --bins --locked
+	$(FLYWHEEL) up --tansu-bin "$(TANSU)" --stop-after-promotions 2 --duration-s 900
 
 broker: tools ## Run the embedded broker in the foreground on 127.0.0.1:9092 (data in .flywheel/broker)
 	$(FLYWHEEL) broker --tansu-bin "$(TANSU)"

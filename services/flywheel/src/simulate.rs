@@ -160,7 +160,7 @@ pub fn react(user: &User, completion: &str, args: &ProductArgs, rng: &mut SplitM
     // Ratings say what the user really thought (noise is in the clicks
     // only), so noisy clicks show up as rating/outcome disagreement.
     let stars = rng.unit().round();
-    let rating = (rng.unit() < args.rating_share).then(|| if liked { 4.0 + stars } else { 1.0 + stars });
+    let rating = (rng.unit() < args.rating_share).then_some(if liked { 4.0 + stars } else { 1.0 + stars });
     let edited = (accepted && rng.unit() < 0.1).then(|| completion.trim_end().to_string());
     Outcome { accepted, rating, decision_ms: 300 + (rng.unit() * 2500.0) as i64, edited }
 }

@@ -135,15 +135,13 @@ fn follow(kafka: &KafkaArgs, topics: &TopicsConfig, window_ms: i64, watch: Arc<M
             if let Ok(c) = decode::<ModelCandidate>(payload) {
                 w.candidates.insert(c.adapter_version.clone(), c);
             }
-        } else if topic == topics.name(Topic::RewardMetrics) {
-            if let Ok(m) = decode::<RewardMetrics>(payload)
-                .map_err(|_| ())
-                .and_then(|m| if m.window_end - m.window_start == window_ms { Ok(m) } else { Err(()) })
-            {
-                let v = w.accept.entry(m.adapter_version.clone().unwrap_or_else(|| "base".into())).or_default();
-                v.0 += m.shown;
-                v.1 += m.accepted;
-            }
+        } else if topic == topics.name(Topic::RewardMetrics)
+            && let Ok(m) = decode::<RewardMetrics>(payload)
+            && m.window_end - m.window_start == window_ms
+        {
+            let v = w.accept.entry(m.adapter_version.clone().unwrap_or_else(|| "base".into())).or_default();
+            v.0 += m.shown;
+            v.1 += m.accepted;
         }
     }
 }

@@ -1,0 +1,143 @@
+//! The whole flywheel, end to end on the real broker: `flywheel up` runs
+//! every service as a process and the simulated product against them. With
+//! a fixed seed the product must get measurably better with use: a trained
+//! adapter is promoted because the gate's always-valid test finds it better
+//! than the base, and it traces back through its candidate, train request
+//! and shards to the events users sent. Then, after a restart of the whole
+//! system, a deliberately degraded candidate (the promoted adapter with its
+//! update reversed) is rolled back during its canary.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use flywheel_core::codec::encode;
+use flywheel_core::kafka::ClientRole;
+use flywheel_core::records::{Interaction, ModelCandidate, RegistryEntry, ReleaseAction, ShardManifest, TrainRequest};
+use flywheel_core::topics::Topic;
+use flywheel_tests::{TestTopics, read_all, test_topics, wait_until, workspace_binary};
+use flywheel_trainer::lora::LoraAdapter;
+use flywheel_trainer::model::Model;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn up(kafka: &str, topics_file: &Path, work: &Path, extra: &[&str]) -> Child {
+    let collector = flywheel_cli::broker::free_local_addr().unwrap().to_string();
+    Command::new(workspace_binary("flywheel"))
+        .args(["--kafka-brokers", kafka, "--topics-config", &topics_file.display().to_string()])
+        .args(["up", "--external-broker"])
+        .args(["--work-dir", &work.display().to_string(), "--collector-listen", &collector])
+        .args(["--rate", "30", "--seed", "11", "--summary-every-s", "30"])
+        .args(extra)
+        .spawn()
+        .unwrap()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_back() {
+    let TestTopics { kafka, topics, file, dir } = test_topics("loop", &Topic::ALL, None).await;
+    let work = dir.join("work");
+    let registry = || -> Vec<RegistryEntry> {
+        read_all::<RegistryEntry>(&kafka, &topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect()
+    };
+    let latest = || registry().into_iter().max_by_key(|e| e.revision);
+
+    // Run until one version is promoted (bounded by the duration).
+    let mut child = up(&kafka.brokers, &file, &work, &["--stop-after-promotions", "1", "--duration-s", "420"]);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "flywheel up failed: {status}");
+
+    let entry = latest().expect("the gate wrote the registry");
+    let promoted = entry.history.iter().find(|d| d.action == ReleaseAction::Promoted).expect("a promotion");
+    let s = &promoted.statistics;
+    assert!(s["mean_reward_p_value"] <= s["alpha"], "{}", promoted.reason);
+    assert!(s["mean_reward_difference"] > 0.0, "{}", promoted.reason);
+    let (canary, control) = (s["canary_accept_rate"], s["control_accept_rate"]);
+    assert!(canary > control + 0.05, "accept rate {control:.3} (base) -> {canary:.3} (promoted): {}", promoted.reason);
+    let live = entry.live.clone().expect("a live adapter");
+    assert_eq!(live.adapter_version, promoted.adapter_version);
+
+    // Lineage: adapter -> candidate -> train request -> shards -> events.
+    let candidates: Vec<ModelCandidate> =
+        read_all(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect();
+    let candidate = candidates.iter().find(|c| c.adapter_version == live.adapter_version).expect("its candidate");
+    let weights = std::fs::read(Path::new(&live.adapter_uri).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(sha256(&weights), candidate.adapter_sha256, "the released file is the trained one");
+    assert_eq!(live.adapter_sha256, candidate.adapter_sha256);
+    let requests: Vec<TrainRequest> =
+        read_all(&kafka, &topics.name(Topic::TrainRequests)).into_iter().map(|r| r.2).collect();
+    let request = requests.iter().find(|r| r.request_id == candidate.request_id).expect("its train request");
+    assert_eq!(request.parent_adapter_version, None, "the first release is trained from the base");
+    let manifests: Vec<ShardManifest> =
+        read_all(&kafka, &topics.name(Topic::Shards)).into_iter().map(|r| r.2).collect();
+    let sent: HashSet<String> = read_all::<Interaction>(&kafka, &topics.name(Topic::Interactions))
+        .into_iter()
+        .map(|r| r.2.suggestion_id)
+        .collect();
+    let mut rows = 0;
+    for shard in &request.shards {
+        assert!(manifests.iter().any(|m| m.shard_id == shard.shard_id), "shard {} was announced", shard.shard_id);
+        let bytes = std::fs::read(work.join("lake").join(&shard.uri)).unwrap();
+        assert_eq!(sha256(&bytes), shard.content_sha256, "shard {} is as pinned", shard.shard_id);
+        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
+            let ids = batch.column_by_name("suggestion_id").unwrap();
+            let ids = arrow_array::cast::AsArray::as_string::<i32>(ids.as_ref());
+            for id in ids.iter().flatten() {
+                assert!(sent.contains(id), "{id} in the lake was sent by the product");
+                rows += 1;
+            }
+        }
+    }
+    assert!(rows as i64 >= 600 && rows as i64 == request.shards.iter().map(|s| s.rows).sum::<i64>());
+
+    // A degraded candidate: the promoted adapter's update reversed (B
+    // negated), with offline numbers that pass, so only the canary can
+    // catch it. The whole system restarts first.
+    let model = Model::load(&work.join("models/flywheel/tiny")).unwrap();
+    let mut bad = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
+    for (_, b) in bad.weights.values_mut() {
+        b.iter_mut().for_each(|x| *x = -*x);
+    }
+    let bad_dir = work.join("adapters/demo/degraded");
+    bad.save_peft(&bad_dir, &model.config, "flywheel/tiny").unwrap();
+    let mut degraded = candidate.clone();
+    degraded.adapter_version = "degraded".into();
+    degraded.request_id = "hand-made-degraded".into();
+    degraded.parent_adapter_version = Some(live.adapter_version.clone());
+    degraded.adapter_uri = bad_dir.display().to_string();
+    degraded.adapter_sha256 = sha256(&std::fs::read(bad_dir.join("adapter_model.safetensors")).unwrap());
+    degraded.kl_to_parent = 0.1;
+    degraded.candidate_metrics.insert("implicit_reward_accuracy".into(), 0.9);
+    degraded.parent_metrics.insert("implicit_reward_accuracy".into(), 0.5);
+    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "300"]);
+    let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let bytes = encode(&degraded).unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topics.name(Topic::ModelCandidates)).key("demo/flywheel/tiny").payload(&bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let verdict = tokio::task::block_in_place(|| {
+        wait_until(280, || {
+            latest().and_then(|e| {
+                e.history
+                    .into_iter()
+                    .rev()
+                    .find(|d| d.adapter_version == "degraded" && d.action != ReleaseAction::CanaryStarted)
+            })
+        })
+    });
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "flywheel up stops cleanly on SIGTERM: {status}");
+    assert_eq!(verdict.action, ReleaseAction::RolledBack, "{}", verdict.reason);
+    let after = latest().unwrap();
+    assert_eq!(after.live.unwrap().adapter_version, live.adapter_version, "the good adapter stays live");
+}
