@@ -14,7 +14,7 @@ FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
 
 export FLYWHEEL_TANSU_BIN := $(TANSU)
 
-.PHONY: help setup system-deps tools python fmt fmt-check lint test bench demo broker topics clean
+.PHONY: help setup system-deps tools python kernels-check fmt fmt-check lint test bench demo broker topics clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,17 @@ $(PY_STAMP):
 	"$(VENV)/bin/python" -c "import duckdb, pyarrow, numpy; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__)"
 	@touch $@
 
+# NVRTC (the compiler) and the CUDA headers from PyPI, matching the GPU
+# machine's CUDA 13.0: enough to compile every kernel without a GPU.
+CUDA_STAMP := $(VENV)/.cuda-nvrtc-13.0.88
+
+kernels-check: $(CUDA_STAMP) ## Compile every CUDA kernel with NVRTC for sm_90 (no GPU needed)
+	"$(VENV)/bin/python" services/trainer/src/kernels/nvrtc_check.py sm_90
+
+$(CUDA_STAMP): $(PY_STAMP)
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96
+	@touch $@
+
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
@@ -61,7 +72,7 @@ fmt-check: ## Fail if the code is not formatted
 lint: ## Clippy on every target with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-test: setup fmt-check lint ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
+test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 

@@ -94,9 +94,15 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     }
     assert!(rows as i64 >= 600 && rows as i64 == request.shards.iter().map(|s| s.rows).sum::<i64>());
 
-    // A degraded candidate: the promoted adapter's update reversed (B
-    // negated), with offline numbers that pass, so only the canary can
-    // catch it. The whole system restarts first.
+    // A degraded candidate: the live adapter's update reversed (B negated),
+    // with offline numbers that pass, so only the canary can catch it. The
+    // whole system restarts first; a canary the trigger started meanwhile
+    // is let finish, so the degraded candidate's parent is the live adapter
+    // when the gate reads it (else it would be rejected as stale).
+    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "420"]);
+    let live = tokio::task::block_in_place(|| {
+        wait_until(240, || latest().filter(|e| e.canary.is_none()).and_then(|e| e.live))
+    });
     let model = Model::load(&work.join("models/flywheel/tiny")).unwrap();
     let mut bad = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
     for (_, b) in bad.weights.values_mut() {
@@ -113,7 +119,6 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     degraded.kl_to_parent = 0.1;
     degraded.candidate_metrics.insert("implicit_reward_accuracy".into(), 0.9);
     degraded.parent_metrics.insert("implicit_reward_accuracy".into(), 0.5);
-    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "300"]);
     let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
     let bytes = encode(&degraded).unwrap();
     producer

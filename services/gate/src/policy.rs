@@ -92,3 +92,17 @@ impl CheckPolicy for ReleasePolicy {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_is_the_defaults_and_nonsense_is_refused() {
+        let example = include_str!("../../../deploy/release-policy.toml.example");
+        let p = crate::service::Policies::parse(example, "release-policy.toml.example").unwrap();
+        assert_eq!(p.default, ReleasePolicy::default());
+        let bad = crate::service::Policies::parse("[default]\ncanary_share = 1.5\n", "p.toml").unwrap_err();
+        assert!(bad.to_string().contains("canary_share = 1.5 is not in (0, 1)"), "{bad}");
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`sample`]: sampling completions (the simulated product's serving side);
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
 //! - [`tokenize`]: the model's `tokenizer.json` (HF `tokenizers`);
+//! - [`kernels`]: the CUDA kernels (`.cu`, NVRTC-checked in CI) and their CPU twins;
 //! - [`job`]: one train request → adapter + model candidate;
 //! - [`service`]: the Kafka service (`train-requests` → `model-candidates`).
 
@@ -17,6 +18,7 @@ pub use service::{Config, run};
 pub mod backend;
 pub mod grad;
 pub mod job;
+pub mod kernels;
 pub mod linalg;
 pub mod lora;
 pub mod model;

@@ -470,9 +470,12 @@ mod tests {
         assert!(Policy::from_toml("[objective]\nlora_rank = 0").is_err());
         assert!(Policy::from_toml("holdout_fraction = 1.0").is_err());
         // Per-pair files: overrides, and errors that name the table.
-        let file = "[default]\nmin_examples = 10\n[overrides.\"acme/tiny\"]\nmin_examples = 20\n";
+        let file = "[default]\nmin_examples = 2000\n[overrides.\"acme/tiny\"]\nmin_examples = 3000\n";
         let ps = crate::service::Policies::parse(file, "policy.toml").unwrap();
-        assert_eq!((ps.of("acme", "tiny").min_examples, ps.of("acme", "other").min_examples), (20, 10));
+        assert_eq!((ps.of("acme", "tiny").min_examples, ps.of("acme", "other").min_examples), (3000, 2000));
+        let example = include_str!("../../../deploy/trigger-policy.toml.example");
+        let documented = crate::service::Policies::parse(example, "trigger-policy.toml.example").unwrap();
+        assert_eq!(documented.default, Policy::default(), "the example documents the defaults");
         let bad = crate::service::Policies::parse("[overrides.\"a/b\"]\nmax_user_share = 2.0\n", "p.toml");
         assert!(bad.unwrap_err().to_string().contains("override a/b: max_user_share = 2"));
     }
