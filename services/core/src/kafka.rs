@@ -306,7 +306,51 @@ pub fn topic_ends(args: &KafkaArgs, reader: &str, topics: &[&str]) -> Result<Top
     end_offsets(&probe, topics)
 }
 
+/// Assigns every partition of `topics` from the beginning and returns the
+/// end offset of each non-empty partition: the history a service that keeps
+/// its state in topics reads before it acts (see [`caught_up`]).
+pub fn assign_from_beginning<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &[&str],
+) -> Result<std::collections::HashMap<(String, i32), i64>> {
+    let ends = end_offsets(consumer, topics)?;
+    let mut assignment = TopicPartitionList::new();
+    for (topic, parts) in &ends {
+        for p in parts.keys() {
+            assignment.add_partition_offset(topic, *p, Offset::Beginning).map_err(|e| Error::kafka("assigning", e))?;
+        }
+    }
+    consumer.assign(&assignment).map_err(|e| Error::kafka("assigning", e))?;
+    Ok(ends
+        .iter()
+        .flat_map(|(t, parts)| parts.iter().filter(|(_, e)| **e > 0).map(|(p, e)| ((t.clone(), *p), *e)))
+        .collect())
+}
+
+/// Marks `msg` read in the history left by [`assign_from_beginning`];
+/// true once all of it has been read.
+pub fn caught_up(remaining: &mut std::collections::HashMap<(String, i32), i64>, msg: &BorrowedMessage<'_>) -> bool {
+    let at = (msg.topic().to_string(), msg.partition());
+    if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
+        remaining.remove(&at);
+    }
+    remaining.is_empty()
+}
+
 impl KafkaArgs {
+    /// An idempotent producer (`acks=all`) for async sends.
+    pub fn producer(&self) -> Result<rdkafka::producer::FutureProducer> {
+        self.client_config(&ClientRole::Producer)?.create().map_err(|e| Error::kafka("creating producer", e))
+    }
+
+    /// A consumer in `group` that never commits offsets itself: the service
+    /// keeps its own (state in topics or in its sink).
+    pub fn manual_consumer<C: rdkafka::config::FromClientConfig>(&self, group: &str) -> Result<C> {
+        let mut config = self.client_config(&ClientRole::Consumer { group_id: group.into() })?;
+        config.set("enable.auto.commit", "false");
+        config.create().map_err(|e| Error::kafka("creating consumer", e))
+    }
+
     /// A producer whose [`DeliveryTracker`] records failures and the ends it
     /// wrote (the services that read their own outputs back use it).
     pub fn tracked_producer(&self) -> Result<ThreadedProducer<DeliveryTracker>> {

@@ -7,13 +7,12 @@
 //! entry's history is never decided twice, a candidate that arrived while
 //! the gate was down is decided once. Run one instance per cluster.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::ClientRole;
+use flywheel_core::kafka::{assign_from_beginning, caught_up};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
@@ -23,10 +22,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
@@ -114,32 +112,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     let ops =
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
     let names = [Topic::ModelRegistry, Topic::ModelCandidates, Topic::RewardMetrics].map(|t| topics.name(t));
-    let producer: FutureProducer = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Producer)?
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
-    let consumer: BaseConsumer = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Consumer { group_id: "flywheel-gate".into() })?
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
-    let ends = flywheel_core::kafka::end_offsets(&consumer, &names.each_ref().map(String::as_str))?;
-    let mut tpl = TopicPartitionList::new();
-    for (topic, parts) in &ends {
-        for p in parts.keys() {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)
-                .map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
-        }
-    }
-    consumer.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
-    let mut remaining: HashMap<(String, i32), i64> = ends
-        .iter()
-        .flat_map(|(t, parts)| parts.iter().filter(|(_, e)| **e > 0).map(|(p, e)| ((t.clone(), *p), *e)))
-        .collect();
+    let kafka = &config.common.kafka;
+    let producer: FutureProducer = kafka.producer()?;
+    let consumer: BaseConsumer = kafka.manual_consumer("flywheel-gate")?;
+    let mut remaining = assign_from_beginning(&consumer, &names.each_ref().map(String::as_str))?;
     let mut state = GateState::default();
     let every = Duration::from_millis(config.evaluate_every_ms.max(100));
     let mut last_look = Instant::now();
@@ -148,10 +124,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     while !shutdown.is_cancelled() {
         let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
         if let Some(Ok(msg)) = polled {
-            let at = (msg.topic().to_string(), msg.partition());
-            if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
-                remaining.remove(&at);
-            }
+            caught_up(&mut remaining, &msg);
             let payload = msg.payload().unwrap_or_default();
             let skipped =
                 |what: &str| tracing::warn!(topic = msg.topic(), offset = msg.offset(), "undecodable {what} skipped");

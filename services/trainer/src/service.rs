@@ -103,12 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     readiness.set("recovered", true);
     tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
 
-    let producer: FutureProducer = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Producer)?
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
+    let producer: FutureProducer = config.common.kafka.producer()?;
     let consumer: StreamConsumer = config
         .common
         .kafka

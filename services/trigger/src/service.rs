@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, read_topic};
+use flywheel_core::kafka::{assign_from_beginning, caught_up, read_topic};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
@@ -30,10 +30,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::TriggerError;
@@ -266,32 +265,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     }
     tracing::info!(requests = made.len(), used_shards = state.used.len(), "recovered from train-requests");
 
-    let producer: FutureProducer = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Producer)?
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating producer", e))?;
-    let consumer: BaseConsumer = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Consumer { group_id: "flywheel-trigger".into() })?
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
-    let ends = flywheel_core::kafka::end_offsets(&consumer, &[&names.0, &names.1])?;
-    let mut tpl = TopicPartitionList::new();
-    for (topic, parts) in &ends {
-        for p in parts.keys() {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)
-                .map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
-        }
-    }
-    consumer.assign(&tpl).map_err(|e| flywheel_core::Error::kafka("assigning", e))?;
-    let mut remaining: HashMap<(String, i32), i64> = ends
-        .iter()
-        .flat_map(|(t, parts)| parts.iter().filter(|(_, e)| **e > 0).map(|(p, e)| ((t.clone(), *p), *e)))
-        .collect();
+    let producer: FutureProducer = config.common.kafka.producer()?;
+    let consumer: BaseConsumer = config.common.kafka.manual_consumer("flywheel-trigger")?;
+    let mut remaining = assign_from_beginning(&consumer, &[&names.0, &names.1])?;
     let mut dirty: HashSet<(String, String)> = HashSet::new();
     let every = Duration::from_millis(config.evaluate_every_ms.max(100));
     let mut last_sweep = Instant::now();
@@ -299,10 +275,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     while !shutdown.is_cancelled() {
         let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
         if let Some(Ok(msg)) = polled {
-            let at = (msg.topic().to_string(), msg.partition());
-            if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
-                remaining.remove(&at);
-            }
+            caught_up(&mut remaining, &msg);
             if msg.topic() == names.0 {
                 match msg.payload().map(decode::<ShardManifest>) {
                     Some(Ok(m)) => {
