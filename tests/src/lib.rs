@@ -227,3 +227,15 @@ pub fn wait_until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Command line of a service under test: its name, the shared broker, the
+/// test's topic map, an ephemeral ops port, quiet logs, then `extra`.
+pub fn service_args(name: &str, topics: &TestTopics, extra: &[&str]) -> Vec<String> {
+    let file = topics.file.display().to_string();
+    [name, "--kafka-brokers", &topics.kafka.brokers, "--topics-config", &file, "--ops-listen", "127.0.0.1:0"]
+        .into_iter()
+        .chain(["--log-filter", "warn"])
+        .chain(extra.iter().copied())
+        .map(String::from)
+        .collect()
+}

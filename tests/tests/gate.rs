@@ -10,7 +10,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{TestTopics, kafka_args, read_all, test_topics, wait_until, workspace_root};
+use flywheel_tests::{TestTopics, kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -93,27 +93,13 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_decide_nothing_twice() {
     let wanted = [Topic::ModelCandidates, Topic::RewardMetrics, Topic::ModelRegistry];
-    let TestTopics { kafka, topics, file, dir } = test_topics("gate", &wanted, None).await;
-    let policy = dir.join("release.toml");
+    let test = test_topics("gate", &wanted, None).await;
+    let policy = test.dir.join("release.toml");
     std::fs::write(&policy, "[default]\nversion = \"test-release\"\nmin_shown_per_arm = 100\ncanary_share = 0.25\n")
         .unwrap();
-    let args = [
-        "flywheel-gate",
-        "--kafka-brokers",
-        &kafka.brokers,
-        "--topics-config",
-        &file.display().to_string(),
-        "--policy",
-        &policy.display().to_string(),
-        "--ops-listen",
-        "127.0.0.1:0",
-        "--evaluate-every-ms",
-        "300",
-        "--log-filter",
-        "warn",
-    ]
-    .map(String::from)
-    .into();
+    let policy = policy.display().to_string();
+    let args = service_args("flywheel-gate", &test, &["--policy", &policy, "--evaluate-every-ms", "300"]);
+    let TestTopics { kafka, topics, .. } = test;
     let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
     let s = Setup { topics, args, producer };
     let (stop, task) = s.start();

@@ -10,7 +10,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ShardManifest, ShardVersionStats, TrainRequest, TriggerDecision};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{TestTopics, kafka_args, read_all, test_topics, wait_until, workspace_root};
+use flywheel_tests::{kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -45,30 +45,16 @@ struct Setup {
 
 async fn setup() -> Setup {
     let wanted = [Topic::Shards, Topic::TrainRequests, Topic::TriggerDecisions, Topic::ModelRegistry];
-    let TestTopics { kafka, topics, file: topics_file, dir } = test_topics("trigger", &wanted, None).await;
-    let policy = dir.join("policy.toml");
+    let test = test_topics("trigger", &wanted, None).await;
+    let policy = test.dir.join("policy.toml");
     std::fs::write(
         &policy,
         "[default]\nmin_examples = 1000\nmin_accepted = 100\nmin_rejected = 100\ncooldown_ms = 0\n",
     )
     .unwrap();
-    let args = [
-        "flywheel-trigger",
-        "--kafka-brokers",
-        &kafka.brokers,
-        "--topics-config",
-        &topics_file.display().to_string(),
-        "--policy",
-        &policy.display().to_string(),
-        "--ops-listen",
-        "127.0.0.1:0",
-        "--evaluate-every-ms",
-        "300",
-        "--log-filter",
-        "warn",
-    ]
-    .map(String::from)
-    .into();
+    let policy = policy.display().to_string();
+    let args = service_args("flywheel-trigger", &test, &["--policy", &policy, "--evaluate-every-ms", "300"]);
+    let topics = test.topics;
     Setup { topics, args }
 }
 
