@@ -16,6 +16,8 @@
 pub use service::{Config, run};
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod grad;
 pub mod job;
 pub mod kernels;
