@@ -96,12 +96,13 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
 
     // A degraded candidate: the live adapter's update reversed (B negated),
     // with offline numbers that pass, so only the canary can catch it. The
-    // whole system restarts first; a canary the trigger started meanwhile
-    // is let finish, so the degraded candidate's parent is the live adapter
-    // when the gate reads it (else it would be rejected as stale).
-    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "420"]);
+    // whole system restarts first, with training frozen; a canary started
+    // before the stop is let finish, so the degraded candidate's parent is
+    // the live adapter when the gate reads it (else it is rejected as stale).
+    // The demo policy ends any canary within 300 s (expiry at the latest).
+    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "720", "--freeze-training"]);
     let live = tokio::task::block_in_place(|| {
-        wait_until(240, || latest().filter(|e| e.canary.is_none()).and_then(|e| e.live))
+        wait_until(330, || latest().filter(|e| e.canary.is_none()).and_then(|e| e.live))
     });
     let model = Model::load(&work.join("models/flywheel/tiny")).unwrap();
     let mut bad = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();

@@ -52,6 +52,10 @@ pub struct UpArgs {
     /// Stop once this many versions were promoted (0: never).
     #[arg(long, env = "FLYWHEEL_UP_STOP_AFTER_PROMOTIONS", default_value_t = 0)]
     pub stop_after_promotions: usize,
+    /// Serve, measure and judge releases, but start no new training (the
+    /// trigger is not started; requests already made are still trained).
+    #[arg(long, env = "FLYWHEEL_UP_FREEZE_TRAINING")]
+    pub freeze_training: bool,
     /// Seconds between summary lines.
     #[arg(long, env = "FLYWHEEL_UP_SUMMARY_EVERY_S", default_value_t = 10)]
     pub summary_every_s: u64,
@@ -336,6 +340,10 @@ pub async fn up(
     ];
     let mut children = Vec::new();
     for (name, extra) in services {
+        if args.freeze_training && name == "flywheel-trigger" {
+            println!("== training frozen: the trigger is not started");
+            continue;
+        }
         let binary = sibling(name)?;
         let mut argv = common(name);
         argv.extend(extra);
@@ -392,6 +400,15 @@ pub async fn up(
     })
     .await;
     println!("== stopping: the product, then each service (SIGTERM, drain), then the broker");
+    // Decisions stop first (gate, trainer, trigger), then the data path in
+    // pipeline order so every accepted event drains through.
+    for c in children
+        .iter_mut()
+        .rev()
+        .filter(|c| ["flywheel-gate", "flywheel-trainer", "flywheel-trigger"].contains(&c.name.as_str()))
+    {
+        c.stop(Duration::from_secs(20));
+    }
     for c in children.iter_mut() {
         c.stop(Duration::from_secs(20));
     }
