@@ -99,11 +99,20 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     // whole system restarts first, with training frozen; a canary started
     // before the stop is let finish, so the degraded candidate's parent is
     // the live adapter when the gate reads it (else it is rejected as stale).
-    // The demo policy ends any canary within 300 s (expiry at the latest).
-    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "720", "--freeze-training"]);
-    let live = tokio::task::block_in_place(|| {
-        wait_until(330, || latest().filter(|e| e.canary.is_none()).and_then(|e| e.live))
-    });
+    // Settled: every train request trained, every candidate decided, no
+    // canary running (the demo policy ends one within 300 s at the latest).
+    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "900", "--freeze-training"]);
+    let settled = || -> Option<flywheel_core::records::AdapterRef> {
+        let e = latest()?;
+        let requests: Vec<TrainRequest> =
+            read_all(&kafka, &topics.name(Topic::TrainRequests)).into_iter().map(|r| r.2).collect();
+        let candidates: Vec<ModelCandidate> =
+            read_all(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect();
+        let trained = requests.iter().all(|r| candidates.iter().any(|c| c.request_id == r.request_id));
+        let decided = candidates.iter().all(|c| e.history.iter().any(|d| d.adapter_version == c.adapter_version));
+        if e.canary.is_none() && trained && decided { e.live } else { None }
+    };
+    let live = tokio::task::block_in_place(|| wait_until(420, settled));
     let model = Model::load(&work.join("models/flywheel/tiny")).unwrap();
     let mut bad = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
     for (_, b) in bad.weights.values_mut() {
