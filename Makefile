@@ -87,7 +87,7 @@ bench: tools ## Benchmarks (release build); results and how to read them in BENC
 
 demo: setup ## Run the whole flywheel locally (embedded broker, every service, simulated product) until two promotions
 	$(CARGO) build --workspace --bins --locked
-	$(FLYWHEEL) up --tansu-bin "$(TANSU)" --stop-after-promotions 2 --duration-s 900
+	$(FLYWHEEL) up --tansu-bin "$(TANSU)" --rate 30 --stop-after-promotions 2 --duration-s 900
 
 broker: tools ## Run the embedded broker in the foreground on 127.0.0.1:9092 (data in .flywheel/broker)
 	$(FLYWHEEL) broker --tansu-bin "$(TANSU)"
