@@ -7,7 +7,7 @@
 pub mod metrics_oracle;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -238,4 +238,19 @@ pub fn service_args(name: &str, topics: &TestTopics, extra: &[&str]) -> Vec<Stri
         .chain(extra.iter().copied())
         .map(String::from)
         .collect()
+}
+
+/// `flywheel up` as a process on the shared broker and the test's topics
+/// (`--external-broker`), working in `work`, with the closed-loop tests'
+/// product settings (30 requests/s, seed 11) and then `extra`.
+pub fn flywheel_up(topics: &TestTopics, work: &Path, extra: &[&str]) -> std::process::Child {
+    let collector = free_local_addr().expect("a free port").to_string();
+    std::process::Command::new(workspace_binary("flywheel"))
+        .args(["--kafka-brokers", &topics.kafka.brokers, "--topics-config", &topics.file.display().to_string()])
+        .args(["up", "--external-broker"])
+        .args(["--work-dir", &work.display().to_string(), "--collector-listen", &collector])
+        .args(["--rate", "30", "--seed", "11", "--summary-every-s", "30"])
+        .args(extra)
+        .spawn()
+        .expect("starting flywheel up")
 }

@@ -9,29 +9,17 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{Interaction, ModelCandidate, RegistryEntry, ReleaseAction, ShardManifest, TrainRequest};
 use flywheel_core::topics::Topic;
-use flywheel_tests::{TestTopics, read_all, test_topics, wait_until, workspace_binary};
+use flywheel_tests::{flywheel_up, read_all, test_topics, wait_until};
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn up(kafka: &str, topics_file: &Path, work: &Path, extra: &[&str]) -> Child {
-    let collector = flywheel_cli::broker::free_local_addr().unwrap().to_string();
-    Command::new(workspace_binary("flywheel"))
-        .args(["--kafka-brokers", kafka, "--topics-config", &topics_file.display().to_string()])
-        .args(["up", "--external-broker"])
-        .args(["--work-dir", &work.display().to_string(), "--collector-listen", &collector])
-        .args(["--rate", "30", "--seed", "11", "--summary-every-s", "30"])
-        .args(extra)
-        .spawn()
-        .unwrap()
-}
 
 fn sha256(bytes: &[u8]) -> String {
     flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes))
@@ -39,7 +27,8 @@ fn sha256(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_back() {
-    let TestTopics { kafka, topics, file, dir } = test_topics("loop", &Topic::ALL, None).await;
+    let test = test_topics("loop", &Topic::ALL, None).await;
+    let (kafka, topics, dir) = (test.kafka.clone(), test.topics.clone(), test.dir.clone());
     let work = dir.join("work");
     let registry = || -> Vec<RegistryEntry> {
         read_all::<RegistryEntry>(&kafka, &topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect()
@@ -47,7 +36,7 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     let latest = || registry().into_iter().max_by_key(|e| e.revision);
 
     // Run until one version is promoted (bounded by the duration).
-    let mut child = up(&kafka.brokers, &file, &work, &["--stop-after-promotions", "1", "--duration-s", "420"]);
+    let mut child = flywheel_up(&test, &work, &["--stop-after-promotions", "1", "--duration-s", "420"]);
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "flywheel up failed: {status}");
 
@@ -101,7 +90,7 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     // the live adapter when the gate reads it (else it is rejected as stale).
     // Settled: every train request trained, every candidate decided, no
     // canary running (the demo policy ends one within 300 s at the latest).
-    let mut child = up(&kafka.brokers, &file, &work, &["--duration-s", "900", "--freeze-training"]);
+    let mut child = flywheel_up(&test, &work, &["--duration-s", "900", "--freeze-training"]);
     let settled = || -> Option<flywheel_core::records::AdapterRef> {
         let e = latest()?;
         let requests: Vec<TrainRequest> =

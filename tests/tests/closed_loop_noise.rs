@@ -5,48 +5,30 @@
 //! its gate) or every candidate was rejected or rolled back.
 
 use std::path::Path;
-use std::process::Command;
 
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, TriggerDecision};
 use flywheel_core::topics::Topic;
-use flywheel_tests::{TestTopics, read_all, test_topics, workspace_binary};
+use flywheel_tests::{flywheel_up, read_all, test_topics};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_pure_label_noise_nothing_is_promoted() {
-    let TestTopics { kafka, topics, file, dir } = test_topics("noise", &Topic::ALL, None).await;
-    let work: &Path = &dir.join("work");
-    let collector = flywheel_cli::broker::free_local_addr().unwrap().to_string();
-    let mut child = Command::new(workspace_binary("flywheel"))
-        .args(["--kafka-brokers", &kafka.brokers, "--topics-config", &file.display().to_string()])
-        .args(["up", "--external-broker"])
-        .args(["--work-dir", &work.display().to_string(), "--collector-listen", &collector])
-        .args([
-            "--rate",
-            "30",
-            "--seed",
-            "11",
-            "--summary-every-s",
-            "30",
-            "--label-noise",
-            "1.0",
-            "--duration-s",
-            "120",
-        ])
-        .spawn()
-        .unwrap();
+    let test = test_topics("noise", &Topic::ALL, None).await;
+    let work: &Path = &test.dir.join("work");
+    let (kafka, topics) = (&test.kafka, &test.topics);
+    let mut child = flywheel_up(&test, work, &["--label-noise", "1.0", "--duration-s", "120"]);
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "flywheel up failed: {status}");
 
     let registry: Vec<RegistryEntry> =
-        read_all(&kafka, &topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect();
+        read_all(kafka, &topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect();
     let promoted: Vec<_> =
         registry.iter().flat_map(|e| &e.history).filter(|d| d.action == ReleaseAction::Promoted).collect();
     assert!(promoted.is_empty(), "promoted on noise: {promoted:?}");
     let decisions: Vec<TriggerDecision> =
-        read_all(&kafka, &topics.name(Topic::TriggerDecisions)).into_iter().map(|r| r.2).collect();
+        read_all(kafka, &topics.name(Topic::TriggerDecisions)).into_iter().map(|r| r.2).collect();
     assert!(!decisions.is_empty(), "the trigger evaluated the data");
     let candidates: Vec<ModelCandidate> =
-        read_all(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect();
+        read_all(kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect();
     if candidates.is_empty() {
         // The trigger refused, and said why: ratings contradict the clicks.
         let last = decisions.last().unwrap();

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use flywheel_core::records::*;
+use flywheel_core::rng::SplitMix;
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
@@ -13,31 +14,12 @@ use flywheel_tests::metrics_oracle::{assert_published_match, published, recomput
 const T0: i64 = 1_795_424_400_000;
 const MIN: i64 = 60_000;
 
-/// splitmix64: a small deterministic generator, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// Events with the delivery time they reach the rewarder at.
 fn random_stream(seed: u64, suggestions: usize) -> Vec<(i64, Interaction)> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix(seed);
     let mut out = Vec::new();
     let mut n = 0u64;
-    let mut ev = |rng: &mut Rng, s: &str, tenant: &str, t: i64, payload: InteractionPayload| {
+    let mut ev = |rng: &mut SplitMix, s: &str, tenant: &str, t: i64, payload: InteractionPayload| {
         n += 1;
         Interaction {
             event_id: format!("00000000-0000-4000-8000-{n:012}"),

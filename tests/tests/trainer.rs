@@ -149,13 +149,14 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     use flywheel_core::kafka::ClientRole;
     use flywheel_core::records::{DeadLetter, ModelCandidate};
     use flywheel_core::topics::Topic;
-    use flywheel_tests::{TestTopics, read_all, test_topics, unique_topic};
+    use flywheel_tests::{read_all, service_args, test_topics, unique_topic};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::time::{Duration, Instant};
 
     let (dir, models, lake) = fixture();
     let wanted = [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters];
-    let TestTopics { kafka, topics, file: topics_file, .. } = test_topics("trainer", &wanted, None).await;
+    let test = test_topics("trainer", &wanted, None).await;
+    let (kafka, topics) = (&test.kafka, &test.topics);
     let mut good = request(&lake, "req-good");
     good.objective.max_steps = 5;
     let mut tampered = request(&lake, "req-tampered");
@@ -167,35 +168,19 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
         producer.send(FutureRecord::to(&to).key(&r.request_id).payload(&bytes), Duration::from_secs(30)).await.unwrap();
     }
     let start = |group: &str| {
-        let args = [
-            "flywheel-trainer",
-            "--kafka-brokers",
-            &kafka.brokers,
-            "--kafka-session-timeout-ms",
-            "6000",
-            "--topics-config",
-            &topics_file.display().to_string(),
-            "--group-id",
-            group,
-            "--models-root",
-            &models.display().to_string(),
-            "--adapters-root",
-            &dir.path().join("adapters").display().to_string(),
-            "--ops-listen",
-            "127.0.0.1:0",
-            "--log-filter",
-            "warn",
-        ];
+        let (models, adapters) = (models.display().to_string(), dir.path().join("adapters").display().to_string());
+        let extra = ["--kafka-session-timeout-ms", "6000", "--group-id", group, "--models-root", &models];
+        let args = service_args("flywheel-trainer", &test, &[&extra[..], &["--adapters-root", &adapters]].concat());
         let config = flywheel_trainer::Config::try_parse_from(args).unwrap();
         let token = tokio_util::sync::CancellationToken::new();
         let t = token.clone();
         (token, tokio::spawn(async move { flywheel_trainer::run(config, t).await.unwrap() }))
     };
     let candidates = || -> Vec<ModelCandidate> {
-        read_all::<ModelCandidate>(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect()
+        read_all::<ModelCandidate>(kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect()
     };
     let dead = || -> Vec<DeadLetter> {
-        read_all::<DeadLetter>(&kafka, &topics.name(Topic::DeadLetters)).into_iter().map(|r| r.2).collect()
+        read_all::<DeadLetter>(kafka, &topics.name(Topic::DeadLetters)).into_iter().map(|r| r.2).collect()
     };
     let group = unique_topic("trainer-group");
     let (stop, task) = start(&group);

@@ -13,6 +13,7 @@ pub mod error;
 pub mod kafka;
 pub mod policy;
 pub mod records;
+pub mod rng;
 pub mod runtime;
 pub mod stats;
 pub mod topics;

@@ -288,8 +288,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
                 tracing::info!(requests = s.requests, events = s.events, errors = s.errors, "simulating")
             })
             .await?;
-            for (version, (shown, accepted)) in &stats.by_version {
-                println!("{version}: {shown} shown, accept rate {:.3}", *accepted as f64 / (*shown).max(1) as f64);
+            for (version, (shown, _)) in &stats.by_version {
+                let rate = stats.accept_rate(version).unwrap_or(f64::NAN);
+                println!("{version}: {shown} shown, accept rate {rate:.3}");
             }
             Ok(())
         }

@@ -14,7 +14,7 @@
 //! ratings always follow the true preference, so noise shows up as
 //! rating/outcome disagreement.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -101,7 +101,7 @@ pub fn population(users: usize, seed: u64) -> Vec<User> {
             // Each user likes 7 of the 10 house-style characters.
             let mut pool = HOUSE_STYLE.to_vec();
             for _ in 0..3 {
-                pool.swap_remove((rng.next_u64() % pool.len() as u64) as usize);
+                pool.swap_remove(rng.below(pool.len() as u64) as usize);
             }
             pool.iter().for_each(|&b| likes[b as usize] = true);
             User { id: format!("sim-user-{i:05}"), likes }
@@ -179,10 +179,38 @@ pub struct SimStats {
 }
 
 impl SimStats {
-    /// Accept rate of a version.
+    /// Accept rate of a version as the users saw it.
     pub fn accept_rate(&self, version: &str) -> Option<f64> {
         self.by_version.get(version).filter(|(s, _)| *s > 0).map(|(s, a)| *a as f64 / *s as f64)
     }
+
+    /// Counts a failed exchange with the collector; logs it at the 1st, 2nd,
+    /// 4th, 8th, ... failure: visible, not a flood.
+    fn failure(&mut self, what: &str, detail: &dyn std::fmt::Display) {
+        self.errors += 1;
+        if self.errors.is_power_of_two() {
+            tracing::warn!(errors = self.errors, %detail, "{what}");
+        }
+    }
+}
+
+/// Posts `events` to the collector in one batch and counts the outcome.
+async fn post_events(
+    args: &SimulateArgs,
+    headers: &[(&str, &str)],
+    events: Vec<serde_json::Value>,
+    stats: &mut SimStats,
+) -> Result<(), CliError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let body = serde_json::to_vec(&events).map_err(|e| CliError::Usage(e.to_string()))?;
+    match request(args.collector, "POST", "/v1/events", headers, body).await {
+        Ok(r) if r.status < 300 => stats.events += events.len() as u64,
+        Ok(r) => stats.failure("events refused", &format!("{}: {}", r.status, String::from_utf8_lossy(&r.body))),
+        Err(e) => stats.failure("collector unreachable; events dropped", &e),
+    }
+    Ok(())
 }
 
 struct Due {
@@ -282,7 +310,7 @@ pub async fn simulate(
     let users = population(product.users.max(1), product.seed);
     let mut rng = SplitMix(product.seed);
     let mut stats = SimStats::default();
-    let mut pending: VecDeque<Due> = VecDeque::new();
+    let mut pending: Vec<Due> = Vec::new();
     let auth = format!("Bearer {}", args.token);
     let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let run_id = format!("{:08x}", rng.next_u64() as u32);
@@ -297,23 +325,16 @@ pub async fn simulate(
         if now >= next_request {
             // Poisson arrivals at `rate`.
             next_request += Duration::from_secs_f64(-(1.0 - rng.unit()).ln() / product.rate.max(0.01));
-            let user = &users[(rng.next_u64() % users.len() as u64) as usize];
+            let user = rng.pick(&users);
             let path = format!("/v1/route?user_id={}&surface=editor&base_model={}", user.id, product.base_model);
             let routed = match request(args.collector, "GET", &path, &headers[..1], Vec::new()).await {
                 Ok(r) if r.status == 200 => r.json(),
                 Ok(r) => {
-                    stats.errors += 1;
-                    if stats.errors.is_power_of_two() {
-                        let body = String::from_utf8_lossy(&r.body);
-                        tracing::warn!(status = r.status, %body, errors = stats.errors, "route refused");
-                    }
+                    stats.failure("route refused", &format!("{}: {}", r.status, String::from_utf8_lossy(&r.body)));
                     continue;
                 }
                 Err(e) => {
-                    stats.errors += 1;
-                    if stats.errors.is_power_of_two() {
-                        tracing::warn!(error = %e, errors = stats.errors, "collector unreachable");
-                    }
+                    stats.failure("collector unreachable", &e);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -323,7 +344,7 @@ pub async fn simulate(
                 (Some(v), Some(uri)) => Some(server.adapter(v, uri)?),
                 _ => None,
             };
-            let prompt = PROMPTS[(rng.next_u64() % PROMPTS.len() as u64) as usize];
+            let prompt = *rng.pick(PROMPTS);
             let (completion, logprob) = tokio::task::block_in_place(|| {
                 server.complete(prompt, adapter.as_deref(), product.completion_tokens, &mut rng)
             })?;
@@ -344,74 +365,43 @@ pub async fn simulate(
                 "behavior_logprob": logprob,
                 "latency_ms": 40 + (rng.unit() * 80.0) as i64,
             }});
-            pending.push_back(Due { at: now, event: event(uuid(&mut rng), &user.id, &suggestion, shown_at, shown) });
-            let decided = now + Duration::from_millis(outcome.decision_ms as u64);
-            let decision = if outcome.accepted {
-                serde_json::json!({"accepted": {"time_to_accept_ms": outcome.decision_ms}})
-            } else {
-                serde_json::json!({"rejected": {"reason": "escape_key"}})
+            // Each event is sent when it happens: `delay` ms after the suggestion was shown.
+            let mut schedule = |delay: i64, payload: serde_json::Value| {
+                let at = now + Duration::from_millis(delay as u64);
+                pending
+                    .push(Due { at, event: event(uuid(&mut rng), &user.id, &suggestion, shown_at + delay, payload) });
             };
-            let decided_ms = shown_at + outcome.decision_ms;
-            pending.push_back(Due {
-                at: decided,
-                event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms, decision),
-            });
+            schedule(0, shown);
+            let decided = outcome.decision_ms;
+            schedule(
+                decided,
+                if outcome.accepted {
+                    serde_json::json!({"accepted": {"time_to_accept_ms": decided}})
+                } else {
+                    serde_json::json!({"rejected": {"reason": "escape_key"}})
+                },
+            );
             if let Some(text) = outcome.edited {
                 let distance = completion.len().abs_diff(text.len()) as i64;
-                let edit = serde_json::json!({"edited": {"final_text": text, "edit_distance": distance}});
-                pending.push_back(Due {
-                    at: decided + Duration::from_millis(500),
-                    event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms + 500, edit),
-                });
+                schedule(decided + 500, serde_json::json!({"edited": {"final_text": text, "edit_distance": distance}}));
             }
             if let Some(score) = outcome.rating {
-                let rated = serde_json::json!({"rated": {"score": score, "scale_min": 1.0, "scale_max": 5.0}});
-                pending.push_back(Due {
-                    at: decided + Duration::from_millis(700),
-                    event: event(uuid(&mut rng), &user.id, &suggestion, decided_ms + 700, rated),
-                });
+                schedule(
+                    decided + 700,
+                    serde_json::json!({"rated": {"score": score, "scale_min": 1.0, "scale_max": 5.0}}),
+                );
             }
         }
         // Send what is due, in one batch.
         let now = Instant::now();
-        let mut batch = Vec::new();
-        let mut keep = VecDeque::with_capacity(pending.len());
-        for d in pending.drain(..) {
-            if d.at <= now { batch.push(d.event) } else { keep.push_back(d) }
-        }
-        pending = keep;
-        if !batch.is_empty() {
-            let body = serde_json::to_vec(&batch).map_err(|e| CliError::Usage(e.to_string()))?;
-            match request(args.collector, "POST", "/v1/events", &headers, body).await {
-                Ok(r) if r.status < 300 => stats.events += batch.len() as u64,
-                // Logged at 1, 2, 4, 8, ... errors: visible, not a flood.
-                Ok(r) => {
-                    stats.errors += 1;
-                    if stats.errors.is_power_of_two() {
-                        let body = String::from_utf8_lossy(&r.body);
-                        tracing::warn!(status = r.status, %body, errors = stats.errors, "events refused");
-                    }
-                }
-                Err(e) => {
-                    stats.errors += 1;
-                    if stats.errors.is_power_of_two() {
-                        tracing::warn!(error = %e, errors = stats.errors, "collector unreachable; events dropped");
-                    }
-                }
-            }
-        }
+        let (due, later): (Vec<Due>, Vec<Due>) = std::mem::take(&mut pending).into_iter().partition(|d| d.at <= now);
+        pending = later;
+        post_events(args, &headers, due.into_iter().map(|d| d.event).collect(), &mut stats).await?;
         let wait = next_request.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
         tokio::time::sleep(wait).await;
     }
     // Interrupted: what users already did is sent now rather than lost.
-    if !pending.is_empty() {
-        let batch: Vec<serde_json::Value> = pending.into_iter().map(|d| d.event).collect();
-        let body = serde_json::to_vec(&batch).map_err(|e| CliError::Usage(e.to_string()))?;
-        match request(args.collector, "POST", "/v1/events", &headers, body).await {
-            Ok(r) if r.status < 300 => stats.events += batch.len() as u64,
-            _ => stats.errors += 1,
-        }
-    }
+    post_events(args, &headers, pending.into_iter().map(|d| d.event).collect(), &mut stats).await?;
     on_tick(&stats);
     Ok(stats)
 }

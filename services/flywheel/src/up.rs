@@ -225,7 +225,7 @@ fn print_summary(started: Instant, sim: &SimStats, last_events: &mut (u64, Insta
     }
     let mut versions: Vec<(&String, &(u64, u64))> = sim.by_version.iter().collect();
     versions.sort_by_key(|(v, _)| (*v != "base", watch.candidates.get(*v).map(|c| c.created_at)));
-    for (v, (shown, accepted)) in versions {
+    for (v, (shown, _)) in versions {
         let measured = watch
             .accept
             .get(v)
@@ -233,7 +233,7 @@ fn print_summary(started: Instant, sim: &SimStats, last_events: &mut (u64, Insta
             .map(|(s, a)| format!("{:.3} ({s} shown)", *a as f64 / *s as f64));
         println!(
             "        accept rate {v:<20} users saw {:.3} ({shown} shown) · reward-metrics {}",
-            *accepted as f64 / (*shown).max(1) as f64,
+            sim.accept_rate(v).unwrap_or(f64::NAN),
             measured.unwrap_or_else(|| "pending".into())
         );
     }
@@ -280,15 +280,13 @@ pub async fn up(
     println!("== base model {} in {}", args.product.base_model, model_dir.display());
     let (trigger_policy, release_policy) = write_policies(&data)?;
 
-    let common = |name: &str| -> Vec<String> {
-        let mut a = vec!["--kafka-brokers".into(), kafka.brokers.clone(), "--ops-listen".into(), "127.0.0.1:0".into()];
-        a.extend(["--log-filter".into(), "info".into()]);
-        if let Some(f) = topics_file {
-            a.extend(["--topics-config".into(), f.display().to_string()]);
-        }
-        let _ = name;
-        a
-    };
+    // Flags every service takes.
+    let mut common: Vec<String> =
+        vec!["--kafka-brokers".into(), kafka.brokers.clone(), "--ops-listen".into(), "127.0.0.1:0".into()];
+    common.extend(["--log-filter".into(), "info".into()]);
+    if let Some(f) = topics_file {
+        common.extend(["--topics-config".into(), f.display().to_string()]);
+    }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     let path = |p: &Path| p.display().to_string();
     let services: Vec<(&str, Vec<String>)> = vec![
@@ -345,7 +343,7 @@ pub async fn up(
             continue;
         }
         let binary = sibling(name)?;
-        let mut argv = common(name);
+        let mut argv = common.clone();
         argv.extend(extra);
         let log = data.join("logs").join(format!("{name}.log"));
         let child = Supervised::spawn(name, &binary, &argv, &data, &log)

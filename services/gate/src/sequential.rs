@@ -78,30 +78,19 @@ pub fn msprt(treatment: &Moments, control: &Moments, tau: f64) -> Look {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SplitMix64 → uniform [0, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
+    use flywheel_core::rng::SplitMix;
 
     /// Runs `trials` A/B streams with accept rates `p_control`, `p_treatment`,
     /// looking every 20 observations per arm up to `max_n`; returns the share
     /// that ever rejected and the mean stopping n of those that did.
     fn monitor(p_control: f64, p_treatment: f64, trials: usize, max_n: usize, seed: u64) -> (f64, f64) {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix(seed);
         let (mut rejected, mut stop_sum) = (0usize, 0usize);
         for _ in 0..trials {
             let (mut c, mut t) = (0i64, 0i64);
             for n in 1..=max_n {
-                c += i64::from(rng.next() < p_control);
-                t += i64::from(rng.next() < p_treatment);
+                c += i64::from(rng.unit() < p_control);
+                t += i64::from(rng.unit() < p_treatment);
                 if n.is_multiple_of(20)
                     && msprt(&Moments::bernoulli(t, n as i64), &Moments::bernoulli(c, n as i64), 0.1).significant(0.05)
                 {
@@ -126,14 +115,14 @@ mod tests {
                 let se = ((pt * (1.0 - pt) + pc * (1.0 - pc)) / n as f64).sqrt();
                 se > 0.0 && ((pt - pc) / se).abs() > 1.96
             },
-            Rng(11),
+            SplitMix(11),
         );
         let mut naive_rejections = 0;
         for _ in 0..300 {
             let (mut c, mut t) = (0, 0);
             for n in 1..=3000i64 {
-                c += i64::from(rng.next() < 0.3);
-                t += i64::from(rng.next() < 0.3);
+                c += i64::from(rng.unit() < 0.3);
+                t += i64::from(rng.unit() < 0.3);
                 if n % 20 == 0 && naive(t, c, n) {
                     naive_rejections += 1;
                     break;
