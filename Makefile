@@ -14,7 +14,7 @@ FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
 
 export FLYWHEEL_TANSU_BIN := $(TANSU)
 
-.PHONY: help setup system-deps tools python kernels-check fmt fmt-check lint test bench demo broker topics clean
+.PHONY: help setup system-deps tools python kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,12 +69,20 @@ fmt: ## Format the code
 fmt-check: ## Fail if the code is not formatted
 	$(CARGO) fmt --all -- --check
 
-lint: ## Clippy on every target with warnings as errors
+lint: ## Clippy on every target with warnings as errors, and on the trainer's CUDA side (compiles without CUDA)
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p flywheel-trainer --features cuda --all-targets --locked -- -D warnings
 
 test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
+
+# Build here (x86-64, no CUDA needed); run on the GPU machine. Without Rust
+# there, carry target/release/examples/{kernel_parity,lora_bench} and run
+# services/trainer/bench/run_gpu.sh <dir> (see BENCHMARKS.md).
+bench-gpu: ## GPU parity of every kernel and the fused LoRA benchmark vs PyTorch + PEFT (needs an NVIDIA GPU)
+	$(CARGO) build --release --locked -p flywheel-trainer --features cuda --example kernel_parity --example lora_bench
+	services/trainer/bench/run_gpu.sh "$${CARGO_TARGET_DIR:-target}/release/examples"
 
 bench: tools ## Benchmarks (release build); results and how to read them in BENCHMARKS.md
 	$(CARGO) run --release --locked -p flywheel-core --example codec_bench

@@ -1,9 +1,11 @@
-//! GPU parity of every kernel against its CPU twin (issue 8). Fresh random
-//! inputs at several shapes (none a multiple of a tile), outputs poisoned
-//! with NaN before each launch so an unwritten element fails. Prints the
-//! maximum relative error per kernel and shape; exits 1 if any exceeds its
-//! tolerance (1e-2 where bf16 is written, 1e-5 for fp32 outputs), 2 with
-//! "skipped: no GPU" when there is no driver.
+//! GPU parity of every kernel, and of every cuBLAS step of the fused LoRA
+//! plan, against the CPU twins (issue 8). Fresh random inputs at several
+//! shapes (none a multiple of a tile; single, q/k/v and gate/up groups),
+//! outputs poisoned with NaN before each launch so an unwritten element
+//! fails. Prints the maximum relative error per step and shape; exits 1 if
+//! any exceeds its tolerance (1e-2 where bf16 is written, 1e-5 for fp32
+//! outputs, 0 for the pack copy), 2 with "skipped: no GPU" when there is no
+//! driver.
 //!
 //! Build here, run on the GPU machine:
 //!   cargo build --release -p flywheel-trainer --features cuda --example kernel_parity
@@ -11,18 +13,23 @@
 #![allow(unsafe_code)] // kernel launches
 #![allow(clippy::print_stdout)] // a report for people
 
+use std::collections::HashMap;
+
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use flywheel_trainer::SplitMix;
-use flywheel_trainer::cuda::Kernels;
+use flywheel_trainer::cuda::{DeviceGroup, Kernels};
+use flywheel_trainer::kernels::lora::{Buffer, GroupShape};
 use flywheel_trainer::kernels::{adamw, bf16_round, lora};
 
-fn bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|x| (bf16_round(*x).to_bits() >> 16) as u16).collect()
-}
-
-fn from_bf16(v: &[u16]) -> Vec<f32> {
-    v.iter().map(|b| f32::from_bits(u32::from(*b) << 16)).collect()
-}
+const BUFFERS: [Buffer; 7] = [
+    Buffer::Input,
+    Buffer::Weight,
+    Buffer::Output,
+    Buffer::OutputGrad,
+    Buffer::InputGrad,
+    Buffer::AGrad,
+    Buffer::BGrad,
+];
 
 fn random(n: usize, bound: f32, rng: &mut SplitMix) -> Vec<f32> {
     (0..n).map(|_| bf16_round(rng.uniform(bound))).collect()
@@ -43,84 +50,68 @@ fn rel_error(got: &[f32], want: &[f32]) -> f64 {
 
 type Check = Result<Vec<(String, f64, f64)>, Box<dyn std::error::Error>>;
 
-fn lora_kernels(k: &Kernels, (m, kk, n, r): (usize, usize, usize, usize), rng: &mut SplitMix) -> Check {
+/// The LoRA group: `lora_pack_block` against its twin, then every GEMM of
+/// the forward and backward plans, each from identical inputs (after a
+/// step is compared, the host's result is copied over the device's so
+/// errors do not compound from step to step).
+fn lora_group(k: &Kernels, shape: GroupShape, rng: &mut SplitMix) -> Check {
     let s = k.stream.clone();
+    let blas = k.blas()?;
     let scale = 2.0f32;
-    let (x, a, b) = (random(m * kk, 1.0, rng), random(r * kk, 0.3, rng), random(n * r, 0.3, rng));
-    let (y0, dy) = (random(m * n, 1.0, rng), random(m * n, 1.0, rng));
-    let (mi, ki, ni, ri) = (m as i32, kk as i32, n as i32, r as i32);
-    let rows =
-        |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let grid2 = |cols: usize, ys: usize, shared: usize| LaunchConfig {
-        grid_dim: (cols.div_ceil(256) as u32, ys as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: (shared * 4) as u32,
-    };
-    let d_x = s.clone_htod(&bf16_bits(&x))?;
-    let d_a = s.clone_htod(&a)?;
-    let d_b = s.clone_htod(&b)?;
-    let d_dy = s.clone_htod(&bf16_bits(&dy))?;
-    let mut out = Vec::new();
+    let (m, kk, n, r) = (shape.m, shape.k, shape.n(), shape.r);
+    let mut host: HashMap<Buffer, Vec<f32>> = BUFFERS.iter().map(|b| (*b, vec![0.0; shape.len(*b)])).collect();
+    let w = random(n * kk, 0.5, rng);
+    lora::lora_pack_block(host.get_mut(&Buffer::Weight).unwrap(), shape.wide_k(), 0, 0, &w, n, kk, 1.0);
+    let mut dev = DeviceGroup::new(&s, shape.clone())?;
+    dev.upload(Buffer::Weight, &host[&Buffer::Weight])?;
+    let (a_cat, b) = (random(shape.pr() * kk, 0.3, rng), random(n * r, 0.3, rng));
+    lora::pack(&shape, host.get_mut(&Buffer::Weight).unwrap(), &a_cat, &b, scale);
+    dev.pack(k, &s.clone_htod(&a_cat)?, &s.clone_htod(&b)?, scale)?;
+    let mut out =
+        vec![("lora_pack_block".to_string(), rel_error(&dev.download(Buffer::Weight)?, &host[&Buffer::Weight]), 0.0)];
 
-    // lora_down: T = X·Aᵀ.
-    let want_t = lora::lora_down(&x, &a, m, kk, r);
-    let mut d_t = s.clone_htod(&vec![f32::NAN; m * r])?;
-    let mut l = s.launch_builder(k.function("lora_down")?);
-    l.arg(&d_x).arg(&d_a).arg(&mut d_t).arg(&mi).arg(&ki).arg(&ri);
-    // SAFETY: buffers sized m·k, r·k, m·r as the kernel indexes them.
-    unsafe { l.launch(rows(m)) }?;
-    let t = s.clone_dtoh(&d_t)?;
-    out.push(("lora_down".into(), rel_error(&t, &want_t), 1e-5));
-
-    // lora_up_add: Y += s·T·Bᵀ (bf16 out), from the twin's T.
-    let mut want_y = y0.clone();
-    lora::lora_up_add(&mut want_y, &want_t, &b, scale, m, n, r);
-    let d_tw = s.clone_htod(&want_t)?;
-    let mut d_y = s.clone_htod(&bf16_bits(&y0))?;
-    let mut l = s.launch_builder(k.function("lora_up_add")?);
-    l.arg(&mut d_y).arg(&d_tw).arg(&d_b).arg(&scale).arg(&mi).arg(&ni).arg(&ri);
-    // SAFETY: y m·n, t m·r, b n·r; shared memory holds one row of T.
-    unsafe { l.launch(grid2(n, m, r)) }?;
-    out.push(("lora_up_add".into(), rel_error(&from_bf16(&s.clone_dtoh(&d_y)?), &want_y), 1e-2));
-
-    // lora_grad_u: U = dY·B.
-    let want_u = lora::lora_grad_u(&dy, &b, m, n, r);
-    let mut d_u = s.clone_htod(&vec![f32::NAN; m * r])?;
-    let mut l = s.launch_builder(k.function("lora_grad_u")?);
-    l.arg(&d_dy).arg(&d_b).arg(&mut d_u).arg(&mi).arg(&ni).arg(&ri);
-    // SAFETY: dy m·n, b n·r, u m·r.
-    unsafe { l.launch(rows(m)) }?;
-    out.push(("lora_grad_u".into(), rel_error(&s.clone_dtoh(&d_u)?, &want_u), 1e-5));
-
-    // lora_dx_add: dX += s·U·A (bf16 out), from the twin's U.
-    let dx0 = random(m * kk, 1.0, rng);
-    let mut want_dx = dx0.clone();
-    lora::lora_dx_add(&mut want_dx, &want_u, &a, scale, m, kk, r);
-    let d_uw = s.clone_htod(&want_u)?;
-    let mut d_dx = s.clone_htod(&bf16_bits(&dx0))?;
-    let mut l = s.launch_builder(k.function("lora_dx_add")?);
-    l.arg(&mut d_dx).arg(&d_uw).arg(&d_a).arg(&scale).arg(&mi).arg(&ki).arg(&ri);
-    // SAFETY: dx m·k, u m·r, a r·k; shared memory holds one row of U.
-    unsafe { l.launch(grid2(kk, m, r)) }?;
-    out.push(("lora_dx_add".into(), rel_error(&from_bf16(&s.clone_dtoh(&d_dx)?), &want_dx), 1e-2));
-
-    // lora_grad_b: dB = s·dYᵀ·T.
-    let want_db = lora::lora_grad_b(&dy, &want_t, scale, m, n, r);
-    let mut d_db = s.clone_htod(&vec![f32::NAN; n * r])?;
-    let mut l = s.launch_builder(k.function("lora_grad_b")?);
-    l.arg(&d_dy).arg(&d_tw).arg(&mut d_db).arg(&scale).arg(&mi).arg(&ni).arg(&ri);
-    // SAFETY: dy m·n, t m·r, db n·r.
-    unsafe { l.launch(grid2(n, r, 0)) }?;
-    out.push(("lora_grad_b".into(), rel_error(&s.clone_dtoh(&d_db)?, &want_db), 1e-5));
-
-    // lora_grad_a: dA = s·Uᵀ·X.
-    let want_da = lora::lora_grad_a(&want_u, &x, scale, m, kk, r);
-    let mut d_da = s.clone_htod(&vec![f32::NAN; r * kk])?;
-    let mut l = s.launch_builder(k.function("lora_grad_a")?);
-    l.arg(&d_uw).arg(&d_x).arg(&mut d_da).arg(&scale).arg(&mi).arg(&ki).arg(&ri);
-    // SAFETY: u m·r, x m·k, da r·k.
-    unsafe { l.launch(grid2(kk, r, 0)) }?;
-    out.push(("lora_grad_a".into(), rel_error(&s.clone_dtoh(&d_da)?, &want_da), 1e-5));
+    lora::lora_pack_block(
+        host.get_mut(&Buffer::Input).unwrap(),
+        shape.wide_k(),
+        0,
+        0,
+        &random(m * kk, 1.0, rng),
+        m,
+        kk,
+        1.0,
+    );
+    lora::lora_pack_block(
+        host.get_mut(&Buffer::OutputGrad).unwrap(),
+        shape.wide_n(),
+        0,
+        0,
+        &random(m * n, 1.0, rng),
+        m,
+        n,
+        1.0,
+    );
+    for buffer in BUFFERS {
+        // Poison what the plan writes (T in X′, s·U in dY′, every output):
+        // an element it skips fails.
+        let (ld, from) = match buffer {
+            Buffer::Weight => continue,
+            Buffer::Input => (shape.wide_k(), kk),
+            Buffer::OutputGrad => (shape.wide_n(), n),
+            _ => (1, 0),
+        };
+        let poisoned: Vec<f32> =
+            host[&buffer].iter().enumerate().map(|(i, v)| if i % ld >= from { f32::NAN } else { *v }).collect();
+        dev.upload(buffer, &poisoned)?;
+    }
+    for g in shape.forward_plan().iter().chain(&shape.backward_plan(scale, false)) {
+        lora::run_gemm(g, &mut host);
+        dev.run(&blas, g)?;
+        let want = &host[&g.c.buffer];
+        let got = dev.download(g.c.buffer)?;
+        let tolerance = if g.c.buffer.is_bf16() { 1e-2 } else { 1e-5 };
+        out.push((g.name.to_string(), rel_error(&got, want), tolerance));
+        dev.upload(g.c.buffer, want)?;
+    }
     Ok(out)
 }
 
@@ -180,17 +171,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut rng = SplitMix(20261123);
     let mut failed = 0;
-    println!("{:<14} {:>22} {:>12} {:>10}", "kernel", "shape m,k,n,r / n", "max rel err", "tolerance");
+    println!("{:<22} {:>26} {:>12} {:>10}", "kernel / GEMM", "shape m,k,outs,r / n", "max rel err", "tolerance");
     let mut report = |shape: String, rows: Vec<(String, f64, f64)>| {
         for (name, err, tol) in rows {
             let verdict = if err <= tol { "ok" } else { "FAIL" };
             failed += usize::from(err > tol);
-            println!("{name:<14} {shape:>22} {err:>12.3e} {tol:>10.0e} {verdict}");
+            println!("{name:<22} {shape:>26} {err:>12.3e} {tol:>10.0e} {verdict}");
         }
     };
-    for shape in [(1, 1, 1, 1), (37, 129, 65, 4), (255, 1000, 513, 16), (1024, 4096, 4096, 64)] {
-        let rows = lora_kernels(&kernels, shape, &mut rng)?;
-        report(format!("{},{},{},{}", shape.0, shape.1, shape.2, shape.3), rows);
+    let groups = [
+        (1, 1, vec![1], 1),
+        (37, 129, vec![65], 4),
+        (255, 1000, vec![513], 16),
+        (512, 2048, vec![2048], 64),
+        (300, 576, vec![576, 192, 192], 16), // q/k/v with grouped-query widths
+        (200, 512, vec![1400, 1400], 8),     // gate/up
+    ];
+    for (m, k, outs, r) in groups {
+        let label = format!("{m},{k},{outs:?},{r}").replace(' ', "");
+        let rows = lora_group(&kernels, GroupShape { m, k, outs, r }, &mut rng)?;
+        report(label, rows);
     }
     for n in [1usize, 1000, 300_001] {
         let rows = adamw_kernels(&kernels, n, &mut rng)?;

@@ -21,6 +21,16 @@ pub fn bf16_round(x: f32) -> f32 {
     f32::from_bits(rounded & 0xFFFF_0000)
 }
 
+/// bf16 bit patterns of `values` (rounded), as the device stores them.
+pub fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values.iter().map(|x| (bf16_round(*x).to_bits() >> 16) as u16).collect()
+}
+
+/// The values of bf16 bit patterns.
+pub fn from_bf16_bits(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|b| f32::from_bits(u32::from(*b) << 16)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,6 +41,9 @@ mod tests {
         assert_eq!(bf16_round(1.0 + 1.0 / 256.0), 1.0, "a tie rounds to the even neighbour");
         assert_eq!(bf16_round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0, "a tie rounds up to even");
         assert_eq!(bf16_round(1.0 + 1.5 / 256.0), 1.0 + 2.0 / 256.0);
+        let values = [1.0f32, -2.5, 0.0078125, -0.0, 65536.0];
+        assert_eq!(from_bf16_bits(&bf16_bits(&values)), values, "bf16-exact values survive the bits");
+        assert_eq!(bf16_bits(&[1.0, -2.0]), [0x3F80, 0xC000]);
         for x in [0.1f32, -7.3, 1234.5, 3.0e-5] {
             let r = bf16_round(x);
             assert_eq!(r.to_bits() & 0xFFFF, 0, "{x} -> {r}");
