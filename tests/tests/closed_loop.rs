@@ -4,12 +4,13 @@
 //! adapter is promoted because the gate's always-valid test finds it better
 //! than the base, and it traces back through its candidate, train request
 //! and shards to the events users sent. Then, after a restart of the whole
-//! system, a deliberately degraded candidate (the promoted adapter with its
-//! update reversed) is rolled back during its canary.
+//! system, a deliberately degraded candidate (the promoted adapter trained
+//! further on inverted rewards) is rolled back during its canary.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_core::codec::encode;
@@ -20,8 +21,12 @@ use flywheel_core::records::{
 use flywheel_core::topics::Topic;
 use flywheel_gate::sequential::{Moments, msprt};
 use flywheel_tests::{flywheel_up, read_all, test_topics, wait_until};
+use flywheel_trainer::backend::{Backend, CpuBackend, StepSettings};
+use flywheel_trainer::job::examples_of;
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
+use flywheel_trainer::objective::{Example, Objective};
+use flywheel_trainer::tokenize::TextTokenizer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn sha256(bytes: &[u8]) -> String {
@@ -110,13 +115,28 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     }
     assert!(rows as i64 >= 1500 && rows as i64 == request.shards.iter().map(|s| s.rows).sum::<i64>());
 
-    // A degraded candidate: the live adapter's update reversed (B negated),
-    // with offline numbers that pass, so only the canary can catch it. The
-    // whole system restarts first, with training frozen; a canary started
-    // before the stop is let finish, so the degraded candidate's parent is
-    // the live adapter when the gate reads it (else it is rejected as stale).
-    // Settled: every train request trained, every candidate decided, no
-    // canary running (the demo policy ends one within 300 s at the latest).
+    // A degraded candidate: the live adapter trained further on the same
+    // pinned shards with every reward inverted (what a sign error in a
+    // reward function would ship), with offline numbers that pass, so only
+    // the canary can catch it. The whole system restarts first, with
+    // training frozen; a canary started before the stop is let finish, so
+    // the degraded candidate's parent is the live adapter when the gate
+    // reads it (else it is rejected as stale). Settled: every train request
+    // trained, every candidate decided, no canary running (the demo policy
+    // ends one within 300 s at the latest).
+    let mut inverted = Vec::new();
+    let model_dir = work.join("models/flywheel/tiny");
+    let model = Arc::new(Model::load(&model_dir).unwrap());
+    let tokenizer = TextTokenizer::load(&model_dir, model.config.vocab_size).unwrap();
+    for shard in &request.shards {
+        let bytes = std::fs::read(work.join("lake").join(&shard.uri)).unwrap();
+        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
+            for (_, mut e) in examples_of(&batch, &tokenizer, 256).unwrap() {
+                (e.reward, e.accepted) = (-e.reward, !e.accepted);
+                inverted.push(e);
+            }
+        }
+    }
     let mut child = flywheel_up(&test, &work, &["--duration-s", "900", "--freeze-training"]);
     let settled = || -> Option<flywheel_core::records::AdapterRef> {
         let e = latest()?;
@@ -129,11 +149,17 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
         if e.canary.is_none() && trained && decided { e.live } else { None }
     };
     let live = tokio::task::block_in_place(|| wait_until(420, settled));
-    let model = Model::load(&work.join("models/flywheel/tiny")).unwrap();
-    let mut bad = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
-    for (_, b) in bad.weights.values_mut() {
-        b.iter_mut().for_each(|x| *x = -*x);
-    }
+    let adapter = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
+    let mut backend = CpuBackend::new(model.clone(), adapter, 0.0);
+    let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None };
+    let bad = tokio::task::block_in_place(|| {
+        for step in 0..40 {
+            let items: Vec<Example> = (0..32).map(|i| inverted[(step * 32 + i) % inverted.len()].clone()).collect();
+            let learning_rate = flywheel_trainer::optim::learning_rate(step as u64, 5, 40, 2e-2);
+            backend.train_step(&items, &objective, StepSettings { learning_rate, max_grad_norm: 1.0 }).unwrap();
+        }
+        backend.adapter().unwrap()
+    });
     let bad_dir = work.join("adapters/demo/degraded");
     bad.save_peft(&bad_dir, &model.config, "flywheel/tiny").unwrap();
     let mut degraded = candidate.clone();

@@ -90,7 +90,10 @@ fn read_examples(
     Ok(out)
 }
 
-fn examples_of(
+/// The training examples of one lake batch, keyed by suggestion id: prompt
+/// and completion tokenized (the prompt cut from the left to fit
+/// `max_tokens`), reward, outcome and behaviour log-prob as recorded.
+pub fn examples_of(
     batch: &RecordBatch,
     tokenizer: &TextTokenizer,
     max_tokens: usize,
