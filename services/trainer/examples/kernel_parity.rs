@@ -21,16 +21,6 @@ use flywheel_trainer::cuda::{DeviceGroup, Kernels};
 use flywheel_trainer::kernels::lora::{Buffer, GroupShape};
 use flywheel_trainer::kernels::{adamw, bf16_round, lora};
 
-const BUFFERS: [Buffer; 7] = [
-    Buffer::Input,
-    Buffer::Weight,
-    Buffer::Output,
-    Buffer::OutputGrad,
-    Buffer::InputGrad,
-    Buffer::AGrad,
-    Buffer::BGrad,
-];
-
 fn random(n: usize, bound: f32, rng: &mut SplitMix) -> Vec<f32> {
     (0..n).map(|_| bf16_round(rng.uniform(bound))).collect()
 }
@@ -59,7 +49,7 @@ fn lora_group(k: &Kernels, shape: GroupShape, rng: &mut SplitMix) -> Check {
     let blas = k.blas()?;
     let scale = 2.0f32;
     let (m, kk, n, r) = (shape.m, shape.k, shape.n(), shape.r);
-    let mut host: HashMap<Buffer, Vec<f32>> = BUFFERS.iter().map(|b| (*b, vec![0.0; shape.len(*b)])).collect();
+    let mut host: HashMap<Buffer, Vec<f32>> = Buffer::ALL.iter().map(|b| (*b, vec![0.0; shape.len(*b)])).collect();
     let w = random(n * kk, 0.5, rng);
     lora::lora_pack_block(host.get_mut(&Buffer::Weight).unwrap(), shape.wide_k(), 0, 0, &w, n, kk, 1.0);
     let mut dev = DeviceGroup::new(&s, shape.clone())?;
@@ -90,7 +80,7 @@ fn lora_group(k: &Kernels, shape: GroupShape, rng: &mut SplitMix) -> Check {
         n,
         1.0,
     );
-    for buffer in BUFFERS {
+    for buffer in Buffer::ALL {
         // Poison what the plan writes (T in X′, s·U in dY′, every output):
         // an element it skips fails.
         let (ld, from) = match buffer {

@@ -141,22 +141,12 @@ pub struct DeviceGroup {
     buffers: HashMap<Buffer, DeviceBuffer>,
 }
 
-const ALL_BUFFERS: [Buffer; 7] = [
-    Buffer::Input,
-    Buffer::Weight,
-    Buffer::Output,
-    Buffer::OutputGrad,
-    Buffer::InputGrad,
-    Buffer::AGrad,
-    Buffer::BGrad,
-];
-
 impl DeviceGroup {
     /// Allocates every buffer, zeroed (W′'s unused corner and off-diagonal
     /// B blocks must stay zero).
     pub fn new(stream: &Arc<CudaStream>, shape: GroupShape) -> Result<DeviceGroup, TrainerError> {
         let mut buffers = HashMap::new();
-        for b in ALL_BUFFERS {
+        for b in Buffer::ALL {
             let len = shape.len(b).max(1);
             let buffer = if b.is_bf16() {
                 DeviceBuffer::Bf16(stream.alloc_zeros::<u16>(len).map_err(|e| cuda_error("allocating", e))?)

@@ -42,6 +42,17 @@ pub enum Buffer {
 }
 
 impl Buffer {
+    /// Every buffer of a group.
+    pub const ALL: [Buffer; 7] = [
+        Buffer::Input,
+        Buffer::Weight,
+        Buffer::Output,
+        Buffer::OutputGrad,
+        Buffer::InputGrad,
+        Buffer::AGrad,
+        Buffer::BGrad,
+    ];
+
     /// Whether elements are bf16 (else fp32).
     pub fn is_bf16(self) -> bool {
         !matches!(self, Buffer::AGrad | Buffer::BGrad)
@@ -348,18 +359,8 @@ mod tests {
             let w = random(n * k, 0.5, &mut rng);
             let a_cat = random(shape.pr() * k, 0.3, &mut rng);
             let b = random(n * r, 0.3, &mut rng);
-            let mut bufs: HashMap<Buffer, Vec<f32>> = [
-                Buffer::Input,
-                Buffer::Weight,
-                Buffer::Output,
-                Buffer::OutputGrad,
-                Buffer::InputGrad,
-                Buffer::AGrad,
-                Buffer::BGrad,
-            ]
-            .into_iter()
-            .map(|b| (b, vec![f32::NAN; shape.len(b)]))
-            .collect();
+            let mut bufs: HashMap<Buffer, Vec<f32>> =
+                Buffer::ALL.into_iter().map(|b| (b, vec![f32::NAN; shape.len(b)])).collect();
             let wide = shape.wide_k();
             let weight = bufs.get_mut(&Buffer::Weight).unwrap();
             weight.iter_mut().for_each(|v| *v = 0.0);
