@@ -21,11 +21,10 @@ use flywheel_core::records::{
 use flywheel_core::topics::Topic;
 use flywheel_gate::sequential::{Moments, msprt};
 use flywheel_tests::{flywheel_up, read_all, test_topics, wait_until};
-use flywheel_trainer::backend::{Backend, CpuBackend, StepSettings};
-use flywheel_trainer::job::examples_of;
+use flywheel_trainer::backend::{Backend, CpuBackend};
+use flywheel_trainer::job::{examples_of, train_steps};
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
-use flywheel_trainer::objective::{Example, Objective};
 use flywheel_trainer::tokenize::TextTokenizer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -99,12 +98,22 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
         .into_iter()
         .map(|r| r.2.suggestion_id)
         .collect();
+    // The pinned rows, also kept as training examples with every reward
+    // inverted for the degraded candidate below.
+    let model_dir = work.join("models/flywheel/tiny");
+    let model = Arc::new(Model::load(&model_dir).unwrap());
+    let tokenizer = TextTokenizer::load(&model_dir, model.config.vocab_size).unwrap();
+    let mut inverted = Vec::new();
     let mut rows = 0;
     for shard in &request.shards {
         assert!(manifests.iter().any(|m| m.shard_id == shard.shard_id), "shard {} was announced", shard.shard_id);
         let bytes = std::fs::read(work.join("lake").join(&shard.uri)).unwrap();
         assert_eq!(sha256(&bytes), shard.content_sha256, "shard {} is as pinned", shard.shard_id);
         for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
+            for (_, mut e) in examples_of(&batch, &tokenizer, 256).unwrap() {
+                (e.reward, e.accepted) = (-e.reward, !e.accepted);
+                inverted.push(e);
+            }
             let ids = batch.column_by_name("suggestion_id").unwrap();
             let ids = arrow_array::cast::AsArray::as_string::<i32>(ids.as_ref());
             for id in ids.iter().flatten() {
@@ -124,19 +133,6 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     // reads it (else it is rejected as stale). Settled: every train request
     // trained, every candidate decided, no canary running (the demo policy
     // ends one within 300 s at the latest).
-    let mut inverted = Vec::new();
-    let model_dir = work.join("models/flywheel/tiny");
-    let model = Arc::new(Model::load(&model_dir).unwrap());
-    let tokenizer = TextTokenizer::load(&model_dir, model.config.vocab_size).unwrap();
-    for shard in &request.shards {
-        let bytes = std::fs::read(work.join("lake").join(&shard.uri)).unwrap();
-        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
-            for (_, mut e) in examples_of(&batch, &tokenizer, 256).unwrap() {
-                (e.reward, e.accepted) = (-e.reward, !e.accepted);
-                inverted.push(e);
-            }
-        }
-    }
     let mut child = flywheel_up(&test, &work, &["--duration-s", "900", "--freeze-training"]);
     let settled = || -> Option<flywheel_core::records::AdapterRef> {
         let e = latest()?;
@@ -151,13 +147,10 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     let live = tokio::task::block_in_place(|| wait_until(420, settled));
     let adapter = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
     let mut backend = CpuBackend::new(model.clone(), adapter, 0.0);
-    let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None };
+    let mut objective = request.objective.clone(); // the demo's REINFORCE settings
+    objective.max_steps = 40;
     let bad = tokio::task::block_in_place(|| {
-        for step in 0..40 {
-            let items: Vec<Example> = (0..32).map(|i| inverted[(step * 32 + i) % inverted.len()].clone()).collect();
-            let learning_rate = flywheel_trainer::optim::learning_rate(step as u64, 5, 40, 2e-2);
-            backend.train_step(&items, &objective, StepSettings { learning_rate, max_grad_norm: 1.0 }).unwrap();
-        }
+        train_steps(&mut backend, &inverted, &objective, &mut |_| {}).unwrap();
         backend.adapter().unwrap()
     });
     let bad_dir = work.join("adapters/demo/degraded");

@@ -409,8 +409,8 @@ pub async fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flywheel_trainer::backend::{Backend, CpuBackend, StepSettings};
-    use flywheel_trainer::objective::{Example, Objective};
+    use flywheel_trainer::backend::{Backend, CpuBackend};
+    use flywheel_trainer::objective::Example;
 
     fn args() -> ProductArgs {
         use clap::Parser;
@@ -479,25 +479,7 @@ mod tests {
         )
         .unwrap();
         let mut backend = CpuBackend::new(server.model.clone(), lora, objective.weight_decay);
-        let batch = objective.batch_size as usize;
-        let steps = objective.max_steps as u64;
-        for step in 0..steps {
-            let items: Vec<Example> =
-                (0..batch).map(|i| examples[(step as usize * batch + i) % examples.len()].clone()).collect();
-            let lr = flywheel_trainer::optim::learning_rate(
-                step,
-                objective.warmup_steps as u64,
-                steps,
-                objective.learning_rate,
-            );
-            backend
-                .train_step(
-                    &items,
-                    &Objective::Reinforce { kl_coef: objective.kl_coef, ppo_clip: objective.ppo_clip },
-                    StepSettings { learning_rate: lr, max_grad_norm: objective.max_grad_norm },
-                )
-                .unwrap();
-        }
+        flywheel_trainer::job::train_steps(&mut backend, &examples, &objective, &mut |_| {}).unwrap();
         let trained = backend.adapter().unwrap();
         let after = expected_accept(&server, &users, Some(&trained), 300, 1);
         eprintln!("accept rate: base {base:.3}, after one round {after:.3}");

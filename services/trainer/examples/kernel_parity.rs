@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use flywheel_trainer::SplitMix;
 use flywheel_trainer::cuda::{DeviceGroup, Kernels};
+
+mod common;
 use flywheel_trainer::kernels::lora::{Buffer, GroupShape};
 use flywheel_trainer::kernels::{adamw, bf16_round, lora};
 
@@ -150,15 +152,7 @@ fn adamw_kernels(k: &Kernels, n: usize, rng: &mut SplitMix) -> Check {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let arch: &'static str = Box::leak(args.get(1).cloned().unwrap_or_else(|| "sm_90".into()).into_boxed_str());
-    let include = args.get(2).cloned().unwrap_or_else(|| "/usr/local/cuda/include".into());
-    let kernels = match Kernels::open(0, arch, &include) {
-        Ok(k) => k,
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            std::process::exit(2);
-        }
-    };
+    let kernels = common::open_kernels_or_skip(&args);
     let mut rng = SplitMix(20261123);
     let mut failed = 0;
     println!("{:<22} {:>26} {:>12} {:>10}", "kernel / GEMM", "shape m,k,outs,r / n", "max rel err", "tolerance");

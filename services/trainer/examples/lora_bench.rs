@@ -12,6 +12,8 @@
 use cudarc::driver::sys::CUevent_flags;
 use flywheel_trainer::SplitMix;
 use flywheel_trainer::cuda::{DeviceGroup, Kernels};
+
+mod common;
 use flywheel_trainer::kernels::lora::{Buffer, GroupShape};
 
 type Error = Box<dyn std::error::Error>;
@@ -37,16 +39,8 @@ fn median(mut v: Vec<f32>) -> f32 {
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
-    let arch: &'static str = Box::leak(args.get(1).cloned().unwrap_or_else(|| "sm_90".into()).into_boxed_str());
-    let include = args.get(2).cloned().unwrap_or_else(|| "/usr/local/cuda/include".into());
     let iterations: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(50);
-    let kernels = match Kernels::open(0, arch, &include) {
-        Ok(k) => k,
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            std::process::exit(2);
-        }
-    };
+    let kernels = common::open_kernels_or_skip(&args);
     let s = kernels.stream.clone();
     let blas = kernels.blas()?;
     let mut rng = SplitMix(8);

@@ -181,8 +181,8 @@ impl DeviceGroup {
     }
 
     /// Copies the master A_cat (P·r × k) and B stacked by projection
-    /// (N × r) into W′: one `lora_pack_block` for A, one per projection
-    /// for s·B.
+    /// (N × r) into W′: one `lora_pack_block` per block of
+    /// [`GroupShape::pack_blocks`].
     pub fn pack(
         &mut self,
         kernels: &Kernels,
@@ -190,14 +190,12 @@ impl DeviceGroup {
         b_stacked: &CudaSlice<f32>,
         scale: f32,
     ) -> Result<(), TrainerError> {
-        let shape = self.shape.clone();
+        let wide = self.shape.wide_k();
         let Some(DeviceBuffer::Bf16(w)) = self.buffers.get_mut(&Buffer::Weight) else { unreachable!("W′ is bf16") };
-        let (k, r, wide) = (shape.k, shape.r, shape.wide_k());
-        kernels.pack_block(w, wide, shape.n(), 0, &a_cat.as_view(), shape.pr(), k, 1.0)?;
-        for (p, &out) in shape.outs.iter().enumerate() {
-            let row = shape.row_offset(p);
-            let b = b_stacked.slice(row * r..(row + out) * r);
-            kernels.pack_block(w, wide, row, k + p * r, &b, out, r, scale)?;
+        for blk in self.shape.pack_blocks(scale) {
+            let src = if blk.from_b { b_stacked } else { a_cat };
+            let src = src.slice(blk.src_offset..blk.src_offset + blk.rows * blk.cols);
+            kernels.pack_block(w, wide, blk.row0, blk.col0, &src, blk.rows, blk.cols, blk.scale)?;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Float64Type, Int32Type};
 use arrow_array::{Array as _, RecordBatch};
-use flywheel_core::records::{ModelCandidate, ObjectiveKind, TrainRequest};
+use flywheel_core::records::{ModelCandidate, ObjectiveKind, TrainRequest, TrainingObjective};
 use flywheel_lake_writer::store::{Storage, open_storage};
 use serde::Serialize;
 
@@ -226,6 +226,46 @@ impl Progress {
     }
 }
 
+/// Trains `backend` for the objective's steps (warm-up + cosine learning
+/// rate, clipping) on batches taken from `train` in order, wrapping
+/// around; reports each step. Returns the per-step losses and the tokens
+/// seen.
+pub fn train_steps(
+    backend: &mut dyn Backend,
+    train: &[Example],
+    o: &TrainingObjective,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<f64>, i64), TrainerError> {
+    let objective = match o.kind {
+        ObjectiveKind::Reinforce => Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip },
+        ObjectiveKind::Kto => Objective::Kto {
+            beta: o.kto_beta,
+            desirable_weight: o.kto_desirable_weight,
+            undesirable_weight: o.kto_undesirable_weight,
+        },
+        ObjectiveKind::Sft => Objective::Sft,
+    };
+    let steps = o.max_steps.max(1) as u64;
+    let batch = (o.batch_size.max(1) as usize).min(train.len());
+    let mut losses = Vec::new();
+    let mut tokens = 0i64;
+    let training = Instant::now();
+    for step in 0..steps {
+        let start = (step as usize * batch) % train.len();
+        let items: Vec<Example> = (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect();
+        tokens += items.iter().map(|e| e.tokens.len() as i64).sum::<i64>();
+        let lr = learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate);
+        let loss = backend.train_step(
+            &items,
+            &objective,
+            StepSettings { learning_rate: lr, max_grad_norm: o.max_grad_norm },
+        )?;
+        losses.push(loss);
+        on_step(&Progress { step: step + 1, steps, loss, tokens, elapsed: training.elapsed() });
+    }
+    Ok((losses, tokens))
+}
+
 /// Runs one request to completion; returns the candidate and the adapter
 /// directory. Errors publish nothing. `on_step` sees every step's progress.
 pub fn run_job(
@@ -255,46 +295,22 @@ pub fn run_job(
     if train.is_empty() {
         return Err(TrainerError::Format(format!("request {} has no training examples", req.request_id)));
     }
-    let objective = match o.kind {
-        ObjectiveKind::Reinforce => Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip },
-        ObjectiveKind::Kto => Objective::Kto {
-            beta: o.kto_beta,
-            desirable_weight: o.kto_desirable_weight,
-            undesirable_weight: o.kto_undesirable_weight,
-        },
-        ObjectiveKind::Sft => Objective::Sft,
-    };
     let mut backend = open_backend(settings.device, model.clone(), parent.clone(), o.weight_decay)?;
-    let steps = o.max_steps.max(1) as u64;
-    let batch = (o.batch_size.max(1) as usize).min(train.len());
-    let mut losses = Vec::new();
-    let mut tokens = 0i64;
-    let training = Instant::now();
-    for step in 0..steps {
-        let start = (step as usize * batch) % train.len();
-        let items: Vec<Example> = (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect();
-        tokens += items.iter().map(|e| e.tokens.len() as i64).sum::<i64>();
-        let lr = learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate);
-        let loss = backend.train_step(
-            &items,
-            &objective,
-            StepSettings { learning_rate: lr, max_grad_norm: o.max_grad_norm },
-        )?;
-        losses.push(loss);
-        let progress = Progress { step: step + 1, steps, loss, tokens, elapsed: training.elapsed() };
-        if step % 10 == 0 || step + 1 == steps {
+    let (losses, tokens) = train_steps(backend.as_mut(), &train, o, &mut |progress| {
+        if progress.step % 10 == 1 || progress.step == progress.steps {
             tracing::info!(
                 request = %req.request_id,
-                step = step + 1,
-                steps,
-                loss,
+                step = progress.step,
+                steps = progress.steps,
+                loss = progress.loss,
                 tokens_per_second = progress.tokens_per_second(),
                 eta_seconds = progress.eta().as_secs_f64(),
                 "training"
             );
         }
-        on_step(&progress);
-    }
+        on_step(progress);
+    })?;
+    let steps = losses.len() as u64;
     let lora = backend.adapter()?;
     let base = backend.completion_logprobs(&holdout, None)?;
     let candidate_metrics = evaluate(backend.as_mut(), &lora, &holdout, &base)?;

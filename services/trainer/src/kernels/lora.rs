@@ -135,26 +135,58 @@ impl GroupShape {
     }
     /// Elements of each buffer.
     pub fn len(&self, b: Buffer) -> usize {
-        match b {
-            Buffer::Input => self.m * self.wide_k(),
-            Buffer::Weight => self.wide_n() * self.wide_k(),
-            Buffer::Output => self.m * self.n(),
-            Buffer::OutputGrad => self.m * self.wide_n(),
-            Buffer::InputGrad => self.m * self.k,
-            Buffer::AGrad => self.pr() * self.k,
-            Buffer::BGrad => self.n() * self.r,
-        }
+        let rows = match b {
+            Buffer::Input | Buffer::Output | Buffer::OutputGrad | Buffer::InputGrad => self.m,
+            Buffer::Weight => self.wide_n(),
+            Buffer::AGrad => self.pr(),
+            Buffer::BGrad => self.n(),
+        };
+        rows * self.ld(b)
     }
 
-    fn at(&self, buffer: Buffer, row: usize, col: usize) -> Operand {
-        let ld = match buffer {
+    /// Leading dimension (elements per stored row) of each buffer.
+    pub fn ld(&self, b: Buffer) -> usize {
+        match b {
             Buffer::Input | Buffer::Weight => self.wide_k(),
             Buffer::Output => self.n(),
             Buffer::OutputGrad => self.wide_n(),
             Buffer::InputGrad | Buffer::AGrad => self.k,
             Buffer::BGrad => self.r,
-        };
+        }
+    }
+
+    fn at(&self, buffer: Buffer, row: usize, col: usize) -> Operand {
+        let ld = self.ld(buffer);
         Operand { buffer, offset: row * ld + col, ld }
+    }
+
+    /// Where the master A_cat (P·r × k) and B stacked by projection (N × r)
+    /// go in W′: one block for A, one per projection for s·B. Both
+    /// executors pack by this list, so the layout is stated once.
+    pub fn pack_blocks(&self, scale: f32) -> Vec<PackBlock> {
+        let (k, r) = (self.k, self.r);
+        let mut blocks = vec![PackBlock {
+            from_b: false,
+            src_offset: 0,
+            rows: self.pr(),
+            cols: k,
+            row0: self.n(),
+            col0: 0,
+            scale: 1.0,
+        }];
+        for (p, &out) in self.outs.iter().enumerate() {
+            let row = self.row_offset(p);
+            blocks.push(PackBlock {
+                from_b: true,
+                src_offset: row * r,
+                rows: out,
+                cols: r,
+                row0: row,
+                col0: k + p * r,
+                scale,
+            });
+        }
+        blocks
     }
 
     /// Forward: T into X′, then Y = X′·W′[0..N]ᵀ.
@@ -276,15 +308,32 @@ pub fn lora_pack_block(
     }
 }
 
-/// Copies the master A_cat (P·r × k) and B stacked by projection (N × r)
-/// into W′, as the CUDA backend does with one `lora_pack_block` launch for
-/// A and one per projection for B.
+/// One `lora_pack_block` copy into W′ (see [`GroupShape::pack_blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PackBlock {
+    /// The source is B stacked by projection (else A_cat).
+    pub from_b: bool,
+    /// First source element.
+    pub src_offset: usize,
+    /// Rows copied.
+    pub rows: usize,
+    /// Columns copied (the source's row length).
+    pub cols: usize,
+    /// Row of W′ the block starts at.
+    pub row0: usize,
+    /// Column of W′ the block starts at.
+    pub col0: usize,
+    /// Factor applied (s for B, 1 for A).
+    pub scale: f32,
+}
+
+/// Copies the master A_cat and B into W′ by [`GroupShape::pack_blocks`],
+/// as the CUDA backend does with one `lora_pack_block` launch per block.
 pub fn pack(shape: &GroupShape, weight: &mut [f32], a_cat: &[f32], b_stacked: &[f32], scale: f32) {
-    let (k, r, wide) = (shape.k, shape.r, shape.wide_k());
-    lora_pack_block(weight, wide, shape.n(), 0, a_cat, shape.pr(), k, 1.0);
-    for (p, &out) in shape.outs.iter().enumerate() {
-        let row = shape.row_offset(p);
-        lora_pack_block(weight, wide, row, k + p * r, &b_stacked[row * r..(row + out) * r], out, r, scale);
+    for blk in shape.pack_blocks(scale) {
+        let src = if blk.from_b { b_stacked } else { a_cat };
+        let src = &src[blk.src_offset..blk.src_offset + blk.rows * blk.cols];
+        lora_pack_block(weight, shape.wide_k(), blk.row0, blk.col0, src, blk.rows, blk.cols, blk.scale);
     }
 }
 
