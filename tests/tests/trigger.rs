@@ -17,9 +17,16 @@ use tokio_util::sync::CancellationToken;
 fn manifest(id: &str) -> ShardManifest {
     let path = workspace_root().join("schemas/fixtures/shard_manifest.committed.json");
     let mut m: ShardManifest = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    // Times relative to now: the policy's staleness rule reads the age of the
+    // data, so a fixture with fixed dates would change the decision as it ages.
+    let now = flywheel_core::now_millis();
+    m.min_event_time = now - 3_600_000;
+    m.max_event_time = now - 60_000;
+    m.committed_at = now;
+    let dir = flywheel_lake_writer::lake::partition_dir("acme", m.min_event_time).unwrap();
     m.shard_id = id.into();
     m.tenant = "acme".into();
-    m.uri = format!("rewards/tenant=acme/date=2026-11-23/hour=09/{id}.parquet");
+    m.uri = format!("{}/{id}.parquet", dir.display());
     m.rows = 600;
     m.stats.user_rows = (0..40).map(|u| (format!("user-{u}"), 15)).collect();
     m.stats.rated = 0;

@@ -337,6 +337,26 @@ pub fn caught_up(remaining: &mut std::collections::HashMap<(String, i32), i64>, 
     remaining.is_empty()
 }
 
+/// The next message of `consumer` without blocking a runtime thread: a
+/// non-blocking poll, and when nothing is waiting an async sleep of `idle`
+/// (then `None`). Loops built on it have an await point every turn, so they
+/// end when their task is dropped (runtime shutdown) and not only when their
+/// token is cancelled, and they run on any runtime flavour.
+pub async fn poll_async<'a, C: ConsumerContext>(
+    consumer: &'a BaseConsumer<C>,
+    idle: Duration,
+) -> Option<rdkafka::error::KafkaResult<BorrowedMessage<'a>>> {
+    // Yield even when busy, so a long backlog cannot starve the runtime (and
+    // before polling: a message, which is not `Send`, is never held across
+    // an await).
+    tokio::task::yield_now().await;
+    if let Some(polled) = consumer.poll(Duration::ZERO) {
+        return Some(polled);
+    }
+    tokio::time::sleep(idle).await;
+    None
+}
+
 impl KafkaArgs {
     /// An idempotent producer (`acks=all`) for async sends.
     pub fn producer(&self) -> Result<rdkafka::producer::FutureProducer> {

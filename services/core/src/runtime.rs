@@ -173,6 +173,25 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
+/// Runs a service's blocking worker loop on the blocking pool. The loop gets
+/// a child of `shutdown` to watch; it is cancelled when `shutdown` is, and
+/// also when the returned future is dropped (the runtime shutting down, a
+/// test that panicked), so a worker can never keep its runtime from exiting.
+pub async fn blocking_worker<T, F>(
+    shutdown: &CancellationToken,
+    work: F,
+) -> std::result::Result<T, tokio::task::JoinError>
+where
+    T: Send + 'static,
+    F: FnOnce(CancellationToken) -> T + Send + 'static,
+{
+    let token = shutdown.child_token();
+    let guard = token.clone().drop_guard();
+    let result = tokio::task::spawn_blocking(move || work(token)).await;
+    guard.disarm();
+    result
+}
+
 /// Named readiness checks. `/readyz` answers 200 only when every registered
 /// check is ready, and lists the ones that are not.
 #[derive(Debug, Clone, Default)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{assign_from_beginning, caught_up};
+use flywheel_core::kafka::{assign_from_beginning, caught_up, poll_async};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
@@ -122,7 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     let mut changed = false;
     tracing::info!(candidates = %names[1], metrics = %names[2], registry = %names[0], "gate started");
     while !shutdown.is_cancelled() {
-        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        let polled = poll_async(&consumer, Duration::from_millis(50)).await;
         if let Some(Ok(msg)) = polled {
             caught_up(&mut remaining, &msg);
             let payload = msg.payload().unwrap_or_default();

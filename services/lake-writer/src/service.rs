@@ -25,7 +25,7 @@ use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, DeliveryTracker, TopicOffsets, read_back, send_blocking, topic_ends};
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -643,8 +643,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         shards: topics_config.name(Topic::Shards),
         dead: topics_config.name(Topic::DeadLetters),
     };
-    let loop_shutdown = shutdown.clone();
-    let worker = tokio::task::spawn_blocking(move || -> Result<(), LakeError> {
+    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), LakeError> {
         let storage = open_storage(&config.lake_root, runtime)?;
         let lake = Arc::new(Mutex::new(Lake::open(storage.clone())?));
         let producer = config.common.kafka.tracked_producer()?;

@@ -32,7 +32,7 @@ use flywheel_core::kafka::{
     ClientRole, DeliveryTracker, KafkaArgs, TopicOffsets, read_back, send_blocking, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -716,8 +716,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     let every_records = config.checkpoint_every_records.max(1);
     let idle_advance = config.idle_advance_after_ms.map(Duration::from_millis);
     let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
-    let loop_shutdown = shutdown.clone();
-    let worker = tokio::task::spawn_blocking(move || -> Result<(), RewarderError> {
+    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), RewarderError> {
         let mut last_checkpoint = Instant::now();
         while !loop_shutdown.is_cancelled() {
             if let Some(result) = consumer.poll(Duration::from_millis(100)) {

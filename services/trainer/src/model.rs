@@ -31,10 +31,10 @@ pub struct LlamaConfig {
     /// Query heads.
     pub num_attention_heads: usize,
     /// Key/value heads (grouped-query attention); defaults to the query heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// Per-head width; defaults to hidden / heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -45,7 +45,7 @@ pub struct LlamaConfig {
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
     /// RoPE scaling (Llama 3.1 style); not supported yet, so refused when set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// Whether the LM head is the embedding matrix.
     #[serde(default)]

@@ -18,7 +18,8 @@ pub fn tiny_config() -> LlamaConfig {
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: Some(2),
-        head_dim: None,
+        // Written out: transformers 5.x fails on `"head_dim": null`.
+        head_dim: Some(16),
         vocab_size: 256,
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{assign_from_beginning, caught_up, read_topic};
+use flywheel_core::kafka::{assign_from_beginning, caught_up, poll_async, read_topic};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
@@ -273,7 +273,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
     let mut last_sweep = Instant::now();
     tracing::info!(shards = %names.0, "trigger started");
     while !shutdown.is_cancelled() {
-        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+        let polled = poll_async(&consumer, Duration::from_millis(50)).await;
         if let Some(Ok(msg)) = polled {
             caught_up(&mut remaining, &msg);
             if msg.topic() == names.0 {
