@@ -133,6 +133,22 @@ pub enum ModelCommand {
         #[arg(long, env = "FLYWHEEL_MODEL_SEED", default_value_t = 7)]
         seed: u64,
     },
+    /// Convert a Llama-family GGUF file (llama.cpp's format) into an HF
+    /// model directory the trainer loads: config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json (chat template),
+    /// generation_config.json. Quantised (e.g. 4-bit) weights are expanded
+    /// to full precision: the model keeps the quality of the quantised file.
+    ImportGguf {
+        /// The GGUF file.
+        #[arg(env = "FLYWHEEL_GGUF_FILE")]
+        file: PathBuf,
+        /// Output directory (created; files of the same names are replaced).
+        #[arg(long, env = "FLYWHEEL_MODEL_OUT")]
+        out: PathBuf,
+        /// Precision of the written weights.
+        #[arg(long, env = "FLYWHEEL_MODEL_DTYPE", value_enum, default_value_t = flywheel_trainer::import::WeightDtype::Bf16)]
+        dtype: flywheel_trainer::import::WeightDtype,
+    },
 }
 
 /// Where the lake is.
@@ -281,6 +297,12 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
                 c.kv_heads(),
                 c.vocab_size
             );
+            Ok(())
+        }
+        Command::Model(ModelCommand::ImportGguf { file, out, dtype }) => {
+            let report = flywheel_trainer::import::import_gguf(&file, &out, dtype)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            println!("{report}");
             Ok(())
         }
         Command::Simulate(args) => {

@@ -9,6 +9,8 @@
 //! - [`sample`]: sampling completions (the simulated product's serving side);
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
 //! - [`tokenize`]: the model's `tokenizer.json` (HF `tokenizers`);
+//! - [`gguf`]: reading GGUF files (llama.cpp's format) and dequantising them;
+//! - [`import`]: a GGUF model → the HF model directory the trainer loads;
 //! - [`kernels`]: the CUDA kernels (`.cu`, NVRTC-checked in CI) and their CPU twins;
 //! - [`job`]: one train request → adapter + model candidate;
 //! - [`service`]: the Kafka service (`train-requests` → `model-candidates`).
@@ -18,7 +20,9 @@ pub use service::{Config, run};
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gguf;
 pub mod grad;
+pub mod import;
 pub mod job;
 pub mod kernels;
 pub mod linalg;
