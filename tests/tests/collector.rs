@@ -554,3 +554,260 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     assert_eq!(got.len(), events.len());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The issue-17 event: every field within its documented limit, yet about
+/// 1 MB once encoded, above what one Kafka record may hold.
+fn oversized_shown(base: &Value) -> Value {
+    let mut e = base.clone();
+    let text = "x".repeat(32_768);
+    e["payload"]["shown"]["prompt"] = json!(text);
+    e["payload"]["shown"]["completion"] = json!(text);
+    let attributes: serde_json::Map<String, Value> = (0..29).map(|i| (format!("attr-{i:02}"), json!(text))).collect();
+    e["attributes"] = Value::Object(attributes);
+    e
+}
+
+/// Bytes the collector's record for `event` has (key + Avro value), computed
+/// with its own validation, pseudonymisation and codec.
+fn record_size(event: &Value) -> usize {
+    use flywheel_collector::validate::{Limits, validate};
+    let mut i = validate(&event.to_string(), "acme", flywheel_core::now_millis(), &Limits::default()).unwrap();
+    i.user_id = Pseudonymizer::new(SECRET.as_bytes()).unwrap().pseudonymize("acme", &i.user_id);
+    i.suggestion_id.len() + encode(&i).unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_kafka_record_is_rejected_alone_and_never_answered_503() {
+    let c = Collector::start(kafka_args(), &[]).await;
+    let events = product_events("frank");
+    let shown = events.iter().find(|e| e["payload"].get("shown").is_some()).unwrap().clone();
+    let small = events.iter().find(|e| e["payload"].get("accepted").is_some()).unwrap().clone();
+    let huge = oversized_shown(&shown);
+    let body = serde_json::to_vec(&[&small, &huge]).unwrap();
+    assert!(body.len() < 1 << 20, "within the body limit: {} bytes", body.len());
+    let max = 1_000_000 - flywheel_collector::RECORD_OVERHEAD_BYTES;
+    assert!(record_size(&huge) > max);
+
+    // Rejected on its own; the valid event of the batch is accepted.
+    let r = c.post(Some(TOKEN), body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let results = r.json()["results"].clone();
+    assert_eq!(
+        (results[0]["status"].as_str(), results[1]["code"].as_str()),
+        (Some("accepted"), Some("event_too_large"))
+    );
+    assert!(results[1]["reason"].as_str().unwrap().contains(&format!("at most {max}")), "{results}");
+    // Alone, again and again: a 4xx every time, never a broker outage.
+    for _ in 0..3 {
+        let r = c.post_events(std::slice::from_ref(&huge)).await;
+        assert_eq!((r.status, r.json()["results"][0]["code"].as_str()), (422, Some("event_too_large")));
+    }
+
+    // The limit is exactly what the producer and broker take: an event of
+    // exactly `max` bytes is delivered, one byte more is refused.
+    let mut fitting = shown.clone();
+    let attributes: serde_json::Map<String, Value> =
+        (0..30).map(|i| (format!("attr-{i:02}"), json!("y".repeat(32_768)))).collect();
+    fitting["attributes"] = Value::Object(attributes);
+    let base = record_size(&fitting) - shown["payload"]["shown"]["prompt"].as_str().unwrap().len();
+    let with_prompt = |n: usize, id: &str| {
+        let mut e = fitting.clone();
+        e["payload"]["shown"]["prompt"] = json!("p".repeat(n));
+        e["event_id"] = json!(id);
+        e
+    };
+    let probe = "2b000000-0000-4000-8000-000000000000";
+    let mut n = max - base;
+    while record_size(&with_prompt(n, probe)) > max {
+        n -= 1;
+    }
+    assert_eq!(record_size(&with_prompt(n, probe)), max, "an event of exactly the limit");
+    let over_id = "2b000000-0000-4000-8000-000000000002";
+    let r = c.post_events(&[with_prompt(n + 1, over_id)]).await;
+    assert_eq!((r.status, r.json()["results"][0]["code"].as_str()), (422, Some("event_too_large")));
+    let exact_id = "2b000000-0000-4000-8000-000000000001";
+    let r = c.post_events(&[with_prompt(n, exact_id)]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    let got = c.read(2);
+    let ids: std::collections::BTreeSet<&str> = got.iter().map(|i| i.event_id.as_str()).collect();
+    assert_eq!(ids, [small["event_id"].as_str().unwrap(), exact_id].into_iter().collect());
+    let text = String::from_utf8(http(c.ops, "GET", "/metrics", &[], vec![]).await.body).unwrap();
+    assert!(text.contains("collector_events_total{outcome=\"rejected\",reason=\"event_too_large\"} 5"), "{text}");
+    assert!(text.contains("collector_producer_replacements_total 0"), "a per-record error keeps the producer: {text}");
+    assert!(!text.contains("status=\"503\""), "{text}");
+    c.stop().await;
+}
+
+/// Sends `bytes` on a new connection; returns it for more.
+async fn open(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// Reads until the server closes the connection (at most 20 s); returns what it sent.
+async fn until_closed(mut s: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    read.expect("the collector closes the connection").ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_closed_within_the_limits_while_others_are_served() {
+    let (headers_limit, body_limit) = (Duration::from_millis(1500), Duration::from_millis(2500));
+    let c = Collector::start(
+        kafka_args(),
+        &["--header-read-timeout-ms", "1500", "--body-read-timeout-ms", "2500", "--max-connections", "32"],
+    )
+    .await;
+    let started = Instant::now();
+    // No token is needed to hold a connection by never finishing the headers.
+    let mut header_stalls = Vec::new();
+    for _ in 0..3 {
+        header_stalls.push(open(c.api, b"").await);
+        header_stalls.push(open(c.api, b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Le").await);
+    }
+    let mut body_stalls = Vec::new();
+    for _ in 0..3 {
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n[{{\"event_id\": \"2c000000-0000-4000-8000-"
+        );
+        body_stalls.push(open(c.api, head.as_bytes()).await);
+    }
+    // Each slow connection is watched from now on, so the time it was closed is known.
+    let watch = |limit: Duration, s: tokio::net::TcpStream| {
+        (limit, tokio::spawn(async move { (until_closed(s).await, Instant::now()) }))
+    };
+    let closing: Vec<_> = header_stalls
+        .into_iter()
+        .map(|s| watch(headers_limit, s))
+        .chain(body_stalls.into_iter().map(|s| watch(body_limit, s)))
+        .collect();
+
+    // Normal clients are served meanwhile.
+    let mut sent = Vec::new();
+    for i in 0..4 {
+        let events = product_events(&format!("grace-{i}"));
+        let r = c.post_events(&events).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        sent.extend(events);
+    }
+    let auth = format!("Bearer {TOKEN}");
+    assert_eq!(http(c.api, "GET", "/v1/route?user_id=u1", &[("authorization", &auth)], vec![]).await.status, 200);
+
+    // The slow ones are closed once their limit passed, not before.
+    let slack = Duration::from_secs(5);
+    for (limit, task) in closing {
+        let (answer, closed_at) = task.await.unwrap();
+        let held = closed_at - started;
+        assert!(held >= limit && held <= limit + slack, "held {held:?} with a limit of {limit:?}");
+        if limit == body_limit {
+            assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+            assert!(answer.contains("body_timeout"), "{answer}");
+        } else {
+            assert!(answer.is_empty(), "{answer}");
+        }
+    }
+    let text = String::from_utf8(http(c.ops, "GET", "/metrics", &[], vec![]).await.body).unwrap();
+    assert!(text.contains("collector_client_timeouts_total{phase=\"headers\"} 6"), "{text}");
+    assert!(text.contains("collector_client_timeouts_total{phase=\"body\"} 3"), "{text}");
+    // Nothing of the stalled bodies was claimed or produced.
+    assert_eq!(c.read(sent.len()).len(), sent.len());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_cap_clients_wait_for_a_free_slot() {
+    let c = Collector::start(kafka_args(), &["--header-read-timeout-ms", "1000", "--max-connections", "3"]).await;
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open(c.api, b"GET /v1/route HTTP/1.1\r\n").await);
+    }
+    // Queued in the backlog while the three slots are held, then served.
+    let r = tokio::time::timeout(Duration::from_secs(20), c.post_events(&product_events("heidi")))
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(started.elapsed() >= Duration::from_millis(1000), "served before a slot was free: {:?}", started.elapsed());
+    for s in held {
+        assert_eq!(until_closed(s).await, "");
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_bodies_unknown_payload_fields_character_counts_and_exact_doubles() {
+    use tokio::io::AsyncWriteExt;
+    let c = Collector::start(kafka_args(), &[]).await;
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n{extra}\r\n"
+        )
+    };
+    // Bad chunked encoding: 400, not 413.
+    let answer = until_closed(
+        open(c.api, format!("{}zz\r\n[]\r\n0\r\n\r\n", head("Transfer-Encoding: chunked\r\n")).as_bytes()).await,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"invalid_body\""), "{answer}");
+    // A body cut short (the client stops sending): 400, not 413.
+    let mut s = open(c.api, format!("{}[{{\"event_id\":", head("Content-Length: 500\r\n")).as_bytes()).await;
+    s.shutdown().await.unwrap();
+    let answer = until_closed(s).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"invalid_body\""), "{answer}");
+
+    // `/v1/route` counts user_id in characters, as `/v1/events` does.
+    let auth = format!("Bearer {TOKEN}");
+    let cjk = |n: usize| "%E6%BC%A2".repeat(n);
+    let route = |n: usize| {
+        let auth = auth.clone();
+        async move {
+            http(c.api, "GET", &format!("/v1/route?user_id={}", cjk(n)), &[("authorization", &auth)], vec![]).await
+        }
+    };
+    assert_eq!(route(256).await.status, 200, "256 three-byte characters are within the limit");
+    let r = route(257).await;
+    assert_eq!((r.status, r.json()["reason"].as_str()), (400, Some("user_id must be 1 to 256 characters")));
+    let mut event =
+        product_events("漢".repeat(256).as_str()).into_iter().find(|e| e["payload"].get("shown").is_some()).unwrap();
+
+    // An unknown field inside the payload is refused like one at the top level.
+    let mut typo = event.clone();
+    typo["payload"]["shown"]["behaviour_logprob"] = json!(-1.5);
+    let mut top = event.clone();
+    top["sesion_id"] = json!("s");
+    let r = c.post_events(&[typo, top]).await;
+    assert_eq!(r.status, 422);
+    let results = r.json()["results"].clone();
+    assert_eq!(
+        (results[0]["code"].as_str(), results[1]["code"].as_str()),
+        (Some("invalid_event"), Some("invalid_event"))
+    );
+    assert!(results[0]["reason"].as_str().unwrap().contains("unknown field `behaviour_logprob`"), "{results}");
+    assert!(results[1]["reason"].as_str().unwrap().contains("unknown field `sesion_id`"), "{results}");
+
+    // Doubles arrive in the topic bit for bit (serde_json's float_roundtrip).
+    let text = "-1.1031496661141227";
+    event["payload"]["shown"]["behavior_logprob"] = json!(0.0);
+    let body = serde_json::to_string(&[&event])
+        .unwrap()
+        .replace("\"behavior_logprob\":0.0", &format!("\"behavior_logprob\":{text}"));
+    assert!(body.contains(text));
+    let r = c.post(Some(TOKEN), body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = c.read(1);
+    match &got[0].payload {
+        InteractionPayload::Shown(s) => {
+            assert_eq!(s.behavior_logprob.map(f64::to_bits), Some(text.parse::<f64>().unwrap().to_bits()))
+        }
+        other => panic!("expected shown, got {other:?}"),
+    }
+    c.stop().await;
+}

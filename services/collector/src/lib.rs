@@ -5,12 +5,18 @@
 //!   pseudonymised (and text optionally redacted), Avro-encoded and produced
 //!   keyed by `suggestion_id`. The answer comes only after the broker
 //!   acknowledged every accepted event; a broker failure answers 503 and claims
-//!   nothing, a full in-flight queue 429.
+//!   nothing, a full in-flight queue 429. An event the broker could never take
+//!   (larger than a Kafka record may be) is rejected on its own, before
+//!   producing, as `event_too_large`.
 //! - `GET /v1/route`: which model and adapter a user should be served.
 //! - Ops endpoint (separate port): `/healthz`, `/readyz` (broker, registry), `/metrics`.
+//!
+//! Slow clients cannot hold the API: connections are capped, request headers
+//! and bodies each have a deadline (see [`serve`]).
 
 pub mod privacy;
 pub mod route;
+pub mod serve;
 pub mod validate;
 
 use std::collections::{HashMap, HashSet};
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +42,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -46,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::privacy::{Pseudonymizer, Redactor};
 use crate::route::{RegistryView, RouteDecision, decide, follow_registry};
+use crate::serve::{ConnectionLimits, ConnectionMetrics};
 use crate::validate::{Limits, REJECTION_CODES, Rejection, validate};
 
 /// The collector's errors (start-up and background tasks; request errors are HTTP answers).
@@ -102,6 +110,43 @@ pub struct Config {
     /// How long a request waits for broker acknowledgement before answering 503.
     #[arg(long = "produce-timeout-ms", env = "FLYWHEEL_COLLECTOR_PRODUCE_TIMEOUT_MS", default_value_t = 10_000)]
     pub produce_timeout_ms: u64,
+    /// Most API connections open at once; further connections wait in the listen backlog.
+    #[arg(long = "max-connections", env = "FLYWHEEL_COLLECTOR_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also how long an idle
+    /// kept-alive connection stays open); the connection is closed after it.
+    #[arg(
+        long = "header-read-timeout-ms",
+        env = "FLYWHEEL_COLLECTOR_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a whole request body once its headers
+    /// arrived; answered 408 and closed after it.
+    #[arg(long = "body-read-timeout-ms", env = "FLYWHEEL_COLLECTOR_BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+}
+
+/// Bytes a Kafka record adds around its key and value in librdkafka's
+/// size check (`message.max.bytes` bounds key + value + this).
+pub const RECORD_OVERHEAD_BYTES: usize = 36;
+
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The largest Avro-encoded event (key included) the producer accepts:
+/// `message.max.bytes` of the producer configuration less the record overhead.
+pub fn max_event_bytes(producer: &rdkafka::ClientConfig) -> Result<usize, CollectorError> {
+    let configured = match producer.get("message.max.bytes") {
+        None => DEFAULT_MESSAGE_MAX_BYTES,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| CollectorError::Config(format!("message.max.bytes '{v}' is not a byte count")))?,
+    };
+    configured.checked_sub(RECORD_OVERHEAD_BYTES).filter(|n| *n >= 4096).ok_or_else(|| {
+        CollectorError::Config(format!("message.max.bytes {configured} is too small for interaction events"))
+    })
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +166,12 @@ struct KindLabels {
     kind: String,
 }
 
+/// Which part of a request a client was too slow to send.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PhaseLabels {
+    pub(crate) phase: String,
+}
+
 /// The collector's Prometheus metrics.
 #[derive(Debug, Clone)]
 struct Metrics {
@@ -129,6 +180,8 @@ struct Metrics {
     produce_latency: Histogram,
     in_flight: Gauge,
     redactions: Family<KindLabels, Counter>,
+    producer_replacements: Counter,
+    connections: ConnectionMetrics,
 }
 
 impl Metrics {
@@ -139,6 +192,8 @@ impl Metrics {
             produce_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             in_flight: Gauge::default(),
             redactions: Family::default(),
+            producer_replacements: Counter::default(),
+            connections: ConnectionMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("collector");
         r.register("requests", "HTTP requests by route and status", m.requests.clone());
@@ -150,6 +205,20 @@ impl Metrics {
         );
         r.register("in_flight_events", "Events awaiting broker acknowledgement (queue depth)", m.in_flight.clone());
         r.register("redactions", "Redacted PII occurrences by kind", m.redactions.clone());
+        r.register(
+            "producer_replacements",
+            "Kafka producers replaced after a batch the broker did not acknowledge",
+            m.producer_replacements.clone(),
+        );
+        r.register("open_connections", "Open API connections", m.connections.open.clone());
+        r.register(
+            "client_timeouts",
+            "Connections closed because the client did not send its headers (idle kept-alive connections too) or body in time",
+            m.connections.timeouts.clone(),
+        );
+        for phase in ["headers", "body"] {
+            let _ = m.connections.timeouts.get_or_create(&PhaseLabels { phase: phase.into() });
+        }
         // Pre-register label values so dashboards see zeros, not gaps.
         for code in REJECTION_CODES {
             let _ = m.events.get_or_create(&EventLabels { outcome: "rejected".into(), reason: (*code).into() });
@@ -235,7 +304,9 @@ impl ProducerSlot {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn reset_after_failure(&self) {
+    /// Replaces the producer after a batch failed for want of the broker;
+    /// never for a record the broker refused on its own merits.
+    fn reset_after_failure(&self, replacements: &Counter) {
         let mut last = self.last_reset.lock().unwrap_or_else(|p| p.into_inner());
         if last.elapsed() < Duration::from_secs(2) {
             return;
@@ -244,6 +315,7 @@ impl ProducerSlot {
             Ok(fresh) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 *last = Instant::now();
+                replacements.inc();
                 tracing::info!("replaced the Kafka producer after a failed batch");
             }
             Err(e) => tracing::error!(error = %e, "could not create a replacement producer"),
@@ -264,6 +336,8 @@ struct AppState {
     max_in_flight: usize,
     max_body_bytes: usize,
     max_batch_events: usize,
+    max_event_bytes: usize,
+    body_read_timeout: Duration,
     produce_timeout: Duration,
     registry: RegistryView,
     base_model: Arc<str>,
@@ -324,6 +398,38 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
     response
 }
 
+/// Why a request body could not be read.
+#[derive(Debug, PartialEq)]
+enum BodyError {
+    /// More than the limit.
+    TooLarge,
+    /// Not complete within the body deadline.
+    Timeout,
+    /// The connection broke it: truncated (fewer bytes than declared), bad
+    /// chunked encoding, a reset.
+    Broken(String),
+}
+
+/// Reads a whole body of at most `limit` bytes within `deadline`.
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let read = async move {
+        let mut body = body;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(deadline, read).await.unwrap_or(Err(BodyError::Timeout))
+}
+
 async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     let Some(tenant) = state.tokens.tenant_of(headers).map(str::to_string) else { return unauthorized() };
     let too_large = || {
@@ -338,9 +444,26 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return too_large();
     }
-    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+    let bytes = match read_body(body, state.max_body_bytes, state.body_read_timeout).await {
         Ok(b) => b,
-        Err(_) => return too_large(),
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Timeout) => {
+            state.metrics.connections.timeouts.get_or_create(&PhaseLabels { phase: "body".into() }).inc();
+            let mut r = error_body(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {:?}; nothing was accepted", state.body_read_timeout),
+            );
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        Err(BodyError::Broken(e)) => {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the request body could not be read (truncated or badly chunked): {e}; nothing was accepted"),
+            );
+        }
     };
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
@@ -382,7 +505,8 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
     let now = flywheel_core::now_millis();
     let mut results = Vec::with_capacity(items.len());
-    let mut to_send: Vec<(String, Vec<u8>)> = Vec::new();
+    // (index in `results`, key, encoded event)
+    let mut to_send: Vec<(usize, String, Vec<u8>)> = Vec::new();
     let mut seen_ids = HashSet::new();
     #[derive(Deserialize)]
     struct IdOnly {
@@ -404,11 +528,12 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
                 state.metrics.redactions.get_or_create(&KindLabels { kind: "phone".into() }).inc_by(counts.phones);
             }
             let bytes = encode(&event).map_err(|e| Rejection { code: "invalid_value", reason: e.to_string() })?;
+            check_record_size(event.suggestion_id.len(), bytes.len(), state.max_event_bytes)?;
             Ok((event.event_id, event.suggestion_id, bytes))
         });
         match outcome {
             Ok((event_id, key, bytes)) => {
-                to_send.push((key, bytes));
+                to_send.push((index, key, bytes));
                 results.push(EventResult {
                     index,
                     event_id: Some(event_id),
@@ -423,41 +548,87 @@ async fn handle_events(state: &AppState, headers: &HeaderMap, body: Body) -> Res
                     .ok()
                     .and_then(|i| i.event_id)
                     .and_then(|v| v.as_str().map(str::to_string));
-                state
-                    .metrics
-                    .events
-                    .get_or_create(&EventLabels { outcome: "rejected".into(), reason: r.code.into() })
-                    .inc();
-                results.push(EventResult {
-                    index,
-                    event_id,
-                    status: "rejected".into(),
-                    code: Some(r.code.into()),
-                    reason: Some(r.reason),
-                });
+                results.push(EventResult { index, event_id, status: String::new(), code: None, reason: None });
+                reject(state, &mut results[index], r);
             }
         }
     }
 
+    let mut accepted = 0;
     if !to_send.is_empty() {
-        if let Err(response) = produce_all(state, &to_send).await {
-            return response;
+        let refused = match produce_all(state, &to_send).await {
+            Ok(refused) => refused,
+            Err(response) => return response,
+        };
+        for ((index, _, _), refusal) in to_send.iter().zip(refused) {
+            match refusal {
+                Some(r) => reject(state, &mut results[*index], r),
+                None => accepted += 1,
+            }
         }
         state
             .metrics
             .events
             .get_or_create(&EventLabels { outcome: "accepted".into(), reason: String::new() })
-            .inc_by(to_send.len() as u64);
+            .inc_by(accepted as u64);
     }
-    let accepted = to_send.len();
     let rejected = results.len() - accepted;
     let status = if accepted == 0 && rejected > 0 { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
     (status, axum::Json(BatchResponse { accepted, rejected, results })).into_response()
 }
 
-/// Produces every encoded event and waits for all acknowledgements; on any
-/// failure answers 503 (or 429 when the in-flight budget is exhausted).
-async fn produce_all(state: &AppState, events: &[(String, Vec<u8>)]) -> Result<(), Response> {
+/// Marks one event of the answer rejected and counts it.
+fn reject(state: &AppState, result: &mut EventResult, r: Rejection) {
+    state.metrics.events.get_or_create(&EventLabels { outcome: "rejected".into(), reason: r.code.into() }).inc();
+    result.status = "rejected".into();
+    result.code = Some(r.code.into());
+    result.reason = Some(r.reason);
+}
+
+/// Refuses an event whose record (key + Avro value) the producer could never
+/// send: librdkafka rejects a record above `message.max.bytes`, and retrying
+/// cannot help, so it is a per-event 4xx rather than a broker failure.
+fn check_record_size(key_bytes: usize, value_bytes: usize, max_event_bytes: usize) -> Result<(), Rejection> {
+    let size = key_bytes + value_bytes;
+    if size > max_event_bytes {
+        return Err(Rejection {
+            code: "event_too_large",
+            reason: format!(
+                "the event encodes to {size} bytes (suggestion_id included); a Kafka record holds at most \
+                 {max_event_bytes}: shorten the prompt, completion or attributes"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A produce error that concerns the record itself (the broker will never
+/// take it), as opposed to the broker being unavailable.
+fn record_refusal(e: &KafkaError, value_bytes: usize) -> Option<Rejection> {
+    match e {
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => Some(Rejection {
+            code: "event_too_large",
+            reason: format!(
+                "the Kafka cluster refused the {value_bytes}-byte record as too large ({e}); shorten the event, \
+                 or raise the broker's message.max.bytes / the topic's max.message.bytes"
+            ),
+        }),
+        _ => None,
+    }
+}
+
+/// Produces every encoded event and waits for all acknowledgements. Returns,
+/// per event, `None` when the broker acknowledged it or the rejection of a
+/// record the cluster refused on its own merits; a broker failure answers
+/// 503 for the whole batch (or 429 when the in-flight budget is exhausted).
+async fn produce_all(
+    state: &AppState,
+    events: &[(usize, String, Vec<u8>)],
+) -> Result<Vec<Option<Rejection>>, Response> {
     let n = events.len();
     if n > state.max_in_flight {
         return Err(error_body(
@@ -481,24 +652,31 @@ async fn produce_all(state: &AppState, events: &[(String, Vec<u8>)]) -> Result<(
     };
     state.metrics.in_flight.inc_by(n as i64);
     let started = Instant::now();
+    let mut refused: Vec<Option<Rejection>> = (0..n).map(|_| None).collect();
     let mut deliveries = Vec::with_capacity(n);
     let mut failure: Option<String> = None;
     let producer = state.producer.get();
-    for (key, bytes) in events {
+    for (i, (_, key, bytes)) in events.iter().enumerate() {
         match producer.send_result(FutureRecord::to(&state.topic).key(key).payload(bytes)) {
-            Ok(d) => deliveries.push(d),
-            Err((e, _)) => {
-                failure = Some(format!("enqueueing for the broker failed: {e}"));
-                break;
-            }
+            Ok(d) => deliveries.push((i, d)),
+            Err((e, _)) => match record_refusal(&e, bytes.len()) {
+                Some(r) => refused[i] = Some(r),
+                None => {
+                    failure = Some(format!("enqueueing for the broker failed: {e}"));
+                    break;
+                }
+            },
         }
     }
     if failure.is_none() {
         let waited = tokio::time::timeout(state.produce_timeout, async {
-            for d in deliveries {
+            for (i, d) in deliveries {
                 match d.await {
                     Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(format!("the broker did not acknowledge: {e}")),
+                    Ok(Err((e, _))) => match record_refusal(&e, events[i].2.len()) {
+                        Some(r) => refused[i] = Some(r),
+                        None => return Err(format!("the broker did not acknowledge: {e}")),
+                    },
                     Err(_) => return Err("the producer shut down before acknowledging".to_string()),
                 }
             }
@@ -516,11 +694,14 @@ async fn produce_all(state: &AppState, events: &[(String, Vec<u8>)]) -> Result<(
     match failure {
         None => {
             state.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
-            Ok(())
+            for r in refused.iter().flatten() {
+                tracing::warn!(reason = %r.reason, "the Kafka cluster refused an event");
+            }
+            Ok(refused)
         }
         Some(reason) => {
             tracing::warn!(events = n, %reason, "batch not acknowledged; answering 503");
-            state.producer.reset_after_failure();
+            state.producer.reset_after_failure(&state.metrics.producer_replacements);
             Err(retry_after(
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -571,8 +752,13 @@ async fn get_route(
                 );
             }
         };
-        if q.user_id.trim().is_empty() || q.user_id.len() > state.limits.max_id_chars {
-            return error_body(StatusCode::BAD_REQUEST, "invalid_query", "user_id must be 1 to 256 characters");
+        // Characters, not bytes: the same rule as `user_id` in events.
+        if q.user_id.trim().is_empty() || q.user_id.chars().count() > state.limits.max_id_chars {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("user_id must be 1 to {} characters", state.limits.max_id_chars),
+            );
         }
         let pseudonym = state.pseudonymizer.pseudonymize(tenant, &q.user_id);
         let base_model = q.base_model.as_deref().unwrap_or(&state.base_model);
@@ -675,7 +861,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     producer_config
         .set("message.timeout.ms", config.produce_timeout_ms.to_string())
         .set("queue.buffering.max.messages", config.max_in_flight_events.max(1000).to_string());
+    let max_event_bytes = max_event_bytes(&producer_config)?;
     let producer = ProducerSlot::new(producer_config)?;
+    if !(1..=100_000).contains(&config.max_connections) {
+        return Err(CollectorError::Config(format!(
+            "--max-connections {} must be between 1 and 100000",
+            config.max_connections
+        )));
+    }
+    if config.header_read_timeout_ms == 0 || config.body_read_timeout_ms == 0 {
+        return Err(CollectorError::Config("header and body read timeouts must be at least 1 ms".into()));
+    }
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -693,10 +889,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         max_in_flight: config.max_in_flight_events,
         max_body_bytes: config.max_body_bytes,
         max_batch_events: config.max_batch_events,
+        max_event_bytes,
+        body_read_timeout: Duration::from_millis(config.body_read_timeout_ms),
         produce_timeout: Duration::from_millis(config.produce_timeout_ms),
         registry: view.clone(),
         base_model: config.base_model.clone().into(),
-        metrics,
+        metrics: metrics.clone(),
     };
 
     let mut tasks: JoinSet<Result<(), CollectorError>> = JoinSet::new();
@@ -713,12 +911,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .route("/v1/route", get(get_route))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state);
-    let api_shutdown = shutdown.clone();
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+    };
+    let (connections, api_shutdown) = (metrics.connections.clone(), shutdown.clone());
     tasks.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await
-            .map_err(|e| CollectorError::Core(flywheel_core::Error::io("serving API", e)))
+        serve::serve(listener, app, limits, connections, api_shutdown).await;
+        Ok(())
     });
 
     // Readiness of the broker: metadata answers within a few seconds.
@@ -748,7 +948,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             .unwrap_or(Ok(()))
     });
 
-    tracing::info!(%api_addr, ops_addr = %ops.local_addr, topic = %topics.name(Topic::Interactions), "collector started");
+    tracing::info!(
+        %api_addr,
+        ops_addr = %ops.local_addr,
+        topic = %topics.name(Topic::Interactions),
+        max_event_bytes,
+        "collector started"
+    );
     Ok(Running {
         api_addr,
         ops_addr: ops.local_addr,
@@ -762,4 +968,95 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 /// Runs the collector until `shutdown` is cancelled, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CollectorError> {
     start(config, shutdown).await?.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body that yields `chunk` once, then either stalls forever or fails.
+    struct TestBody {
+        chunk: Option<Bytes>,
+        fail: bool,
+    }
+
+    impl hyper::body::Body for TestBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+            if let Some(chunk) = self.chunk.take() {
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))));
+            }
+            if self.fail {
+                return Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short"))));
+            }
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_within_their_limit_and_deadline() {
+        let deadline = Duration::from_secs(5);
+        assert_eq!(read_body(Body::from(vec![7u8; 11]), 11, deadline).await.unwrap().len(), 11);
+        assert_eq!(read_body(Body::from(vec![7u8; 11]), 10, deadline).await, Err(BodyError::TooLarge));
+        // A truncated or badly encoded body is the client's error (400), not "too large".
+        let broken = Body::new(TestBody { chunk: Some(Bytes::from_static(b"[{")), fail: true });
+        match read_body(broken, 100, deadline).await {
+            Err(BodyError::Broken(e)) => assert!(e.contains("cut short"), "{e}"),
+            other => panic!("expected a broken body, got {other:?}"),
+        }
+        // A stalled body ends at the deadline, not before, and never hangs.
+        let started = Instant::now();
+        let stalled = Body::new(TestBody { chunk: Some(Bytes::from_static(b"[")), fail: false });
+        let limit = Duration::from_millis(200);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), read_body(stalled, 100, limit)).await;
+        assert_eq!(outcome.expect("the deadline ends the read"), Err(BodyError::Timeout));
+        assert!(started.elapsed() >= limit);
+    }
+
+    #[test]
+    fn record_size_is_checked_against_the_producer_limit() {
+        let mut config = rdkafka::ClientConfig::new();
+        assert_eq!(max_event_bytes(&config).unwrap(), 1_000_000 - RECORD_OVERHEAD_BYTES);
+        config.set("message.max.bytes", "200000");
+        let max = max_event_bytes(&config).unwrap();
+        assert_eq!(max, 199_964);
+        assert!(check_record_size(10, max - 10, max).is_ok());
+        let r = check_record_size(10, max - 9, max).unwrap_err();
+        assert_eq!(r.code, "event_too_large");
+        assert!(r.reason.contains("199965 bytes") && r.reason.contains("199964"), "{}", r.reason);
+        assert!(REJECTION_CODES.contains(&r.code));
+        config.set("message.max.bytes", "lots");
+        assert!(max_event_bytes(&config).is_err());
+        config.set("message.max.bytes", "100");
+        assert!(max_event_bytes(&config).is_err());
+    }
+
+    #[test]
+    fn only_size_refusals_are_per_record_errors() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidMessageSize,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+        ] {
+            let r = record_refusal(&KafkaError::MessageProduction(code), 1234).expect("per record");
+            assert_eq!(r.code, "event_too_large");
+            assert!(r.reason.contains("1234-byte"), "{}", r.reason);
+        }
+        // Outages and back-pressure concern the broker, not the record: 503 and a fresh producer.
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            assert!(record_refusal(&KafkaError::MessageProduction(code), 1).is_none(), "{code:?}");
+        }
+        assert!(record_refusal(&KafkaError::Canceled, 1).is_none());
+    }
 }

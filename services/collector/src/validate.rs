@@ -1,10 +1,16 @@
 //! Turning one JSON event of a batch into an [`Interaction`], or a rejection
 //! with a machine-readable code and a reason a client developer can act on.
+//!
+//! Unknown fields are rejected wherever they appear, at the top level and
+//! inside the payload (`invalid_event`, naming the field): a misspelt
+//! optional field would otherwise be dropped without a trace.
 
 use std::collections::BTreeMap;
 
 use flywheel_core::records::{EpochMillis, Interaction, InteractionPayload};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Limits on what one event may contain.
 #[derive(Debug, Clone)]
@@ -54,8 +60,9 @@ pub struct IncomingEvent {
     pub session_id: Option<String>,
     /// Suggestion the event is about.
     pub suggestion_id: String,
-    /// What happened.
-    pub payload: InteractionPayload,
+    /// What happened, as sent: parsed into an [`InteractionPayload`] by
+    /// [`parse_payload`], which also refuses fields the payload kind lacks.
+    pub payload: Box<RawValue>,
     /// Free-form attributes.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -90,7 +97,38 @@ pub const REJECTION_CODES: &[&str] = &[
     "too_many_attributes",
     "invalid_value",
     "duplicate_in_batch",
+    "event_too_large",
 ];
+
+/// Parses a payload (`{"<kind>": {...}}`), refusing fields its kind does not
+/// have: the same rule as for unknown top-level fields.
+pub fn parse_payload(raw: &RawValue) -> Result<InteractionPayload, Rejection> {
+    let invalid = |e: serde_json::Error| Rejection::new("invalid_event", format!("payload: {e}"));
+    let payload: InteractionPayload = serde_json::from_str(raw.get()).map_err(invalid)?;
+    let sent: BTreeMap<String, BTreeMap<String, IgnoredAny>> = serde_json::from_str(raw.get()).map_err(|_| {
+        Rejection::new("invalid_event", format!("payload.{} must be a JSON object of fields", payload.kind()))
+    })?;
+    // Every field of the kind, from its serialized form (optional ones appear as null).
+    let known = serde_json::to_value(&payload).map_err(invalid)?;
+    let known = known.get(payload.kind()).and_then(serde_json::Value::as_object);
+    for (kind, fields) in &sent {
+        for field in fields.keys() {
+            if !known.is_some_and(|k| k.contains_key(field)) {
+                let expected: Vec<String> =
+                    known.map(|k| k.keys().map(|f| format!("`{f}`")).collect()).unwrap_or_default();
+                return Err(Rejection::new(
+                    "invalid_event",
+                    format!(
+                        "payload.{kind}: unknown field `{field}`, expected one of {}; unknown fields are rejected so \
+                         a misspelt field never loses data",
+                        expected.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(payload)
+}
 
 fn check_id(field: &str, value: &str, limits: &Limits) -> Result<(), Rejection> {
     if value.trim().is_empty() {
@@ -197,6 +235,8 @@ fn check_payload(payload: &InteractionPayload, limits: &Limits) -> Result<(), Re
 /// The user id is left raw; the caller pseudonymises it.
 pub fn validate(raw: &str, tenant: &str, now: EpochMillis, limits: &Limits) -> Result<Interaction, Rejection> {
     let event: IncomingEvent = serde_json::from_str(raw).map_err(|e| Rejection::new("invalid_event", e.to_string()))?;
+    // Before any other check, as when the payload was part of the event's type.
+    let payload = parse_payload(&event.payload)?;
     let parsed = uuid::Uuid::parse_str(&event.event_id)
         .map_err(|e| Rejection::new("invalid_event_id", format!("event_id '{}' is not a UUID: {e}", event.event_id)))?;
     if parsed.hyphenated().to_string() != event.event_id.to_ascii_lowercase() {
@@ -239,7 +279,7 @@ pub fn validate(raw: &str, tenant: &str, now: EpochMillis, limits: &Limits) -> R
         check_id("attribute name", k, limits)?;
         check_text(&format!("attributes.{k}"), v, limits)?;
     }
-    check_payload(&event.payload, limits)?;
+    check_payload(&payload, limits)?;
     Ok(Interaction {
         event_id: event.event_id.to_ascii_lowercase(),
         event_time: event.event_time,
@@ -248,7 +288,7 @@ pub fn validate(raw: &str, tenant: &str, now: EpochMillis, limits: &Limits) -> R
         user_id: event.user_id,
         session_id: event.session_id,
         suggestion_id: event.suggestion_id,
-        payload: event.payload,
+        payload,
         attributes: event.attributes,
     })
 }
@@ -322,6 +362,69 @@ mod tests {
         assert_eq!(check(&e, "acme", &limits).unwrap_err().code, "field_too_long");
         for c in ["tenant_mismatch", "event_time_out_of_range", "invalid_event_id", "invalid_event", "invalid_value"] {
             assert!(REJECTION_CODES.contains(&c));
+        }
+    }
+
+    fn shown() -> serde_json::Value {
+        let mut e = event();
+        e["payload"] = json!({"shown": {
+            "model_id": "m", "surface": "chat", "prompt": "p", "completion": "c", "latency_ms": 5
+        }});
+        e
+    }
+
+    #[test]
+    fn unknown_payload_fields_are_rejected_like_unknown_top_level_fields() {
+        // A misspelt optional field would otherwise vanish: rejected, naming it.
+        let mut e = shown();
+        e["payload"]["shown"]["behaviour_logprob"] = json!(-0.5);
+        let r = check(&e, "acme", &Limits::default()).unwrap_err();
+        assert_eq!(r.code, "invalid_event");
+        assert!(r.reason.contains("payload.shown: unknown field `behaviour_logprob`"), "{}", r.reason);
+        assert!(r.reason.contains("`behavior_logprob`"), "the known fields are listed: {}", r.reason);
+        let mut e = event();
+        e["payload"] = json!({"accepted": {"time_to_accept_ms": 5, "extra": true}});
+        assert!(check(&e, "acme", &Limits::default()).unwrap_err().reason.contains("`extra`"));
+        // The top level follows the same rule.
+        let mut e = shown();
+        e["sesion_id"] = json!("s");
+        let r = check(&e, "acme", &Limits::default()).unwrap_err();
+        assert_eq!(r.code, "invalid_event");
+        assert!(r.reason.contains("unknown field `sesion_id`"), "{}", r.reason);
+        // Known optional fields may be absent or null; every kind's fields are known.
+        let mut e = shown();
+        e["payload"]["shown"]["adapter_version"] = json!(null);
+        e["payload"]["shown"]["behavior_logprob"] = json!(-0.5);
+        assert!(check(&e, "acme", &Limits::default()).is_ok());
+        for payload in [
+            json!({"rejected": {}}),
+            json!({"rejected": {"reason": "esc"}}),
+            json!({"dismissed": {"reason": null}}),
+            json!({"edited": {"final_text": "x", "edit_distance": 1}}),
+            json!({"follow_up": {"action": "COPY", "detail": "d"}}),
+            json!({"task_completed": {"duration_ms": 1, "success": true}}),
+        ] {
+            let mut e = event();
+            e["payload"] = payload.clone();
+            assert!(check(&e, "acme", &Limits::default()).is_ok(), "{payload}");
+        }
+        // A payload in array form is not the documented JSON form.
+        let mut e = event();
+        e["payload"] = json!({"accepted": [5]});
+        assert_eq!(code(e), "invalid_event");
+    }
+
+    #[test]
+    fn doubles_are_parsed_exactly() {
+        // serde_json without `float_roundtrip` reads this one ULP off.
+        let text = "-1.1031496661141227";
+        let exact: f64 = text.parse().unwrap();
+        let raw =
+            shown().to_string().replace("\"latency_ms\":5", &format!("\"latency_ms\":5,\"behavior_logprob\":{text}"));
+        let i = validate(&raw, "acme", NOW, &Limits::default()).unwrap();
+        match i.payload {
+            InteractionPayload::Shown(s) => assert_eq!(s.behavior_logprob.map(f64::to_bits), Some(exact.to_bits())),
+            other => panic!("expected shown, got {other:?}"),
         }
     }
 }

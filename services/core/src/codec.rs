@@ -1,10 +1,19 @@
 //! Avro single-object codec for every Flywheel record.
 //!
 //! Wire format (Avro spec, "single object encoding"): `C3 01`, the 8-byte
-//! CRC-64-AVRO (Rabin) fingerprint of the writer schema's canonical form, then
-//! the Avro binary datum. Every record is therefore self-describing without a
-//! registry server: the decoder finds the writer schema by fingerprint among
-//! every schema version the repository has ever shipped (`schemas/history/`).
+//! little-endian CRC-64-AVRO (Rabin) fingerprint of the writer schema's
+//! Parsing Canonical Form, then the Avro binary datum. Every record is
+//! therefore self-describing without a registry server: the decoder finds the
+//! writer schema by fingerprint among every schema version the repository has
+//! ever shipped (`schemas/history/`).
+//!
+//! The canonical form is computed here, as the specification defines it
+//! ([`parsing_canonical_form`]): apache-avro 0.22's own form keeps
+//! `{"type":"long"}` for a field with a logical type where the specification
+//! (and fastavro, and the Java library) has `"long"`, so its fingerprints are
+//! foreign to every other Avro implementation. Releases before this fix wrote
+//! that library fingerprint ([`legacy_fingerprint`]); records carrying it stay
+//! readable, since every schema version is registered under both.
 //!
 //! Schema resolution: the Rust type is the reader. The datum is decoded with
 //! its writer schema straight into the type through serde; fields an older
@@ -185,6 +194,8 @@ macro_rules! with_record_type {
 struct WriterEntry {
     kind: RecordKind,
     version: usize,
+    /// The specification's fingerprint of this schema (what this codec writes).
+    fingerprint: [u8; 8],
     reader: GenericDatumReader<'static>,
 }
 
@@ -197,7 +208,11 @@ struct KindEntry {
 /// The process-wide catalogue of schemas; build once via [`Codec::global`].
 pub struct Codec {
     kinds: HashMap<RecordKind, KindEntry>,
-    writers: HashMap<[u8; 8], WriterEntry>,
+    /// Every known writer schema.
+    writers: Vec<WriterEntry>,
+    /// Index into `writers` by fingerprint: each schema is there under the
+    /// specification's fingerprint and under its legacy one.
+    by_fingerprint: HashMap<[u8; 8], usize>,
 }
 
 impl std::fmt::Debug for Codec {
@@ -217,27 +232,251 @@ fn leak_schema(text: &str) -> Result<&'static Schema> {
 }
 
 /// Every released schema of `kind` (oldest first, then the current one if it
-/// is not released yet) with the 8-byte fingerprint its records carry, for
-/// other Avro readers (the lake writer's Arrow decoder) to be taught the
-/// exact fingerprints this codec writes.
+/// is not released yet) with each 8-byte fingerprint its records may carry:
+/// the specification's fingerprint, which this codec writes, and, where it
+/// differs, the [`legacy_fingerprint`] earlier releases wrote. For other Avro
+/// readers (the lake writer's Arrow decoder) to be taught every fingerprint
+/// found on the topics.
 pub fn released_schemas(kind: RecordKind) -> Result<Vec<([u8; 8], &'static str)>> {
     let mut out: Vec<([u8; 8], &'static str)> = Vec::new();
     for text in kind.history().iter().chain([&kind.current_schema()]) {
         let schema = Schema::parse_str(text).map_err(|e| Error::Schema(e.to_string()))?;
-        let fingerprint: [u8; 8] = header_of(&schema)[2..].try_into().expect("8 bytes");
-        if !out.iter().any(|(f, _)| *f == fingerprint) {
-            out.push((fingerprint, text));
+        for fingerprint in [fingerprint_of_text(text)?, legacy_fingerprint(&schema)] {
+            if !out.iter().any(|(f, _)| *f == fingerprint) {
+                out.push((fingerprint, text));
+            }
         }
     }
     Ok(out)
 }
 
-/// The single-object header (magic + fingerprint) of a schema.
+/// The single-object header (magic + the specification's fingerprint) of a schema.
 pub fn header_of(schema: &Schema) -> [u8; HEADER_LEN] {
-    let header = RabinFingerprintHeader::from_schema(schema).build_header();
+    let json = serde_json::to_value(schema).expect("an apache-avro schema serializes to JSON");
+    let canonical = canonical_form_of_value(&json).expect("a parsed schema has a canonical form");
+    header_with(crc64_avro(canonical.as_bytes()))
+}
+
+fn header_with(fingerprint: [u8; 8]) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
-    out.copy_from_slice(&header);
+    out[..2].copy_from_slice(&MAGIC);
+    out[2..].copy_from_slice(&fingerprint);
     out
+}
+
+/// The specification's fingerprint of a schema given as JSON text: the
+/// CRC-64-AVRO of its Parsing Canonical Form, in header (little-endian) order.
+pub fn fingerprint_of_text(schema_json: &str) -> Result<[u8; 8]> {
+    Ok(crc64_avro(parsing_canonical_form(schema_json)?.as_bytes()))
+}
+
+/// The fingerprint releases before the canonical-form fix wrote: apache-avro
+/// 0.22's Rabin fingerprint of its own canonical form, which keeps
+/// `{"type":"long"}` where the specification has `"long"`. Only read, never
+/// written.
+pub fn legacy_fingerprint(schema: &Schema) -> [u8; 8] {
+    let header = RabinFingerprintHeader::from_schema(schema).build_header();
+    header[2..HEADER_LEN].try_into().expect("a 10-byte header")
+}
+
+/// CRC-64-AVRO ("Rabin") of `bytes` as the specification defines it, as the
+/// 8 bytes of the little-endian value (the order single-object headers use).
+pub fn crc64_avro(bytes: &[u8]) -> [u8; 8] {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    static TABLE: LazyLock<[u64; 256]> = LazyLock::new(|| {
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+            }
+            *slot = fp;
+        }
+        table
+    });
+    let mut fp = EMPTY;
+    for &b in bytes {
+        fp = (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize];
+    }
+    fp.to_le_bytes()
+}
+
+/// The Parsing Canonical Form of a schema given as JSON text, as the Avro
+/// specification defines it: primitives in their simple form (so a logical
+/// type such as `{"type":"long","logicalType":"timestamp-millis"}` becomes
+/// `"long"`), full names, only `name`, `type`, `fields`, `symbols`, `items`,
+/// `values` and `size` kept, in that order, and no whitespace.
+pub fn parsing_canonical_form(schema_json: &str) -> Result<String> {
+    let json: serde_json::Value =
+        serde_json::from_str(schema_json).map_err(|e| Error::Schema(format!("schema is not JSON: {e}")))?;
+    canonical_form_of_value(&json)
+}
+
+fn canonical_form_of_value(json: &serde_json::Value) -> Result<String> {
+    let mut canonical = Canonicalizer { out: String::new(), defined: Vec::new() };
+    canonical.node(json, "")?;
+    Ok(canonical.out)
+}
+
+const PRIMITIVES: [&str; 8] = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"];
+
+/// Writes the Parsing Canonical Form of a schema tree.
+struct Canonicalizer {
+    out: String,
+    /// Full names of the named types defined so far, to resolve references.
+    defined: Vec<String>,
+}
+
+impl Canonicalizer {
+    fn string(&mut self, s: &str) {
+        self.out.push_str(&serde_json::Value::from(s).to_string());
+    }
+
+    /// A name's full name within `namespace` ([FULLNAMES]).
+    fn full_name(name: &str, namespace: &str) -> String {
+        if name.contains('.') || namespace.is_empty() { name.to_string() } else { format!("{namespace}.{name}") }
+    }
+
+    /// A reference to a named type: the full name it was defined under.
+    fn reference(&mut self, name: &str, namespace: &str) -> Result<()> {
+        let qualified = Self::full_name(name, namespace);
+        let resolved = if self.defined.contains(&qualified) {
+            qualified
+        } else if self.defined.iter().any(|d| d == name) {
+            name.to_string()
+        } else {
+            return Err(Error::Schema(format!("reference to undefined type '{name}'")));
+        };
+        self.string(&resolved);
+        Ok(())
+    }
+
+    /// Defines a named type; returns its full name and the namespace its
+    /// members are resolved in.
+    fn define(
+        &mut self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        namespace: &str,
+    ) -> Result<(String, String)> {
+        let name = obj
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| Error::Schema("named type without a name".into()))?;
+        let ns = match obj.get("namespace").and_then(|n| n.as_str()) {
+            Some(explicit) if !name.contains('.') => explicit,
+            _ => namespace,
+        };
+        let full = Self::full_name(name, ns);
+        let inner_ns = full.rsplit_once('.').map(|(ns, _)| ns.to_string()).unwrap_or_default();
+        self.defined.push(full.clone());
+        Ok((full, inner_ns))
+    }
+
+    fn node(&mut self, node: &serde_json::Value, namespace: &str) -> Result<()> {
+        use serde_json::Value;
+        match node {
+            Value::String(s) if PRIMITIVES.contains(&s.as_str()) => self.string(s),
+            Value::String(s) => self.reference(s, namespace)?,
+            Value::Array(branches) => {
+                self.out.push('[');
+                for (i, branch) in branches.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(',');
+                    }
+                    self.node(branch, namespace)?;
+                }
+                self.out.push(']');
+            }
+            Value::Object(obj) => {
+                let Some(ty) = obj.get("type") else {
+                    return Err(Error::Schema(format!("schema without a type: {node}")));
+                };
+                let Value::String(ty) = ty else {
+                    // {"type": {...}} or {"type": [...]}: the wrapper adds nothing.
+                    return self.node(ty, namespace);
+                };
+                match ty.as_str() {
+                    "record" | "error" => {
+                        let (full, inner) = self.define(obj, namespace)?;
+                        self.out.push_str("{\"name\":");
+                        self.string(&full);
+                        // An error is a record to the canonical form (as in Java and fastavro).
+                        self.out.push_str(",\"type\":\"record\",\"fields\":[");
+                        let fields = obj
+                            .get("fields")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| Error::Schema(format!("record {full} has no fields array")))?;
+                        for (i, field) in fields.iter().enumerate() {
+                            if i > 0 {
+                                self.out.push(',');
+                            }
+                            let name = field
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| Error::Schema(format!("a field of {full} has no name")))?;
+                            let ty = field
+                                .get("type")
+                                .ok_or_else(|| Error::Schema(format!("field {full}.{name} has no type")))?;
+                            self.out.push_str("{\"name\":");
+                            self.string(name);
+                            self.out.push_str(",\"type\":");
+                            self.node(ty, &inner)?;
+                            self.out.push('}');
+                        }
+                        self.out.push_str("]}");
+                    }
+                    "enum" => {
+                        let (full, _) = self.define(obj, namespace)?;
+                        self.out.push_str("{\"name\":");
+                        self.string(&full);
+                        self.out.push_str(",\"type\":\"enum\",\"symbols\":[");
+                        let symbols = obj
+                            .get("symbols")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| Error::Schema(format!("enum {full} has no symbols array")))?;
+                        for (i, symbol) in symbols.iter().enumerate() {
+                            if i > 0 {
+                                self.out.push(',');
+                            }
+                            let symbol = symbol
+                                .as_str()
+                                .ok_or_else(|| Error::Schema(format!("enum {full}: a symbol is not a string")))?;
+                            self.string(symbol);
+                        }
+                        self.out.push_str("]}");
+                    }
+                    "fixed" => {
+                        let (full, _) = self.define(obj, namespace)?;
+                        let size = obj
+                            .get("size")
+                            .and_then(Value::as_u64)
+                            .ok_or_else(|| Error::Schema(format!("fixed {full} has no integer size")))?;
+                        self.out.push_str("{\"name\":");
+                        self.string(&full);
+                        self.out.push_str(&format!(",\"type\":\"fixed\",\"size\":{size}}}"));
+                    }
+                    "array" => {
+                        let items = obj.get("items").ok_or_else(|| Error::Schema("array without items".into()))?;
+                        self.out.push_str("{\"type\":\"array\",\"items\":");
+                        self.node(items, namespace)?;
+                        self.out.push('}');
+                    }
+                    "map" => {
+                        let values = obj.get("values").ok_or_else(|| Error::Schema("map without values".into()))?;
+                        self.out.push_str("{\"type\":\"map\",\"values\":");
+                        self.node(values, namespace)?;
+                        self.out.push('}');
+                    }
+                    // A primitive in object form, with or without a logical type ([PRIMITIVES], [STRIP]).
+                    primitive if PRIMITIVES.contains(&primitive) => self.string(primitive),
+                    // {"type": "SomeNamedType"}
+                    other => self.reference(other, namespace)?,
+                }
+            }
+            other => return Err(Error::Schema(format!("not a schema: {other}"))),
+        }
+        Ok(())
+    }
 }
 
 impl Codec {
@@ -251,10 +490,10 @@ impl Codec {
     /// codec extra writer schemas ([`Codec::register_writer`]).
     pub fn new() -> Result<Codec> {
         apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
-        let mut codec = Codec { kinds: HashMap::new(), writers: HashMap::new() };
+        let mut codec = Codec { kinds: HashMap::new(), writers: Vec::new(), by_fingerprint: HashMap::new() };
         for kind in RecordKind::ALL {
             let current = leak_schema(kind.current_schema())?;
-            let header = header_of(current);
+            let header = header_with(fingerprint_of_text(kind.current_schema())?);
             let writer = GenericDatumWriter::builder(current).build().map_err(|e| Error::Schema(e.to_string()))?;
             codec.kinds.insert(kind, KindEntry { header, writer, schema: current });
             // The current schema is readable even before it is recorded in the
@@ -266,20 +505,27 @@ impl Codec {
         Ok(codec)
     }
 
-    /// Makes data written with `schema_text` decodable as `kind`. The schema
-    /// must be an allowed evolution of the current one, in either direction
-    /// (see [`check_evolution`]); registering a known schema is a no-op.
+    /// Makes data written with `schema_text` decodable as `kind`, under the
+    /// specification's fingerprint and the [`legacy_fingerprint`] earlier
+    /// releases wrote. The schema must be an allowed evolution of the current
+    /// one, in either direction (see [`check_evolution`]); registering a known
+    /// schema is a no-op.
     pub fn register_writer(&mut self, kind: RecordKind, schema_text: &str) -> Result<()> {
-        let writer_schema = leak_schema(schema_text)?;
-        let fingerprint: [u8; 8] = header_of(writer_schema)[2..].try_into().expect("8 bytes");
-        if self.writers.contains_key(&fingerprint) {
+        let fingerprint = fingerprint_of_text(schema_text)?;
+        if self.by_fingerprint.contains_key(&fingerprint) {
             return Ok(());
         }
-        let version = self.writers.values().filter(|w| w.kind == kind).count() + 1;
+        let writer_schema = leak_schema(schema_text)?;
+        let legacy = legacy_fingerprint(writer_schema);
+        let version = self.writers.iter().filter(|w| w.kind == kind).count() + 1;
         let reader = GenericDatumReader::builder(writer_schema)
             .build()
             .map_err(|e| Error::Schema(format!("{kind} v{version}: {e}")))?;
-        self.writers.insert(fingerprint, WriterEntry { kind, version, reader });
+        let index = self.writers.len();
+        self.writers.push(WriterEntry { kind, version, fingerprint, reader });
+        self.by_fingerprint.insert(fingerprint, index);
+        // A legacy fingerprint never displaces a schema known by its own.
+        self.by_fingerprint.entry(legacy).or_insert(index);
         Ok(())
     }
 
@@ -313,6 +559,16 @@ impl Codec {
         Ok((entry.kind, entry.version))
     }
 
+    /// The specification's fingerprint of the schema that wrote `bytes`,
+    /// whichever of its fingerprints the header carries. For readers that
+    /// key writer schemas by fingerprint and must see one fingerprint per
+    /// schema: arrow-avro's decoder flushes its batch at every fingerprint
+    /// change, so a record with a legacy header among current ones is best
+    /// given the current header first.
+    pub fn spec_fingerprint(&self, bytes: &[u8]) -> Result<[u8; 8]> {
+        Ok(self.writer_entry(bytes)?.fingerprint)
+    }
+
     fn writer_entry(&self, bytes: &[u8]) -> Result<&WriterEntry> {
         if bytes.len() < HEADER_LEN {
             return Err(Error::Truncated { len: bytes.len() });
@@ -321,7 +577,10 @@ impl Codec {
             return Err(Error::BadMagic { found: [bytes[0], bytes[1]] });
         }
         let fingerprint: [u8; 8] = bytes[2..HEADER_LEN].try_into().expect("8 bytes");
-        self.writers.get(&fingerprint).ok_or(Error::UnknownFingerprint { fingerprint: u64::from_le_bytes(fingerprint) })
+        self.by_fingerprint
+            .get(&fingerprint)
+            .map(|&i| &self.writers[i])
+            .ok_or(Error::UnknownFingerprint { fingerprint: u64::from_le_bytes(fingerprint) })
     }
 
     /// Decodes a single object into `R`, resolving an older (or newer but
