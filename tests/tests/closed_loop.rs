@@ -21,6 +21,7 @@ use flywheel_core::records::{
 use flywheel_core::topics::Topic;
 use flywheel_gate::sequential::{Moments, msprt};
 use flywheel_tests::{flywheel_up, read_all, test_topics, wait_until};
+use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::backend::{Backend, CpuBackend};
 use flywheel_trainer::job::{examples_of, train_steps};
 use flywheel_trainer::lora::LoraAdapter;
@@ -146,7 +147,7 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     };
     let live = tokio::task::block_in_place(|| wait_until(420, settled));
     let adapter = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
-    let mut backend = CpuBackend::new(model.clone(), adapter, 0.0);
+    let mut backend = CpuBackend::new(&model, PrecisionChoice::F32, adapter, 0.0).unwrap();
     let mut objective = request.objective.clone(); // the demo's REINFORCE settings
     objective.max_steps = 40;
     let bad = tokio::task::block_in_place(|| {

@@ -409,6 +409,7 @@ pub async fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flywheel_trainer::cpu::gemm::PrecisionChoice;
     use flywheel_trainer::backend::{Backend, CpuBackend};
     use flywheel_trainer::objective::Example;
 
@@ -478,7 +479,8 @@ mod tests {
             1,
         )
         .unwrap();
-        let mut backend = CpuBackend::new(server.model.clone(), lora, objective.weight_decay);
+        let mut backend =
+            CpuBackend::new(&server.model, PrecisionChoice::F32, lora, objective.weight_decay).unwrap();
         flywheel_trainer::job::train_steps(&mut backend, &examples, &objective, &mut |_| {}).unwrap();
         let trained = backend.adapter().unwrap();
         let after = expected_accept(&server, &users, Some(&trained), 300, 1);

@@ -1,13 +1,23 @@
-//! CPU training throughput: tokens per second of one optimiser step
-//! (forward with trace, backward to the LoRA parameters, AdamW) on the tiny
-//! model and on a ~110M-parameter Llama shape. Run with `make bench`.
+//! CPU training throughput: tokens per second of one optimiser step (forward,
+//! backward to the LoRA parameters, clipping, AdamW) with LoRA r=16 alpha=32
+//! on all seven projections and a REINFORCE loss on the completion half of
+//! each sequence; the same shapes, batch and loss as PyTorch + PEFT in
+//! `bench/peft_cpu_bench.py`. Run both side by side with
+//! `bench/run_cpu_bench.sh` (`make bench`).
+//!
+//! Usage: `train_bench SHAPE ENGINE STEPS`, SHAPE = tiny | medium | smollm2,
+//! ENGINE = reference (one sequence at a time, f32) | f32 | bf16 (the batched
+//! engine). Prints one JSON line; peak memory is the process's maximum RSS,
+//! so run one configuration per process.
 
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
 
+use flywheel_trainer::cpu::engine::CpuModel;
+use flywheel_trainer::cpu::gemm::{Isa, Precision};
 use flywheel_trainer::lora::LoraAdapter;
-use flywheel_trainer::model::LlamaConfig;
+use flywheel_trainer::model::{LlamaConfig, PROJECTIONS};
 use flywheel_trainer::objective::{Example, Objective, batch_loss_and_grads};
 use flywheel_trainer::optim::{AdamW, clip_grad_norm};
 use flywheel_trainer::tiny::{random_model, tiny_config};
@@ -24,22 +34,74 @@ fn batch(vocab: u32, size: usize, len: usize) -> Vec<Example> {
         .collect()
 }
 
-fn bench(name: &str, config: LlamaConfig, size: usize, len: usize, steps: usize) {
-    let params = {
-        let (h, i, v, l) = (config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers);
-        let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
-        2 * v * h + l * (h * q + 2 * h * kv + q * h + 3 * h * i)
+fn llama(hidden: usize, ffn: usize, layers: usize, heads: usize, kv: usize, vocab: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        model_type: "llama".into(),
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv),
+        head_dim: Some(hidden / heads),
+        vocab_size: vocab,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        rope_scaling: None,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 2048,
+    }
+}
+
+/// Useful multiply-adds ×2 per token of a LoRA step on a frozen base: the
+/// forward and input-gradient products of every projection, and the LM
+/// head's on the completion positions (the same count as the Python bench).
+fn matmul_flops_per_token(c: &LlamaConfig, completion_share: f64) -> f64 {
+    let (h, i, l, v) = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size);
+    let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+    let per_layer = h * q * 2 + h * kv * 2 + 3 * h * i;
+    4.0 * (l * per_layer) as f64 + 4.0 * (h * v) as f64 * completion_share
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let shape = args.get(1).map_or("smollm2", String::as_str);
+    let engine = args.get(2).map_or("bf16", String::as_str);
+    let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let (config, size, len) = match shape {
+        "tiny" => (tiny_config(), 16, 64),
+        "medium" => (llama(768, 2048, 12, 12, 4, 32_000, false), 2, 128),
+        "smollm2" => (llama(576, 1536, 30, 9, 3, 49_152, true), 4, 128),
+        other => panic!("unknown shape {other} (tiny, medium, smollm2)"),
     };
-    let model = random_model(config, false, 1).unwrap();
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let mut lora = LoraAdapter::init(&model.config, 16, 32.0, &targets, 2).unwrap();
+    let model = random_model(config.clone(), false, 1).unwrap();
+    let mut lora = LoraAdapter::init(&model.config, 16, 32.0, &PROJECTIONS, 2).unwrap();
     let data = batch(model.config.vocab_size as u32, size, len);
     let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None };
+    let packed = match engine {
+        "reference" => None,
+        "f32" => Some(CpuModel::new(&model, Precision::F32).unwrap()),
+        "bf16" => Some(CpuModel::new(&model, Precision::Bf16).unwrap()),
+        other => panic!("unknown engine {other} (reference, f32, bf16)"),
+    };
+    let model = if packed.is_some() { None } else { Some(model) };
     let mut opt = AdamW::new(0.0);
     let mut rates = Vec::new();
     for step in 0..=steps {
         let started = Instant::now();
-        let (_, mut grads) = batch_loss_and_grads(&model, &lora, &data, &objective).unwrap();
+        let (_, mut grads) = match (&packed, &model) {
+            (Some(p), _) => p.loss_and_grads(&lora, &data, &objective).unwrap(),
+            (None, Some(m)) => batch_loss_and_grads(m, &lora, &data, &objective).unwrap(),
+            (None, None) => unreachable!("one of the two is built"),
+        };
         clip_grad_norm(&mut grads, 1.0);
         opt.update(&mut lora, &grads, 1e-4);
         if step > 0 {
@@ -47,31 +109,14 @@ fn bench(name: &str, config: LlamaConfig, size: usize, len: usize, steps: usize)
         }
     }
     rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    let gflops = matmul_flops_per_token(&config, 0.5) * median / 1e9;
     println!(
-        "  {name:<34} {:>5.1} M params, batch {size} x {len} tokens, LoRA r=16 on all 7 projections: {:>9.0} tokens/s (median of {steps})",
-        params as f64 / 1e6,
-        rates[rates.len() / 2]
+        "{{\"impl\": \"flywheel\", \"variant\": \"{engine}\", \"shape\": \"{shape}\", \"batch\": {size}, \"seq\": {len}, \
+         \"threads\": {}, \"isa\": \"{:?}\", \"tokens_per_s\": {median:.1}, \"gflops\": {gflops:.1}, \
+         \"peak_rss_mib\": {:.1}, \"steps\": {steps}}}",
+        rayon::current_num_threads(),
+        Isa::detect(),
+        peak_rss_mib()
     );
-}
-
-fn main() {
-    let threads = std::env::var("MATMUL_NUM_THREADS").unwrap_or_else(|_| "default".into());
-    println!("train_bench: CPU reference path, one process, matrixmultiply threads: {threads}");
-    bench("tiny (2 x 64, 4/2 heads)", tiny_config(), 16, 64, 5);
-    let medium = LlamaConfig {
-        model_type: "llama".into(),
-        hidden_size: 768,
-        intermediate_size: 2048,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_key_value_heads: Some(4),
-        head_dim: None,
-        vocab_size: 32_000,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        tie_word_embeddings: false,
-        max_position_embeddings: 2048,
-    };
-    bench("~110M Llama shape (12 x 768, 12/4 heads)", medium, 2, 128, 3);
 }

@@ -1,15 +1,19 @@
 //! Where training runs. A [`Backend`] holds the frozen base model, the
 //! adapter being trained and its optimiser state, so a device backend keeps
-//! all three resident and only the batch crosses the bus. [`CpuBackend`] is
-//! the reference every other backend is checked against.
-
-use std::sync::Arc;
+//! all three resident and only the batch crosses the bus. [`CpuBackend`]
+//! runs the batched CPU engine ([`crate::cpu`]), itself checked against the
+//! one-sequence f32 reference ([`crate::grad`]).
 
 use crate::TrainerError;
+use crate::cpu::engine::CpuModel;
+use crate::cpu::gemm::{Precision, PrecisionChoice};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
-use crate::objective::{Example, Objective, batch_loss_and_grads, completion_logprob};
+use crate::objective::{Example, Objective};
 use crate::optim::{AdamW, clip_grad_norm};
+
+/// Tokens per forward pass when evaluating (bounds the activations held).
+const EVAL_ROWS: usize = 4096;
 
 /// Which backend a job runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -62,24 +66,45 @@ pub trait Backend: Send {
     fn adapter(&self) -> Result<LoraAdapter, TrainerError>;
 }
 
-/// The CPU reference backend.
+/// The CPU backend: the base packed once for the batched engine.
 #[derive(Debug)]
 pub struct CpuBackend {
-    model: Arc<Model>,
+    model: CpuModel,
     lora: LoraAdapter,
     optimizer: AdamW,
 }
 
 impl CpuBackend {
-    /// Trains `lora` on `model` with AdamW (`weight_decay`).
-    pub fn new(model: Arc<Model>, lora: LoraAdapter, weight_decay: f64) -> CpuBackend {
+    /// Trains `lora` on `model` (packed in `precision`) with AdamW
+    /// (`weight_decay`). The backend keeps its own packed copy: the caller
+    /// may drop `model`.
+    pub fn new(
+        model: &Model,
+        precision: PrecisionChoice,
+        lora: LoraAdapter,
+        weight_decay: f64,
+    ) -> Result<CpuBackend, TrainerError> {
+        let model = CpuModel::new(model, precision.resolve())?;
+        Ok(CpuBackend { model, lora, optimizer: AdamW::new(weight_decay) })
+    }
+
+    /// A backend over an already packed model.
+    pub fn from_packed(model: CpuModel, lora: LoraAdapter, weight_decay: f64) -> CpuBackend {
         CpuBackend { model, lora, optimizer: AdamW::new(weight_decay) }
+    }
+
+    /// The packed model.
+    pub fn packed(&self) -> &CpuModel {
+        &self.model
     }
 }
 
 impl Backend for CpuBackend {
     fn device(&self) -> &'static str {
-        Device::Cpu.name()
+        match self.model.precision() {
+            Precision::F32 => "cpu",
+            Precision::Bf16 => "cpu-bf16",
+        }
     }
 
     fn train_step(
@@ -88,7 +113,7 @@ impl Backend for CpuBackend {
         objective: &Objective,
         step: StepSettings,
     ) -> Result<f64, TrainerError> {
-        let (loss, mut grads) = batch_loss_and_grads(&self.model, &self.lora, batch, objective)?;
+        let (loss, mut grads) = self.model.loss_and_grads(&self.lora, batch, objective)?;
         clip_grad_norm(&mut grads, step.max_grad_norm);
         self.optimizer.update(&mut self.lora, &grads, step.learning_rate);
         Ok(loss)
@@ -99,7 +124,7 @@ impl Backend for CpuBackend {
         examples: &[Example],
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<f64>, TrainerError> {
-        examples.iter().map(|ex| completion_logprob(&self.model, adapter, ex)).collect()
+        self.model.completion_logprobs(examples, adapter, EVAL_ROWS)
     }
 
     fn adapter(&self) -> Result<LoraAdapter, TrainerError> {
@@ -107,16 +132,17 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The backend for `device`: a clear error when this build or machine
-/// cannot provide it.
+/// The backend for `device` (`precision`: how the CPU stores the base): a
+/// clear error when this build or machine cannot provide it.
 pub fn open_backend(
     device: Device,
-    model: Arc<Model>,
+    model: &Model,
+    precision: PrecisionChoice,
     lora: LoraAdapter,
     weight_decay: f64,
 ) -> Result<Box<dyn Backend>, TrainerError> {
     match device {
-        Device::Cpu => Ok(Box::new(CpuBackend::new(model, lora, weight_decay))),
+        Device::Cpu => Ok(Box::new(CpuBackend::new(model, precision, lora, weight_decay)?)),
         Device::Cuda => Err(TrainerError::Unsupported(
             "--device cuda: the CUDA training step is not built yet (issues 8-9); use --device cpu".into(),
         )),
@@ -129,10 +155,13 @@ mod tests {
 
     #[test]
     fn asking_for_cuda_in_a_build_without_it_is_a_clear_error() {
-        let model = Arc::new(crate::tiny::tiny_model(1).unwrap());
+        let model = crate::tiny::tiny_model(1).unwrap();
         let lora = LoraAdapter::init(&model.config, 2, 4.0, &["q_proj"], 1).unwrap();
-        let e = open_backend(Device::Cuda, model.clone(), lora.clone(), 0.0).err().unwrap().to_string();
+        let f32 = PrecisionChoice::F32;
+        let e = open_backend(Device::Cuda, &model, f32, lora.clone(), 0.0).err().unwrap().to_string();
         assert!(e.contains("--device cuda") && e.contains("--device cpu"), "{e}");
-        assert_eq!(open_backend(Device::Cpu, model, lora, 0.0).unwrap().device(), "cpu");
+        assert_eq!(open_backend(Device::Cpu, &model, f32, lora.clone(), 0.0).unwrap().device(), "cpu");
+        let bf16 = PrecisionChoice::Bf16;
+        assert_eq!(open_backend(Device::Cpu, &model, bf16, lora, 0.0).unwrap().device(), "cpu-bf16");
     }
 }

@@ -1,6 +1,7 @@
 //! The trainer: LoRA post-training of Llama-family models from lake shards.
 //!
 //! - [`backend`]: where training runs (the CPU reference; CUDA beside it);
+//! - [`cpu`]: the batched CPU engine (packed f32/bf16 weights, our GEMM kernels);
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
 //! - [`grad`]: the manual backward pass to the LoRA parameters;
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
@@ -18,6 +19,7 @@
 pub use service::{Config, run};
 
 pub mod backend;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gguf;

@@ -63,7 +63,76 @@ pub fn completion_logprob(model: &Model, lora: Option<&LoraAdapter>, ex: &Exampl
     Ok(completion_logprob_of(&logits, model.config.vocab_size, &ex.tokens, ex.prompt_len))
 }
 
-/// The mean loss of a batch and its gradient with respect to the adapter.
+impl Objective {
+    /// Whether the objective needs `log π_ref` (the base without LoRA).
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            Objective::Kto { .. } => true,
+            Objective::Reinforce { kl_coef, .. } => *kl_coef > 0.0,
+            Objective::Sft => false,
+        }
+    }
+
+    /// Per example of `batch`: its loss and `d loss / d log π`, from the
+    /// policy's and the reference's completion log-probabilities (the
+    /// reference is ignored unless [`Objective::needs_reference`]).
+    pub fn terms(&self, batch: &[Example], policy: &[f64], reference: &[f64]) -> Vec<(f64, f64)> {
+        let n = batch.len() as f64;
+        let mut terms: Vec<(f64, f64)> = Vec::with_capacity(batch.len());
+        match self {
+            Objective::Reinforce { kl_coef, ppo_clip } => {
+                let baseline = batch.iter().map(|e| e.reward).sum::<f64>() / n;
+                for ((ex, lp), lr) in batch.iter().zip(policy).zip(reference) {
+                    let adv = ex.reward - baseline;
+                    let (mut loss, mut dl) = match (ppo_clip, ex.behavior_logprob) {
+                        (Some(eps), Some(behavior)) => {
+                            let ratio = (lp - behavior).exp();
+                            let clipped = ratio.clamp(1.0 - eps, 1.0 + eps);
+                            if ratio * adv <= clipped * adv {
+                                (-ratio * adv, -ratio * adv)
+                            } else {
+                                (-clipped * adv, 0.0) // the clipped branch has no gradient
+                            }
+                        }
+                        _ => (-adv * lp, -adv),
+                    };
+                    if *kl_coef > 0.0 {
+                        loss += kl_coef * (lp - lr);
+                        dl += kl_coef;
+                    }
+                    terms.push((loss, dl));
+                }
+            }
+            Objective::Kto { beta, desirable_weight, undesirable_weight } => {
+                let z0 = (policy.iter().zip(reference).map(|(p, r)| p - r).sum::<f64>() / n).max(0.0);
+                for ((ex, lp), lr) in batch.iter().zip(policy).zip(reference) {
+                    let r = lp - lr;
+                    if ex.accepted {
+                        let s = sigmoid(beta * (r - z0));
+                        terms.push((desirable_weight * (1.0 - s), -desirable_weight * beta * s * (1.0 - s)));
+                    } else {
+                        let s = sigmoid(beta * (z0 - r));
+                        terms.push((undesirable_weight * (1.0 - s), undesirable_weight * beta * s * (1.0 - s)));
+                    }
+                }
+            }
+            Objective::Sft => {
+                let weights: Vec<f64> =
+                    batch.iter().map(|e| if e.accepted { e.reward.max(0.0) } else { 0.0 }).collect();
+                let total = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+                for (w, lp) in weights.iter().zip(policy) {
+                    // Normalised by the batch weight, then times n to undo the mean below.
+                    let w = w / total * n;
+                    terms.push((-w * lp, -w));
+                }
+            }
+        }
+        terms
+    }
+}
+
+/// The mean loss of a batch and its gradient with respect to the adapter
+/// (the reference path: one sequence at a time, f32).
 pub fn batch_loss_and_grads(
     model: &Model,
     lora: &LoraAdapter,
@@ -74,70 +143,17 @@ pub fn batch_loss_and_grads(
         return Err(TrainerError::Format("empty batch".into()));
     }
     let n = batch.len() as f64;
-    let needs_ref = match objective {
-        Objective::Kto { .. } => true,
-        Objective::Reinforce { kl_coef, .. } => *kl_coef > 0.0,
-        Objective::Sft => false,
-    };
     // One traced forward pass per example serves both the loss value and
     // the backward pass.
     let traced: Vec<TracedCompletion> =
         batch.iter().map(|ex| trace_completion(model, lora, &ex.tokens, ex.prompt_len)).collect::<Result<_, _>>()?;
     let policy: Vec<f64> = traced.iter().map(|t| t.logp).collect();
-    let reference: Vec<f64> = if needs_ref {
+    let reference: Vec<f64> = if objective.needs_reference() {
         batch.iter().map(|ex| completion_logprob(model, None, ex)).collect::<Result<_, _>>()?
     } else {
         vec![0.0; batch.len()]
     };
-    // Per example: the loss and d(loss)/d(log π).
-    let mut terms: Vec<(f64, f64)> = Vec::with_capacity(batch.len());
-    match objective {
-        Objective::Reinforce { kl_coef, ppo_clip } => {
-            let baseline = batch.iter().map(|e| e.reward).sum::<f64>() / n;
-            for ((ex, lp), lr) in batch.iter().zip(&policy).zip(&reference) {
-                let adv = ex.reward - baseline;
-                let (mut loss, mut dl) = match (ppo_clip, ex.behavior_logprob) {
-                    (Some(eps), Some(behavior)) => {
-                        let ratio = (lp - behavior).exp();
-                        let clipped = ratio.clamp(1.0 - eps, 1.0 + eps);
-                        if ratio * adv <= clipped * adv {
-                            (-ratio * adv, -ratio * adv)
-                        } else {
-                            (-clipped * adv, 0.0) // the clipped branch has no gradient
-                        }
-                    }
-                    _ => (-adv * lp, -adv),
-                };
-                if *kl_coef > 0.0 {
-                    loss += kl_coef * (lp - lr);
-                    dl += kl_coef;
-                }
-                terms.push((loss, dl));
-            }
-        }
-        Objective::Kto { beta, desirable_weight, undesirable_weight } => {
-            let z0 = (policy.iter().zip(&reference).map(|(p, r)| p - r).sum::<f64>() / n).max(0.0);
-            for ((ex, lp), lr) in batch.iter().zip(&policy).zip(&reference) {
-                let r = lp - lr;
-                if ex.accepted {
-                    let s = sigmoid(beta * (r - z0));
-                    terms.push((desirable_weight * (1.0 - s), -desirable_weight * beta * s * (1.0 - s)));
-                } else {
-                    let s = sigmoid(beta * (z0 - r));
-                    terms.push((undesirable_weight * (1.0 - s), undesirable_weight * beta * s * (1.0 - s)));
-                }
-            }
-        }
-        Objective::Sft => {
-            let weights: Vec<f64> = batch.iter().map(|e| if e.accepted { e.reward.max(0.0) } else { 0.0 }).collect();
-            let total = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-            for (w, lp) in weights.iter().zip(&policy) {
-                // Normalised by the batch weight, then times n to undo the mean below.
-                let w = w / total * n;
-                terms.push((-w * lp, -w));
-            }
-        }
-    }
+    let terms = objective.terms(batch, &policy, &reference);
     let mut grads = LoraGrads::new();
     let mut loss = 0.0;
     for (traced, (l, dl)) in traced.iter().zip(terms) {

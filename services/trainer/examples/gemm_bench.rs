@@ -1,0 +1,38 @@
+//! GFLOP/s of the CPU GEMM kernels at the trainer's shapes (f32 and bf16),
+//! single product, medians of repeated runs. `gemm_bench [M K N]`.
+
+#![allow(clippy::print_stdout)]
+
+use std::time::Instant;
+
+use flywheel_trainer::cpu::gemm::{Isa, MatA, PackedB, Precision, gemm};
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let shapes: Vec<(usize, usize, usize)> = if args.len() == 3 {
+        vec![(args[0], args[1], args[2])]
+    } else {
+        vec![(512, 576, 960), (512, 576, 3072), (512, 1536, 576), (256, 576, 49152), (256, 49152, 576), (512, 960, 576)]
+    };
+    println!("isa {:?}, threads {}", Isa::detect(), rayon::current_num_threads());
+    if let Some((f, b)) = flywheel_trainer::cpu::gemm::kernel_times() {
+        println!("micro-kernels, same work: f32 {:.3} ms, bf16 {:.3} ms", f * 1e3, b * 1e3);
+    }
+    for (m, k, n) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let packed = PackedB::from_rows(&b, k, n, n, precision);
+            let mut c = vec![0.0f32; m * n];
+            let mut times = Vec::new();
+            for _ in 0..7 {
+                let t = Instant::now();
+                gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false);
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            let gflops = 2.0 * (m * k * n) as f64 / times[3] / 1e9;
+            println!("{m:>5} x {k:>5} x {n:>5} {precision:?}: {:>8.3} ms  {gflops:>6.1} GFLOP/s", times[3] * 1e3);
+        }
+    }
+}

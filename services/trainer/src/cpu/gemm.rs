@@ -1,0 +1,880 @@
+//! The CPU trainer's matrix products: `C (+)= A · B` with `A` an f32
+//! activation matrix and `B` packed once (frozen weights) or per call
+//! (adapters, attention), in f32 or in bf16 with f32 sums.
+//!
+//! Why our own kernel: the frozen base is the bulk of the work, and on CPUs
+//! with AVX512_BF16 a bf16 dot product (`vdpbf16ps`: two products and an f32
+//! sum per lane) does twice the work of an f32 FMA per instruction and halves
+//! the bytes read; no well-kept Rust GEMM crate has that kernel. The layout is
+//! the classic one: `B` in panels of [`NR`] columns, `A` packed per call in
+//! blocks of [`MR`] rows, a register-resident `MR × NR` tile of sums.
+//!
+//! Determinism: each element of `C` is summed over `k` in one fixed order by
+//! one thread, whatever the number of threads (work is split over rows or
+//! columns of `C`, never over `k`), so results are bit-identical across
+//! thread counts. They may differ across instruction sets (the portable
+//! kernel is the fallback of machines without AVX-512).
+//!
+//! This is the one module of the trainer that uses `unsafe`: the SIMD
+//! intrinsics and the raw tile pointers of the micro-kernels. Every `unsafe`
+//! block states why it is sound.
+
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Columns of `C` per micro-tile (two 16-lane vectors).
+pub const NR: usize = 32;
+/// Rows of `C` per micro-tile.
+pub const MR: usize = 12;
+/// `k` per cache block, in elements: the `MR`-row sliver of `A` and the
+/// `KC × NR` panel of `B` stay in L1 while a tile is summed.
+const KC: usize = 384;
+/// Products smaller than this many multiply-adds run on one thread.
+const PARALLEL_WORK: usize = 1 << 21;
+
+/// How the frozen weights (and the activations multiplied with them) are
+/// stored: f32, or bf16 with f32 sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere (the reference precision; tests and the tiny model).
+    #[default]
+    F32,
+    /// bf16 weights, activations rounded to bf16 on packing, f32 sums.
+    Bf16,
+}
+
+/// The instruction set the kernels use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F FMA for f32 and AVX512_BF16 dot products for bf16.
+    Avx512Bf16,
+    /// AVX-512F FMA; bf16 products are widened to f32 first.
+    Avx512,
+    /// Plain Rust loops (any CPU).
+    Portable,
+}
+
+impl Isa {
+    /// The best instruction set of this CPU (`FLYWHEEL_GEMM_ISA=portable|avx512`
+    /// forces a lesser one, for comparisons).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let forced = std::env::var("FLYWHEEL_GEMM_ISA").unwrap_or_default();
+            let best = best_isa();
+            match (forced.as_str(), best) {
+                ("portable", _) => Isa::Portable,
+                ("avx512", Isa::Avx512Bf16) => Isa::Avx512,
+                _ => best,
+            }
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn best_isa() -> Isa {
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+        Isa::Avx512Bf16
+    } else if is_x86_feature_detected!("avx512f") {
+        Isa::Avx512
+    } else {
+        Isa::Portable
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn best_isa() -> Isa {
+    Isa::Portable
+}
+
+/// How the CPU trainer stores the frozen base: a fixed precision, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PrecisionChoice {
+    /// bf16 on CPUs whose bf16 dot products do twice the work of their f32
+    /// FMAs (AMD Zen 4 and later with AVX512_BF16), else f32 (Intel Xeons
+    /// without AMX run `vdpbf16ps` at about half their FMA rate; see
+    /// [`kernel_times`] and BENCHMARKS.md).
+    #[default]
+    Auto,
+    /// f32 weights (the reference precision).
+    F32,
+    /// bf16 weights, f32 sums.
+    Bf16,
+}
+
+impl PrecisionChoice {
+    /// The precision this choice means on this machine.
+    pub fn resolve(self) -> Precision {
+        match self {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Auto => auto_precision(),
+        }
+    }
+}
+
+/// bf16 on AMD CPUs with AVX512_BF16, f32 elsewhere. Decided from the CPU's
+/// identity, not by timing, so the same machine always trains the same way
+/// (a timed choice could differ between an optimised and a debug build).
+fn auto_precision() -> Precision {
+    if Isa::detect() == Isa::Avx512Bf16 && cpu_vendor() == "AuthenticAMD" { Precision::Bf16 } else { Precision::F32 }
+}
+
+/// The CPUID vendor string ("GenuineIntel", "AuthenticAMD", …).
+#[cfg(target_arch = "x86_64")]
+pub fn cpu_vendor() -> String {
+    let r = std::arch::x86_64::__cpuid(0);
+    let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The CPUID vendor string (empty off x86-64).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn cpu_vendor() -> String {
+    String::new()
+}
+
+/// Seconds the f32 and the bf16 micro-kernels take for the same number of
+/// multiply-adds on cache-resident operands (best of five); `None` without
+/// AVX512_BF16.
+pub fn kernel_times() -> Option<(f64, f64)> {
+    let isa = Isa::detect();
+    if isa != Isa::Avx512Bf16 {
+        return None;
+    }
+    let kc = 256;
+    let a32 = vec![0.5f32; kc * MR];
+    let b32 = vec![0.25f32; kc * NR];
+    let a16 = vec![0x3f00_3f00u32; kc / 2 * MR];
+    let b16 = vec![0x3e80u16; kc * NR];
+    let mut c = vec![0.0f32; MR * NR];
+    let mut time = |bf16: bool| {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for _ in 0..200 {
+                if bf16 {
+                    tile_bf16(isa, kc / 2, &a16, &b16, &mut c, NR, MR, NR, false);
+                } else {
+                    tile_f32(isa, kc, (&a32, 1, MR), &b32, &mut c, NR, MR, NR, false);
+                }
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    Some((time(false), time(true)))
+}
+
+/// f32 → bf16 bits, rounding to nearest even (as `vcvtneps2bf16` does);
+/// NaN stays NaN.
+pub fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// f32 rounded through bf16.
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_to_f32(bf16_bits(x))
+}
+
+/// The packed storage of a `B` operand.
+#[derive(Debug, Clone, PartialEq)]
+enum Panels {
+    /// Panel-major: per panel of `NR` columns, `k` rows of `NR` values.
+    F32(Vec<f32>),
+    /// Per panel, `⌈k/2⌉` pairs of rows, each `NR` columns × 2 (the two
+    /// rows' values side by side, as `vdpbf16ps` reads them).
+    Bf16(Vec<u16>),
+}
+
+/// A `B` operand `[k × n]` packed in column panels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    panels: Panels,
+}
+
+impl PackedB {
+    /// Packs `B [k × n]` held as a row-major matrix `m` with row stride `ld`,
+    /// or, when `transposed`, as `Bᵀ` (`[n × k]`, row stride `ld`).
+    fn pack(m: &[f32], k: usize, n: usize, ld: usize, transposed: bool, precision: Precision) -> PackedB {
+        let count = n.div_ceil(NR);
+        // Fills one panel: `put(kk, j, value)` for every element of it.
+        fn fill(
+            m: &[f32],
+            k: usize,
+            n: usize,
+            ld: usize,
+            transposed: bool,
+            p: usize,
+            mut put: impl FnMut(usize, usize, f32),
+        ) {
+            let cols = NR.min(n - p * NR);
+            if transposed {
+                for j in 0..cols {
+                    let src = &m[(p * NR + j) * ld..(p * NR + j) * ld + k];
+                    for (kk, v) in src.iter().enumerate() {
+                        put(kk, j, *v);
+                    }
+                }
+            } else {
+                for kk in 0..k {
+                    let src = &m[kk * ld + p * NR..kk * ld + p * NR + cols];
+                    for (j, v) in src.iter().enumerate() {
+                        put(kk, j, *v);
+                    }
+                }
+            }
+        }
+        let parallel = k * n >= 1 << 16;
+        let panels = match precision {
+            Precision::F32 => {
+                let mut data = vec![0.0f32; count * k * NR];
+                let one = |(p, panel): (usize, &mut [f32])| {
+                    fill(m, k, n, ld, transposed, p, |kk, j, v| panel[kk * NR + j] = v)
+                };
+                if parallel {
+                    data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(one);
+                } else {
+                    data.chunks_mut((k * NR).max(1)).enumerate().for_each(one);
+                }
+                Panels::F32(data)
+            }
+            Precision::Bf16 => {
+                let pairs = k.div_ceil(2);
+                let mut data = vec![0u16; count * pairs * NR * 2];
+                let one = |(p, panel): (usize, &mut [u16])| {
+                    fill(m, k, n, ld, transposed, p, |kk, j, v| {
+                        panel[(kk / 2) * NR * 2 + j * 2 + kk % 2] = bf16_bits(v)
+                    })
+                };
+                if parallel {
+                    data.par_chunks_mut((pairs * NR * 2).max(1)).enumerate().for_each(one);
+                } else {
+                    data.chunks_mut((pairs * NR * 2).max(1)).enumerate().for_each(one);
+                }
+                Panels::Bf16(data)
+            }
+        };
+        PackedB { k, n, panels }
+    }
+
+    /// `B = M` for a row-major `M [k × n]` with row stride `ld`.
+    pub fn from_rows(m: &[f32], k: usize, n: usize, ld: usize, precision: Precision) -> PackedB {
+        assert!(k == 0 || n == 0 || m.len() >= (k - 1) * ld + n, "matrix smaller than {k} x {n} (ld {ld})");
+        Self::pack(m, k, n, ld, false, precision)
+    }
+
+    /// `B = Mᵀ` for a row-major `M [n × k]` with row stride `ld` (a layer's
+    /// weight `[out × in]` applied to rows: `y = x · Wᵀ`).
+    pub fn from_transposed(m: &[f32], n: usize, k: usize, ld: usize, precision: Precision) -> PackedB {
+        assert!(k == 0 || n == 0 || m.len() >= (n - 1) * ld + k, "matrix smaller than {n} x {k} (ld {ld})");
+        Self::pack(m, k, n, ld, true, precision)
+    }
+
+    /// Rows of the product.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the product.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The stored precision.
+    pub fn precision(&self) -> Precision {
+        match self.panels {
+            Panels::F32(_) => Precision::F32,
+            Panels::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// Row `r` of `B` as f32 (an embedding lookup in a packed LM head).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.k && out.len() == self.n);
+        for (c, o) in out.iter_mut().enumerate() {
+            let (p, j) = (c / NR, c % NR);
+            *o = match &self.panels {
+                Panels::F32(d) => d[p * self.k * NR + r * NR + j],
+                Panels::Bf16(d) => bf16_to_f32(d[p * self.k.div_ceil(2) * NR * 2 + (r / 2) * NR * 2 + j * 2 + r % 2]),
+            };
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.panels {
+            Panels::F32(d) => d.len() * 4,
+            Panels::Bf16(d) => d.len() * 2,
+        }
+    }
+}
+
+/// How `A` is read: `A[i][kk] = a[i * ld + kk]`, or transposed,
+/// `A[i][kk] = a[kk * ld + i]` (a gradient's `Xᵀ · Y`).
+#[derive(Debug, Clone, Copy)]
+pub struct MatA<'a> {
+    /// Values.
+    pub data: &'a [f32],
+    /// Row stride of the stored matrix.
+    pub ld: usize,
+    /// Whether the stored matrix is `Aᵀ`.
+    pub transposed: bool,
+}
+
+impl<'a> MatA<'a> {
+    /// A row-major `[m × k]` matrix with row stride `ld`.
+    pub fn rows(data: &'a [f32], ld: usize) -> MatA<'a> {
+        MatA { data, ld, transposed: false }
+    }
+
+    /// `A = Sᵀ` for a row-major `S [k × m]` with row stride `ld`.
+    pub fn transposed(data: &'a [f32], ld: usize) -> MatA<'a> {
+        MatA { data, ld, transposed: true }
+    }
+}
+
+/// Packed `A` rows of one call (reused per thread, so steady-state products
+/// allocate nothing).
+#[derive(Default)]
+struct Scratch {
+    f32s: Vec<f32>,
+    pairs: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// `C[m × n] = A[m × k] · B` (or `+=` when `accumulate`), `C` row-major with
+/// row stride `ldc`. Splits over rows (or, for few rows, columns) of `C`
+/// across the current rayon pool.
+pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C smaller than {m} x {n} (ldc {ldc})");
+    if !a.transposed {
+        assert!(k == 0 || a.data.len() >= (m - 1) * a.ld + k, "A smaller than {m} x {k}");
+    } else {
+        assert!(k == 0 || a.data.len() >= (k - 1) * a.ld + m, "Aᵀ smaller than {k} x {m}");
+    }
+    let c = &mut c[..(m - 1) * ldc + n];
+    let threads = rayon::current_num_threads();
+    let work = m * n * k.max(1);
+    if threads <= 1 || work < PARALLEL_WORK {
+        gemm_rows(a, 0, m, b, 0, b.n.div_ceil(NR), c, ldc, accumulate);
+        return;
+    }
+    let blocks = m.div_ceil(MR);
+    if blocks >= 2 * threads {
+        // Split rows: each task owns whole rows of C.
+        let per = blocks.div_ceil(threads) * MR;
+        c.par_chunks_mut(per * ldc).enumerate().for_each(|(t, chunk)| {
+            let r0 = t * per;
+            let rows = per.min(m - r0);
+            gemm_rows(a, r0, rows, b, 0, b.n.div_ceil(NR), chunk, ldc, accumulate);
+        });
+    } else {
+        // Few rows: split panels; each task sums into its own buffer, which
+        // is then copied into its columns.
+        let panels = b.n.div_ceil(NR);
+        let per = panels.div_ceil(threads).max(1);
+        let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
+            .into_par_iter()
+            .map(|t| {
+                let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+                let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
+                let width = c1 - c0;
+                let mut part = vec![0.0f32; m * width];
+                if accumulate {
+                    for i in 0..m {
+                        part[i * width..(i + 1) * width].copy_from_slice(&c[i * ldc + c0..i * ldc + c1]);
+                    }
+                }
+                gemm_rows(a, 0, m, b, p0, p1, &mut part, width, accumulate);
+                (c0, width, part)
+            })
+            .collect();
+        for (c0, width, part) in parts {
+            for i in 0..m {
+                c[i * ldc + c0..i * ldc + c0 + width].copy_from_slice(&part[i * width..(i + 1) * width]);
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + rows` of `A` times panels `p0..p1` of `B` into `c`, whose
+/// row 0 is `A`'s row `r0` and column 0 is panel `p0`'s first column.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    a: MatA<'_>,
+    r0: usize,
+    rows: usize,
+    b: &PackedB,
+    p0: usize,
+    p1: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let k = b.k;
+    let blocks = rows.div_ceil(MR);
+    let col0 = p0 * NR;
+    if k == 0 {
+        if !accumulate {
+            for i in 0..rows {
+                c[i * ldc..i * ldc + (p1 * NR).min(b.n) - col0].fill(0.0);
+            }
+        }
+        return;
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let isa = Isa::detect();
+        match &b.panels {
+            Panels::F32(bp) => {
+                // f32 `A` is read in place (its rows, or its transpose's,
+                // are already contiguous runs); only a last partial block of
+                // rows is copied, zero-padded, so tiles never read past `A`.
+                let full = rows / MR;
+                let tail = &mut scratch.f32s;
+                tail.clear();
+                if full < blocks {
+                    tail.resize(k * MR, 0.0);
+                    pack_a(a, r0 + full * MR, rows - full * MR, k, |_, kk, i, v| tail[kk * MR + i] = v);
+                }
+                // (data, row stride, k stride) of block `blk` from step `k0`.
+                let source = |blk: usize, k0: usize| -> (&[f32], usize, usize) {
+                    if blk == full {
+                        (&tail[k0 * MR..], 1, MR)
+                    } else if a.transposed {
+                        (&a.data[k0 * a.ld + r0 + blk * MR..], 1, a.ld)
+                    } else {
+                        (&a.data[(r0 + blk * MR) * a.ld + k0..], a.ld, 1)
+                    }
+                };
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let acc = accumulate || k0 > 0;
+                    for p in p0..p1 {
+                        let cols = NR.min(b.n - p * NR);
+                        let panel = &bp[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                        for blk in 0..blocks {
+                            let tile_rows = MR.min(rows - blk * MR);
+                            let (sliver, rs, ks) = source(blk, k0);
+                            let off = blk * MR * ldc + (p * NR - col0);
+                            tile_f32(isa, kc, (sliver, rs, ks), panel, &mut c[off..], ldc, tile_rows, cols, acc);
+                        }
+                    }
+                }
+            }
+            Panels::Bf16(bp) => {
+                let pairs = k.div_ceil(2);
+                let packed = &mut scratch.pairs;
+                packed.clear();
+                packed.resize(blocks * pairs * MR, 0);
+                pack_a(a, r0, rows, k, |blk, kk, i, v| {
+                    let slot = &mut packed[blk * pairs * MR + (kk / 2) * MR + i];
+                    *slot |= u32::from(bf16_bits(v)) << (16 * (kk % 2));
+                });
+                let kcp = KC / 2;
+                for q0 in (0..pairs).step_by(kcp) {
+                    let qc = kcp.min(pairs - q0);
+                    let acc = accumulate || q0 > 0;
+                    for p in p0..p1 {
+                        let cols = NR.min(b.n - p * NR);
+                        let base = p * pairs * NR * 2;
+                        let panel = &bp[base + q0 * NR * 2..base + (q0 + qc) * NR * 2];
+                        for blk in 0..blocks {
+                            let tile_rows = MR.min(rows - blk * MR);
+                            let sliver = &packed[blk * pairs * MR + q0 * MR..blk * pairs * MR + (q0 + qc) * MR];
+                            let off = blk * MR * ldc + (p * NR - col0);
+                            tile_bf16(isa, qc, sliver, panel, &mut c[off..], ldc, tile_rows, cols, acc);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Visits rows `r0..r0 + rows` of `A` as `put(block, kk, row in block, value)`,
+/// reading the stored matrix in its own order (rows of `A`, or of `Aᵀ`).
+fn pack_a(a: MatA<'_>, r0: usize, rows: usize, k: usize, mut put: impl FnMut(usize, usize, usize, f32)) {
+    if a.transposed {
+        for kk in 0..k {
+            let src = &a.data[kk * a.ld + r0..kk * a.ld + r0 + rows];
+            for (r, v) in src.iter().enumerate() {
+                put(r / MR, kk, r % MR, *v);
+            }
+        }
+    } else {
+        for r in 0..rows {
+            let src = &a.data[(r0 + r) * a.ld..(r0 + r) * a.ld + k];
+            for (kk, v) in src.iter().enumerate() {
+                put(r / MR, kk, r % MR, *v);
+            }
+        }
+    }
+}
+
+/// One `MR × NR` tile over `kc` steps, f32.
+#[allow(clippy::too_many_arguments)]
+fn tile_f32(
+    isa: Isa,
+    kc: usize,
+    a: (&[f32], usize, usize),
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let (a, rs, ks) = a;
+    assert!(kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * ks, "A sliver shorter than {MR} x {kc}");
+    assert!(b.len() >= kc * NR && rows <= MR && cols <= NR);
+    assert!(rows == 0 || c.len() >= (rows - 1) * ldc + cols);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: the CPU has AVX-512F (detected); the asserts above
+            // bound every read of `a` and `b` and every write of `c`.
+            unsafe { avx512::tile_f32(kc, a.as_ptr(), rs, ks, b.as_ptr(), c.as_mut_ptr(), ldc, rows, cols, accumulate) }
+        }
+        _ => {
+            let mut acc = [[0.0f32; NR]; MR];
+            for kk in 0..kc {
+                let brow = &b[kk * NR..(kk + 1) * NR];
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = a[i * rs + kk * ks];
+                    for (s, bv) in row.iter_mut().zip(brow) {
+                        *s = av.mul_add(*bv, *s);
+                    }
+                }
+            }
+            store(&acc, c, ldc, rows, cols, accumulate);
+        }
+    }
+}
+
+/// One `MR × NR` tile over `kc` pairs of steps, bf16 products, f32 sums.
+#[allow(clippy::too_many_arguments)]
+fn tile_bf16(
+    isa: Isa,
+    kc: usize,
+    a: &[u32],
+    b: &[u16],
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    assert!(a.len() >= kc * MR && b.len() >= kc * NR * 2 && rows <= MR && cols <= NR);
+    assert!(rows == 0 || c.len() >= (rows - 1) * ldc + cols);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => {
+            // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected); the
+            // asserts above bound every access.
+            unsafe { avx512::tile_bf16(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, rows, cols, accumulate) }
+        }
+        _ => {
+            let mut acc = [[0.0f32; NR]; MR];
+            for q in 0..kc {
+                let brow = &b[q * NR * 2..(q + 1) * NR * 2];
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let pair = a[q * MR + i];
+                    let (a0, a1) = (bf16_to_f32(pair as u16), bf16_to_f32((pair >> 16) as u16));
+                    for (j, s) in row.iter_mut().enumerate() {
+                        let (b0, b1) = (bf16_to_f32(brow[2 * j]), bf16_to_f32(brow[2 * j + 1]));
+                        *s += a0 * b0 + a1 * b1;
+                    }
+                }
+            }
+            store(&acc, c, ldc, rows, cols, accumulate);
+        }
+    }
+}
+
+fn store(acc: &[[f32; NR]; MR], c: &mut [f32], ldc: usize, rows: usize, cols: usize, accumulate: bool) {
+    for (i, row) in acc.iter().enumerate().take(rows) {
+        let out = &mut c[i * ldc..i * ldc + cols];
+        if accumulate {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        } else {
+            out.copy_from_slice(&row[..cols]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// Masks of the two 16-lane halves of a tile row with `cols` columns.
+    fn masks(cols: usize) -> (__mmask16, __mmask16) {
+        let lo = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let hi = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        (lo, hi)
+    }
+
+    /// Adds (or stores) the sums into `c`'s first `rows` rows and `cols`
+    /// columns.
+    ///
+    /// # Safety
+    /// AVX-512F; `c` valid for `rows` rows of `cols` values at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn write(acc: &[[__m512; 2]; MR], c: *mut f32, ldc: usize, rows: usize, cols: usize, accumulate: bool) {
+        let (m0, m1) = masks(cols);
+        for (i, pair) in acc.iter().enumerate().take(rows) {
+            // SAFETY: row i < rows and the masks cover only columns < cols.
+            unsafe {
+                let p = c.add(i * ldc);
+                let (mut v0, mut v1) = (pair[0], pair[1]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+                }
+                _mm512_mask_storeu_ps(p, m0, v0);
+                _mm512_mask_storeu_ps(p.add(16), m1, v1);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `a` holds element `(i, kk)` at `i·rs + kk·ks` for every
+    /// `i < MR`, `kk < kc`; `b` holds `kc · NR` values; `c` as in `write`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_f32(
+        kc: usize,
+        a: *const f32,
+        rs: usize,
+        ks: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut rows_at = [a; MR];
+        for (i, r) in rows_at.iter_mut().enumerate() {
+            // SAFETY: row i < MR starts inside `a` (the caller's bound).
+            *r = unsafe { a.add(i * rs) };
+        }
+        for kk in 0..kc {
+            // SAFETY: kk < kc and i < MR, so these reads stay inside `a`
+            // (`(MR - 1)·rs + (kc - 1)·ks` is in bounds) and `b`.
+            unsafe {
+                let b0 = _mm512_loadu_ps(b.add(kk * NR));
+                let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+                for (pair, row) in acc.iter_mut().zip(&rows_at) {
+                    let av = _mm512_set1_ps(*row.add(kk * ks));
+                    pair[0] = _mm512_fmadd_ps(av, b0, pair[0]);
+                    pair[1] = _mm512_fmadd_ps(av, b1, pair[1]);
+                }
+            }
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+    }
+
+    /// # Safety
+    /// AVX-512F and AVX512_BF16; `a` holds `kc · MR` pairs, `b` `kc · NR · 2`
+    /// values, `c` as in `write`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_bf16(
+        kc: usize,
+        a: *const u32,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for q in 0..kc {
+            // SAFETY: q < kc, so these reads stay inside `a` and `b`; the
+            // casts reinterpret 32 bf16 values as the vector type that holds them.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR * 2).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR * 2 + 32).cast()));
+                let aq = a.add(q * MR);
+                for (i, pair) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
+                    pair[0] = _mm512_dpbf16_ps(pair[0], av, b0);
+                    pair[1] = _mm512_dpbf16_ps(pair[1], av, b1);
+                }
+            }
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SplitMix;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        (0..n).map(|_| rng.uniform(1.0)).collect()
+    }
+
+    /// f64 sums of f32 (or bf16-rounded) inputs: the independent reference.
+    fn reference(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, round: bool) -> Vec<f64> {
+        let r = |x: f32| f64::from(if round { round_bf16(x) } else { x });
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                let av = r(a[i * k + kk]);
+                for j in 0..n {
+                    c[i * n + j] += av * r(b[kk * n + j]);
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to even.
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(bf16_bits(f32::INFINITY)), f32::INFINITY);
+    }
+
+    #[test]
+    fn products_match_a_float64_reference_at_awkward_shapes() {
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 385, 33), (12, 64, 32), (40, 1000, 70), (3, 2, 100)] {
+            let (a, b) = (random(m * k, 1 + m as u64), random(k * n, 2 + n as u64));
+            for precision in [Precision::F32, Precision::Bf16] {
+                let round = precision == Precision::Bf16;
+                let want = reference(&a, m, k, &b, n, round);
+                let packed = PackedB::from_rows(&b, k, n, n, precision);
+                let mut c = vec![f32::NAN; m * n];
+                gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false);
+                let tol = if round { 1e-4 } else { 1e-5 } * (k as f64).sqrt();
+                for (got, want) in c.iter().zip(&want) {
+                    assert!((f64::from(*got) - want).abs() <= tol, "{m}x{k}x{n} {precision:?}: {got} vs {want}");
+                }
+                // Accumulating adds the same product again.
+                gemm(MatA::rows(&a, k), m, &packed, &mut c, n, true);
+                for (got, want) in c.iter().zip(&want) {
+                    assert!((f64::from(*got) - 2.0 * want).abs() <= 2.0 * tol, "accumulate {m}x{k}x{n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_operands_and_strides_read_the_right_elements() {
+        let (m, k, n) = (7, 9, 11);
+        let a = random(m * k, 3);
+        let b = random(k * n, 4);
+        let want = reference(&a, m, k, &b, n, false);
+        // A given as its transpose [k × m], B as its transpose [n × k], both
+        // inside wider rows.
+        let mut at = vec![0.0f32; k * (m + 2)];
+        for i in 0..m {
+            for kk in 0..k {
+                at[kk * (m + 2) + i] = a[i * k + kk];
+            }
+        }
+        let mut bt = vec![0.0f32; n * (k + 3)];
+        for kk in 0..k {
+            for j in 0..n {
+                bt[j * (k + 3) + kk] = b[kk * n + j];
+            }
+        }
+        let packed = PackedB::from_transposed(&bt, n, k, k + 3, Precision::F32);
+        let mut c = vec![0.0f32; m * (n + 1)];
+        gemm(MatA::transposed(&at, m + 2), m, &packed, &mut c, n + 1, false);
+        for i in 0..m {
+            for j in 0..n {
+                assert!((f64::from(c[i * (n + 1) + j]) - want[i * n + j]).abs() < 1e-5);
+            }
+        }
+        let mut row = vec![0.0f32; n];
+        packed.row(4, &mut row);
+        assert_eq!(row, b[4 * n..5 * n]);
+    }
+
+    #[test]
+    fn results_are_bit_identical_across_thread_counts_and_split_directions() {
+        for &(m, k, n) in &[(300, 500, 200), (4, 700, 900)] {
+            let (a, b) = (random(m * k, 5), random(k * n, 6));
+            for precision in [Precision::F32, Precision::Bf16] {
+                let packed = PackedB::from_rows(&b, k, n, n, precision);
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut c = vec![0.0f32; m * n];
+                    pool.install(|| gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false));
+                    c
+                };
+                let one = run(1);
+                assert_eq!(one, run(2), "{m}x{k}x{n} {precision:?}");
+                assert_eq!(one, run(3), "{m}x{k}x{n} {precision:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_of_this_machine_agrees_with_the_portable_one() {
+        // The portable kernel is what `FLYWHEEL_GEMM_ISA=portable` runs; the
+        // SIMD tiles must compute the same sums (to rounding).
+        let (kc, rows, cols) = (37, MR, NR);
+        let a = random(kc * MR, 7);
+        let b = random(kc * NR, 8);
+        let mut fast = vec![0.0f32; rows * cols];
+        let mut slow = vec![0.0f32; rows * cols];
+        tile_f32(Isa::detect(), kc, (&a, 1, MR), &b, &mut fast, cols, rows, cols, false);
+        tile_f32(Isa::Portable, kc, (&a, 1, MR), &b, &mut slow, cols, rows, cols, false);
+        for (x, y) in fast.iter().zip(&slow) {
+            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+        let pa: Vec<u32> = a.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-v)) << 16)).collect();
+        let pb: Vec<u16> = random(kc * NR * 2, 9).iter().map(|v| bf16_bits(*v)).collect();
+        tile_bf16(Isa::detect(), kc, &pa, &pb, &mut fast, cols, rows, cols, false);
+        tile_bf16(Isa::Portable, kc, &pa, &pb, &mut slow, cols, rows, cols, false);
+        for (x, y) in fast.iter().zip(&slow) {
+            assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The CPU training engine: the whole batch in one pass.
+//!
+//! The reference path ([`crate::model`], [`crate::grad`]) runs one sequence at
+//! a time in f32 and is what gradients are finite-difference checked on. This
+//! engine computes the same quantities for a batch packed into one matrix of
+//! rows (every GEMM has `M` = all tokens of the batch, attention stays within
+//! each sequence), with the frozen base packed once in f32 or bf16
+//! ([`gemm::Precision`]), q/k/v and gate/up fused into one product each, and
+//! the LM head evaluated only on the positions that carry loss.
+//!
+//! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
+//! - [`engine`]: the packed model, its batched forward and backward passes;
+//! - [`simd`]: element-wise passes (SwiGLU, softmax rows) vectorised at run time.
+
+pub mod engine;
+pub mod gemm;
+pub mod simd;
