@@ -281,11 +281,27 @@ fn decode(
     which: &[usize],
 ) -> Result<(Option<RecordBatch>, Vec<usize>), LakeError> {
     let mut batcher = RewardBatcher::with_schemas(ctx.schemas, which.len().max(1))?;
-    if which.len() == buf.len() {
+    // Records written before fingerprints followed the specification carry
+    // the legacy one; the Arrow decoder ends its batch at every fingerprint
+    // change, so they are given the specification's header first (same
+    // schema, same datum bytes).
+    let codec = Codec::global();
+    let legacy = |i: usize| {
+        let value = buf.value(i);
+        codec.spec_fingerprint(value).is_ok_and(|f| value.get(2..HEADER_LEN) != Some(&f[..]))
+    };
+    if which.len() == buf.len() && !which.iter().any(|&i| legacy(i)) {
         batcher.push_all(&buf.values, ctx.partition, &buf.offsets)?;
     } else {
         for &i in which {
-            batcher.push(buf.value(i), ctx.partition, buf.offsets[i])?;
+            if legacy(i) {
+                let mut value = buf.value(i).to_vec();
+                let spec = codec.spec_fingerprint(&value)?;
+                value[2..HEADER_LEN].copy_from_slice(&spec);
+                batcher.push(&value, ctx.partition, buf.offsets[i])?;
+            } else {
+                batcher.push(buf.value(i), ctx.partition, buf.offsets[i])?;
+            }
         }
     }
     let batch = batcher.take()?;
@@ -515,6 +531,19 @@ mod tests {
         assert_eq!(m.stats.user_rows, [("u0".to_string(), 2), ("u1".into(), 2), ("u2".into(), 2)].into());
         let base = m.versions.iter().find(|v| v.adapter_version.is_none()).unwrap();
         assert_eq!((base.rows, base.reward_sum, base.distinct_users, base.max_user_rows), (3, 6.0, 3, 1));
+        // A buffer that mixes records under the legacy fingerprint (written
+        // by earlier releases) with current ones decodes whole.
+        let mut mixed = RowBuffer::default();
+        for (o, i) in [0, 1, 2].into_iter().enumerate() {
+            let mut bytes = encode(&reward(i)).unwrap();
+            if i != 1 {
+                let schema = Codec::global().schema(RecordKind::Reward);
+                bytes[2..HEADER_LEN].copy_from_slice(&flywheel_core::codec::legacy_fingerprint(schema));
+            }
+            mixed.push(None, Some(&bytes), o as i64, 0);
+        }
+        let out = prepare(&ctx, &mixed, &RecentIds::new(10)).unwrap();
+        assert_eq!((out.written.len(), out.rejected.len(), out.files[0].manifest.rows), (3, 0, 3));
         // Capacity bounds what is remembered, oldest first out.
         let mut small = RecentIds::new(2);
         for id in [1, 2, 3] {
