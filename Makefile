@@ -14,12 +14,12 @@ FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
 
 export FLYWHEEL_TANSU_BIN := $(TANSU)
 
-.PHONY: help setup system-deps tools nextest test-clock python model-files kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
+.PHONY: help setup system-deps browser tools nextest test-clock python model-files kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: system-deps tools nextest python model-files ## Install everything the tests and the demo need (broker, Python readers); idempotent
+setup: system-deps browser tools nextest python model-files ## Install everything the tests and the demo need (broker, Python readers); idempotent
 
 system-deps: ## Install the C libraries the Kafka client builds against and faketime (Debian; skipped when present)
 	@missing=$$(for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -27,6 +27,15 @@ system-deps: ## Install the C libraries the Kafka client builds against and fake
 	  echo "installing system packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# The console's browser test loads its pages in headless Chromium (Debian's
+# package; about 100 MB installed).
+browser: ## Install Debian's chromium for the console's real-browser test (skipped when /usr/bin/chromium exists)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y chromium; \
 	fi
 
 # cargo-nextest runs the tests (one process per test, a hard time limit on

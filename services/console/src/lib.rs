@@ -1,0 +1,41 @@
+//! The console: a read-only web view of the flywheel, served from what is on
+//! the topics. It reads `model-registry`, `reward-metrics`,
+//! `trigger-decisions`, `train-requests`, `model-candidates`, `shards` and
+//! `dead-letters` from the beginning, follows them, and never writes.
+//!
+//! - [`view`]: the in-memory view and every number the pages show (pure);
+//! - [`svg`]: charts drawn on the server;
+//! - [`html`]: the pages (every record string escaped);
+//! - [`text`]: escaping, UTC times, number formats;
+//! - [`service`]: the Kafka follower, the offset probe and the HTTP server.
+
+pub mod html;
+pub mod service;
+pub mod svg;
+pub mod text;
+pub mod view;
+
+pub use service::{Config, run};
+
+/// The console's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// From the core library (configuration, Kafka, codec).
+    #[error(transparent)]
+    Core(#[from] flywheel_core::Error),
+    /// Bad configuration.
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// Serving HTTP failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker task panicked.
+    #[error("worker {0} ended abnormally")]
+    Worker(String),
+}
