@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod broker;
+pub mod chat_product;
 pub mod http;
 pub mod simulate;
 pub mod supervise;

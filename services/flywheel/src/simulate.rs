@@ -1,11 +1,17 @@
 //! `flywheel simulate`: a synthetic product whose users have hidden
 //! preferences. For each request it asks the collector's `/v1/route` which
-//! version to serve, samples a completion from that version (the base model
-//! plus adapter, on the CPU, in process) and sends what the user does
-//! (shown, then accepted or rejected, sometimes rated or edited) to
-//! `/v1/events` when it happens.
+//! version to serve, generates a completion from that version (the base
+//! model plus adapter, on the CPU, in process; the requests that arrived
+//! meanwhile are decoded together) and sends what the user does (shown, then
+//! accepted or rejected, sometimes rated or edited) to `/v1/events` when it
+//! happens.
 //!
-//! The task: every user likes a personal subset of a shared "house style"
+//! Two products: the *chat* product for a real chat model
+//! ([`crate::chat_product`]: everyday questions, users who judge properties
+//! of the answer text), and the *characters* product for the tiny model
+//! described here.
+//!
+//! The characters task: every user likes a personal subset of a shared "house style"
 //! alphabet, and each liked character in a suggestion raises the chance of
 //! accepting it. A random base model emits liked characters rarely, so the
 //! base accept rate is low but not zero (about 20 % at the defaults) and
@@ -22,9 +28,11 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use flywheel_trainer::SplitMix;
+use flywheel_trainer::cpu::engine::CpuModel;
+use flywheel_trainer::cpu::gemm::PrecisionChoice;
+use flywheel_trainer::cpu::generate::{GenerateRequest, Sampling};
 use flywheel_trainer::lora::LoraAdapter;
-use flywheel_trainer::model::Model;
-use flywheel_trainer::sample::sample;
+use flywheel_trainer::model::{LlamaConfig, Model};
 use flywheel_trainer::tokenize::TextTokenizer;
 use tokio_util::sync::CancellationToken;
 
@@ -51,9 +59,24 @@ pub struct SimulateArgs {
     pub product: ProductArgs,
 }
 
+/// Which simulated product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ProductKind {
+    /// `chat` when the base model has a chat template, else `characters`.
+    #[default]
+    Auto,
+    /// Users who like certain characters (the tiny model's task).
+    Characters,
+    /// An assistant answering everyday questions, judged on its text.
+    Chat,
+}
+
 /// The simulated product and its users (also flags of `flywheel up`).
 #[derive(Debug, Clone, Args)]
 pub struct ProductArgs {
+    /// Which product to simulate.
+    #[arg(long = "product", env = "FLYWHEEL_SIM_PRODUCT", value_enum, default_value_t = ProductKind::Auto)]
+    pub product: ProductKind,
     /// Base model served (as the collector's route answers it).
     #[arg(long, env = "FLYWHEEL_SIM_BASE_MODEL", default_value = "flywheel/tiny")]
     pub base_model: String,
@@ -72,9 +95,13 @@ pub struct ProductArgs {
     /// Share of suggestions the user rates (1–5 stars).
     #[arg(long, env = "FLYWHEEL_SIM_RATING_SHARE", default_value_t = 0.15)]
     pub rating_share: f64,
-    /// Completion length in tokens.
-    #[arg(long, env = "FLYWHEEL_SIM_COMPLETION_TOKENS", default_value_t = 8)]
-    pub completion_tokens: usize,
+    /// Completion length in tokens: exactly this for `characters`, at most
+    /// this for `chat` (default 8 and 40).
+    #[arg(long, env = "FLYWHEEL_SIM_COMPLETION_TOKENS")]
+    pub completion_tokens: Option<usize>,
+    /// Most requests decoded together.
+    #[arg(long, env = "FLYWHEEL_SIM_BATCH_MAX", default_value_t = 48)]
+    pub batch_max: usize,
     /// Seed of users, prompts and sampling.
     #[arg(long, env = "FLYWHEEL_SIM_SEED", default_value_t = 7)]
     pub seed: u64,
@@ -88,8 +115,11 @@ pub struct ProductArgs {
 pub struct User {
     /// Product user id.
     pub id: String,
-    /// Which bytes this user likes.
+    /// Which bytes this user likes (the tiny model's task).
     pub likes: [bool; 256],
+    /// Properties of answer text this user likes and how much (the chat
+    /// product's task, [`crate::chat_product`]).
+    pub tastes: Vec<(crate::chat_product::Property, f64)>,
 }
 
 /// The population, drawn from a seed.
@@ -104,7 +134,7 @@ pub fn population(users: usize, seed: u64) -> Vec<User> {
                 pool.swap_remove(rng.below(pool.len() as u64) as usize);
             }
             pool.iter().for_each(|&b| likes[b as usize] = true);
-            User { id: format!("sim-user-{i:05}"), likes }
+            User { id: format!("sim-user-{i:05}"), likes, tastes: Vec::new() }
         })
         .collect()
 }
@@ -152,9 +182,9 @@ pub struct Outcome {
     pub edited: Option<String>,
 }
 
-/// Draws the user's reaction to `completion`.
-pub fn react(user: &User, completion: &str, args: &ProductArgs, rng: &mut SplitMix) -> Outcome {
-    let p = accept_probability(user, completion.as_bytes(), args.preference_strength);
+/// Draws the user's reaction to `completion`, which they like with
+/// probability `p`.
+pub fn react(p: f64, completion: &str, args: &ProductArgs, rng: &mut SplitMix) -> Outcome {
     let liked = rng.unit() < p;
     let accepted = if rng.unit() < args.label_noise { rng.unit() < 0.5 } else { liked };
     // Ratings say what the user really thought (noise is in the clicks
@@ -218,29 +248,84 @@ struct Due {
     event: serde_json::Value,
 }
 
-/// The serving side: base model, tokenizer and adapters by version.
+/// A completion as served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The text as recorded in the `shown` event (for the chat product, with
+    /// the end-of-turn marker when the model ended its turn, so training
+    /// sees where it stopped).
+    pub recorded: String,
+    /// The text the user reads.
+    pub shown: String,
+    /// Behaviour log-probability (temperature 1, whole vocabulary).
+    pub logprob: f64,
+    /// Whether the model ended its turn (else it hit the length limit).
+    pub finished: bool,
+}
+
+/// The serving side: base model (packed for serving), tokenizer, adapters
+/// by version, and the product's decoding settings.
 #[derive(Debug)]
 pub struct Server {
-    model: Arc<Model>,
-    tokenizer: TextTokenizer,
+    model: CpuModel,
+    /// The base model's config (adapters are checked against it).
+    pub config: LlamaConfig,
+    /// The base model's tokenizer.
+    pub tokenizer: TextTokenizer,
     adapters: HashMap<String, Arc<LoraAdapter>>,
+    /// The product served.
+    pub kind: ProductKind,
+    /// Tokens the characters product may show (printable ASCII).
     allowed: Vec<bool>,
+    /// The chat product's end-of-turn token.
+    end_of_turn: Option<(u32, String)>,
 }
 
 impl Server {
-    /// Loads `<models_root>/<base_model>`.
-    pub fn load(models_root: &Path, base_model: &str) -> Result<Server, CliError> {
+    /// Loads `<models_root>/<base_model>`; `kind` `Auto` becomes `Chat` when
+    /// the model has a chat template.
+    pub fn load(models_root: &Path, base_model: &str, kind: ProductKind) -> Result<Server, CliError> {
         let dir = models_root.join(base_model);
         let model = Model::load(&dir).map_err(|e| CliError::Usage(format!("simulator base model: {e}")))?;
         let tokenizer = TextTokenizer::load(&dir, model.config.vocab_size)
             .map_err(|e| CliError::Usage(format!("simulator tokenizer: {e}")))?;
-        // The product shows printable ASCII only.
-        let allowed = (0..model.config.vocab_size)
-            .map(|id| {
-                tokenizer.decode(&[id as u32]).is_ok_and(|t| t.len() == 1 && t.bytes().all(|b| (32..127).contains(&b)))
-            })
-            .collect();
-        Ok(Server { model: Arc::new(model), tokenizer, adapters: HashMap::new(), allowed })
+        let kind = match kind {
+            ProductKind::Auto if tokenizer.has_chat_template() => ProductKind::Chat,
+            ProductKind::Auto => ProductKind::Characters,
+            k => k,
+        };
+        let end_of_turn = match kind {
+            ProductKind::Chat => {
+                let marker = "<|im_end|>";
+                let id = tokenizer.token_id(marker).ok_or_else(|| {
+                    CliError::Usage(format!("the chat product needs a model with the {marker} token"))
+                })?;
+                Some((id, marker.to_string()))
+            }
+            _ => None,
+        };
+        // The characters product shows printable ASCII only.
+        let allowed = match kind {
+            ProductKind::Characters => (0..model.config.vocab_size)
+                .map(|id| {
+                    tokenizer
+                        .decode(&[id as u32])
+                        .is_ok_and(|t| t.len() == 1 && t.bytes().all(|b| (32..127).contains(&b)))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let packed = CpuModel::for_serving(&model, PrecisionChoice::Auto.resolve())
+            .map_err(|e| CliError::Usage(format!("simulator base model: {e}")))?;
+        Ok(Server {
+            model: packed,
+            config: model.config,
+            tokenizer,
+            adapters: HashMap::new(),
+            kind,
+            allowed,
+            end_of_turn,
+        })
     }
 
     /// The adapter at `uri`, loaded once per version.
@@ -249,26 +334,97 @@ impl Server {
             return Ok(a.clone());
         }
         let path = uri.strip_prefix("file://").unwrap_or(uri);
-        let a = LoraAdapter::load_peft(Path::new(path), &self.model.config)
+        let a = LoraAdapter::load_peft(Path::new(path), &self.config)
             .map_err(|e| CliError::Usage(format!("adapter {version} at {uri}: {e}")))?;
         let a = Arc::new(a);
         self.adapters.insert(version.to_string(), a.clone());
         Ok(a)
     }
 
-    /// Samples a completion for `prompt`; returns its text and behaviour log-probability.
-    pub fn complete(
+    /// The prompt text for a user request (the chat product wraps the
+    /// question in the model's chat template).
+    pub fn prompt(&self, request: &str) -> Result<String, CliError> {
+        match self.kind {
+            ProductKind::Chat => {
+                self.tokenizer.chat_prompt(&[("user", request)]).map_err(|e| CliError::Usage(e.to_string()))
+            }
+            _ => Ok(request.to_string()),
+        }
+    }
+
+    /// A request (question or code prefix) of the product, drawn from `rng`.
+    pub fn draw_request(&self, rng: &mut SplitMix) -> &'static str {
+        match self.kind {
+            ProductKind::Chat => {
+                crate::chat_product::PROMPTS[rng.below(crate::chat_product::PROMPTS.len() as u64) as usize]
+            }
+            _ => PROMPTS[rng.below(PROMPTS.len() as u64) as usize],
+        }
+    }
+
+    /// The default completion length of the product.
+    pub fn completion_tokens(&self, args: &ProductArgs) -> usize {
+        args.completion_tokens.unwrap_or(if self.kind == ProductKind::Chat { 40 } else { 8 })
+    }
+
+    /// Generates completions for `(prompt, adapter, seed)` requests together.
+    pub fn complete_batch(
         &self,
-        prompt: &str,
-        adapter: Option<&LoraAdapter>,
+        requests: &[(String, Option<Arc<LoraAdapter>>, u64)],
         tokens: usize,
-        rng: &mut SplitMix,
-    ) -> Result<(String, f64), CliError> {
-        let ids = self.tokenizer.encode(prompt).map_err(|e| CliError::Usage(e.to_string()))?;
-        let s = sample(&self.model, adapter, &ids, tokens, 1.0, &self.allowed, rng)
-            .map_err(|e| CliError::Usage(format!("sampling: {e}")))?;
-        let text = self.tokenizer.decode(&s.tokens).map_err(|e| CliError::Usage(e.to_string()))?;
-        Ok((text, s.logprob))
+    ) -> Result<Vec<Completion>, CliError> {
+        let ids: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|(p, _, _)| self.tokenizer.encode(p).map_err(|e| CliError::Usage(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let stop: Vec<u32> = self.end_of_turn.iter().map(|(id, _)| *id).collect();
+        let sampling = |seed| match self.kind {
+            // Lively but not wild: a small model sampled at 1.0 rambles.
+            ProductKind::Chat => Sampling { temperature: 0.8, top_p: 0.95, seed },
+            _ => Sampling { temperature: 1.0, top_p: 1.0, seed },
+        };
+        let batch: Vec<GenerateRequest<'_>> = requests
+            .iter()
+            .zip(&ids)
+            .map(|((_, adapter, seed), prompt)| GenerateRequest {
+                prompt,
+                adapter: adapter.as_deref(),
+                max_new_tokens: tokens,
+                sampling: sampling(*seed),
+                stop: &stop,
+                allowed: (!self.allowed.is_empty()).then_some(self.allowed.as_slice()),
+            })
+            .collect();
+        let out = self.model.generate(&batch).map_err(|e| CliError::Usage(format!("generating: {e}")))?;
+        out.into_iter()
+            .map(|g| {
+                let body: Vec<u32> = g.tokens.iter().copied().filter(|t| !stop.contains(t)).collect();
+                let shown = self.tokenizer.decode(&body).map_err(|e| CliError::Usage(e.to_string()))?;
+                let recorded = match (&self.end_of_turn, g.stopped) {
+                    (Some((_, marker)), true) => format!("{shown}{marker}"),
+                    _ => shown.clone(),
+                };
+                Ok(Completion { recorded, shown, logprob: g.logprob, finished: g.stopped })
+            })
+            .collect()
+    }
+
+    /// The chance `user` accepts `completion` to `request` in this product.
+    pub fn accept_probability(&self, user: &User, request: &str, completion: &Completion, args: &ProductArgs) -> f64 {
+        match self.kind {
+            ProductKind::Chat => {
+                crate::chat_product::accept_probability(&user.tastes, request, &completion.shown, completion.finished)
+            }
+            _ => accept_probability(user, completion.shown.as_bytes(), args.preference_strength),
+        }
+    }
+
+    /// The product's users.
+    pub fn population(&self, args: &ProductArgs) -> Vec<User> {
+        match self.kind {
+            ProductKind::Chat => crate::chat_product::chat_population(args.users.max(1), args.seed),
+            _ => population(args.users.max(1), args.seed),
+        }
     }
 }
 
@@ -306,8 +462,9 @@ pub async fn simulate(
     mut on_tick: impl FnMut(&SimStats),
 ) -> Result<SimStats, CliError> {
     let product = &args.product;
-    let mut server = Server::load(&args.models_root, &product.base_model)?;
-    let users = population(product.users.max(1), product.seed);
+    let mut server = Server::load(&args.models_root, &product.base_model, product.product)?;
+    let users = server.population(product);
+    let tokens = server.completion_tokens(product);
     let mut rng = SplitMix(product.seed);
     let mut stats = SimStats::default();
     let mut pending: Vec<Due> = Vec::new();
@@ -316,14 +473,19 @@ pub async fn simulate(
     let run_id = format!("{:08x}", rng.next_u64() as u32);
     let mut next_request = Instant::now();
     let mut last_tick = Instant::now();
-    while !shutdown.is_cancelled() && (product.requests == 0 || stats.requests < product.requests) {
+    let limit = |done: u64| product.requests == 0 || done < product.requests;
+    while !shutdown.is_cancelled() && limit(stats.requests) {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             on_tick(&stats);
             last_tick = Instant::now();
         }
-        let now = Instant::now();
-        if now >= next_request {
-            // Poisson arrivals at `rate`.
+        // Every request that has arrived (Poisson arrivals at `rate`) is
+        // routed, then all are decoded together.
+        let mut arrived = Vec::new();
+        while Instant::now() >= next_request
+            && arrived.len() < product.batch_max.max(1)
+            && limit(stats.requests + arrived.len() as u64)
+        {
             next_request += Duration::from_secs_f64(-(1.0 - rng.unit()).ln() / product.rate.max(0.01));
             let user = rng.pick(&users);
             let path = format!("/v1/route?user_id={}&surface=editor&base_model={}", user.id, product.base_model);
@@ -344,52 +506,65 @@ pub async fn simulate(
                 (Some(v), Some(uri)) => Some(server.adapter(v, uri)?),
                 _ => None,
             };
-            let prompt = *rng.pick(PROMPTS);
-            let (completion, logprob) = tokio::task::block_in_place(|| {
-                server.complete(prompt, adapter.as_deref(), product.completion_tokens, &mut rng)
-            })?;
-            let outcome = react(user, &completion, product, &mut rng);
-            stats.requests += 1;
-            let counts = stats.by_version.entry(version.clone().unwrap_or_else(|| "base".into())).or_default();
-            counts.0 += 1;
-            counts.1 += u64::from(outcome.accepted);
-            let suggestion = format!("sim-{run_id}-{:08}", stats.requests);
-            let shown_at = flywheel_core::now_millis();
-            let shown = serde_json::json!({"shown": {
-                "model_id": routed["model_id"],
-                "adapter_version": version,
-                "experiment_arm": routed["experiment_arm"],
-                "surface": "editor",
-                "prompt": prompt,
-                "completion": completion,
-                "behavior_logprob": logprob,
-                "latency_ms": 40 + (rng.unit() * 80.0) as i64,
-            }});
-            // Each event is sent when it happens: `delay` ms after the suggestion was shown.
-            let mut schedule = |delay: i64, payload: serde_json::Value| {
-                let at = now + Duration::from_millis(delay as u64);
-                pending
-                    .push(Due { at, event: event(uuid(&mut rng), &user.id, &suggestion, shown_at + delay, payload) });
-            };
-            schedule(0, shown);
-            let decided = outcome.decision_ms;
-            schedule(
-                decided,
-                if outcome.accepted {
-                    serde_json::json!({"accepted": {"time_to_accept_ms": decided}})
-                } else {
-                    serde_json::json!({"rejected": {"reason": "escape_key"}})
-                },
-            );
-            if let Some(text) = outcome.edited {
-                let distance = completion.len().abs_diff(text.len()) as i64;
-                schedule(decided + 500, serde_json::json!({"edited": {"final_text": text, "edit_distance": distance}}));
-            }
-            if let Some(score) = outcome.rating {
+            let asked = server.draw_request(&mut rng);
+            let prompt = server.prompt(asked)?;
+            arrived.push((user, routed, version, adapter, asked, prompt, rng.next_u64()));
+        }
+        if !arrived.is_empty() {
+            let batch: Vec<(String, Option<Arc<LoraAdapter>>, u64)> =
+                arrived.iter().map(|(_, _, _, a, _, p, seed)| (p.clone(), a.clone(), *seed)).collect();
+            let completions = tokio::task::block_in_place(|| server.complete_batch(&batch, tokens))?;
+            let now = Instant::now();
+            for ((user, routed, version, _, asked, prompt, _), completion) in arrived.into_iter().zip(completions) {
+                let p = server.accept_probability(user, asked, &completion, product);
+                let outcome = react(p, &completion.shown, product, &mut rng);
+                stats.requests += 1;
+                let counts = stats.by_version.entry(version.clone().unwrap_or_else(|| "base".into())).or_default();
+                counts.0 += 1;
+                counts.1 += u64::from(outcome.accepted);
+                let suggestion = format!("sim-{run_id}-{:08}", stats.requests);
+                let shown_at = flywheel_core::now_millis();
+                let shown = serde_json::json!({"shown": {
+                    "model_id": routed["model_id"],
+                    "adapter_version": version,
+                    "experiment_arm": routed["experiment_arm"],
+                    "surface": "editor",
+                    "prompt": prompt,
+                    "completion": completion.recorded,
+                    "behavior_logprob": completion.logprob,
+                    "latency_ms": 40 + (rng.unit() * 80.0) as i64,
+                }});
+                // Each event is sent when it happens: `delay` ms after the suggestion was shown.
+                let mut schedule = |delay: i64, payload: serde_json::Value| {
+                    let at = now + Duration::from_millis(delay as u64);
+                    pending.push(Due {
+                        at,
+                        event: event(uuid(&mut rng), &user.id, &suggestion, shown_at + delay, payload),
+                    });
+                };
+                schedule(0, shown);
+                let decided = outcome.decision_ms;
                 schedule(
-                    decided + 700,
-                    serde_json::json!({"rated": {"score": score, "scale_min": 1.0, "scale_max": 5.0}}),
+                    decided,
+                    if outcome.accepted {
+                        serde_json::json!({"accepted": {"time_to_accept_ms": decided}})
+                    } else {
+                        serde_json::json!({"rejected": {"reason": "escape_key"}})
+                    },
                 );
+                if let Some(text) = outcome.edited {
+                    let distance = completion.shown.len().abs_diff(text.len()) as i64;
+                    schedule(
+                        decided + 500,
+                        serde_json::json!({"edited": {"final_text": text, "edit_distance": distance}}),
+                    );
+                }
+                if let Some(score) = outcome.rating {
+                    schedule(
+                        decided + 700,
+                        serde_json::json!({"rated": {"score": score, "scale_min": 1.0, "scale_max": 5.0}}),
+                    );
+                }
             }
         }
         // Send what is due, in one batch.
@@ -409,8 +584,8 @@ pub async fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flywheel_trainer::cpu::gemm::PrecisionChoice;
     use flywheel_trainer::backend::{Backend, CpuBackend};
+    use flywheel_trainer::cpu::gemm::PrecisionChoice;
     use flywheel_trainer::objective::Example;
 
     fn args() -> ProductArgs {
@@ -424,17 +599,19 @@ mod tests {
     }
 
     /// Expected accept rate of `adapter` over `n` fresh suggestions.
-    fn expected_accept(server: &Server, users: &[User], adapter: Option<&LoraAdapter>, n: usize, seed: u64) -> f64 {
+    fn expected_accept(
+        server: &Server,
+        users: &[User],
+        adapter: Option<&Arc<LoraAdapter>>,
+        n: usize,
+        seed: u64,
+    ) -> f64 {
         let a = args();
-        let mut rng = SplitMix(seed);
-        (0..n)
-            .map(|i| {
-                let user = &users[i % users.len()];
-                let (text, _) =
-                    server.complete(PROMPTS[i % PROMPTS.len()], adapter, a.completion_tokens, &mut rng).unwrap();
-                accept_probability(user, text.as_bytes(), a.preference_strength)
-            })
-            .sum::<f64>()
+        let requests: Vec<(String, Option<Arc<LoraAdapter>>, u64)> =
+            (0..n).map(|i| (PROMPTS[i % PROMPTS.len()].to_string(), adapter.cloned(), seed + i as u64)).collect();
+        let done = server.complete_batch(&requests, server.completion_tokens(&a)).unwrap();
+        let users_at = |i: usize| &users[i % users.len()];
+        done.iter().enumerate().map(|(i, c)| server.accept_probability(users_at(i), &requests[i].0, c, &a)).sum::<f64>()
             / n as f64
     }
 
@@ -443,46 +620,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = flywheel_trainer::tiny::tiny_model(7).unwrap();
         flywheel_trainer::tiny::save(&model, &dir.path().join("flywheel/tiny")).unwrap();
-        let server = Server::load(dir.path(), "flywheel/tiny").unwrap();
-        let users = population(100, 3);
+        let server = Server::load(dir.path(), "flywheel/tiny", ProductKind::Auto).unwrap();
+        assert_eq!(server.kind, ProductKind::Characters, "the tiny model has no chat template");
+        let users = server.population(&args());
         let a = args();
         let base = expected_accept(&server, &users, None, 300, 1);
         assert!((0.08..0.35).contains(&base), "base accept rate {base}");
 
         // One round of the flywheel, in process: serve, observe, train.
         let mut rng = SplitMix(5);
+        let requests: Vec<(String, Option<Arc<LoraAdapter>>, u64)> =
+            (0..1200).map(|i| (PROMPTS[i % PROMPTS.len()].to_string(), None, rng.next_u64())).collect();
+        let served = server.complete_batch(&requests, server.completion_tokens(&a)).unwrap();
         let mut examples = Vec::new();
-        for i in 0..1200 {
-            let user = &users[i % users.len()];
-            let prompt = PROMPTS[i % PROMPTS.len()];
-            let (text, logprob) = server.complete(prompt, None, a.completion_tokens, &mut rng).unwrap();
-            let outcome = react(user, &text, &a, &mut rng);
+        for (i, ((prompt, _, _), c)) in requests.iter().zip(&served).enumerate() {
+            let p = server.accept_probability(&users[i % users.len()], prompt, c, &a);
+            let outcome = react(p, &c.shown, &a, &mut rng);
             let mut tokens = server.tokenizer.encode(prompt).unwrap();
             let prompt_len = tokens.len();
-            tokens.extend(server.tokenizer.encode(&text).unwrap());
+            tokens.extend(server.tokenizer.encode(&c.recorded).unwrap());
             let reward = if outcome.accepted { 0.75 } else { -0.25 };
             examples.push(Example {
                 tokens,
                 prompt_len,
                 reward,
                 accepted: outcome.accepted,
-                behavior_logprob: Some(logprob),
+                behavior_logprob: Some(c.logprob),
             });
         }
         let mut objective = flywheel_trigger::service::default_objective(1);
         demo_objective().apply(&mut objective);
         let lora = LoraAdapter::init(
-            &server.model.config,
+            &server.config,
             objective.lora_rank as usize,
             objective.lora_alpha,
             &objective.target_modules.iter().map(String::as_str).collect::<Vec<_>>(),
             1,
         )
         .unwrap();
-        let mut backend =
-            CpuBackend::new(&server.model, PrecisionChoice::F32, lora, objective.weight_decay).unwrap();
+        let mut backend = CpuBackend::new(&model, PrecisionChoice::F32, lora, objective.weight_decay).unwrap();
         flywheel_trainer::job::train_steps(&mut backend, &examples, &objective, &mut |_| {}).unwrap();
-        let trained = backend.adapter().unwrap();
+        let trained = Arc::new(backend.adapter().unwrap());
         let after = expected_accept(&server, &users, Some(&trained), 300, 1);
         eprintln!("accept rate: base {base:.3}, after one round {after:.3}");
         assert!(after > base + 0.1, "accept rate {base:.3} -> {after:.3}");

@@ -1,6 +1,7 @@
 //! Text to token ids with the model's own `tokenizer.json` (HF `tokenizers`),
 //! and the byte-level tokenizer written beside the tiny model.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tokenizers::models::bpe::BPE;
@@ -9,11 +10,13 @@ use tokenizers::{Tokenizer, TokenizerBuilder};
 
 use crate::TrainerError;
 
-/// A model's tokenizer, loaded from `<model>/tokenizer.json`.
+/// A model's tokenizer, loaded from `<model>/tokenizer.json`, and its chat
+/// template from `<model>/tokenizer_config.json` when there is one.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     vocab_size: usize,
+    chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -39,7 +42,44 @@ impl TextTokenizer {
                 path.display()
             )));
         }
-        Ok(TextTokenizer { inner, vocab_size })
+        let config = dir.join("tokenizer_config.json");
+        let chat_template = match std::fs::read(&config) {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| TrainerError::Format(format!("{}: {e}", config.display())))?;
+                v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+            }
+            Err(_) => None,
+        };
+        Ok(TextTokenizer { inner, vocab_size, chat_template })
+    }
+
+    /// The id of a token given by its text (special tokens such as
+    /// `<|im_end|>` included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// The prompt for a conversation of `(role, content)` messages, rendered
+    /// with the model's chat template and the assistant's turn opened.
+    pub fn chat_prompt(&self, messages: &[(&str, &str)]) -> Result<String, TrainerError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| TrainerError::Format("the model has no chat template (tokenizer_config.json)".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template).map_err(|e| TrainerError::Format(format!("chat template: {e}")))?;
+        let messages: Vec<BTreeMap<&str, &str>> =
+            messages.iter().map(|(role, content)| BTreeMap::from([("role", *role), ("content", *content)])).collect();
+        let ctx = minijinja::context! { messages => messages, add_generation_prompt => true };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| TrainerError::Format(format!("rendering the chat template: {e}")))
     }
 
     /// Token ids of `text`, without special tokens: prompts and completions

@@ -19,23 +19,24 @@ use crate::model::{LlamaConfig, Model, PROJECTIONS, projection_name, rope_tables
 use crate::objective::{Example, Objective};
 
 /// A frozen weight `W [out × in]` packed for both products training needs:
-/// `y = x · Wᵀ` (forward) and `dx = dy · W` (backward).
+/// `y = x · Wᵀ` (forward) and `dx = dy · W` (backward); for serving, the
+/// forward one only.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
     out: usize,
     inp: usize,
     fwd: PackedB,
-    bwd: PackedB,
+    bwd: Option<PackedB>,
 }
 
 impl PackedWeight {
-    /// Packs `w [out × in]` (row-major).
-    pub fn new(w: &[f32], out: usize, inp: usize, precision: Precision) -> PackedWeight {
+    /// Packs `w [out × in]` (row-major); `backward`: also for `dy · W`.
+    pub fn new(w: &[f32], out: usize, inp: usize, precision: Precision, backward: bool) -> PackedWeight {
         PackedWeight {
             out,
             inp,
             fwd: PackedB::from_transposed(w, out, inp, inp, precision),
-            bwd: PackedB::from_rows(w, out, inp, inp, precision),
+            bwd: backward.then(|| PackedB::from_rows(w, out, inp, inp, precision)),
         }
     }
 
@@ -44,56 +45,61 @@ impl PackedWeight {
         gemm(MatA::rows(x, self.inp), rows, &self.fwd, y, self.out, accumulate);
     }
 
-    /// `dx [rows × in] (+)= dy [rows × out] · W`.
+    /// `dx [rows × in] (+)= dy [rows × out] · W`. Only on weights packed for
+    /// training ([`CpuModel::backward`] checks).
     pub fn backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], accumulate: bool) {
-        gemm(MatA::rows(dy, self.out), rows, &self.bwd, dx, self.inp, accumulate);
+        let bwd = self.bwd.as_ref().expect("a weight packed for training");
+        gemm(MatA::rows(dy, self.out), rows, bwd, dx, self.inp, accumulate);
     }
 
     /// Row `r` of `W` (an embedding lookup when `W` is a tied LM head).
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        self.bwd.row(r, out);
+        match &self.bwd {
+            Some(b) => b.row(r, out),
+            None => self.fwd.column(r, out),
+        }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.bytes()
+        self.fwd.bytes() + self.bwd.as_ref().map_or(0, PackedB::bytes)
     }
 }
 
 /// One decoder layer, packed: q/k/v as one product, gate/up as one.
 #[derive(Debug, Clone)]
-struct Layer {
-    qkv: PackedWeight,
-    qkv_bias: Option<Vec<f32>>,
-    o: PackedWeight,
-    gate_up: PackedWeight,
-    down: PackedWeight,
-    norm1: Vec<f32>,
-    norm2: Vec<f32>,
+pub(super) struct Layer {
+    pub(super) qkv: PackedWeight,
+    pub(super) qkv_bias: Option<Vec<f32>>,
+    pub(super) o: PackedWeight,
+    pub(super) gate_up: PackedWeight,
+    pub(super) down: PackedWeight,
+    pub(super) norm1: Vec<f32>,
+    pub(super) norm2: Vec<f32>,
 }
 
 /// Where a projection's output lives: which fused product and its columns.
 #[derive(Debug, Clone, Copy)]
-struct Slot {
+pub(super) struct Slot {
     /// First column in the product's output.
-    col: usize,
+    pub(super) col: usize,
     /// Input width.
-    inp: usize,
+    pub(super) inp: usize,
     /// Output width.
-    out: usize,
+    pub(super) out: usize,
 }
 
 /// The widths of one model.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    h: usize,
-    i: usize,
-    q: usize,
-    kv: usize,
-    hd: usize,
-    nh: usize,
-    nkv: usize,
-    vocab: usize,
+pub(super) struct Dims {
+    pub(super) h: usize,
+    pub(super) i: usize,
+    pub(super) q: usize,
+    pub(super) kv: usize,
+    pub(super) hd: usize,
+    pub(super) nh: usize,
+    pub(super) nkv: usize,
+    pub(super) vocab: usize,
 }
 
 impl Dims {
@@ -112,11 +118,11 @@ impl Dims {
     }
 
     /// Width of the fused q/k/v output.
-    fn qkv(&self) -> usize {
+    pub(super) fn qkv(&self) -> usize {
         self.q + 2 * self.kv
     }
 
-    fn slot(&self, module: &str) -> Slot {
+    pub(super) fn slot(&self, module: &str) -> Slot {
         let (h, i, q, kv) = (self.h, self.i, self.q, self.kv);
         match module {
             "q_proj" => Slot { col: 0, inp: h, out: q },
@@ -136,10 +142,12 @@ pub struct CpuModel {
     /// The model's config.
     pub config: LlamaConfig,
     precision: Precision,
-    dims: Dims,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    head: PackedWeight,
+    /// Whether the backward products are packed too.
+    trainable: bool,
+    pub(super) dims: Dims,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Vec<f32>,
+    pub(super) head: PackedWeight,
     /// The input embedding when the head is not tied to it.
     embed: Option<PackedB>,
 }
@@ -223,7 +231,7 @@ pub struct BatchForward {
     lse: Vec<f64>,
 }
 
-fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
+pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, row)| {
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
@@ -248,7 +256,7 @@ fn rms_norm_backward_into(x: &[f32], width: usize, weight: &[f32], eps: f64, dy:
 
 /// Rotates the q and k heads of every row of a fused q/k/v matrix by its
 /// position's angles (`direction` −1: the inverse, RoPE's backward).
-fn rope_rows(qkv: &mut [f32], d: &Dims, positions: &[usize], cos: &[f32], sin: &[f32], direction: f32) {
+pub(super) fn rope_rows(qkv: &mut [f32], d: &Dims, positions: &[usize], cos: &[f32], sin: &[f32], direction: f32) {
     let (width, hd, half) = (d.qkv(), d.hd, d.hd / 2);
     qkv.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &p)| {
         let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
@@ -265,7 +273,7 @@ fn rope_rows(qkv: &mut [f32], d: &Dims, positions: &[usize], cos: &[f32], sin: &
 }
 
 /// `silu(gate) · up` of every row of a fused gate/up matrix `[n × 2i]`.
-fn swiglu(gate_up: &[f32], n: usize, i: usize) -> Vec<f32> {
+pub(super) fn swiglu(gate_up: &[f32], n: usize, i: usize) -> Vec<f32> {
     let mut act = vec![0.0f32; n * i];
     act.par_chunks_mut(i).zip(gate_up.par_chunks(2 * i)).for_each(|(a, g)| {
         let (gate, up) = g.split_at(i);
@@ -275,8 +283,17 @@ fn swiglu(gate_up: &[f32], n: usize, i: usize) -> Vec<f32> {
 }
 
 impl CpuModel {
-    /// Packs `model` in `precision`.
+    /// Packs `model` in `precision` for training and evaluation.
     pub fn new(model: &Model, precision: Precision) -> Result<CpuModel, TrainerError> {
+        Self::packed(model, precision, true)
+    }
+
+    /// Packs `model` for forward passes only (serving): half the memory.
+    pub fn for_serving(model: &Model, precision: Precision) -> Result<CpuModel, TrainerError> {
+        Self::packed(model, precision, false)
+    }
+
+    fn packed(model: &Model, precision: Precision, trainable: bool) -> Result<CpuModel, TrainerError> {
         let c = &model.config;
         let d = Dims::of(c);
         let w = |name: &str| -> Result<&[f32], TrainerError> {
@@ -310,21 +327,22 @@ impl CpuModel {
             gate_up.extend_from_slice(weight("gate_proj")?);
             gate_up.extend_from_slice(weight("up_proj")?);
             layers.push(Layer {
-                qkv: PackedWeight::new(&qkv, d.qkv(), d.h, precision),
+                qkv: PackedWeight::new(&qkv, d.qkv(), d.h, precision, trainable),
                 qkv_bias,
-                o: PackedWeight::new(weight("o_proj")?, d.h, d.q, precision),
-                gate_up: PackedWeight::new(&gate_up, 2 * d.i, d.h, precision),
-                down: PackedWeight::new(weight("down_proj")?, d.h, d.i, precision),
+                o: PackedWeight::new(weight("o_proj")?, d.h, d.q, precision, trainable),
+                gate_up: PackedWeight::new(&gate_up, 2 * d.i, d.h, precision, trainable),
+                down: PackedWeight::new(weight("down_proj")?, d.h, d.i, precision, trainable),
                 norm1: w(&format!("model.layers.{l}.input_layernorm.weight"))?.to_vec(),
                 norm2: w(&format!("model.layers.{l}.post_attention_layernorm.weight"))?.to_vec(),
             });
         }
-        let head = PackedWeight::new(model.head(), d.vocab, d.h, precision);
+        let head = PackedWeight::new(model.head(), d.vocab, d.h, precision, trainable);
         let embed = (!c.tie_word_embeddings)
             .then(|| PackedB::from_rows(model.weight_of("model.embed_tokens.weight"), d.vocab, d.h, d.h, precision));
         Ok(CpuModel {
             config: c.clone(),
             precision,
+            trainable,
             dims: d,
             layers,
             norm: w("model.norm.weight")?.to_vec(),
@@ -345,7 +363,7 @@ impl CpuModel {
         layers + self.head.bytes() + self.embed.as_ref().map_or(0, PackedB::bytes)
     }
 
-    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>, TrainerError> {
+    pub(super) fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>, TrainerError> {
         let h = self.dims.h;
         if let Some(bad) = tokens.iter().find(|t| **t as usize >= self.dims.vocab) {
             return Err(TrainerError::Format(format!("token {bad} outside the vocabulary of {}", self.dims.vocab)));
@@ -360,7 +378,7 @@ impl CpuModel {
 
     /// `y[:, slot] += scale · (x · Aᵀ) · Bᵀ` for an adapted projection;
     /// returns `x · Aᵀ`.
-    fn lora_forward(
+    pub(super) fn lora_forward(
         x: &[f32],
         rows: usize,
         slot: Slot,
@@ -664,6 +682,9 @@ impl CpuModel {
         let c = &self.config;
         let d = self.dims;
         let n = batch.rows();
+        if !self.trainable {
+            return Err(TrainerError::Unsupported("this model was packed for serving only".into()));
+        }
         if fwd.layers.len() != self.layers.len() || coefs.len() != batch.sequences() {
             return Err(TrainerError::Format("backward needs a traced forward pass of the same batch".into()));
         }

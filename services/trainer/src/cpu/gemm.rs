@@ -317,6 +317,19 @@ impl PackedB {
         }
     }
 
+    /// Column `c` of `B` as f32 (an embedding lookup in a head packed for
+    /// `x · Eᵀ`).
+    pub fn column(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k);
+        let (p, j) = (c / NR, c % NR);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = match &self.panels {
+                Panels::F32(d) => d[p * self.k * NR + r * NR + j],
+                Panels::Bf16(d) => bf16_to_f32(d[p * self.k.div_ceil(2) * NR * 2 + (r / 2) * NR * 2 + j * 2 + r % 2]),
+            };
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match &self.panels {
@@ -393,10 +406,12 @@ pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accum
             gemm_rows(a, r0, rows, b, 0, b.n.div_ceil(NR), chunk, ldc, accumulate);
         });
     } else {
-        // Few rows: split panels; each task sums into its own buffer, which
-        // is then copied into its columns.
+        // Few rows: split panels into narrow column strips; each task sums
+        // into its own small buffer, then it is copied into its columns. (A
+        // strip per thread would give each task rows tens of KiB apart, whose
+        // tiles then collide in the same cache sets.)
         let panels = b.n.div_ceil(NR);
-        let per = panels.div_ceil(threads).max(1);
+        let per = panels.div_ceil(threads).clamp(1, 8);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
             .into_par_iter()
             .map(|t| {
@@ -834,6 +849,9 @@ mod tests {
         let mut row = vec![0.0f32; n];
         packed.row(4, &mut row);
         assert_eq!(row, b[4 * n..5 * n]);
+        let mut column = vec![0.0f32; k];
+        packed.column(5, &mut column);
+        assert_eq!(column, (0..k).map(|kk| b[kk * n + 5]).collect::<Vec<_>>());
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! ([`gemm::Precision`]), q/k/v and gate/up fused into one product each, and
 //! the LM head evaluated only on the positions that carry loss.
 //!
+//! - [`generate`]: batched decoding with a key/value cache, an adapter per request;
 //! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
 //! - [`engine`]: the packed model, its batched forward and backward passes;
 //! - [`simd`]: element-wise passes (SwiGLU, softmax rows) vectorised at run time.
 
 pub mod engine;
 pub mod gemm;
+pub mod generate;
 pub mod simd;

@@ -116,6 +116,59 @@ dispatch! {
     }
 }
 
+/// Cached keys and values of `count` positions: those of position `j` start
+/// at `j · stride + offset` in `keys` / `values`.
+#[derive(Debug, Clone, Copy)]
+pub struct Cached<'a> {
+    /// Keys (after RoPE).
+    pub keys: &'a [f32],
+    /// Values.
+    pub values: &'a [f32],
+    /// Floats between positions.
+    pub stride: usize,
+    /// Where this head's slice starts within a position.
+    pub offset: usize,
+    /// Positions to attend over.
+    pub count: usize,
+}
+
+dispatch! {
+    /// One query head attending over cached positions:
+    /// `out = Σ_j softmax(q·k_j · scale)_j · v_j` (`scores`: scratch).
+    pub fn attend(q: &[f32], cached: Cached<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let Cached { keys, values, stride, offset, count: t } = cached;
+        let hd = q.len();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..t {
+            let k = &keys[j * stride + offset..j * stride + offset + hd];
+            let mut lanes = [0.0f32; 16];
+            for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
+                for ((l, a), b) in lanes.iter_mut().zip(qc).zip(kc) {
+                    *l += a * b;
+                }
+            }
+            let tail: f32 = q.chunks_exact(16).remainder().iter().zip(k.chunks_exact(16).remainder()).map(|(a, b)| a * b).sum();
+            let s = (lanes.iter().sum::<f32>() + tail) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+            sum += *s;
+        }
+        out.fill(0.0);
+        for (j, p) in scores.iter().enumerate() {
+            let w = p / sum;
+            let v = &values[j * stride + offset..j * stride + offset + hd];
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
