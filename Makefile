@@ -14,7 +14,7 @@ FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
 
 export FLYWHEEL_TANSU_BIN := $(TANSU)
 
-.PHONY: help setup system-deps browser tools nextest test-clock python model-files kernels-check fmt fmt-check lint test bench bench-gpu demo broker topics clean
+.PHONY: help setup system-deps browser tools nextest test-clock python model-files kernels-check fmt fmt-check lint test chaos bench bench-cpu bench-gpu demo broker topics clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -115,6 +115,13 @@ test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format ch
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest run --workspace --locked
 
+# The long chaos run; a short one (about 45 s of load) is part of `make
+# test`. Plain `cargo test`: nextest's 5-minute limit per test would stop it.
+chaos: setup ## Long chaos test: SIGKILLs of the rewarder and lake writer under load, a broker restart, then exactly-once checked (FLYWHEEL_CHAOS_SECONDS, default 300)
+	$(CARGO) build --workspace --bins --locked
+	FLYWHEEL_CHAOS_SECONDS=$${FLYWHEEL_CHAOS_SECONDS:-300} $(CARGO) test --locked -p flywheel-tests --test chaos -- \
+	  --exact repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothing --nocapture
+
 # The integration tests that start the broker (tests/tests/*.rs minus the
 # lake and metrics-oracle suites, which need none).
 BROKER_TESTS := package(flywheel-tests) & !binary(lake) & !binary(rewarder_metrics)
@@ -142,7 +149,24 @@ bench: tools ## Benchmarks (release build); results and how to read them in BENC
 	$(CARGO) run --release --locked -p flywheel-collector --example collector_bench
 	$(CARGO) build --release --locked -p flywheel-lake-writer --bin flywheel-lake-writer
 	$(CARGO) run --release --locked -p flywheel --example lake_bench
-	$(CARGO) run --release --locked -p flywheel-trainer --example train_bench
+	$(MAKE) bench-cpu
+
+# PyTorch for the CPU baselines only (the Linux wheel pulls ~3 GB of CUDA
+# libraries): never installed by `make test`.
+BENCH_VENV  ?= $(CURDIR)/.venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.flywheel-bench-1
+SMOLLM_DIR  := $(CURDIR)/.flywheel/models/smollm2-135m-instruct
+
+$(BENCH_STAMP):
+	python3 -m venv "$(BENCH_VENV)"
+	"$(BENCH_VENV)/bin/pip" install --quiet --disable-pip-version-check torch peft transformers numpy
+	@touch $@
+
+bench-cpu: model-files $(BENCH_STAMP) ## The CPU trainer and server vs PyTorch + PEFT / transformers on the same cores (installs PyTorch in .venv-bench)
+	$(CARGO) build --release --locked -p flywheel --bin flywheel
+	$(CARGO) build --release --locked -p flywheel-trainer --example train_bench --example generate_bench --example hf_parity --example gemm_bench
+	@[ -f "$(SMOLLM_DIR)/model.safetensors" ] || "$${CARGO_TARGET_DIR:-target}/release/flywheel" model import-gguf "$(SMOLLM_GGUF)" --out "$(SMOLLM_DIR)"
+	services/trainer/bench/run_cpu_bench.sh "$${CARGO_TARGET_DIR:-target}/release/examples" "$(BENCH_VENV)/bin/python" "$(SMOLLM_DIR)"
 
 demo: setup ## Run the whole flywheel locally (embedded broker, every service, simulated product) until two promotions
 	$(CARGO) build --workspace --bins --locked

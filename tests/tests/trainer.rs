@@ -12,8 +12,8 @@ use flywheel_lake_writer::lake::Lake;
 use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
 use flywheel_lake_writer::store::{LocalStore, Storage};
 use flywheel_tests::{commit_records, workspace_root};
-use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::backend::Device;
+use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::job::{JobSettings, run_job};
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
@@ -211,8 +211,9 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     task.await.unwrap();
 }
 
-/// `flywheel train` in separate processes (matrixmultiply reads its thread
-/// count once per process): 1 and 2 GEMM threads give the same adapter bytes.
+/// `flywheel train` in separate processes (the rayon pool's size is read
+/// once per process): 1 and 2 threads give the same adapter bytes, in f32
+/// and in bf16.
 #[test]
 fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
     let (dir, models, lake) = fixture();
@@ -220,13 +221,14 @@ fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
     req.objective.max_steps = 6;
     let request_file = dir.path().join("request.json");
     std::fs::write(&request_file, serde_json::to_vec(&req).unwrap()).unwrap();
-    let run = |threads: &str| -> (serde_json::Value, Vec<u8>) {
-        let adapters = dir.path().join(format!("adapters-{threads}"));
+    let run = |threads: &str, precision: &str| -> (serde_json::Value, Vec<u8>) {
+        let adapters = dir.path().join(format!("adapters-{threads}-{precision}"));
         let out = std::process::Command::new(flywheel_tests::workspace_binary("flywheel"))
             .args(["train", "--request-file", &request_file.display().to_string()])
             .args(["--models-root", &models.display().to_string()])
             .args(["--adapters-root", &adapters.display().to_string(), "--max-tokens", "64"])
-            .env("MATMUL_NUM_THREADS", threads)
+            .args(["--cpu-precision", precision])
+            .env("RAYON_NUM_THREADS", threads)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -235,11 +237,13 @@ fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
         assert!(uri.starts_with(&adapters.display().to_string()), "{uri}");
         (candidate, std::fs::read(std::path::Path::new(&uri).join("adapter_model.safetensors")).unwrap())
     };
-    let (one, one_bytes) = run("1");
-    let (two, two_bytes) = run("2");
-    assert_eq!(one["steps"], 6);
-    assert_eq!(one["request_id"], "req-threads");
-    assert!(one_bytes == two_bytes, "adapters differ between 1 and 2 GEMM threads");
-    assert_eq!(one["adapter_sha256"], two["adapter_sha256"]);
-    assert_eq!(one["candidate_metrics"], two["candidate_metrics"]);
+    for precision in ["f32", "bf16"] {
+        let (one, one_bytes) = run("1", precision);
+        let (two, two_bytes) = run("2", precision);
+        assert_eq!(one["steps"], 6);
+        assert_eq!(one["request_id"], "req-threads");
+        assert!(one_bytes == two_bytes, "{precision}: adapters differ between 1 and 2 threads");
+        assert_eq!(one["adapter_sha256"], two["adapter_sha256"]);
+        assert_eq!(one["candidate_metrics"], two["candidate_metrics"]);
+    }
 }

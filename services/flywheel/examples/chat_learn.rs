@@ -2,7 +2,9 @@
 //! base model to the simulated users, train an adapter on their feedback,
 //! and compare expected accept rates on held-out prompts. For tuning the
 //! chat product's training settings.
-//! `chat_learn MODEL_DIR [SERVED] [STEPS] [LR] [RANK] [BATCH]`.
+//! `chat_learn MODEL_DIR [SERVED] [STEPS] [LR] [RANK] [BATCH] [OBJECTIVE] [KL]`
+//! (OBJECTIVE: reinforce | kto | sft). Served examples are cached in
+//! `$TMPDIR/chat_learn_examples.json` between runs.
 
 #![allow(clippy::print_stdout)]
 
@@ -43,30 +45,34 @@ fn main() {
     let train_q: Vec<&str> = PROMPTS.iter().step_by(2).copied().collect();
     let test_q: Vec<&str> = PROMPTS.iter().skip(1).step_by(2).copied().collect();
     let mut rng = SplitMix(11);
+    let cache = std::env::temp_dir().join(format!("chat_learn_examples_{served}.json"));
     let t = Instant::now();
-    let asked: Vec<&str> = (0..served).map(|i| train_q[i % train_q.len()]).collect();
-    let requests: Vec<(String, Option<Arc<LoraAdapter>>, u64)> =
-        asked.iter().map(|q| (server.prompt(q).unwrap(), None, rng.next_u64())).collect();
-    let done = server.complete_batch(&requests, tokens).unwrap();
-    println!("served {served} in {:.1} s", t.elapsed().as_secs_f64());
-    let mut examples = Vec::new();
-    let mut accepted = 0;
-    for (i, ((prompt, _, _), c)) in requests.iter().zip(&done).enumerate() {
-        let user = &users[rng.below(users.len() as u64) as usize];
-        let o = react(server.accept_probability(user, asked[i], c, &product), &c.shown, &product, &mut rng);
-        accepted += usize::from(o.accepted);
-        let mut toks = server.tokenizer.encode(prompt).unwrap();
-        let prompt_len = toks.len();
-        toks.extend(server.tokenizer.encode(&c.recorded).unwrap());
-        examples.push(Example {
-            tokens: toks,
-            prompt_len,
-            reward: if o.accepted { 0.75 } else { -0.25 },
-            accepted: o.accepted,
-            behavior_logprob: Some(c.logprob),
-        });
-    }
-    println!("accepted {accepted}/{served}");
+    let examples: Vec<Example> = if let Ok(bytes) = std::fs::read(&cache) {
+        let rows: Vec<(Vec<u32>, usize, f64, bool, f64)> = serde_json::from_slice(&bytes).unwrap();
+        rows.into_iter()
+            .map(|(tokens, prompt_len, reward, accepted, lp)| Example { tokens, prompt_len, reward, accepted, behavior_logprob: Some(lp) })
+            .collect()
+    } else {
+        let asked: Vec<&str> = (0..served).map(|i| train_q[i % train_q.len()]).collect();
+        let requests: Vec<(String, Option<Arc<LoraAdapter>>, u64)> =
+            asked.iter().map(|q| (server.prompt(q).unwrap(), None, rng.next_u64())).collect();
+        let done = server.complete_batch(&requests, tokens).unwrap();
+        println!("served {served} in {:.1} s", t.elapsed().as_secs_f64());
+        let mut examples = Vec::new();
+        for (i, ((prompt, _, _), c)) in requests.iter().zip(&done).enumerate() {
+            let user = &users[rng.below(users.len() as u64) as usize];
+            let o = react(server.accept_probability(user, asked[i], c, &product), &c.shown, &product, &mut rng);
+            let mut toks = server.tokenizer.encode(prompt).unwrap();
+            let prompt_len = toks.len();
+            toks.extend(server.tokenizer.encode(&c.recorded).unwrap());
+            examples.push(Example { tokens: toks, prompt_len, reward: if o.accepted { 0.75 } else { -0.25 }, accepted: o.accepted, behavior_logprob: Some(c.logprob) });
+        }
+        let rows: Vec<(&Vec<u32>, usize, f64, bool, f64)> =
+            examples.iter().map(|e| (&e.tokens, e.prompt_len, e.reward, e.accepted, e.behavior_logprob.unwrap_or(0.0))).collect();
+        std::fs::write(&cache, serde_json::to_vec(&rows).unwrap()).unwrap();
+        examples
+    };
+    println!("accepted {}/{}", examples.iter().filter(|e| e.accepted).count(), examples.len());
     let model = Model::load(dir).unwrap();
     let mut objective = flywheel_trigger::service::default_objective(1);
     objective.lora_rank = rank;
@@ -77,22 +83,20 @@ fn main() {
     objective.max_steps = steps;
     objective.batch_size = batch;
     objective.warmup_steps = 5;
-    objective.kl_coef = 0.0;
+    objective.kl_coef = arg(8, 0.0);
+    objective.kind = match a.get(7).map(String::as_str) {
+        Some("kto") => flywheel_core::records::ObjectiveKind::Kto,
+        Some("sft") => flywheel_core::records::ObjectiveKind::Sft,
+        _ => flywheel_core::records::ObjectiveKind::Reinforce,
+    };
     let targets: Vec<&str> = objective.target_modules.iter().map(String::as_str).collect();
     let lora = LoraAdapter::init(&model.config, rank as usize, objective.lora_alpha, &targets, 1).unwrap();
     let mut backend = CpuBackend::new(&model, PrecisionChoice::Auto, lora, 0.0).unwrap();
     drop(model);
-    let t = Instant::now();
-    flywheel_trainer::job::train_steps(&mut backend, &examples, &objective, &mut |p| {
-        if p.step % 10 == 0 {
-            println!("step {} loss {:.3} {:.0} tok/s", p.step, p.loss, p.tokens_per_second());
-        }
-    })
-    .unwrap();
-    println!("trained in {:.1} s", t.elapsed().as_secs_f64());
-    let trained = Arc::new(backend.adapter().unwrap());
-    for (label, adapter) in [("base", None), ("adapter", Some(trained.clone()))] {
-        let reqs: Vec<(String, Option<Arc<LoraAdapter>>, u64)> = (0..240)
+    let every: i32 = std::env::var("EVAL_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let eval_n: usize = std::env::var("EVAL_N").ok().and_then(|v| v.parse().ok()).unwrap_or(96);
+    let evaluate = |label: &str, adapter: Option<Arc<LoraAdapter>>| {
+        let reqs: Vec<(String, Option<Arc<LoraAdapter>>, u64)> = (0..eval_n)
             .map(|i| (server.prompt(test_q[i % test_q.len()]).unwrap(), adapter.clone(), 9000 + i as u64))
             .collect();
         let out = server.complete_batch(&reqs, tokens).unwrap();
@@ -102,8 +106,24 @@ fn main() {
             .map(|(i, c)| server.accept_probability(&users[i % users.len()], test_q[i % test_q.len()], c, &product))
             .sum::<f64>()
             / out.len() as f64;
-        let brief =
-            out.iter().filter(|c| flywheel_cli::chat_product::Property::Brief.holds(&c.shown, c.finished)).count();
-        println!("{label}: expected accept {p:.3}, brief {brief}/240; e.g. {:?} | {:?}", out[0].shown, out[1].shown);
+        let brief = out.iter().filter(|c| flywheel_cli::chat_product::Property::Brief.holds(&c.shown, c.finished)).count();
+        println!("{label}: expected accept {p:.3}, brief {brief}/{eval_n}; e.g. {:?} | {:?} | {:?}", out[0].shown, out[1].shown, out[2].shown);
+    };
+    evaluate("base", None);
+    let t = Instant::now();
+    let mut done = 0;
+    while done < steps {
+        let mut chunk = objective.clone();
+        chunk.max_steps = every.min(steps - done);
+        // One schedule over all steps would need the step offset; a constant
+        // rate after warm-up is what these probes compare.
+        chunk.warmup_steps = if done == 0 { chunk.warmup_steps } else { 0 };
+        let offset = (done * batch) as usize % examples.len();
+        let rotated: Vec<Example> = examples[offset..].iter().chain(&examples[..offset]).cloned().collect();
+        flywheel_trainer::job::train_steps(&mut backend, &rotated, &chunk, &mut |p| {
+            if p.step == chunk.max_steps as u64 { println!("step {} loss {:.3} {:.0} tok/s", done as u64 + p.step, p.loss, p.tokens_per_second()); }
+        }).unwrap();
+        done += chunk.max_steps;
+        evaluate(&format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()), Some(Arc::new(backend.adapter().unwrap())));
     }
 }

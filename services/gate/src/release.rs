@@ -26,8 +26,12 @@ pub const HISTORY_LIMIT: usize = 200;
 type Pair = (String, String);
 /// (tenant, model, adapter version).
 type Version = (String, String, Option<String>);
-/// (window start, window end, source partition, emission offset).
-type WindowKey = (i64, i64, i32, i64);
+/// (window start, window end, source partition, emission offset,
+/// experiment arm, surface): a window record's whole identity (the
+/// rewarder's `metrics_record_id`), so records of one version that differ
+/// only in arm or surface — around a promotion the same adapter is served as
+/// canary and as live in one window — are all counted.
+type WindowKey = (i64, i64, i32, i64, String, String);
 
 /// Metrics windows per (tenant, model, adapter), deduplicated by window,
 /// source partition and emission offset.
@@ -40,7 +44,14 @@ impl MetricsStore {
     /// Keeps a window record; false when it was already held.
     pub fn add(&mut self, m: RewardMetrics) -> bool {
         let key = (m.tenant.clone(), m.model_id.clone(), m.adapter_version.clone());
-        let at = (m.window_start, m.window_end, m.source_partition, m.emitted_at_offset);
+        let at = (
+            m.window_start,
+            m.window_end,
+            m.source_partition,
+            m.emitted_at_offset,
+            m.experiment_arm.clone().unwrap_or_default(),
+            m.surface.clone().unwrap_or_default(),
+        );
         self.windows.entry(key).or_default().insert(at, m).is_none()
     }
 
@@ -49,9 +60,8 @@ impl MetricsStore {
     pub fn arm(&self, tenant: &str, model: &str, adapter: Option<&str>, since: i64, window_ms: i64) -> ArmStats {
         let key = (tenant.to_string(), model.to_string(), adapter.map(str::to_string));
         let mut stats = ArmStats::default();
-        for ((start, end, _, _), m) in
-            self.windows.get(&key).into_iter().flat_map(|w| w.range((since, i64::MIN, i32::MIN, i64::MIN)..))
-        {
+        let from = (since, i64::MIN, i32::MIN, i64::MIN, String::new(), String::new());
+        for ((start, end, ..), m) in self.windows.get(&key).into_iter().flat_map(|w| w.range(from.clone()..)) {
             if end - start == window_ms {
                 stats.add(m);
             }
@@ -610,5 +620,22 @@ mod tests {
         assert_eq!(out[0].history.last().unwrap().action, ReleaseAction::Expired);
         assert_eq!(out[1].canary.as_ref().unwrap().adapter.adapter_version, "a2");
         assert_eq!(out[1].revision, out[0].revision + 1);
+    }
+
+    #[test]
+    fn windows_that_differ_only_in_arm_or_surface_are_all_counted() {
+        let mut store = MetricsStore::default();
+        let mut canary = window(Some("a1"), 0, 10, 4, 10);
+        canary.experiment_arm = Some("canary".into());
+        let mut live = canary.clone();
+        live.experiment_arm = Some("live".into());
+        live.shown = 20;
+        assert!(store.add(canary.clone()) && store.add(live));
+        assert!(!store.add(canary), "the same record twice is kept once");
+        let mut other_surface = window(Some("a1"), 0, 5, 0, 10);
+        other_surface.experiment_arm = Some("live".into());
+        other_surface.surface = Some("chat".into());
+        assert!(store.add(other_surface));
+        assert_eq!(store.arm("acme", "tiny", Some("a1"), 0, 60_000).shown, 35);
     }
 }
