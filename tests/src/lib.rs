@@ -115,7 +115,16 @@ pub struct TestTopics {
 /// Creates `wanted` under a unique prefix, with `partitions` overriding one
 /// topic's partition count.
 pub async fn test_topics(label: &str, wanted: &[Topic], partitions: Option<(Topic, i32)>) -> TestTopics {
-    let kafka = kafka_args();
+    test_topics_on(kafka_args(), label, wanted, partitions).await
+}
+
+/// [`test_topics`] on the broker of `kafka` (e.g. a [`DedicatedBroker`]).
+pub async fn test_topics_on(
+    kafka: KafkaArgs,
+    label: &str,
+    wanted: &[Topic],
+    partitions: Option<(Topic, i32)>,
+) -> TestTopics {
     let prefix = format!("{}.", unique_topic(label));
     let mut text = format!("prefix = \"{prefix}\"\n");
     let mut topics = flywheel_core::topics::TopicsConfig { prefix, ..Default::default() };
@@ -150,8 +159,18 @@ pub async fn create_unique_topic(label: &str, partitions: i32) -> String {
     name
 }
 
-/// Every record of a topic, per partition in offset order.
+/// Every record of a topic, per partition in offset order (fails the test if
+/// the topic cannot be read to its end within 60 s).
 pub fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) -> Vec<(i32, i64, T)> {
+    read_all_within(kafka, topic, Duration::from_secs(60))
+}
+
+/// [`read_all`] with another time limit, for big topics.
+pub fn read_all_within<T: flywheel_core::AvroRecord>(
+    kafka: &KafkaArgs,
+    topic: &str,
+    limit: Duration,
+) -> Vec<(i32, i64, T)> {
     let mut config = kafka.client_config(&ClientRole::Admin).unwrap();
     config.set("group.id", "flywheel-test-reader");
     let c: BaseConsumer = config.create().unwrap();
@@ -170,8 +189,9 @@ pub fn read_all<T: flywheel_core::AvroRecord>(kafka: &KafkaArgs, topic: &str) ->
     }
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() && Instant::now() < deadline {
+    let deadline = Instant::now() + limit;
+    while !remaining.is_empty() {
+        assert!(Instant::now() < deadline, "{topic} not read to its end in {limit:?}: partitions {remaining:?} left");
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
                 remaining.remove(&m.partition());
@@ -253,4 +273,129 @@ pub fn flywheel_up(topics: &TestTopics, work: &Path, extra: &[&str]) -> std::pro
         .args(extra)
         .spawn()
         .expect("starting flywheel up")
+}
+
+/// Runs `sql` with DuckDB from `.venv` (an independent reader of the lake),
+/// with `ROOT` in the query replaced by `root`; rows as JSON values
+/// (numbers stay numbers, everything else becomes a string).
+pub fn duckdb(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run `make setup`", python.display());
+    let script = r#"
+import duckdb, json, sys
+rows = duckdb.connect().execute(sys.argv[2].replace('ROOT', sys.argv[1])).fetchall()
+print(json.dumps([[v if isinstance(v, (int, float)) or v is None else str(v) for v in r] for r in rows]))
+"#;
+    let out =
+        std::process::Command::new(python).args(["-c", script, &root.display().to_string(), sql]).output().unwrap();
+    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Sends `signal` (`STOP`, `TERM`, `KILL`, ...) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    assert!(status.is_ok(), "kill -{signal} {pid}: {status:?}");
+}
+
+/// The value of an unlabelled sample `name` in a Prometheus text exposition.
+pub fn metric(exposed: &str, name: &str) -> Option<f64> {
+    exposed.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `GET path` on a service's ops endpoint: (status, body); status 0 when it does not answer.
+pub async fn ops_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    match tokio::time::timeout(Duration::from_secs(5), flywheel_cli::http::request(addr, "GET", path, &[], Vec::new()))
+        .await
+    {
+        Ok(Ok(r)) => (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        _ => (0, String::new()),
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a
+/// test that fails half-way leaves no service running behind it.
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A broker of one test's own, which the test may stop and start again (the
+/// shared [`broker`] must stay up for every test of its binary). Its data
+/// survives a restart; it stops when dropped (or when the test process dies).
+#[derive(Debug)]
+pub struct DedicatedBroker {
+    /// Listener, the same across restarts.
+    pub addr: std::net::SocketAddr,
+    /// SQLite data and the broker's log.
+    pub dir: PathBuf,
+    binary: PathBuf,
+    running: Option<LocalBroker>,
+}
+
+impl DedicatedBroker {
+    /// Starts a broker on a free port with data under `target/test-broker/<pid>-<label>`.
+    pub fn start(label: &str) -> DedicatedBroker {
+        let binary = std::env::var_os("FLYWHEEL_TANSU_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| default_binary(&workspace_root()));
+        let runs = workspace_root().join("target").join("test-broker");
+        remove_dirs_of_dead_runs(&runs);
+        let dir = runs.join(format!("{}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let addr = free_local_addr().expect("a free port");
+        let mut b = DedicatedBroker { addr, dir, binary, running: None };
+        b.restart_now();
+        b
+    }
+
+    /// Kafka settings pointing at it (6 s session timeout, as [`kafka_args`]).
+    pub fn kafka(&self) -> KafkaArgs {
+        KafkaArgs::local(self.addr.to_string())
+    }
+
+    /// Stops it (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(mut b) = self.running.take() {
+            b.stop();
+        }
+    }
+
+    /// Starts it again on the same address and data (panics if it does not come up in 60 s).
+    pub fn restart_now(&mut self) {
+        self.stop();
+        let started = LocalBroker::start(&self.binary, self.addr, &self.dir, Duration::from_secs(60));
+        self.running = Some(started.unwrap_or_else(|e| panic!("the dedicated broker did not start: {e}")));
+    }
+}
+
+impl Drop for DedicatedBroker {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("the broker's data and log are kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }

@@ -1,14 +1,16 @@
 //! The lake writer against the real broker, killed with SIGKILL at random
-//! points over many rounds while rewards keep arriving (with upstream
-//! replays, hostile tenants and malformed records). Afterwards DuckDB, scanning
-//! the lake directory, must see exactly one row per distinct valid reward;
-//! every rejected record must be on the dead-letter topic once; every
-//! committed file must be announced on `shards` once, with statistics that
-//! match the file.
+//! points over many rounds and restarted at once, while rewards keep
+//! arriving (with upstream replays, hostile tenants and malformed records).
+//! Afterwards DuckDB, scanning the lake directory, must see exactly one row
+//! per distinct valid reward; every rejected record must be on the
+//! dead-letter topic once; every committed file must be announced on
+//! `shards` once, with statistics that match the file. And a second writer
+//! in the group says it holds nothing, stays out of the way while the owner
+//! works, and takes over when the owner is killed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flywheel_core::codec::encode;
@@ -17,7 +19,9 @@ use flywheel_core::records::{DeadLetter, Outcome, Reward, ShardManifest};
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake_writer::lake::Lake;
 use flywheel_lake_writer::store::{LocalStore, Storage};
-use flywheel_tests::{read_all, test_topics, unique_topic, workspace_binary, workspace_root};
+use flywheel_tests::{
+    Reaped, duckdb, metric, ops_get, read_all, test_topics, unique_topic, workspace_binary, workspace_root,
+};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: i32 = 3;
@@ -108,7 +112,12 @@ async fn produce_batch(s: &Setup, rng: &mut Rng, from: u64, n: u64, sent: &mut S
     }
 }
 
-fn spawn_writer(s: &Setup) -> Child {
+fn spawn_writer(s: &Setup) -> Reaped {
+    spawn_writer_on(s, "127.0.0.1:0")
+}
+
+/// A writer with its ops endpoint on `ops`.
+fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
     let args = [
         "--kafka-brokers",
         &s.kafka.brokers,
@@ -119,7 +128,7 @@ fn spawn_writer(s: &Setup) -> Child {
         "--topics-config",
         &s.topics_file.display().to_string(),
         "--ops-listen",
-        "127.0.0.1:0",
+        ops,
         "--group-id",
         &s.group,
         "--lake-root",
@@ -134,7 +143,7 @@ fn spawn_writer(s: &Setup) -> Child {
         &std::env::var("LAKE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
     ]
     .map(String::from);
-    Command::new(workspace_binary("flywheel-lake-writer")).args(args).spawn().unwrap()
+    Reaped(Command::new(workspace_binary("flywheel-lake-writer")).args(args).spawn().unwrap())
 }
 
 fn open_lake(root: &Path) -> Lake {
@@ -154,19 +163,6 @@ fn wait_committed(s: &Setup, ends: &BTreeMap<i32, i64>, secs: u64) {
         assert!(Instant::now() < deadline, "lake did not catch up with {ends:?} in {secs} s");
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-fn duckdb(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
-    let python = workspace_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make setup`", python.display());
-    let script = r#"
-import duckdb, json, sys
-rows = duckdb.connect().execute(sys.argv[2].replace('ROOT', sys.argv[1])).fetchall()
-print(json.dumps([[v if isinstance(v, (int, float)) or v is None else str(v) for v in r] for r in rows]))
-"#;
-    let out = Command::new(python).args(["-c", script, &root.display().to_string(), sql]).output().unwrap();
-    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,8 +185,8 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         eprintln!("round {round}: killed after {wait} ms");
-        // The killed member leaves the group after its session timeout.
-        tokio::time::sleep(Duration::from_secs(7)).await;
+        // The next writer starts at once, while the killed member's session
+        // is still open.
     }
     // The last writer gets records of its own to commit, so it is past
     // start-up (signal handlers installed) before it is asked to stop.
@@ -278,4 +274,83 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         committed.len(),
         lake.commits().len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_from_a_killed_owner() {
+    let t =
+        test_topics("lake-idle", &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, 1))).await;
+    let group = unique_topic("lake-idle-group");
+    let s = Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake: t.dir.join("lake"), group };
+    let addr = || flywheel_cli::broker::free_local_addr().unwrap();
+    let (a_ops, b_ops) = (addr(), addr());
+    let a = spawn_writer_on(&s, &a_ops.to_string());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ops_get(a_ops, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "writer a never held the partition: {:?}", ops_get(a_ops, "/readyz").await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let b = spawn_writer_on(&s, &b_ops.to_string());
+    // One of the two holds the only partition and the other says it holds
+    // nothing, steadily (8 s without change: the join's rebalance is over).
+    let roles = || async {
+        let (ra, rb) = (ops_get(a_ops, "/readyz").await, ops_get(b_ops, "/readyz").await);
+        let idle = |r: &(u16, String)| r.0 == 503 && r.1.contains("no partitions assigned");
+        match (ra.0, rb.0) {
+            (200, _) if idle(&rb) => Some(true),
+            (_, 200) if idle(&ra) => Some(false),
+            _ => None,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut steady: Option<(bool, Instant)> = None;
+    let a_owns = loop {
+        let now = roles().await;
+        match (now, steady) {
+            (Some(r), Some((was, since))) if r == was => {
+                if since.elapsed() >= Duration::from_secs(8) {
+                    break r;
+                }
+            }
+            (Some(r), _) => steady = Some((r, Instant::now())),
+            (None, _) => steady = None,
+        }
+        assert!(Instant::now() < deadline, "no steady owner and idle member in 90 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (mut owner, idle_ops, mut idle) = if a_owns { (a, b_ops, b) } else { (b, a_ops, a) };
+    eprintln!("owner {}, idle member on {idle_ops}", if a_owns { "a" } else { "b" });
+
+    // Rewards keep coming for longer than the idle member waits before it
+    // concludes a partition has no working owner (6 s session + 2 × 2.7 s +
+    // 5 s): the owner commits as it goes, so the idle member never rejoins.
+    let mut rng = Rng(7);
+    let mut sent = Sent::default();
+    let started = Instant::now();
+    let mut next = 0;
+    while started.elapsed() < Duration::from_secs(22) {
+        produce_batch(&s, &mut rng, next, 40, &mut sent).await;
+        next += 40;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(roles().await, Some(a_owns), "the partition moved while its owner was working");
+    }
+    let (status, body) = ops_get(idle_ops, "/readyz").await;
+    assert!(status == 503 && body.contains("no partitions assigned"), "idle member: {status} {body}");
+    let exposed = ops_get(idle_ops, "/metrics").await.1;
+    assert_eq!(metric(&exposed, "lake_writer_group_rejoins_total"), Some(0.0), "{exposed}");
+    assert_eq!(metric(&exposed, "lake_writer_assigned_partitions"), Some(0.0), "{exposed}");
+
+    // The owner dies: the idle member takes the partition over and commits the rest.
+    owner.kill().unwrap(); // SIGKILL
+    owner.wait().unwrap();
+    produce_batch(&s, &mut rng, next, 60, &mut sent).await;
+    let end = read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).last().map(|(_, o, _)| o + 1).unwrap();
+    wait_committed(&s, &BTreeMap::from([(0, end)]), 120);
+    assert_eq!(ops_get(idle_ops, "/readyz").await.0, 200, "the new owner is ready");
+    let _ = Command::new("kill").args(["-TERM", &idle.id().to_string()]).status();
+    assert!(idle.wait().unwrap().success(), "clean exit on SIGTERM");
+    let rows =
+        duckdb(&s.lake, "select count(*), count(distinct reward_id) from read_parquet('ROOT/rewards/**/*.parquet')");
+    assert_eq!(rows[0][0].as_u64(), Some(sent.valid.len() as u64), "rows in the lake vs distinct valid rewards sent");
+    assert_eq!(rows[0][1].as_u64(), Some(sent.valid.len() as u64), "a reward appears twice in the lake");
 }

@@ -1,4 +1,5 @@
-//! The rewarder against the real broker: a `kill -9` mid-stream and a
+//! The rewarder against the real broker: a `kill -9` mid-stream with an
+//! immediate restart, a checkpoint taken in the middle of a replay, and a
 //! rebalance between two instances leave exactly the rewards an
 //! uninterrupted run produces, each once.
 
@@ -15,7 +16,7 @@ use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
-use flywheel_tests::{read_all, test_topics, unique_topic, workspace_binary};
+use flywheel_tests::{Reaped, read_all, test_topics, unique_topic, workspace_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -216,6 +217,12 @@ fn assert_exposed_latest_window(exposed: &str, expected: &BTreeMap<String, Rewar
 }
 
 fn rewarder_args(s: &Setup, extra: &[&str]) -> Vec<String> {
+    rewarder_args_checkpointing(s, 40, 1000, extra)
+}
+
+/// The command line with a checkpoint every `records` records of a
+/// partition or every `ms` milliseconds.
+fn rewarder_args_checkpointing(s: &Setup, records: u64, ms: u64, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "flywheel-rewarder".into(),
         "--kafka-brokers".into(),
@@ -237,9 +244,9 @@ fn rewarder_args(s: &Setup, extra: &[&str]) -> Vec<String> {
         "--checkpoint-dir".into(),
         s.checkpoints.display().to_string(),
         "--checkpoint-every-records".into(),
-        "40".into(),
+        records.to_string(),
         "--checkpoint-every-ms".into(),
-        "1000".into(),
+        ms.to_string(),
         "--log-filter".into(),
         std::env::var("REWARDER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         "--group-id".into(),
@@ -286,7 +293,7 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
         let mut args = rewarder_args(&s, &[]);
         let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
         args[at] = ops.to_string();
-        std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap()
+        Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
     };
     let mut child = spawn("127.0.0.1:0");
     // Let it emit part of the first half, then kill it without warning.
@@ -294,15 +301,14 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     assert!(partial.len() >= 60, "rewarder produced only {} rewards", partial.len());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    // tansu keeps a killed member in the group until its session times out
-    // (6 s here); a process restarted earlier waits on it.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-
+    // Restarted at once, while the killed member's session is still open:
+    // it may be assigned only part of the topic (or nothing) at first, and
+    // must rejoin once the dead member's partitions show no progress.
+    let ops = flywheel_cli::broker::free_local_addr().unwrap();
+    let mut child = spawn(&ops.to_string());
     let second = stream(150, 200);
     produce(&s.kafka, &input, &second).await;
     tick_all(&s.kafka, &input, 2, 350).await;
-    let ops = flywheel_cli::broker::free_local_addr().unwrap();
-    let mut child = spawn(&ops.to_string());
     let (expected, expected_metrics) = tokio::task::block_in_place(|| expected_outputs(&s));
     // One reward per shown suggestion, the first round's tick suggestions included.
     assert_eq!(expected.len(), 350 + PARTITIONS as usize);
@@ -313,6 +319,10 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
         read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
     assert!(got_final.len() >= got.len());
     let exposed = String::from_utf8(flywheel_tests::http(ops, "GET", "/metrics", &[], vec![]).await.body).unwrap();
+    // Readiness follows the assignment: the replacement holds every partition.
+    let ready = flywheel_tests::http(ops, "GET", "/readyz", &[], vec![]).await;
+    assert_eq!(ready.status, 200, "{}", String::from_utf8_lossy(&ready.body));
+    assert!(exposed.contains(&format!("rewarder_assigned_partitions {PARTITIONS}")), "{exposed}");
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
     assert_exactly(&expected, &got_final);
@@ -390,4 +400,100 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     let dir = s.checkpoints.join(&s.group).join(&input);
     let files = std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(files, PARTITIONS as usize, "a checkpoint per partition in {}", dir.display());
+}
+
+/// `next_offset` of every partition's checkpoint file (absent: no checkpoint).
+fn checkpoint_offsets(s: &Setup, input: &str) -> BTreeMap<i32, i64> {
+    let dir = s.checkpoints.join(&s.group).join(input);
+    (0..PARTITIONS)
+        .filter_map(|p| {
+            let bytes = std::fs::read(dir.join(format!("{p}.json"))).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            Some((p, v["next_offset"].as_i64()?))
+        })
+        .collect()
+}
+
+/// End offset of every partition of `topic`.
+fn partition_ends(s: &Setup, topic: &str) -> BTreeMap<i32, i64> {
+    let mut ends = BTreeMap::new();
+    for (p, o, _) in read_all::<Interaction>(&s.kafka, topic) {
+        let e = ends.entry(p).or_insert(0);
+        *e = (*e).max(o + 1);
+    }
+    ends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_taken_during_a_replay_still_skips_what_the_crashed_owner_wrote() {
+    // Instance 1 writes every output but keeps only its first checkpoint
+    // (offset 0). Instance 2 resumes there, reads instance 1's outputs back
+    // and replays, checkpointing every 5 records, and is stopped in the
+    // middle of that replay. Instance 3 resumes from instance 2's checkpoint:
+    // what instance 1 wrote beyond it lies before that checkpoint's
+    // read-back start, and must still not be written again.
+    let s = setup("rw-replay").await;
+    let input = s.topics.name(Topic::Interactions);
+    produce(&s.kafka, &input, &stream(600, 0)).await;
+    tick_all(&s.kafka, &input, 1, 600).await;
+    let spawn = |records: u64, ms: u64| {
+        let args = rewarder_args_checkpointing(&s, records, ms, &[]);
+        Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
+    };
+    let (expected, expected_metrics) = tokio::task::block_in_place(|| expected_outputs(&s));
+    let mut first = spawn(1_000_000_000, 3_600_000_000);
+    let got = tokio::task::block_in_place(|| wait_for_rewards(&s, expected.len(), 120));
+    assert_eq!(got.len(), expected.len(), "instance 1 wrote every reward");
+    first.kill().unwrap(); // SIGKILL: no checkpoint beyond the first
+    first.wait().unwrap();
+    assert!(checkpoint_offsets(&s, &input).values().all(|o| *o == 0), "{:?}", checkpoint_offsets(&s, &input));
+
+    let ends = tokio::task::block_in_place(|| partition_ends(&s, &input));
+    let mut second = spawn(5, 3_600_000_000);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if checkpoint_offsets(&s, &input).values().any(|o| *o > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "instance 2 wrote no checkpoint in 120 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Frozen the moment its first replay checkpoint appears, then killed.
+    flywheel_tests::signal(second.id(), "STOP");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let mid: Vec<(i32, i64)> =
+        checkpoint_offsets(&s, &input).into_iter().filter(|(p, o)| *o > 0 && *o < ends[p]).collect();
+    assert!(
+        !mid.is_empty(),
+        "instance 2 was not stopped inside its replay: {:?} of {ends:?}",
+        checkpoint_offsets(&s, &input)
+    );
+    eprintln!("instance 2 stopped with checkpoints inside its replay at {mid:?} of {ends:?}");
+
+    let mut third = spawn(40, 1000);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Instance 3 is done once every partition's checkpoint is at its end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while checkpoint_offsets(&s, &input) != ends {
+        assert!(
+            Instant::now() < deadline,
+            "instance 3 did not finish: {:?} of {ends:?}",
+            checkpoint_offsets(&s, &input)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &third.id().to_string()]).status();
+    assert!(third.wait().unwrap().success(), "clean exit on SIGTERM");
+    let got: Vec<Reward> =
+        read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).into_iter().map(|(_, _, r)| r).collect();
+    assert_exactly(&expected, &got);
+    tokio::task::block_in_place(|| assert_metrics(&s, &expected_metrics, &got));
+    let dead: Vec<DeadLetter> =
+        read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters)).into_iter().map(|(_, _, d)| d).collect();
+    let ghosts = (0..600).filter(|i| i % 23 == 0).count();
+    let offsets: std::collections::BTreeSet<(i32, i64)> =
+        dead.iter().map(|d| (d.source.partition, d.source.offset)).collect();
+    assert_eq!(offsets.len(), dead.len(), "an orphan was dead-lettered twice");
+    assert_eq!(dead.len(), ghosts, "one dead letter per orphan event");
 }

@@ -455,6 +455,227 @@ pub fn send_blocking<C: ProducerContext<DeliveryOpaque = ()>>(
     }
 }
 
+/// Readiness check a [`GroupWatch`] fails while its member holds no
+/// partition of the topic (`/readyz` then says "not ready: no partitions assigned").
+pub const NO_PARTITIONS_ASSIGNED: &str = "no partitions assigned";
+
+/// How long a partition's group offset must stand still, with records
+/// waiting behind it, before a member that does not hold it concludes nobody
+/// does: the group's session timeout (a dead owner is out of the group by
+/// then), plus twice the longest time a working owner may take between
+/// offset commits (`progress_every`), plus a margin.
+pub fn stall_after(session_timeout_ms: u32, progress_every: Duration) -> Duration {
+    Duration::from_millis(u64::from(session_timeout_ms))
+        .saturating_add(progress_every.saturating_mul(2))
+        .saturating_add(Duration::from_secs(5))
+}
+
+/// Keeps a consumer-group member from idling while partitions of its topic
+/// go unconsumed, and tells readiness and metrics what the member holds.
+///
+/// Why: a broker may leave partitions assigned to a member that was killed
+/// (`kill -9`) if its replacement joined before the dead member's session
+/// expired, and then start no rebalance when that session expires (tansu 0.6
+/// does: its session check can drop the dead member without telling the
+/// others). The live members then keep their partial (or empty) assignment
+/// for good. Kafka itself rebalances there, but no request every broker
+/// answers shows the other members' assignments, so the watch judges from
+/// what any member can read: a partition this member does not hold, whose
+/// group offset has not moved for `stall` while records wait behind it, has
+/// no working owner (every service commits its group offset as it makes
+/// progress). The member then rejoins the group (unsubscribe, subscribe),
+/// and the rebalance that follows includes live members only.
+///
+/// Consecutive rejoins back off (`stall` × 2, then × 4), so a member idle for
+/// a legitimate reason (more members than partitions, an owner slower than
+/// `stall`) costs at most a rebalance every few stall periods. A member that holds every
+/// partition never queries the broker.
+pub struct GroupWatch {
+    topic: String,
+    stall: Duration,
+    every: Duration,
+    readiness: crate::runtime::Readiness,
+    held: Option<std::collections::BTreeSet<i32>>,
+    /// Per partition not held: its group offset when last seen with records
+    /// waiting behind it, and since when that offset has not moved.
+    waiting: std::collections::HashMap<i32, (Option<i64>, std::time::Instant)>,
+    last_look: std::time::Instant,
+    last_check: Option<std::time::Instant>,
+    last_rejoin: Option<std::time::Instant>,
+    rejoins_in_a_row: u32,
+    assigned: prometheus_client::metrics::gauge::Gauge,
+    rejoins: prometheus_client::metrics::counter::Counter,
+}
+
+impl std::fmt::Debug for GroupWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupWatch").field("topic", &self.topic).field("held", &self.held).finish_non_exhaustive()
+    }
+}
+
+impl GroupWatch {
+    /// A watch over `topic` that rejoins after `stall` (see [`stall_after`]);
+    /// marks `readiness` not ready until a partition is held, and registers
+    /// `assigned_partitions` and `group_rejoins` in `registry` (pass the
+    /// service's prefixed sub-registry).
+    pub fn new(
+        topic: &str,
+        stall: Duration,
+        readiness: crate::runtime::Readiness,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> GroupWatch {
+        readiness.set(NO_PARTITIONS_ASSIGNED, false);
+        let watch = GroupWatch {
+            topic: topic.to_string(),
+            stall,
+            every: (stall / 4).clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            readiness,
+            held: None,
+            waiting: std::collections::HashMap::new(),
+            last_look: std::time::Instant::now(),
+            last_check: None,
+            last_rejoin: None,
+            rejoins_in_a_row: 0,
+            assigned: Default::default(),
+            rejoins: Default::default(),
+        };
+        registry.register(
+            "assigned_partitions",
+            "Partitions of the input topic this member holds",
+            watch.assigned.clone(),
+        );
+        registry.register(
+            "group_rejoins",
+            "Times this member rejoined its group because partitions had no working owner",
+            watch.rejoins.clone(),
+        );
+        watch
+    }
+
+    /// Partitions held at the last look (empty before the first assignment).
+    pub fn held(&self) -> Vec<i32> {
+        self.held.iter().flatten().copied().collect()
+    }
+
+    /// Call on every turn of the poll loop (cheap: it looks at the
+    /// assignment twice a second and queries the broker only when partitions
+    /// are held elsewhere). Rejoins the group when a partition held by no
+    /// working member is found, and returns why it did.
+    pub fn tick<C: ConsumerContext, K: Consumer<C>>(&mut self, consumer: &K) -> Option<String> {
+        let now = std::time::Instant::now();
+        if self.held.is_some() && now.duration_since(self.last_look) < Duration::from_millis(500) {
+            return None;
+        }
+        self.last_look = now;
+        let held: std::collections::BTreeSet<i32> = match consumer.assignment() {
+            Ok(tpl) => tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the assignment failed");
+                return None;
+            }
+        };
+        if self.held.as_ref() != Some(&held) {
+            tracing::info!(topic = %self.topic, partitions = ?held, "assignment changed");
+            self.readiness.set(NO_PARTITIONS_ASSIGNED, !held.is_empty());
+            self.assigned.set(held.len() as i64);
+            self.held = Some(held);
+            self.waiting.clear();
+        }
+        if self.last_check.is_some_and(|t| now.duration_since(t) < self.every) {
+            return None;
+        }
+        self.last_check = Some(now);
+        let stalled = match self.stalled_elsewhere(consumer, now) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "checking the group's progress failed");
+                return None;
+            }
+        };
+        if stalled.is_empty() {
+            if self.waiting.is_empty() {
+                self.rejoins_in_a_row = 0;
+            }
+            return None;
+        }
+        let wait = self.stall.saturating_mul(2u32.pow(self.rejoins_in_a_row.min(2)));
+        if self.last_rejoin.is_some_and(|t| now.duration_since(t) < wait) {
+            return None;
+        }
+        let why = format!(
+            "partitions {stalled:?} of {} have records waiting and no progress for {:?}, and this member holds {:?}",
+            self.topic,
+            self.stall,
+            self.held()
+        );
+        tracing::warn!(reason = %why, "rejoining the consumer group");
+        consumer.unsubscribe();
+        if let Err(e) = consumer.subscribe(&[&self.topic]) {
+            tracing::error!(error = %e, "subscribing again failed");
+        }
+        self.rejoins.inc();
+        self.rejoins_in_a_row += 1;
+        self.last_rejoin = Some(now);
+        self.waiting.clear();
+        self.held = None;
+        Some(why)
+    }
+
+    /// Partitions not held here whose group offset stood still for `stall`
+    /// with records behind it.
+    fn stalled_elsewhere<C: ConsumerContext, K: Consumer<C>>(
+        &mut self,
+        consumer: &K,
+        now: std::time::Instant,
+    ) -> Result<Vec<i32>> {
+        // Short: the caller's poll loop waits meanwhile.
+        let timeout = Duration::from_secs(2);
+        let held = self.held.clone().unwrap_or_default();
+        let md = consumer
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map_err(|e| Error::kafka(format!("metadata of {}", self.topic), e))?;
+        let others: Vec<i32> = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().iter().map(|p| p.id()).filter(|p| !held.contains(p)).collect())
+            .unwrap_or_default();
+        if others.is_empty() {
+            self.waiting.clear();
+            return Ok(Vec::new());
+        }
+        let mut query = TopicPartitionList::new();
+        for p in &others {
+            query.add_partition(&self.topic, *p);
+        }
+        let committed =
+            consumer.committed_offsets(query, timeout).map_err(|e| Error::kafka("reading group offsets", e))?;
+        let mut stalled = Vec::new();
+        for p in others {
+            let offset = committed
+                .find_partition(&self.topic, p)
+                .and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None });
+            let (low, high) = consumer
+                .fetch_watermarks(&self.topic, p, timeout)
+                .map_err(|e| Error::kafka(format!("watermarks of {} partition {p}", self.topic), e))?;
+            if high <= offset.unwrap_or(low).max(low) {
+                self.waiting.remove(&p); // nothing waits: owned or not, no one is kept waiting
+                continue;
+            }
+            let since = match self.waiting.get(&p) {
+                Some((seen, since)) if *seen == offset => *since,
+                _ => {
+                    self.waiting.insert(p, (offset, now));
+                    now
+                }
+            };
+            if now.duration_since(since) >= self.stall {
+                stalled.push(p);
+            }
+        }
+        Ok(stalled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

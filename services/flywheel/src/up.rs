@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::LocalBroker;
 use crate::simulate::{ProductArgs, SimStats, SimulateArgs, demo_objective, simulate};
-use crate::supervise::Supervised;
+use crate::supervise::{RestartEvent, RestartPolicy, Restarting, restart_summary};
 use crate::{BrokerArgs, CliError, Result};
 
 /// Token of the demo tenant.
@@ -257,7 +257,7 @@ pub async fn up(
         std::fs::create_dir_all(data.join(sub)).map_err(|e| CliError::Usage(format!("{}: {e}", data.display())))?;
     }
     let mut kafka = kafka.clone();
-    let _broker = if args.external_broker {
+    let mut broker = if args.external_broker {
         println!("== using the brokers at {}", kafka.brokers);
         None
     } else {
@@ -351,7 +351,7 @@ pub async fn up(
         let mut argv = common.clone();
         argv.extend(extra);
         let log = data.join("logs").join(format!("{name}.log"));
-        let child = Supervised::spawn(name, &binary, &argv, &data, &log)
+        let child = Restarting::spawn(name, &binary, &argv, &data, &log, RestartPolicy::default())
             .map_err(|e| CliError::Usage(format!("starting {name}: {e}")))?;
         children.push(child);
     }
@@ -387,13 +387,47 @@ pub async fn up(
         let w = watch.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if last_summary.elapsed() >= every {
             print_summary(started, stats, &mut last_events, &w);
+            if let Some(line) = restart_summary(&children) {
+                println!("        {line}");
+            }
             last_summary = Instant::now();
         }
-        if let Some(c) =
-            children.iter_mut().find_map(|c| c.exit_status().map(|s| (c.name.clone(), s, c.log_path().to_path_buf())))
+        // A service that exits is started again with backoff; only one that
+        // keeps failing fast stops the flywheel. The embedded broker, should
+        // it exit, is started again on its address and data.
+        if let Some(b) = broker.as_mut()
+            && let Some(status) = b.exit_status()
         {
-            crashed = Some(format!("{} exited ({}); see {}", c.0, c.1, c.2.display()));
-            sim_stop.cancel();
+            println!("== the broker exited ({status}); starting it again");
+            let (bin, listen, dir) = (&args.broker.tansu_bin, args.broker.listen, &args.broker.data_dir);
+            match tokio::task::block_in_place(|| LocalBroker::start(bin, listen, dir, Duration::from_secs(30))) {
+                Ok(again) => *b = again,
+                Err(e) => {
+                    crashed = Some(format!("the broker exited ({status}) and did not start again: {e}"));
+                    sim_stop.cancel();
+                }
+            }
+        }
+        for c in children.iter_mut() {
+            match c.poll() {
+                Some(RestartEvent::Exited { status, restart_in }) => println!(
+                    "== {} exited ({status}); starting it again in {restart_in:?} (log: {})",
+                    c.name,
+                    c.log_path().display()
+                ),
+                Some(RestartEvent::Restarted { restarts }) => {
+                    println!("== {} started again (restart {restarts})", c.name)
+                }
+                Some(RestartEvent::GaveUp { status, failures }) => {
+                    crashed = Some(format!(
+                        "{} exited ({status}) after {failures} failed starts in a row; see {}",
+                        c.name,
+                        c.log_path().display()
+                    ));
+                    sim_stop.cancel();
+                }
+                None => {}
+            }
         }
         if (deadline > 0 && started.elapsed() >= Duration::from_secs(deadline))
             || (promotions > 0 && w.promoted().len() >= promotions)

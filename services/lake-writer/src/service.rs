@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, DeliveryTracker, TopicOffsets, read_back, send_blocking, topic_ends};
+use flywheel_core::kafka::{
+    ClientRole, DeliveryTracker, GroupWatch, TopicOffsets, read_back, send_blocking, stall_after, topic_ends,
+};
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
 use flywheel_core::topics::Topic;
@@ -634,15 +636,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set("consuming", false);
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
-
-    let runtime = tokio::runtime::Handle::current();
     let names = Names {
         rewards: topics_config.name(Topic::Rewards),
         shards: topics_config.name(Topic::Shards),
         dead: topics_config.name(Topic::DeadLetters),
     };
+    // A partition's owner moves its group offset at each commit, at least
+    // every --roll-max-age-ms while records wait, and mirrors it within a second.
+    let progress_every = Duration::from_millis(config.roll_max_age_ms) + Duration::from_secs(2);
+    let stall = stall_after(config.common.kafka.session_timeout_ms, progress_every);
+    let mut watch =
+        GroupWatch::new(&names.rewards, stall, readiness.clone(), registry.sub_registry_with_prefix("lake_writer"));
+    let ops =
+        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+
+    let runtime = tokio::runtime::Handle::current();
     let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), LakeError> {
         let storage = open_storage(&config.lake_root, runtime)?;
         let lake = Arc::new(Mutex::new(Lake::open(storage.clone())?));
@@ -681,6 +689,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
             metrics,
         };
         let (mut last_check, mut last_group_commit) = (Instant::now(), Instant::now());
+        let mut mirrored: HashMap<i32, i64> = HashMap::new();
         while !loop_shutdown.is_cancelled() {
             let polled = consumer.poll(Duration::from_millis(100));
             let revoked: Vec<i32> =
@@ -705,16 +714,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
                 writer.flush_due()?;
                 last_check = Instant::now();
             }
-            if last_group_commit.elapsed() >= Duration::from_secs(5) {
-                commit_group_offsets(&consumer, &writer);
+            if last_group_commit.elapsed() >= Duration::from_secs(1) {
+                commit_group_offsets(&consumer, &writer, &mut mirrored);
                 last_group_commit = Instant::now();
             }
+            watch.tick(&consumer);
         }
         let owned: Vec<i32> = writer.parts.keys().copied().collect();
         for p in owned {
             writer.flush(p, "shutdown")?;
         }
-        commit_group_offsets(&consumer, &writer);
+        commit_group_offsets(&consumer, &writer, &mut mirrored);
         consumer.unsubscribe();
         tracing::info!("lake writer stopped after committing its buffers");
         Ok(())
@@ -726,11 +736,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
 }
 
 /// Mirrors the commit log's offsets into the consumer group, so lag
-/// dashboards work; never read back.
-fn commit_group_offsets(consumer: &BaseConsumer<RebalanceContext>, writer: &Writer) {
+/// dashboards work (and other members see this one make progress: see
+/// [`GroupWatch`]); never read back. `mirrored` holds what was sent last,
+/// so an unchanged offset is not sent again.
+fn commit_group_offsets(consumer: &BaseConsumer<RebalanceContext>, writer: &Writer, mirrored: &mut HashMap<i32, i64>) {
     let mut tpl = TopicPartitionList::new();
     for (p, s) in &writer.parts {
-        if let Some(prev) = s.previous {
+        if let Some(prev) = s.previous
+            && mirrored.insert(*p, prev + 1) != Some(prev + 1)
+        {
             let _ = tpl.add_partition_offset(&writer.names.rewards, *p, Offset::Offset(prev + 1));
         }
     }

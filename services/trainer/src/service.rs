@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, read_topic};
+use flywheel_core::kafka::{ClientRole, GroupWatch, read_topic, stall_after};
 use flywheel_core::records::{DeadLetter, ModelCandidate, SourcePosition, TrainRequest};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
 use flywheel_core::topics::Topic;
@@ -86,6 +86,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     r.register("job_eta_seconds", "Estimated time left in the running job", metrics.eta_seconds.clone());
     let readiness = Readiness::default();
     readiness.set("recovered", false);
+    // The owner commits its group offset after each request; a job's length
+    // is unbounded, so a waiting member allows a minute per request before it
+    // rejoins (and backs off after that: GroupWatch).
+    let stall = stall_after(config.common.kafka.session_timeout_ms, Duration::from_secs(60));
+    let mut watch = Some(GroupWatch::new(&requests, stall, readiness.clone(), r));
     let ops =
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
@@ -114,11 +119,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
         .create()
         .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     consumer.subscribe(&[&requests]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
+    let consumer = std::sync::Arc::new(consumer);
     let settings = config.job.clone();
     tracing::info!(input = %requests, "trainer started");
+    let mut group_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = group_check.tick() => {
+                // Between jobs: keep readiness current and rejoin if the
+                // partition has no working owner (the watch may query the broker).
+                if let Some(mut w) = watch.take() {
+                    let c = consumer.clone();
+                    watch = tokio::task::spawn_blocking(move || {
+                        w.tick(c.as_ref());
+                        w
+                    })
+                    .await
+                    .ok();
+                }
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let msg = match msg {
