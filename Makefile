@@ -117,9 +117,9 @@ test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format ch
 
 # The long chaos run; a short one (about 45 s of load) is part of `make
 # test`. Plain `cargo test`: nextest's 5-minute limit per test would stop it.
-chaos: setup ## Long chaos test: SIGKILLs of the rewarder and lake writer under load, a broker restart, then exactly-once checked (FLYWHEEL_CHAOS_SECONDS, default 300)
+chaos: setup ## Long chaos test: SIGKILLs of the rewarder and lake writer under load, a broker restart, then exactly-once checked (FLYWHEEL_CHAOS_SECONDS, default 120)
 	$(CARGO) build --workspace --bins --locked
-	FLYWHEEL_CHAOS_SECONDS=$${FLYWHEEL_CHAOS_SECONDS:-300} $(CARGO) test --locked -p flywheel-tests --test chaos -- \
+	FLYWHEEL_CHAOS_SECONDS=$${FLYWHEEL_CHAOS_SECONDS:-120} $(CARGO) test --locked -p flywheel-tests --test chaos -- \
 	  --exact repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothing --nocapture
 
 # The integration tests that start the broker (tests/tests/*.rs minus the
