@@ -380,6 +380,16 @@ impl ConsumerContext for RebalanceContext {
             }
         }
     }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // A partition paused for a resume that a rebalance overtook must not
+        // stay paused when it is assigned again.
+        if let Rebalance::Assign(tpl) = rebalance
+            && let Err(e) = consumer.resume(tpl)
+        {
+            tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+        }
+    }
 }
 
 /// A partition's resume, finished on its thread: (partition, attempt, work).
