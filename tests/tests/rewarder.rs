@@ -1,10 +1,14 @@
 //! The rewarder against the real broker: a `kill -9` mid-stream with an
 //! immediate restart, a checkpoint taken in the middle of a replay, and a
 //! rebalance between two instances leave exactly the rewards an
-//! uninterrupted run produces, each once.
+//! uninterrupted run produces, each once. The kill and rebalance tests run
+//! twice: with checkpoints in a local directory, and in an object store
+//! (`--checkpoint-store`: a `file://` URL across processes, the in-memory
+//! object store between two instances in one process).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -12,6 +16,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_lake_writer::store::Storage;
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
@@ -30,19 +35,51 @@ struct Setup {
     topics: TopicsConfig,
     topics_file: PathBuf,
     checkpoints: PathBuf,
+    /// `--checkpoint-store` URL; the `checkpoints` directory when `None`.
+    store: Option<String>,
+}
+
+/// Where the instances of a test keep their checkpoints.
+#[derive(Debug, Clone, Copy)]
+enum Checkpoints {
+    /// `--checkpoint-dir`, the default.
+    Directory,
+    /// `--checkpoint-store file:///…`: the lake's storage layer by URL.
+    FileUrl,
+    /// `--checkpoint-store memory://…`: the in-memory object store, shared
+    /// by the instances of one process.
+    Memory,
 }
 
 async fn setup(label: &str) -> Setup {
+    setup_with(label, Checkpoints::Directory).await
+}
+
+async fn setup_with(label: &str, checkpoints: Checkpoints) -> Setup {
     let wanted =
         [Topic::Interactions, Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics];
     let t = test_topics(label, &wanted, Some((Topic::Interactions, PARTITIONS))).await;
+    let group = unique_topic(&format!("{label}-group"));
+    let store = match checkpoints {
+        Checkpoints::Directory => None,
+        Checkpoints::FileUrl => Some(format!("file://{}", t.dir.join("checkpoint-store").display())),
+        Checkpoints::Memory => Some(format!("memory://{group}")),
+    };
     Setup {
-        group: unique_topic(&format!("{label}-group")),
+        group,
         kafka: t.kafka,
         topics: t.topics,
         topics_file: t.file,
         checkpoints: t.dir.join("checkpoints"),
+        store,
     }
+}
+
+/// The checkpoint storage the instances of `s` use, opened as they open it.
+/// Blocks on the runtime: call it outside async code (`block_in_place`).
+fn checkpoint_storage(s: &Setup) -> Arc<dyn Storage> {
+    let config = flywheel_rewarder::Config::try_parse_from(rewarder_args(s, &[])).unwrap();
+    flywheel_rewarder::service::open_checkpoint_storage(&config, tokio::runtime::Handle::current()).unwrap()
 }
 
 fn event(n: usize, suggestion: &str, t: i64, payload: InteractionPayload) -> Interaction {
@@ -252,6 +289,9 @@ fn rewarder_args_checkpointing(s: &Setup, records: u64, ms: u64, extra: &[&str])
         "--group-id".into(),
         s.group.clone(),
     ];
+    if let Some(store) = &s.store {
+        args.extend(["--checkpoint-store".to_string(), store.clone()]);
+    }
     args.extend(extra.iter().map(|x| x.to_string()));
     args
 }
@@ -283,7 +323,16 @@ fn assert_exactly(expected: &BTreeMap<String, Reward>, got: &[Reward]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards() {
-    let s = setup("rw-kill").await;
+    kill_9_mid_stream(Checkpoints::Directory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_with_checkpoints_in_an_object_store_url_gives_exactly_the_uninterrupted_rewards() {
+    kill_9_mid_stream(Checkpoints::FileUrl).await;
+}
+
+async fn kill_9_mid_stream(checkpoints: Checkpoints) {
+    let s = setup_with("rw-kill", checkpoints).await;
     let input = s.topics.name(Topic::Interactions);
     let first = stream(200, 0);
     produce(&s.kafka, &input, &first).await;
@@ -335,11 +384,32 @@ async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards(
     let ghosts = (0..350).filter(|i| i % 23 == 0).count();
     assert_eq!(dead.len(), ghosts, "one dead letter per orphan event");
     assert!(dead.iter().all(|d| d.reason_code == "orphan_event" && d.reason.contains("ghost-")));
+    assert_checkpoints_in_their_storage(&s, &input);
+}
+
+/// Every partition has a checkpoint in the storage the test chose, and a
+/// store named by URL left the default directory untouched.
+fn assert_checkpoints_in_their_storage(s: &Setup, input: &str) {
+    let listed = tokio::task::block_in_place(|| checkpoint_storage(s).list(&format!("{}/{input}", s.group)).unwrap());
+    let expected: Vec<String> = (0..PARTITIONS).map(|p| format!("{}/{input}/{p}.json", s.group)).collect();
+    assert_eq!(listed, expected, "a checkpoint per partition in {:?}", s.store);
+    if s.store.is_some() {
+        assert!(!s.checkpoints.exists(), "--checkpoint-store given, yet {} was written", s.checkpoints.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_duplicates() {
-    let s = setup("rw-rebalance").await;
+    rebalance(Checkpoints::Directory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_partitions_across_a_rebalance_with_checkpoints_in_an_object_store() {
+    rebalance(Checkpoints::Memory).await;
+}
+
+async fn rebalance(checkpoints: Checkpoints) {
+    let s = setup_with("rw-rebalance", checkpoints).await;
     let input = s.topics.name(Topic::Interactions);
     produce(&s.kafka, &input, &stream(150, 0)).await;
     // A record that is not Avro: dead-lettered with its bytes, processing goes on.
@@ -397,9 +467,7 @@ async fn two_instances_share_partitions_across_a_rebalance_without_loss_or_dupli
     assert_eq!(malformed[0].original_key.as_deref(), Some(&b"sugg-garbage"[..]));
     assert_eq!(dead.len() - 1, (0..300).filter(|i| i % 23 == 0).count(), "plus one orphan dead letter per ghost event");
     // Every partition was checkpointed (on revoke, periodically or at stop).
-    let dir = s.checkpoints.join(&s.group).join(&input);
-    let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, PARTITIONS as usize, "a checkpoint per partition in {}", dir.display());
+    assert_checkpoints_in_their_storage(&s, &input);
 }
 
 /// `next_offset` of every partition's checkpoint file (absent: no checkpoint).

@@ -7,8 +7,10 @@
 //! 2. A checkpoint is taken only after the producer has flushed, so every
 //!    output of the records before it is durable. It holds the join state,
 //!    the next input offset and the end offsets of the output topics at that
-//!    moment, and is written atomically (temp file, fsync, rename). The
-//!    group offset is committed after it, for monitoring only.
+//!    moment, and is written atomically: in a local directory as a temp
+//!    file, fsynced and renamed into place; in an object store as one PUT of
+//!    the whole checkpoint, which the store makes visible whole or not at
+//!    all. The group offset is committed after it, for monitoring only.
 //! 3. On (re)assignment a partition resumes from its checkpoint. Outputs of
 //!    records after the checkpoint may already be in the output topics (the
 //!    process died before the next checkpoint): they are read back from the
@@ -27,10 +29,9 @@
 //! makes the consumer miss `max.poll.interval.ms` and drop out of its group.
 
 use std::collections::HashMap;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -41,6 +42,7 @@ use flywheel_core::kafka::{
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
 use flywheel_core::topics::Topic;
+use flywheel_lake_writer::store::{LocalStore, Storage, open_storage};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -70,7 +72,7 @@ pub enum RewarderError {
     /// A checkpoint could not be read or written.
     #[error("checkpoint {path}: {detail}")]
     Checkpoint {
-        /// File.
+        /// The checkpoint (file or object URL) or its storage.
         path: String,
         /// What failed.
         detail: String,
@@ -103,9 +105,19 @@ pub struct Config {
     /// Most open suggestions per partition before the oldest are closed early.
     #[arg(long = "max-open-suggestions", env = "FLYWHEEL_REWARDER_MAX_OPEN_SUGGESTIONS", default_value_t = 1_000_000)]
     pub max_open_suggestions: usize,
-    /// Directory for checkpoints (shared storage when instances move between hosts).
+    /// Directory for checkpoints, when no --checkpoint-store is given. Every
+    /// instance that may take over a partition must see it (one host, or a
+    /// shared volume).
     #[arg(long = "checkpoint-dir", env = "FLYWHEEL_REWARDER_CHECKPOINT_DIR", default_value = ".flywheel/rewarder")]
     pub checkpoint_dir: PathBuf,
+    /// Keep checkpoints in this store instead of --checkpoint-dir, so an
+    /// instance on any host can take over any partition. Opened like the lake
+    /// writer's --lake-root: `s3://bucket/prefix`, `gs://…`, `az://…` (builds
+    /// with the s3, gcs or azure feature; credentials from the object_store
+    /// environment variables), `file:///dir`, or `memory://name` (in this
+    /// process only: instances of one process that name it share it).
+    #[arg(long = "checkpoint-store", env = "FLYWHEEL_REWARDER_CHECKPOINT_STORE")]
+    pub checkpoint_store: Option<String>,
     /// Checkpoint after this many records of a partition. Each checkpoint
     /// waits for every output to be acknowledged, so this trades throughput
     /// (BENCHMARKS.md) against how much a restart replays.
@@ -340,7 +352,9 @@ struct Core {
     topics: Topics,
     join: JoinConfig,
     reward_fn: RewardFunction,
-    checkpoint_dir: PathBuf,
+    /// Where checkpoints live; paths below it are [`checkpoint_path`]s.
+    checkpoints: Arc<dyn Storage>,
+    group_id: String,
     producer: ThreadedProducer<DeliveryTracker>,
     partitions: Mutex<HashMap<i32, PartitionWork>>,
     /// Partitions being resumed on a thread: the attempt's number and the
@@ -450,8 +464,41 @@ fn finish_resume(
     Ok(())
 }
 
-fn checkpoint_path(dir: &Path, topic: &str, partition: i32) -> PathBuf {
-    dir.join(topic).join(format!("{partition}.json"))
+/// A partition's checkpoint, relative to the checkpoint storage:
+/// `<group>/<input topic>/<partition>.json` (the layout of the directory
+/// store before object stores were supported, so existing checkpoints load).
+pub fn checkpoint_path(group_id: &str, topic: &str, partition: i32) -> String {
+    format!("{group_id}/{topic}/{partition}.json")
+}
+
+/// Opens the checkpoint storage `config` names: `--checkpoint-store` when
+/// given, else the local `--checkpoint-dir` (created if missing). Storage
+/// calls block on `runtime`: make them from blocking threads.
+pub fn open_checkpoint_storage(
+    config: &Config,
+    runtime: tokio::runtime::Handle,
+) -> Result<Arc<dyn Storage>, RewarderError> {
+    let fail = |at: &str, e: flywheel_lake_writer::LakeError| RewarderError::Checkpoint {
+        path: at.to_string(),
+        detail: e.to_string(),
+    };
+    let Some(url) = &config.checkpoint_store else {
+        let dir = &config.checkpoint_dir;
+        return Ok(Arc::new(LocalStore::open(dir).map_err(|e| fail(&dir.display().to_string(), e))?));
+    };
+    if url.starts_with("memory://") {
+        // One in-memory store per URL and process, so that several instances
+        // in one process (tests, trials) can hand partitions to each other.
+        static MEMORY: OnceLock<Mutex<HashMap<String, Arc<dyn Storage>>>> = OnceLock::new();
+        let mut stores = MEMORY.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = stores.get(url) {
+            return Ok(store.clone());
+        }
+        let store = open_storage(url, runtime).map_err(|e| fail(url, e))?;
+        stores.insert(url.clone(), store.clone());
+        return Ok(store);
+    }
+    open_storage(url, runtime).map_err(|e| fail(url, e))
 }
 
 impl Core {
@@ -489,8 +536,7 @@ impl Core {
                 state: work.joiner.state().clone(),
                 skip,
             };
-            let path = checkpoint_path(&self.checkpoint_dir, &self.topics.input, *p);
-            write_atomically(&path, &checkpoint)?;
+            self.write_checkpoint(*p, &checkpoint)?;
             work.since_checkpoint = 0;
             self.metrics.checkpoints.inc();
             let _ = offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(work.next_offset));
@@ -508,18 +554,12 @@ impl Core {
     /// Loads a partition's checkpoint (or starts empty) and collects what a
     /// previous run already wrote after it.
     fn resume(&self, partition: i32) -> Result<PartitionWork, RewarderError> {
-        let path = checkpoint_path(&self.checkpoint_dir, &self.topics.input, partition);
-        let checkpoint: Option<Checkpoint> =
-            match std::fs::read(&path) {
-                Ok(bytes) => Some(parse_checkpoint(&bytes).map_err(|e| RewarderError::Checkpoint {
-                    path: path.display().to_string(),
-                    detail: e.to_string(),
-                })?),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    return Err(RewarderError::Checkpoint { path: path.display().to_string(), detail: e.to_string() });
-                }
-            };
+        let path = checkpoint_path(&self.group_id, &self.topics.input, partition);
+        let fail = |detail: String| RewarderError::Checkpoint { path: self.checkpoint_url(&path), detail };
+        let checkpoint: Option<Checkpoint> = match self.checkpoints.get(&path).map_err(|e| fail(e.to_string()))? {
+            Some(bytes) => Some(parse_checkpoint(&bytes).map_err(|e| fail(e.to_string()))?),
+            None => None,
+        };
         let Some(cp) = checkpoint else {
             // Every owner writes a partition's first checkpoint before any
             // output of it, so a partition without one has no outputs to read
@@ -532,7 +572,7 @@ impl Core {
                 state: joiner.state().clone(),
                 skip: Vec::new(),
             };
-            write_atomically(&path, &initial)?;
+            self.write_checkpoint(partition, &initial)?;
             tracing::info!(partition, "no checkpoint; starting from the beginning of the partition");
             return Ok(PartitionWork {
                 joiner,
@@ -816,19 +856,23 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<Checkpoint, serde_json::Error> {
     serde_json::from_value(value)
 }
 
-fn write_atomically(path: &Path, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
-    let fail = |detail: String| RewarderError::Checkpoint { path: path.display().to_string(), detail };
-    let dir = path.parent().expect("checkpoint paths have a parent");
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
-    serde_json::to_writer(&mut file, checkpoint).map_err(|e| fail(e.to_string()))?;
-    file.flush().map_err(|e| fail(e.to_string()))?;
-    file.sync_all().map_err(|e| fail(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
-    // The rename itself must survive a crash.
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail(e.to_string()))?;
-    Ok(())
+impl Core {
+    /// Where a checkpoint path lies, for messages.
+    fn checkpoint_url(&self, path: &str) -> String {
+        format!("{}/{path}", self.checkpoints.url().trim_end_matches('/'))
+    }
+
+    /// Writes a partition's checkpoint whole or not at all: the storage's
+    /// `put` is a temp file, fsync, rename and directory fsync on local disk,
+    /// and a single PUT of the whole object on an object store, so a reader
+    /// (the next owner, after any crash) sees the previous checkpoint or this
+    /// one, never part of one.
+    fn write_checkpoint(&self, partition: i32, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
+        let path = checkpoint_path(&self.group_id, &self.topics.input, partition);
+        let fail = |detail: String| RewarderError::Checkpoint { path: self.checkpoint_url(&path), detail };
+        let bytes = serde_json::to_vec(checkpoint).map_err(|e| fail(e.to_string()))?;
+        self.checkpoints.put(&path, &bytes).map_err(|e| fail(e.to_string()))
+    }
 }
 
 /// Runs the rewarder until `shutdown`, then checkpoints and exits.
@@ -857,6 +901,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     let ops =
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
+    let checkpoints = open_checkpoint_storage(&config, tokio::runtime::Handle::current())?;
     let producer = config.common.kafka.tracked_producer()?;
     let outputs = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
         .map(|t| topics_config.name(t));
@@ -878,7 +923,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             ..JoinConfig::default()
         },
         reward_fn,
-        checkpoint_dir: config.checkpoint_dir.join(&config.group_id),
+        checkpoints,
+        group_id: config.group_id.clone(),
         producer,
         partitions: Mutex::new(HashMap::new()),
         resuming: Mutex::new(HashMap::new()),
@@ -895,7 +941,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
         .create_with_context(RebalanceContext { core: core.clone() })
         .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     consumer.subscribe(&[&core.topics.input]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
-    tracing::info!(input = %core.topics.input, group = %config.group_id, reward_fn = %core.reward_fn.version, "rewarder started");
+    tracing::info!(
+        input = %core.topics.input,
+        group = %config.group_id,
+        reward_fn = %core.reward_fn.version,
+        checkpoints = %core.checkpoints.url(),
+        "rewarder started"
+    );
 
     let every_records = config.checkpoint_every_records.max(1);
     let idle_advance = config.idle_advance_after_ms.map(Duration::from_millis);
@@ -967,5 +1019,32 @@ mod tests {
         // A current checkpoint round-trips unchanged.
         let current = serde_json::to_vec(&cp).unwrap();
         assert_eq!(serde_json::to_value(parse_checkpoint(&current).unwrap().state).unwrap(), state);
+    }
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("flywheel-rewarder").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn checkpoint_storage_is_the_directory_by_default_and_a_store_when_named() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = checkpoint_path("group", "interactions", 3);
+        assert_eq!(path, "group/interactions/3.json");
+        // The directory store keeps the layout of earlier releases.
+        let local = config(&["--checkpoint-dir", dir.path().to_str().unwrap()]);
+        open_checkpoint_storage(&local, runtime.handle().clone()).unwrap().put(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("group/interactions/3.json")).unwrap(), b"{}");
+        // A file:// URL is the same local store (fsync and rename).
+        let url = format!("file://{}", dir.path().display());
+        let store = open_checkpoint_storage(&config(&["--checkpoint-store", &url]), runtime.handle().clone()).unwrap();
+        assert_eq!(store.get(&path).unwrap().as_deref(), Some(&b"{}"[..]));
+        // memory:// is one store per URL in a process: two instances share it.
+        let a = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://a"]), runtime.handle().clone());
+        let again = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://a"]), runtime.handle().clone());
+        let other = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://b"]), runtime.handle().clone());
+        a.unwrap().put(&path, b"1").unwrap();
+        assert_eq!(again.unwrap().get(&path).unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(other.unwrap().get(&path).unwrap(), None);
     }
 }
