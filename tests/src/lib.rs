@@ -265,10 +265,12 @@ pub fn service_args(name: &str, topics: &TestTopics, extra: &[&str]) -> Vec<Stri
 /// product settings (30 requests/s, seed 11) and then `extra`.
 pub fn flywheel_up(topics: &TestTopics, work: &Path, extra: &[&str]) -> std::process::Child {
     let collector = free_local_addr().expect("a free port").to_string();
+    let console = free_local_addr().expect("a free port").to_string();
     std::process::Command::new(workspace_binary("flywheel"))
         .args(["--kafka-brokers", &topics.kafka.brokers, "--topics-config", &topics.file.display().to_string()])
         .args(["up", "--external-broker"])
         .args(["--work-dir", &work.display().to_string(), "--collector-listen", &collector])
+        .args(["--console-listen", &console])
         .args(["--rate", "30", "--seed", "11", "--summary-every-s", "30"])
         .args(extra)
         .spawn()

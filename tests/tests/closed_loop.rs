@@ -21,8 +21,8 @@ use flywheel_core::records::{
 use flywheel_core::topics::Topic;
 use flywheel_gate::sequential::{Moments, msprt};
 use flywheel_tests::{flywheel_up, read_all, test_topics, wait_until};
-use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::backend::{Backend, CpuBackend};
+use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::job::{examples_of, train_steps};
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;

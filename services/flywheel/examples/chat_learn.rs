@@ -37,7 +37,8 @@ fn main() {
             #[command(flatten)]
             p: flywheel_cli::simulate::ProductArgs,
         }
-        W::parse_from(["x"]).p
+        let seed = std::env::var("PRODUCT_SEED").unwrap_or_else(|_| "7".into());
+        W::parse_from(["x", "--seed", seed.as_str()]).p
     };
     let users = server.population(&product);
     let tokens = server.completion_tokens(&product);
@@ -45,12 +46,18 @@ fn main() {
     let train_q: Vec<&str> = PROMPTS.iter().step_by(2).copied().collect();
     let test_q: Vec<&str> = PROMPTS.iter().skip(1).step_by(2).copied().collect();
     let mut rng = SplitMix(11);
-    let cache = std::env::temp_dir().join(format!("chat_learn_examples_{served}.json"));
+    let cache = std::env::temp_dir().join(format!("chat_learn_examples_{served}_{}.json", product.seed));
     let t = Instant::now();
     let examples: Vec<Example> = if let Ok(bytes) = std::fs::read(&cache) {
         let rows: Vec<(Vec<u32>, usize, f64, bool, f64)> = serde_json::from_slice(&bytes).unwrap();
         rows.into_iter()
-            .map(|(tokens, prompt_len, reward, accepted, lp)| Example { tokens, prompt_len, reward, accepted, behavior_logprob: Some(lp) })
+            .map(|(tokens, prompt_len, reward, accepted, lp)| Example {
+                tokens,
+                prompt_len,
+                reward,
+                accepted,
+                behavior_logprob: Some(lp),
+            })
             .collect()
     } else {
         let asked: Vec<&str> = (0..served).map(|i| train_q[i % train_q.len()]).collect();
@@ -65,10 +72,18 @@ fn main() {
             let mut toks = server.tokenizer.encode(prompt).unwrap();
             let prompt_len = toks.len();
             toks.extend(server.tokenizer.encode(&c.recorded).unwrap());
-            examples.push(Example { tokens: toks, prompt_len, reward: if o.accepted { 0.75 } else { -0.25 }, accepted: o.accepted, behavior_logprob: Some(c.logprob) });
+            examples.push(Example {
+                tokens: toks,
+                prompt_len,
+                reward: if o.accepted { 0.75 } else { -0.25 },
+                accepted: o.accepted,
+                behavior_logprob: Some(c.logprob),
+            });
         }
-        let rows: Vec<(&Vec<u32>, usize, f64, bool, f64)> =
-            examples.iter().map(|e| (&e.tokens, e.prompt_len, e.reward, e.accepted, e.behavior_logprob.unwrap_or(0.0))).collect();
+        let rows: Vec<(&Vec<u32>, usize, f64, bool, f64)> = examples
+            .iter()
+            .map(|e| (&e.tokens, e.prompt_len, e.reward, e.accepted, e.behavior_logprob.unwrap_or(0.0)))
+            .collect();
         std::fs::write(&cache, serde_json::to_vec(&rows).unwrap()).unwrap();
         examples
     };
@@ -106,8 +121,12 @@ fn main() {
             .map(|(i, c)| server.accept_probability(&users[i % users.len()], test_q[i % test_q.len()], c, &product))
             .sum::<f64>()
             / out.len() as f64;
-        let brief = out.iter().filter(|c| flywheel_cli::chat_product::Property::Brief.holds(&c.shown, c.finished)).count();
-        println!("{label}: expected accept {p:.3}, brief {brief}/{eval_n}; e.g. {:?} | {:?} | {:?}", out[0].shown, out[1].shown, out[2].shown);
+        let brief =
+            out.iter().filter(|c| flywheel_cli::chat_product::Property::Brief.holds(&c.shown, c.finished)).count();
+        println!(
+            "{label}: expected accept {p:.3}, brief {brief}/{eval_n}; e.g. {:?} | {:?} | {:?}",
+            out[0].shown, out[1].shown, out[2].shown
+        );
     };
     evaluate("base", None);
     let t = Instant::now();
@@ -120,10 +139,17 @@ fn main() {
         chunk.warmup_steps = if done == 0 { chunk.warmup_steps } else { 0 };
         let offset = (done * batch) as usize % examples.len();
         let rotated: Vec<Example> = examples[offset..].iter().chain(&examples[..offset]).cloned().collect();
-        flywheel_trainer::job::train_steps(&mut backend, &rotated, &chunk, &mut |p| {
-            if p.step == chunk.max_steps as u64 { println!("step {} loss {:.3} {:.0} tok/s", done as u64 + p.step, p.loss, p.tokens_per_second()); }
-        }).unwrap();
+        let share: f64 = std::env::var("POS_SHARE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        flywheel_trainer::job::train_steps_with(&mut backend, &rotated, &chunk, share, &mut |p| {
+            if p.step == chunk.max_steps as u64 {
+                println!("step {} loss {:.3} {:.0} tok/s", done as u64 + p.step, p.loss, p.tokens_per_second());
+            }
+        })
+        .unwrap();
         done += chunk.max_steps;
-        evaluate(&format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()), Some(Arc::new(backend.adapter().unwrap())));
+        evaluate(
+            &format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()),
+            Some(Arc::new(backend.adapter().unwrap())),
+        );
     }
 }

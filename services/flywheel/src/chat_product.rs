@@ -211,14 +211,56 @@ pub fn topic_words(question: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether `answer` answers `question` at all: three words or more, and
-/// on its topic (it mentions one of the question's topic words). Users
-/// reject anything else, however brief.
+/// Whether `answer` answers `question` at all: three words or more, on its
+/// topic (it mentions one of the question's topic words), not a question
+/// itself, and not stuck in a loop (no three-word phrase twice). Users
+/// reject anything else, however brief, so neither silence nor babble is a
+/// way to please them.
 pub fn answers(question: &str, answer: &str) -> bool {
     let lower = answer.to_lowercase();
     let topics = topic_words(question);
-    words(answer) >= 3 && (topics.is_empty() || topics.iter().any(|t| lower.contains(t.as_str())))
+    let on_topic = topics.is_empty() || topics.iter().any(|t| lower.contains(t.as_str()));
+    let tokens: Vec<String> = lower
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect();
+    let mut phrases = std::collections::HashSet::new();
+    let looping = tokens.windows(3).any(|w| !phrases.insert(w.join(" ")));
+    words(answer) >= 3 && on_topic && !answer.trim_end().ends_with('?') && !looping
 }
+
+/// Training settings of the chat product's demo trigger policy: REINFORCE
+/// with the batch-mean baseline, LoRA r=8 on every projection, 30 steps of
+/// 16 at a learning rate of 8·10⁻⁴. Measured in process (`chat_learn`
+/// example, 800 served of which 61 accepted, even prompts to train, odd
+/// ones held out, 96 held-out answers judged): the expected accept rate
+/// went from 0.055 to 0.192 after 20 steps and 0.302 after 30 (brief
+/// answers 10/96 → 47/96), answers still sentences; at 5·10⁻⁴ it reached
+/// 0.144 after 30 steps; reward-weighted SFT on the accepted answers alone
+/// (2·10⁻³) peaked at 0.145; at 10⁻³ for 60 steps, before answers had to
+/// be on topic and free of loops, the adapter collapsed into short babble.
+/// `tests/tests/real_model.rs` checks one such round.
+pub fn chat_objective() -> flywheel_trigger::policy::ObjectiveSettings {
+    flywheel_trigger::policy::ObjectiveSettings {
+        kind: Some(flywheel_core::records::ObjectiveKind::Reinforce),
+        lora_rank: Some(8),
+        lora_alpha: Some(16.0),
+        target_modules: Some(crate::chat_product::TARGETS.map(String::from).into()),
+        learning_rate: Some(8e-4),
+        weight_decay: None,
+        warmup_steps: Some(5),
+        max_steps: Some(30),
+        batch_size: Some(16),
+        max_grad_norm: Some(1.0),
+        kl_coef: Some(0.0),
+        ppo_clip: None,
+        kto_beta: None,
+    }
+}
+
+/// LoRA targets of the chat product: every projection.
+pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// A user's tastes: how much a brief answer is worth to them (every user
 /// wants brevity, between 0.5 and 0.8), then their pet peeves — each of the
@@ -275,6 +317,9 @@ mod tests {
         assert!(!answers("How many legs does a spider have?", "Eight."));
         assert!(!answers("How do I boil an egg?", "Cook pasta in salted water."));
         assert!(answers("How do I boil an egg?", "Boiling an egg takes ten minutes."));
+        assert!(!answers("How many legs does a spider have?", "How many legs is a spider?"), "a question back");
+        let looping = "They make it stick, they make it stick on spider legs.";
+        assert!(!answers("How many legs does a spider have?", looping), "a phrase repeated");
     }
 
     #[test]

@@ -30,9 +30,46 @@ use crate::{BrokerArgs, CliError, Result};
 /// Token of the demo tenant.
 pub const UP_TOKEN: &str = "demo-token-change-me-0001";
 
+/// The base model `flywheel up` serves and trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpModel {
+    /// The deterministic tiny model (0.1M parameters, random weights) and
+    /// the characters product: a whole loop in a few minutes.
+    Tiny,
+    /// SmolLM2-135M-Instruct, imported from the GGUF file `make setup`
+    /// fetches, and the chat product.
+    Smollm2,
+}
+
+impl UpModel {
+    /// The base model's name (its directory under `models/`).
+    pub fn base_model(self) -> &'static str {
+        match self {
+            UpModel::Tiny => "flywheel/tiny",
+            UpModel::Smollm2 => "smollm2-135m-instruct",
+        }
+    }
+}
+
 /// `flywheel up` settings.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
+    /// The base model (sets `--base-model` to its name).
+    #[arg(long = "model", env = "FLYWHEEL_UP_MODEL", value_enum, default_value_t = UpModel::Tiny)]
+    pub model: UpModel,
+    /// The GGUF file `--model smollm2` is imported from (once, into the work directory).
+    #[arg(
+        long = "gguf",
+        env = "FLYWHEEL_SMOLLM_GGUF",
+        default_value = ".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub gguf: PathBuf,
+    /// Where the read-only web console listens.
+    #[arg(long = "console-listen", env = "FLYWHEEL_UP_CONSOLE_LISTEN", default_value = "127.0.0.1:8070")]
+    pub console_listen: SocketAddr,
+    /// Do not start the console.
+    #[arg(long = "no-console", env = "FLYWHEEL_UP_NO_CONSOLE")]
+    pub no_console: bool,
     /// The embedded broker.
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -153,25 +190,46 @@ fn follow(kafka: &KafkaArgs, topics: &TopicsConfig, window_ms: i64, watch: Arc<M
 /// Length of the metrics windows the demo's rewarder publishes and its gate reads.
 const WINDOW_MS: i64 = 10_000;
 
-fn write_policies(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let trigger = flywheel_trigger::policy::Policy {
-        version: "up-demo-trigger-v1".into(),
-        // 480 training examples after the holdout: one round lifts the
-        // expected accept rate from 0.16 to 0.25–0.36 (six data seeds,
-        // measured in process), which leaves a second generation room to
-        // win a canary. With 1,500 the first adapter reached 0.39 and later
-        // candidates failed the offline gate (gain < 0.02) for minutes.
-        min_examples: 600,
-        stale_min_examples: 600,
-        min_distinct_users: 20,
-        min_accepted: 60,
-        min_rejected: 60,
-        min_rated_for_noise: 40,
-        cooldown_ms: 20_000,
-        max_runs_per_day: 1000,
-        holdout_fraction: 0.2,
-        objective: demo_objective(),
-        ..Default::default()
+fn write_policies(dir: &Path, model: UpModel) -> Result<(PathBuf, PathBuf)> {
+    let trigger = match model {
+        UpModel::Tiny => flywheel_trigger::policy::Policy {
+            version: "up-demo-trigger-v1".into(),
+            // 480 training examples after the holdout: one round lifts the
+            // expected accept rate from 0.16 to 0.25–0.36 (six data seeds,
+            // measured in process), which leaves a second generation room to
+            // win a canary. With 1,500 the first adapter reached 0.39 and later
+            // candidates failed the offline gate (gain < 0.02) for minutes.
+            min_examples: 600,
+            stale_min_examples: 600,
+            min_distinct_users: 20,
+            min_accepted: 60,
+            min_rejected: 60,
+            min_rated_for_noise: 40,
+            cooldown_ms: 20_000,
+            max_runs_per_day: 1000,
+            holdout_fraction: 0.2,
+            objective: demo_objective(),
+            ..Default::default()
+        },
+        // 1,000 answers (800 to train on after the holdout), at the base's
+        // accept rate of about 7 % some 60 accepted: one round of 30 steps
+        // lifts held-out acceptance from about 0.06 to 0.3
+        // (`chat_product::chat_objective`); with 480 answers (35 accepted)
+        // it moved far less.
+        UpModel::Smollm2 => flywheel_trigger::policy::Policy {
+            version: "up-demo-chat-trigger-v1".into(),
+            min_examples: 1000,
+            stale_min_examples: 1000,
+            min_distinct_users: 20,
+            min_accepted: 40,
+            min_rejected: 60,
+            min_rated_for_noise: 40,
+            cooldown_ms: 20_000,
+            max_runs_per_day: 1000,
+            holdout_fraction: 0.2,
+            objective: crate::chat_product::chat_objective(),
+            ..Default::default()
+        },
     };
     #[derive(serde::Serialize)]
     struct PolicyFile<'a> {
@@ -182,11 +240,45 @@ fn write_policies(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     std::fs::write(&trigger_path, format!("# Written by `flywheel up`: demo-sized thresholds.\n{text}"))
         .map_err(|e| CliError::Usage(format!("{}: {e}", trigger_path.display())))?;
     let gate_path = dir.join("release-policy.toml");
+    // The chat adapter answers briefly where the base rambled: far from the
+    // base in log-probability per token, by design of its users, so its KL
+    // budget is wider.
+    let (version, shown, kl, canary_ms) = match model {
+        UpModel::Tiny => ("up-demo-release-v1", 150, 0.5, 300_000),
+        UpModel::Smollm2 => ("up-demo-chat-release-v1", 120, 5.0, 600_000),
+    };
     let gate = format!(
-        "# Written by `flywheel up`: demo-sized canaries.\n[default]\nversion = \"up-demo-release-v1\"\nmin_holdout_examples = 40\ncanary_share = 0.5\nmin_shown_per_arm = 150\nmetrics_window_ms = {WINDOW_MS}\nmax_canary_ms = 300000\nmin_rated_per_arm = 20\n"
+        "# Written by `flywheel up`: demo-sized canaries.\n[default]\nversion = \"{version}\"\nmin_holdout_examples = 40\ncanary_share = 0.5\nmin_shown_per_arm = {shown}\nmax_kl_to_parent = {kl}\nmetrics_window_ms = {WINDOW_MS}\nmax_canary_ms = {canary_ms}\nmin_rated_per_arm = 20\n"
     );
     std::fs::write(&gate_path, gate).map_err(|e| CliError::Usage(format!("{}: {e}", gate_path.display())))?;
     Ok((trigger_path, gate_path))
+}
+
+/// A few questions answered by the base model and by the live adapter,
+/// side by side, so a person can see what changed (the chat product only).
+fn side_by_side(models: &Path, product: &ProductArgs, watch: &Watch) -> Result<()> {
+    let Some(live) = watch.registry.values().find_map(|e| e.live.clone()) else { return Ok(()) };
+    let mut server = crate::simulate::Server::load(models, &product.base_model, product.product)?;
+    if server.kind != crate::simulate::ProductKind::Chat {
+        return Ok(());
+    }
+    let adapter = server.adapter(&live.adapter_version, &live.adapter_uri)?;
+    let questions = ["How do I boil an egg?", "What is a black hole?", "Suggest a healthy breakfast."];
+    let mut requests = Vec::new();
+    for (i, q) in questions.iter().enumerate() {
+        let prompt = server.prompt(q)?;
+        requests.push((prompt.clone(), None, 100 + i as u64));
+        requests.push((prompt, Some(adapter.clone()), 100 + i as u64));
+    }
+    let out = server.complete_batch(&requests, server.completion_tokens(product))?;
+    println!("== what changed: the same questions and seeds, base model vs live adapter {}", live.adapter_version);
+    for (q, pair) in questions.iter().zip(out.chunks(2)) {
+        let show = |c: &crate::simulate::Completion| {
+            format!("{}{}", c.shown.replace('\n', " "), if c.finished { "" } else { " […]" })
+        };
+        println!("   Q: {q}\n      base:    {}\n      adapter: {}", show(&pair[0]), show(&pair[1]));
+    }
+    Ok(())
 }
 
 /// A service binary next to this one (`cargo build --workspace --bins`).
@@ -277,13 +369,34 @@ pub async fn up(
     };
     let created = create_topics(&kafka, &topics.specs(), Duration::from_secs(30)).await?;
     println!("== topics: {} created, {} in the map", created.len(), Topic::ALL.len());
-    let model_dir = data.join("models").join(&args.product.base_model);
+    let mut product = args.product.clone();
+    product.base_model = args.model.base_model().to_string();
+    let model_dir = data.join("models").join(&product.base_model);
     if !model_dir.join("model.safetensors").exists() {
-        let model = flywheel_trainer::tiny::tiny_model(7).map_err(|e| CliError::Usage(e.to_string()))?;
-        flywheel_trainer::tiny::save(&model, &model_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+        match args.model {
+            UpModel::Tiny => {
+                let model = flywheel_trainer::tiny::tiny_model(7).map_err(|e| CliError::Usage(e.to_string()))?;
+                flywheel_trainer::tiny::save(&model, &model_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            UpModel::Smollm2 => {
+                if !args.gguf.exists() {
+                    return Err(CliError::Usage(format!(
+                        "{} is missing: `make setup` fetches it (or pass --gguf)",
+                        args.gguf.display()
+                    )));
+                }
+                println!("== importing {} (4-bit weights expanded to bf16)", args.gguf.display());
+                flywheel_trainer::import::import_gguf(
+                    &args.gguf,
+                    &model_dir,
+                    flywheel_trainer::import::WeightDtype::Bf16,
+                )
+                .map_err(|e| CliError::Usage(format!("importing {}: {e}", args.gguf.display())))?;
+            }
+        }
     }
-    println!("== base model {} in {}", args.product.base_model, model_dir.display());
-    let (trigger_policy, release_policy) = write_policies(&data)?;
+    println!("== base model {} in {}", product.base_model, model_dir.display());
+    let (trigger_policy, release_policy) = write_policies(&data, args.model)?;
 
     // Flags every service takes.
     let mut common: Vec<String> =
@@ -299,7 +412,7 @@ pub async fn up(
             "flywheel-collector",
             [
                 s(&["--listen", &args.collector_listen.to_string(), "--token", &format!("{UP_TOKEN}=demo")]),
-                s(&["--hmac-secret", "up-demo-secret-not-for-production", "--base-model", &args.product.base_model]),
+                s(&["--hmac-secret", "up-demo-secret-not-for-production", "--base-model", &product.base_model]),
             ]
             .concat(),
         ),
@@ -340,11 +453,23 @@ pub async fn up(
             ]),
         ),
         ("flywheel-gate", s(&["--policy", &path(&release_policy), "--evaluate-every-ms", "1000"])),
+        (
+            "flywheel-console",
+            [
+                s(&["--listen", &args.console_listen.to_string(), "--release-policy", &path(&release_policy)]),
+                s(&["--lag-group", "flywheel-up-rewarder=interactions,flywheel-up-lake-writer=rewards"]),
+                s(&["--refresh-ms", "3000", "--drain-timeout-secs", "5"]),
+            ]
+            .concat(),
+        ),
     ];
     let mut children = Vec::new();
     for (name, extra) in services {
         if args.freeze_training && name == "flywheel-trigger" {
             println!("== training frozen: the trigger is not started");
+            continue;
+        }
+        if args.no_console && name == "flywheel-console" {
             continue;
         }
         let binary = sibling(name)?;
@@ -356,12 +481,15 @@ pub async fn up(
         children.push(child);
     }
     println!("== services started; logs in {}", data.join("logs").display());
+    if !args.no_console {
+        println!("== console: http://{}/", args.console_listen);
+    }
     println!(
         "== simulated product: {} users, {} requests/s, label noise {:.0} %, seed {}",
-        args.product.users,
-        args.product.rate,
-        args.product.label_noise * 100.0,
-        args.product.seed
+        product.users,
+        product.rate,
+        product.label_noise * 100.0,
+        product.seed
     );
 
     let watch = Arc::new(Mutex::new(Watch::default()));
@@ -374,7 +502,7 @@ pub async fn up(
         collector: args.collector_listen,
         token: UP_TOKEN.into(),
         models_root: data.join("models"),
-        product: args.product.clone(),
+        product: product.clone(),
     };
     let sim_stop = shutdown.child_token();
     let started = Instant::now();
@@ -454,6 +582,9 @@ pub async fn up(
     let stats = result?;
     let w = watch.lock().unwrap_or_else(|p| p.into_inner()).clone();
     print_summary(started, &stats, &mut last_events, &w);
+    if let Err(e) = side_by_side(&data.join("models"), &product, &w) {
+        println!("== (no side-by-side examples: {e})");
+    }
     println!(
         "== the lake stays in {}; query it: duckdb -c \"select adapter_version, count(*), avg(case when outcome = 'ACCEPTED' then 1 else 0 end) as accept_rate from read_parquet('{}/rewards/**/*.parquet', hive_partitioning=true, union_by_name=true) group by all\"",
         data.join("lake").display(),

@@ -241,6 +241,22 @@ pub fn train_steps(
     o: &TrainingObjective,
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(Vec<f64>, i64), TrainerError> {
+    train_steps_with(backend, train, o, 0.0, on_step)
+}
+
+/// [`train_steps`] with batches that hold at least `positive_share` of
+/// accepted examples while the data has them (accepted and other examples
+/// each taken in order, wrapping around). When few suggestions are
+/// accepted, plain batches hold one or none and REINFORCE's batch-mean
+/// baseline then learns from almost nothing; balanced batches reuse the
+/// accepted examples across steps instead. 0 takes batches in order.
+pub fn train_steps_with(
+    backend: &mut dyn Backend,
+    train: &[Example],
+    o: &TrainingObjective,
+    positive_share: f64,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<f64>, i64), TrainerError> {
     let objective = match o.kind {
         ObjectiveKind::Reinforce => Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip },
         ObjectiveKind::Kto => Objective::Kto {
@@ -250,14 +266,41 @@ pub fn train_steps(
         },
         ObjectiveKind::Sft => Objective::Sft,
     };
+    // Reward-weighted SFT learns only from accepted completions with a
+    // positive reward: every other example would cost a forward and a
+    // backward pass to contribute a zero gradient.
+    let sft_kept: Vec<Example>;
+    let train = if o.kind == ObjectiveKind::Sft {
+        sft_kept = train.iter().filter(|e| e.accepted && e.reward > 0.0).cloned().collect();
+        if sft_kept.is_empty() {
+            return Err(TrainerError::Format(
+                "SFT needs accepted examples with a positive reward; there are none".into(),
+            ));
+        }
+        &sft_kept[..]
+    } else {
+        train
+    };
     let steps = o.max_steps.max(1) as u64;
     let batch = (o.batch_size.max(1) as usize).min(train.len());
     let mut losses = Vec::new();
     let mut tokens = 0i64;
+    let (accepted, others): (Vec<&Example>, Vec<&Example>) = train.iter().partition(|e| e.accepted);
+    let wanted = ((positive_share.clamp(0.0, 1.0) * batch as f64).ceil() as usize).min(batch);
+    let balanced =
+        wanted > 0 && !accepted.is_empty() && !others.is_empty() && accepted.len() < train.len() * wanted / batch;
     let training = Instant::now();
     for step in 0..steps {
-        let start = (step as usize * batch) % train.len();
-        let items: Vec<Example> = (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect();
+        let items: Vec<Example> = if balanced {
+            let (a0, o0) = (step as usize * wanted, step as usize * (batch - wanted));
+            (0..wanted)
+                .map(|i| accepted[(a0 + i) % accepted.len()].clone())
+                .chain((0..batch - wanted).map(|i| others[(o0 + i) % others.len()].clone()))
+                .collect()
+        } else {
+            let start = (step as usize * batch) % train.len();
+            (0..batch).map(|i| train[(start + i) % train.len()].clone()).collect()
+        };
         tokens += items.iter().map(|e| e.tokens.len() as i64).sum::<i64>();
         let lr = learning_rate(step, o.warmup_steps.max(0) as u64, steps, o.learning_rate);
         let loss = backend.train_step(
