@@ -43,10 +43,8 @@ fn main() {
     let work = std::env::temp_dir().join(format!("flywheel-hf-parity-{}", std::process::id()));
     let adapter_dir = work.join("adapter");
     lora.save_peft(&adapter_dir, &model.config, &dir.display().to_string()).unwrap();
-    let seqs: Vec<serde_json::Value> = examples
-        .iter()
-        .map(|e| serde_json::json!({"tokens": e.tokens, "prompt_len": e.prompt_len}))
-        .collect();
+    let seqs: Vec<serde_json::Value> =
+        examples.iter().map(|e| serde_json::json!({"tokens": e.tokens, "prompt_len": e.prompt_len})).collect();
     let seq_file = work.join("sequences.json");
     std::fs::write(&seq_file, serde_json::to_vec(&seqs).unwrap()).unwrap();
     let engine = CpuModel::new(&model, Precision::F32).unwrap();
