@@ -231,15 +231,18 @@ pub fn answers(question: &str, answer: &str) -> bool {
 }
 
 /// Training settings of the chat product's demo trigger policy: REINFORCE
-/// with the batch-mean baseline, LoRA r=8 on every projection, 30 steps of
-/// 16 at a learning rate of 8·10⁻⁴. Measured in process (`chat_learn`
-/// example, 800 served of which 61 accepted, even prompts to train, odd
-/// ones held out, 96 held-out answers judged): the expected accept rate
-/// went from 0.055 to 0.192 after 20 steps and 0.302 after 30 (brief
-/// answers 10/96 → 47/96), answers still sentences; at 5·10⁻⁴ it reached
-/// 0.144 after 30 steps; reward-weighted SFT on the accepted answers alone
-/// (2·10⁻³) peaked at 0.145; at 10⁻³ for 60 steps, before answers had to
-/// be on topic and free of loops, the adapter collapsed into short babble.
+/// with the batch-mean baseline, LoRA r=8 on every projection, 45 steps of
+/// 16 at a learning rate of 8·10⁻⁴ (one warm-up + cosine schedule).
+/// Measured in process with the `chat_learn` example (800 answers served
+/// for the even questions, the odd ones held out, 96 held-out answers
+/// scored by the users' true accept chance), product seed 11 (49 of 800
+/// accepted): expected accept rate 0.060 → 0.384 after 45 steps, brief
+/// answers 10/96 → 74/96, still sentences that answer ("A spider has 8
+/// legs"); 30 steps at 1.2·10⁻³: 0.316; 30 steps at 8·10⁻⁴ in three
+/// restarted schedules: 0.190; drawing a quarter of each batch from the
+/// accepted answers over-fitted into babble by step 30 (0.164). Seed 7 (61
+/// accepted), 30 steps in restarted schedules: 0.055 → 0.302. Reward-
+/// weighted SFT on the accepted answers alone peaked at 0.145.
 /// `tests/tests/real_model.rs` checks one such round.
 pub fn chat_objective() -> flywheel_trigger::policy::ObjectiveSettings {
     flywheel_trigger::policy::ObjectiveSettings {
@@ -250,7 +253,7 @@ pub fn chat_objective() -> flywheel_trigger::policy::ObjectiveSettings {
         learning_rate: Some(8e-4),
         weight_decay: None,
         warmup_steps: Some(5),
-        max_steps: Some(30),
+        max_steps: Some(45),
         batch_size: Some(16),
         max_grad_norm: Some(1.0),
         kl_coef: Some(0.0),
