@@ -154,11 +154,18 @@ BROKER_TESTS := package(flywheel-tests) & !binary(lake) & !binary(rewarder_metri
 CLOCK_SCOPE  ?= all
 CLOCK_FILTER := $(if $(filter unit,$(CLOCK_SCOPE)),-E '!($(BROKER_TESTS))',)
 
+# rustc deadlocks under libfaketime 0.9.10 (its jemalloc initialisation never
+# returns), and nextest asks rustc for its library path on start: so the tests
+# are built and archived with the real clock, then run from the archive with
+# the clock moved (no cargo or rustc runs under faketime).
+CLOCK_ARCHIVE := $${CARGO_TARGET_DIR:-target}/nextest-clock.tar.zst
+
 test-clock: setup ## The tests with the clock moved 400 days ahead and 30 days back (libfaketime): none may depend on the date
 	$(CARGO) build --workspace --bins --locked
-	$(CARGO) nextest run --workspace --locked --no-run
-	faketime -f '+400d' $(CARGO) nextest run --workspace --locked $(CLOCK_FILTER)
-	faketime -f '-30d' $(CARGO) nextest run --workspace --locked $(CLOCK_FILTER)
+	$(CARGO) nextest archive --workspace --locked --archive-file "$(CLOCK_ARCHIVE)"
+	faketime -f '+400d' $(CARGO) nextest run --archive-file "$(CLOCK_ARCHIVE)" --workspace-remap . $(CLOCK_FILTER)
+	faketime -f '-30d' $(CARGO) nextest run --archive-file "$(CLOCK_ARCHIVE)" --workspace-remap . $(CLOCK_FILTER)
+	rm -f "$(CLOCK_ARCHIVE)"
 
 # Build here (x86-64, no CUDA needed); run on the GPU machine. Without Rust
 # there, carry target/release/examples/{kernel_parity,lora_bench} and run
