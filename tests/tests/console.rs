@@ -8,6 +8,8 @@
 //!   appear without a restart; the token is enforced;
 //! - the console keeps serving while its broker stops and picks up what is
 //!   written after the broker is back;
+//! - the Training page shows a running job's step, loss, tokens/s and ETA
+//!   from the trainer's real ops server (`/metrics`), and says so when it is gone;
 //! - every page is loaded in headless Chromium: the DOM shows the registry's
 //!   live version, charts have points, the injected `<script>` is inert
 //!   text, the browser logs nothing; screenshots land in
@@ -635,6 +637,7 @@ async fn every_page_shows_the_numbers_on_the_topics_and_follows_new_records() {
     }
     assert!(row(&training, r#"<tr data-adapter="a1">"#).contains(r#"<td class="release">promoted</td>"#));
     assert!(row(&training, r#"<tr data-adapter="a2">"#).contains(r#"<td class="release">canary started</td>"#));
+    assert!(training.contains("trainer progress: not configured (--trainer-metrics-url)"), "{training}");
 
     // Lineage, one click from the history: request → shards → offsets.
     assert!(models.contains(r#"href="/lineage?tenant=acme&amp;model=tiny&amp;adapter=a1""#));
@@ -770,6 +773,99 @@ async fn the_console_keeps_serving_through_a_broker_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+// ------------------------------------------------------ trainer progress
+
+/// The trainer's real ops server (`/metrics` of the trainer's own registry,
+/// set through the trainer's own metrics type), without Kafka or a model:
+/// the console sees exactly what a running trainer serves.
+struct TrainerOps {
+    metrics: flywheel_trainer::service::Metrics,
+    addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<flywheel_core::Result<()>>,
+}
+
+impl TrainerOps {
+    async fn start() -> TrainerOps {
+        let mut registry = Default::default();
+        let (metrics, _) = flywheel_trainer::service::Metrics::register(&mut registry);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let ops = flywheel_core::runtime::OpsServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            flywheel_core::runtime::Readiness::default(),
+            registry,
+            None,
+            stop.clone(),
+        )
+        .await
+        .expect("the trainer's ops server");
+        TrainerOps { metrics, addr: ops.local_addr, stop, task: ops.task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/metrics", self.addr)
+    }
+
+    /// A job mid-way: `step` of 40 steps, 2000 tokens and 1.25 s per step.
+    fn at_step(&self, step: u64) {
+        self.metrics.set_busy(true);
+        self.metrics.progress(&flywheel_trainer::job::Progress {
+            step,
+            steps: 40,
+            loss: 0.8125,
+            tokens: 2000 * step as i64,
+            elapsed: Duration::from_millis(1250 * step),
+        });
+    }
+
+    /// Closes the port (what the console sees of a trainer that is down).
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("ops server stops").unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_training_page_shows_the_running_jobs_progress_from_the_trainers_metrics() {
+    let (test, records) = prepared("console-trainer").await;
+    let trainer = TrainerOps::start().await;
+    trainer.at_step(12);
+    // What the console reads is what the trainer serves.
+    let scrape = flywheel_cli::http::http(trainer.addr, "GET", "/metrics", &[], Vec::new()).await;
+    let text = String::from_utf8(scrape.body).unwrap();
+    assert!(text.contains("# TYPE trainer_job_step gauge\ntrainer_job_step 12\n"), "{text}");
+    let console =
+        Console::start(service_args("flywheel-console", &test, &[]), &["--trainer-metrics-url", &trainer.url()]);
+    console.wait_caught_up(None, records).await;
+    let path = "/training?tenant=acme&model=tiny";
+    let page = console.wait_for(path, None, 30, |p| p.contains(r#"<span class="job-step">12</span>"#)).await;
+    assert_inert(&page, "training");
+    assert!(page.contains(r#"data-live="records trainer""#), "{page}");
+    assert!(page.contains(r#"<span class="trainer-state" data-busy="true">busy: a job is running</span>"#), "{page}");
+    assert!(page.contains(r#"<progress class="job-progress" max="40" value="12">30 %</progress>"#), "{page}");
+    assert!(page.contains(r#"<span class="job-steps">40</span>"#));
+    assert!(page.contains(r#"<span class="job-loss">0.8125</span>"#));
+    // 2000 tokens per 1.25 s; 28 steps left at 1.25 s.
+    assert!(page.contains(r#"<span class="job-tokens-per-second">1600.0</span> tokens/s"#), "{page}");
+    assert!(page.contains(r#"<span class="job-eta">35 s</span>"#), "{page}");
+    assert!(!page.contains("not configured"));
+
+    // The job moves on: the page follows, and tells an open page to reload.
+    let before: serde_json::Value = serde_json::from_str(&console.page("/api/version", None).await).unwrap();
+    trainer.at_step(13);
+    console.wait_for(path, None, 30, |p| p.contains(r#"<span class="job-step">13</span>"#)).await;
+    let after: serde_json::Value = serde_json::from_str(&console.page("/api/version", None).await).unwrap();
+    assert!(after["trainer"].as_u64() > before["trainer"].as_u64(), "{before} -> {after}");
+
+    // The trainer goes away: the console says so and keeps serving.
+    trainer.stop().await;
+    let page = console.wait_for(path, None, 30, |p| p.contains("trainer metrics unreachable: ")).await;
+    assert!(page.contains("connecting to 127.0.0.1"), "{page}");
+    assert!(!page.contains(r#"class="job-step""#));
+    assert!(page.contains(r#"<span id="trigger-fired""#), "the rest of the page is unchanged");
+    assert_eq!(console.get_as("/pipeline", None).await.map(|r| r.status), Some(200));
+}
+
 // ---------------------------------------------------------------- browser
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -821,8 +917,14 @@ async fn every_page_works_in_a_real_browser() {
         "{CHROMIUM} is missing: the console's browser test needs Debian's chromium; run `make setup` (or `make browser`)"
     );
     let (test, records) = prepared("console-browser").await;
-    let console = Console::start(service_args("flywheel-console", &test, &[]), &["--token", TOKEN]);
+    let trainer = TrainerOps::start().await;
+    trainer.at_step(12);
+    let console = Console::start(
+        service_args("flywheel-console", &test, &[]),
+        &["--token", TOKEN, "--trainer-metrics-url", &trainer.url()],
+    );
     console.wait_caught_up(Some(TOKEN), records).await;
+    console.wait_for("/training?tenant=acme&model=tiny", Some(TOKEN), 30, |p| p.contains(r#"class="job-step""#)).await;
     let entries: Vec<RegistryEntry> =
         read_all(&test.kafka, &test.topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect();
     let live = entries.iter().max_by_key(|e| e.revision).unwrap().live.as_ref().unwrap().adapter_version.clone();
@@ -865,7 +967,11 @@ async fn every_page_works_in_a_real_browser() {
                     "{dom}"
                 );
             }
-            "training" => assert!(dom.contains("&lt;img src=x onerror=\"document.title='pwned'\"&gt;"), "{dom}"),
+            "training" => {
+                assert!(dom.contains("&lt;img src=x onerror=\"document.title='pwned'\"&gt;"), "{dom}");
+                assert!(dom.contains(r#"<progress class="job-progress" max="40" value="12">"#), "{dom}");
+                assert!(dom.contains(r#"<span class="job-step">12</span> / <span class="job-steps">40</span>"#));
+            }
             "pipeline" => {
                 assert!(dom.contains("fn main() {} &lt;script&gt;document.title='pwned'&lt;/script&gt;"), "{dom}");
                 assert!(!dom.contains(r#"data-points="0""#), "the rows chart has points");

@@ -39,6 +39,7 @@ impl Ctx<'_> {
 enum Live {
     Records,
     RecordsAndProbes,
+    RecordsAndTrainer,
 }
 
 fn action_name(a: ReleaseAction) -> &'static str {
@@ -78,6 +79,7 @@ fn layout(title: &str, live: Live, view: &View, ctx: &Ctx<'_>, pair: Option<(&st
     let (live_attr, version) = match live {
         Live::Records => ("records", view.changes),
         Live::RecordsAndProbes => ("records probes", view.changes + view.probes),
+        Live::RecordsAndTrainer => ("records trainer", view.changes + view.trainer_changes),
     };
     let _ = write!(
         out,
@@ -634,10 +636,74 @@ pub fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option
         b.push_str("</ul>");
     }
     b.push_str("</section>");
+    running_job(&mut b, view);
     requests(&mut b, p, tenant, model);
     candidates(&mut b, p, tenant, model);
-    b.push_str(r#"<p class="note">A running job's progress (steps, loss, tokens/s) is not on any topic: see the trainer's log and its <code>/metrics</code>.</p>"#);
-    Some(layout(&format!("Training · {tenant} / {model}"), Live::Records, view, ctx, Some((tenant, model)), &b))
+    Some(layout(
+        &format!("Training · {tenant} / {model}"),
+        Live::RecordsAndTrainer,
+        view,
+        ctx,
+        Some((tenant, model)),
+        &b,
+    ))
+}
+
+/// The trainers' last scrapes: busy or idle, step / steps with a progress
+/// bar, loss, tokens/s and ETA (a job's progress is on no topic).
+fn running_job(b: &mut String, view: &View) {
+    b.push_str(r#"<section id="running-job"><h2>Running job</h2>"#);
+    if view.trainers.is_empty() {
+        b.push_str(r#"<p class="note" id="trainer-not-configured">trainer progress: not configured (--trainer-metrics-url)</p></section>"#);
+        return;
+    }
+    for t in &view.trainers {
+        let _ = write!(b, r#"<div class="trainer" data-url="{}">"#, esc(&t.url));
+        match &t.last {
+            None => {
+                let _ =
+                    write!(b, r#"<p class="note">trainer metrics: not scraped yet (<code>{}</code>)</p>"#, esc(&t.url));
+            }
+            Some((at, Err(e))) => {
+                let _ = write!(
+                    b,
+                    r#"<p class="trainer-error">trainer metrics unreachable: {}</p><p class="note">at {} · <code>{}</code></p>"#,
+                    esc(e),
+                    utc(*at),
+                    esc(&t.url)
+                );
+            }
+            Some((at, Ok(p))) => {
+                let _ = write!(
+                    b,
+                    r#"<p><span class="trainer-state" data-busy="{}">{}</span> · scraped {} · <code>{}</code></p>"#,
+                    p.busy,
+                    if p.busy { "busy: a job is running" } else { "idle" },
+                    utc(*at),
+                    esc(&t.url)
+                );
+                match (p.step, p.steps) {
+                    (Some(step), Some(steps)) if steps > 0.0 => {
+                        let _ = write!(
+                            b,
+                            r#"<p class="job">{}<progress class="job-progress" max="{steps:.0}" value="{step:.0}">{:.0} %</progress> step <span class="job-step">{step:.0}</span> / <span class="job-steps">{steps:.0}</span> · loss <span class="job-loss">{}</span> · <span class="job-tokens-per-second">{}</span> tokens/s · ETA <span class="job-eta">{}</span></p>"#,
+                            if p.busy { "" } else { "last job: " },
+                            100.0 * step / steps,
+                            num(p.loss, 4),
+                            num(p.tokens_per_second, 1),
+                            match p.eta_seconds {
+                                Some(s) if p.busy => duration((s * 1000.0) as i64),
+                                _ => "—".into(),
+                            }
+                        );
+                    }
+                    _ => b.push_str(r#"<p class="empty">No job since the trainer started.</p>"#),
+                }
+            }
+        }
+        b.push_str("</div>");
+    }
+    b.push_str(r#"<p class="note">The trainer's metrics do not name the pair: the job may be another tenant's or model's.</p></section>"#);
 }
 
 fn requests(b: &mut String, p: &PairView, tenant: &str, model: &str) {
@@ -1005,6 +1071,52 @@ mod tests {
         assert!(models.contains("significantly better &lt;script&gt;"));
         let training = &pages(&v)[2].1;
         assert!(training.contains("users &lt;script&gt;"));
+    }
+
+    #[test]
+    fn the_training_page_shows_each_trainers_progress_or_why_not() {
+        use crate::trainer::Progress;
+        use crate::view::TrainerScrape;
+        let mut v = hostile_view();
+        let training = |v: &View| pages(v)[2].1.clone();
+        let html = training(&v);
+        assert!(html.contains("trainer progress: not configured (--trainer-metrics-url)"), "{html}");
+        assert!(html.contains(r#"data-live="records trainer""#));
+        v.trainers =
+            ["http://a:1/metrics", "http://b:2/metrics"].map(|u| TrainerScrape { url: u.into(), last: None }).to_vec();
+        let busy = Progress {
+            busy: true,
+            step: Some(12.0),
+            steps: Some(40.0),
+            loss: Some(0.8125),
+            tokens_per_second: Some(1534.25),
+            eta_seconds: Some(74.0),
+        };
+        v.trainer_scraped(0, 0, Ok(busy.clone()));
+        v.trainer_scraped(1, 0, Err(format!("connecting: refused {XSS}")));
+        let changes = v.trainer_changes;
+        v.trainer_scraped(0, 5_000, Ok(busy));
+        assert_eq!(v.trainer_changes, changes, "the same progress again changes nothing");
+        let html = training(&v);
+        assert!(html.contains(&format!(r#"data-version="{}""#, v.changes + v.trainer_changes)));
+        assert!(!html.contains("not configured"));
+        assert!(html.contains(r#"<span class="trainer-state" data-busy="true">busy: a job is running</span>"#));
+        assert!(html.contains(r#"<progress class="job-progress" max="40" value="12">30 %</progress>"#), "{html}");
+        assert!(html.contains(r#"<span class="job-step">12</span> / <span class="job-steps">40</span>"#));
+        assert!(html.contains(r#"<span class="job-loss">0.8125</span>"#));
+        assert!(html.contains(r#"<span class="job-tokens-per-second">1534.2</span> tokens/s"#));
+        assert!(html.contains(r#"<span class="job-eta">74 s</span>"#));
+        assert!(html.contains("trainer metrics unreachable: connecting: refused &lt;script&gt;"), "{html}");
+        assert_eq!(html.matches("<script").count(), 1);
+        // Idle with no job yet, then idle after one: the last job, no ETA.
+        let idle = Progress { steps: Some(0.0), ..Progress::default() };
+        v.trainer_scraped(1, 0, Ok(idle));
+        assert!(training(&v).contains("No job since the trainer started."));
+        let done = Progress { step: Some(40.0), steps: Some(40.0), eta_seconds: Some(0.0), ..Progress::default() };
+        v.trainer_scraped(0, 0, Ok(done));
+        let html = training(&v);
+        assert!(html.contains(r#"data-busy="false">idle</span>"#) && html.contains("last job: <progress"), "{html}");
+        assert!(html.contains(r#"<span class="job-eta">—</span>"#));
     }
 
     #[test]

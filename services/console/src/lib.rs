@@ -7,12 +7,14 @@
 //! - [`svg`]: charts drawn on the server;
 //! - [`html`]: the pages (every record string escaped);
 //! - [`text`]: escaping, UTC times, number formats;
+//! - [`trainer`]: the trainer's `/metrics`, scraped for a running job's progress;
 //! - [`service`]: the Kafka follower, the offset probe and the HTTP server.
 
 pub mod html;
 pub mod service;
 pub mod svg;
 pub mod text;
+pub mod trainer;
 pub mod view;
 
 pub use service::{Config, run};
@@ -35,6 +37,9 @@ pub enum ConsoleError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading the trainer's `/metrics` failed (shown on the Training page).
+    #[error("{0}")]
+    Scrape(String),
     /// A worker task panicked.
     #[error("worker {0} ended abnormally")]
     Worker(String),

@@ -65,9 +65,20 @@ pub struct Config {
     /// How often an open page asks whether it is stale (ms).
     #[arg(long = "refresh-ms", env = "FLYWHEEL_CONSOLE_REFRESH_MS", default_value_t = 5_000)]
     pub refresh_ms: u64,
-    /// How often end offsets and consumer-group positions are read (ms).
+    /// How often end offsets, consumer-group positions and the trainer's
+    /// metrics are read (ms).
     #[arg(long = "probe-every-ms", env = "FLYWHEEL_CONSOLE_PROBE_EVERY_MS", default_value_t = 5_000)]
     pub probe_every_ms: u64,
+    /// The trainer's ops `/metrics` URL (`http://host:port/metrics`), read
+    /// for the Training page's running-job panel; repeatable or
+    /// comma-separated (one panel per trainer). None: no panel.
+    #[arg(
+        long = "trainer-metrics-url",
+        env = "FLYWHEEL_CONSOLE_TRAINER_METRICS_URL",
+        value_delimiter = ',',
+        value_parser = crate::trainer::Target::parse
+    )]
+    pub trainer_metrics_urls: Vec<crate::trainer::Target>,
     /// Consumer groups whose lag is shown, as `group=topic` (the topic's
     /// name in the map, e.g. `interactions`); repeatable or comma-separated.
     #[arg(
@@ -410,6 +421,7 @@ fn router(state: Arc<AppState>) -> Router {
                     "changes": v.changes,
                     "probes": v.probes,
                     "caught_up": v.caught_up,
+                    "trainer": v.trainer_changes,
                     "records": v.read.values().sum::<u64>(),
                 }))
             }),
@@ -520,7 +532,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
     let ops =
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
-    let view = Arc::new(RwLock::new(View::default()));
+    let view = Arc::new(RwLock::new(View {
+        trainers: config
+            .trainer_metrics_urls
+            .iter()
+            .map(|t| crate::view::TrainerScrape { url: t.url.clone(), last: None })
+            .collect(),
+        ..View::default()
+    }));
     let names: Vec<(Source, String)> = Source::ALL.into_iter().map(|s| (s, topics.name(s.topic()))).collect();
     let all_topics: Vec<String> = Topic::ALL.into_iter().map(|t| topics.name(t)).collect();
     let groups: Vec<(String, String)> = config.lag_groups.iter().map(|(g, t)| (g.clone(), topics.name(*t))).collect();
@@ -550,6 +569,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
             blocking_worker(&token, move |stop| probe(&kafka, &all_topics, &groups, &view, &metrics, every, &stop))
                 .await
                 .map_err(|e| ConsoleError::Worker(format!("probe: {e}")))?
+        });
+    }
+    if !config.trainer_metrics_urls.is_empty() {
+        let (targets, view, stop) = (config.trainer_metrics_urls.clone(), view.clone(), shutdown.clone());
+        let every = Duration::from_millis(config.probe_every_ms.max(200));
+        tasks.spawn(async move {
+            crate::trainer::poll(targets, view, every, stop).await;
+            Ok(())
         });
     }
     {
@@ -602,6 +629,11 @@ mod tests {
         let c = config(&["--lag-group", "g1=shards", "--lag-group", "g2=dead-letters"]).unwrap();
         assert_eq!(c.lag_groups, [("g1".to_string(), Topic::Shards), ("g2".to_string(), Topic::DeadLetters)]);
         assert!(config(&["--lag-group", "g=nope"]).unwrap_err().to_string().contains("unknown topic 'nope'"));
+        assert!(config(&[]).unwrap().trainer_metrics_urls.is_empty());
+        let c = config(&["--trainer-metrics-url", "http://a:1/metrics,http://b:2/metrics"]).unwrap();
+        let urls: Vec<&str> = c.trainer_metrics_urls.iter().map(|t| t.url.as_str()).collect();
+        assert_eq!(urls, ["http://a:1/metrics", "http://b:2/metrics"]);
+        assert!(config(&["--trainer-metrics-url", "https://a:1/metrics"]).is_err());
     }
 
     #[test]

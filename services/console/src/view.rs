@@ -600,6 +600,20 @@ pub struct View {
     pub dead_letters: BTreeMap<(String, String), ReasonView>,
     /// End offsets, rates and lag.
     pub probe: ProbeView,
+    /// The trainers' `/metrics` (`--trainer-metrics-url`), in flag order.
+    pub trainers: Vec<TrainerScrape>,
+    /// Trainer scrapes that changed what the Training page shows (it polls this).
+    pub trainer_changes: u64,
+}
+
+/// A trainer's `/metrics` and its last scrape: when, and the progress or
+/// why it failed (`None` before the first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerScrape {
+    /// The URL scraped.
+    pub url: String,
+    /// The last scrape.
+    pub last: Option<(EpochMillis, Result<crate::trainer::Progress, String>)>,
 }
 
 impl View {
@@ -692,6 +706,16 @@ impl View {
             self.probes += 1;
         }
         self.probe.error = Some((at, error));
+    }
+
+    /// Records a scrape of the `i`th trainer (a page changes only when the
+    /// progress or the failure differs from the last scrape's).
+    pub fn trainer_scraped(&mut self, i: usize, at: EpochMillis, result: Result<crate::trainer::Progress, String>) {
+        let Some(t) = self.trainers.get_mut(i) else { return };
+        if t.last.as_ref().is_none_or(|(_, held)| *held != result) {
+            self.trainer_changes += 1;
+        }
+        t.last = Some((at, result));
     }
 
     /// Rows and shards landed per (hour of commit, tenant).

@@ -398,15 +398,19 @@ pub async fn up(
     println!("== base model {} in {}", product.base_model, model_dir.display());
     let (trigger_policy, release_policy) = write_policies(&data, args.model)?;
 
-    // Flags every service takes.
-    let mut common: Vec<String> =
-        vec!["--kafka-brokers".into(), kafka.brokers.clone(), "--ops-listen".into(), "127.0.0.1:0".into()];
+    // Flags every service takes (and `--ops-listen`, below).
+    let mut common: Vec<String> = vec!["--kafka-brokers".into(), kafka.brokers.clone()];
     common.extend(["--log-filter".into(), "info".into()]);
     if let Some(f) = topics_file {
         common.extend(["--topics-config".into(), f.display().to_string()]);
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     let path = |p: &Path| p.display().to_string();
+    // The trainer's ops port is fixed up front (and kept across restarts) so
+    // the console can read its job progress from `/metrics`; the others take any.
+    let trainer_ops = crate::broker::free_local_addr()
+        .map_err(|e| CliError::Usage(format!("finding a free port for the trainer's metrics: {e}")))?;
+    let trainer_metrics = format!("http://{trainer_ops}/metrics");
     let services: Vec<(&str, Vec<String>)> = vec![
         (
             "flywheel-collector",
@@ -459,6 +463,7 @@ pub async fn up(
                 s(&["--listen", &args.console_listen.to_string(), "--release-policy", &path(&release_policy)]),
                 s(&["--lag-group", "flywheel-up-rewarder=interactions,flywheel-up-lake-writer=rewards"]),
                 s(&["--refresh-ms", "3000", "--drain-timeout-secs", "5"]),
+                s(&["--trainer-metrics-url", &trainer_metrics]),
             ]
             .concat(),
         ),
@@ -474,6 +479,8 @@ pub async fn up(
         }
         let binary = sibling(name)?;
         let mut argv = common.clone();
+        let ops = if name == "flywheel-trainer" { trainer_ops.to_string() } else { "127.0.0.1:0".into() };
+        argv.extend(["--ops-listen".into(), ops]);
         argv.extend(extra);
         let log = data.join("logs").join(format!("{name}.log"));
         let child = Restarting::spawn(name, &binary, &argv, &data, &log, RestartPolicy::default())

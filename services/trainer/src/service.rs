@@ -44,8 +44,10 @@ pub struct Config {
     pub job: JobSettings,
 }
 
+/// The trainer's metrics (`trainer_*` on the ops server's `/metrics`; the
+/// console scrapes the `busy` and `job_*` gauges for its progress panel).
 #[derive(Debug, Clone, Default)]
-struct Metrics {
+pub struct Metrics {
     candidates: Counter,
     failed: Counter,
     skipped: Counter,
@@ -58,7 +60,34 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn progress(&self, p: &Progress) {
+    /// Registers every trainer metric under the `trainer` prefix and returns
+    /// the sub-registry (the group watch adds its own there).
+    pub fn register(registry: &mut Registry) -> (Metrics, &mut Registry) {
+        let metrics = Metrics::default();
+        let r = registry.sub_registry_with_prefix("trainer");
+        r.register("candidates", "Model candidates published", metrics.candidates.clone());
+        r.register("failed_requests", "Train requests dead-lettered", metrics.failed.clone());
+        r.register("skipped_requests", "Train requests already trained", metrics.skipped.clone());
+        r.register("busy", "1 while a job runs", metrics.busy.clone());
+        r.register("job_step", "Steps done in the running (or last) job", metrics.step.clone());
+        r.register("job_steps", "Steps in the running (or last) job", metrics.steps.clone());
+        r.register("job_loss", "Loss of the last training step", metrics.loss.clone());
+        r.register(
+            "job_tokens_per_second",
+            "Training throughput of the running job",
+            metrics.tokens_per_second.clone(),
+        );
+        r.register("job_eta_seconds", "Estimated time left in the running job", metrics.eta_seconds.clone());
+        (metrics, r)
+    }
+
+    /// Sets `trainer_busy` (1 while a job runs).
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.set(i64::from(busy));
+    }
+
+    /// Sets the `job_*` gauges from a training step's report.
+    pub fn progress(&self, p: &Progress) {
         self.step.set(p.step as i64);
         self.steps.set(p.steps as i64);
         self.loss.set(p.loss);
@@ -73,17 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
     let (requests, candidates, dead) =
         (topics.name(Topic::TrainRequests), topics.name(Topic::ModelCandidates), topics.name(Topic::DeadLetters));
     let mut registry = Registry::default();
-    let metrics = Metrics::default();
-    let r = registry.sub_registry_with_prefix("trainer");
-    r.register("candidates", "Model candidates published", metrics.candidates.clone());
-    r.register("failed_requests", "Train requests dead-lettered", metrics.failed.clone());
-    r.register("skipped_requests", "Train requests already trained", metrics.skipped.clone());
-    r.register("busy", "1 while a job runs", metrics.busy.clone());
-    r.register("job_step", "Steps done in the running (or last) job", metrics.step.clone());
-    r.register("job_steps", "Steps in the running (or last) job", metrics.steps.clone());
-    r.register("job_loss", "Loss of the last training step", metrics.loss.clone());
-    r.register("job_tokens_per_second", "Training throughput of the running job", metrics.tokens_per_second.clone());
-    r.register("job_eta_seconds", "Estimated time left in the running job", metrics.eta_seconds.clone());
+    let (metrics, r) = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set("recovered", false);
     // The owner commits its group offset after each request; a job's length
@@ -159,7 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
                 None
             }
             Some(Ok(req)) => {
-                metrics.busy.set(1);
+                metrics.set_busy(true);
                 let (settings, runtime) = (settings.clone(), tokio::runtime::Handle::current());
                 let id = req.request_id.clone();
                 let job_metrics = metrics.clone();
@@ -169,7 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
                 .await
                 .map_err(|e| TrainerError::Format(format!("job panicked: {e}")))
                 .and_then(|r| r);
-                metrics.busy.set(0);
+                metrics.set_busy(false);
                 match result {
                     Ok((candidate, _)) => {
                         let bytes = encode(&candidate)?;

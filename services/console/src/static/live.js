@@ -1,6 +1,7 @@
 // Flywheel console: reloads the page once the view it was drawn from has
 // changed. The page says what it depends on (data-live: "records", plus
-// "probes" for offset-derived numbers) and which version it shows.
+// "probes" for offset-derived numbers, "trainer" for the trainer's scraped
+// progress) and which version it shows.
 (function () {
   "use strict";
   var body = document.body;
@@ -11,6 +12,7 @@
     var n = 0;
     if (wants.indexOf("records") >= 0) { n += v.changes; }
     if (wants.indexOf("probes") >= 0) { n += v.probes; }
+    if (wants.indexOf("trainer") >= 0) { n += v.trainer; }
     return String(n);
   }
   function tick() {
