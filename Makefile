@@ -150,9 +150,11 @@ chaos: setup ## Long chaos test: SIGKILLs of the rewarder and lake writer under 
 # The integration tests that start the broker (tests/tests/*.rs minus the
 # lake and metrics-oracle suites, which need none).
 BROKER_TESTS := package(flywheel-tests) & !binary(lake) & !binary(rewarder_metrics)
-# CLOCK_SCOPE=all: every test; CLOCK_SCOPE=unit: those without the broker.
-CLOCK_SCOPE  ?= all
-CLOCK_FILTER := $(if $(filter unit,$(CLOCK_SCOPE)),-E '!($(BROKER_TESTS))',)
+# Only those without the broker: every Kafka client (librdkafka) hangs under
+# libfaketime 0.9.10 (its timed condition-variable waits never return; checked
+# with `flywheel topics create`, which never finishes under faketime while the
+# broker itself runs fine under it), so the broker tests cannot run there.
+CLOCK_FILTER := -E '!($(BROKER_TESTS))'
 
 # rustc deadlocks under libfaketime 0.9.10 (its jemalloc initialisation never
 # returns), and nextest asks rustc for its library path on start: so the tests
@@ -160,7 +162,7 @@ CLOCK_FILTER := $(if $(filter unit,$(CLOCK_SCOPE)),-E '!($(BROKER_TESTS))',)
 # the clock moved (no cargo or rustc runs under faketime).
 CLOCK_ARCHIVE := $${CARGO_TARGET_DIR:-target}/nextest-clock.tar.zst
 
-test-clock: setup ## The tests with the clock moved 400 days ahead and 30 days back (libfaketime): none may depend on the date
+test-clock: setup ## The broker-free tests with the clock moved 400 days ahead and 30 days back (libfaketime): none may depend on the date
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest archive --workspace --locked --archive-file "$(CLOCK_ARCHIVE)"
 	faketime -f '+400d' $(CARGO) nextest run --archive-file "$(CLOCK_ARCHIVE)" --workspace-remap . $(CLOCK_FILTER)
