@@ -2,6 +2,7 @@
 //! watchdog shell that forwards SIGTERM and stops the child within half a
 //! second if the owner dies without stopping it (`kill -9`, a test exiting).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +33,11 @@ impl Supervised {
         let binary = std::path::absolute(binary)?;
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
+        // Its own process group (the watchdog shell and the service), so a
+        // SIGKILL after the grace period reaches the service too, not only
+        // the shell (a trainer mid-job outlived `flywheel up` that way).
         let child = Command::new("sh")
+            .process_group(0)
             .arg("-c")
             .arg(WATCHDOG)
             .arg(format!("{name}-watchdog"))
@@ -57,7 +62,7 @@ impl Supervised {
         self.child.try_wait().ok().flatten()
     }
 
-    /// SIGTERM (a graceful drain), then SIGKILL after `grace`.
+    /// SIGTERM (a graceful drain), then SIGKILL to the whole group after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
@@ -68,6 +73,7 @@ impl Supervised {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            let _ = Command::new("kill").args(["-KILL", "--"]).arg(format!("-{}", self.child.id())).status();
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -345,5 +351,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(r.poll(), None);
         assert_eq!(restart_summary(std::slice::from_ref(&r)), None);
+    }
+
+    #[test]
+    fn a_service_that_ignores_sigterm_is_killed_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // Like a trainer mid-job: it does not stop on SIGTERM.
+        let script = format!("trap '' TERM; echo $$ > {}; while :; do sleep 0.1; done", pid_file.display());
+        let args = ["-c".to_string(), script];
+        let mut s =
+            Supervised::spawn("stubborn", Path::new("/bin/sh"), &args, dir.path(), &dir.path().join("log")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<u32>().ok()) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the service never started");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        s.stop(Duration::from_millis(300));
+        // Gone, or a zombie waiting for init to reap it (no longer running).
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "the service (pid {pid}) outlived its supervisor's stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -224,7 +224,10 @@ fn write_policies(dir: &Path, model: UpModel) -> Result<(PathBuf, PathBuf)> {
             min_accepted: 40,
             min_rejected: 60,
             min_rated_for_noise: 40,
-            cooldown_ms: 20_000,
+            // One round at a time: a job takes minutes on 2 cores, and a
+            // second request would train on the same cores while the first
+            // adapter's canary is being served.
+            cooldown_ms: 900_000,
             max_runs_per_day: 1000,
             holdout_fraction: 0.2,
             objective: crate::chat_product::chat_objective(),
@@ -242,10 +245,10 @@ fn write_policies(dir: &Path, model: UpModel) -> Result<(PathBuf, PathBuf)> {
     let gate_path = dir.join("release-policy.toml");
     // The chat adapter answers briefly where the base rambled: far from the
     // base in log-probability per token, by design of its users, so its KL
-    // budget is wider.
+    // budget is wider (a 45-step adapter measured 7.0 in `make demo-real`).
     let (version, shown, kl, canary_ms) = match model {
         UpModel::Tiny => ("up-demo-release-v1", 150, 0.5, 300_000),
-        UpModel::Smollm2 => ("up-demo-chat-release-v1", 120, 5.0, 600_000),
+        UpModel::Smollm2 => ("up-demo-chat-release-v1", 120, 12.0, 600_000),
     };
     let gate = format!(
         "# Written by `flywheel up`: demo-sized canaries.\n[default]\nversion = \"{version}\"\nmin_holdout_examples = 40\ncanary_share = 0.5\nmin_shown_per_arm = {shown}\nmax_kl_to_parent = {kl}\nmetrics_window_ms = {WINDOW_MS}\nmax_canary_ms = {canary_ms}\nmin_rated_per_arm = 20\n"
@@ -411,6 +414,16 @@ pub async fn up(
     let trainer_ops = crate::broker::free_local_addr()
         .map_err(|e| CliError::Usage(format!("finding a free port for the trainer's metrics: {e}")))?;
     let trainer_metrics = format!("http://{trainer_ops}/metrics");
+    // How late the simulated users' outcomes may reach the rewarder. The tiny
+    // model answers at once, so they arrive in event-time order. SmolLM2's
+    // batched generation holds the product's event loop for seconds, so a
+    // reaction is posted up to ~10 s after its event time while later `shown`
+    // events already moved the watermark: without this slack every outcome
+    // was late and every reward `ignored`.
+    let lateness_ms = match args.model {
+        UpModel::Tiny => "0",
+        UpModel::Smollm2 => "30000",
+    };
     let services: Vec<(&str, Vec<String>)> = vec![
         (
             "flywheel-collector",
@@ -424,7 +437,8 @@ pub async fn up(
             "flywheel-rewarder",
             [
                 s(&["--group-id", "flywheel-up-rewarder", "--checkpoint-dir", &path(&data.join("rewarder"))]),
-                s(&["--outcome-window-ms", "5000", "--allowed-lateness-ms", "0", "--idle-advance-after-ms", "2000"]),
+                s(&["--outcome-window-ms", "5000", "--allowed-lateness-ms", lateness_ms]),
+                s(&["--idle-advance-after-ms", if lateness_ms == "0" { "2000" } else { lateness_ms }]),
                 s(&["--checkpoint-every-ms", "1000", "--metrics-windows-ms", &WINDOW_MS.to_string()]),
             ]
             .concat(),
