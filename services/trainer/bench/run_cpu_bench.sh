@@ -16,7 +16,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 threads=$(nproc)
 export OMP_NUM_THREADS=$threads RAYON_NUM_THREADS=$threads
 echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; $(date -u +%F)"
-"$bin/gemm_bench" | head -2
+"$bin/gemm_bench" | sed -n 1,2p  # sed reads to the end: head would break the pipe
 for shape in medium smollm2; do
   echo "== training step, $shape"
   for round in 1 2; do
