@@ -3,7 +3,8 @@
 //! and compare expected accept rates on held-out prompts. For tuning the
 //! chat product's training settings.
 //! `chat_learn MODEL_DIR [SERVED] [STEPS] [LR] [RANK] [BATCH] [OBJECTIVE] [KL]`
-//! (OBJECTIVE: reinforce | kto | sft). Served examples are cached in
+//! (OBJECTIVE: reinforce | kto | sft; env REJECT_REWARD, POS_SHARE, EVAL_EVERY,
+//! EVAL_N, PRODUCT_SEED). Served examples are cached in
 //! `$TMPDIR/chat_learn_examples.json` between runs.
 
 #![allow(clippy::print_stdout)]
@@ -87,6 +88,12 @@ fn main() {
         std::fs::write(&cache, serde_json::to_vec(&rows).unwrap()).unwrap();
         examples
     };
+    // REJECT_REWARD: the reward of a rejected answer (default -0.25), to probe
+    // how hard pushing rejected answers down may go before the adapter babbles.
+    let mut examples = examples;
+    if let Some(r) = std::env::var("REJECT_REWARD").ok().and_then(|v| v.parse::<f64>().ok()) {
+        examples.iter_mut().filter(|e| !e.accepted).for_each(|e| e.reward = r);
+    }
     println!("accepted {}/{}", examples.iter().filter(|e| e.accepted).count(), examples.len());
     let model = Model::load(dir).unwrap();
     let mut objective = flywheel_trigger::service::default_objective(1);
