@@ -23,7 +23,6 @@ use flywheel_trainer::import::{WeightDtype, import_gguf};
 use flywheel_trainer::job::train_steps;
 use flywheel_trainer::lora::LoraAdapter;
 use flywheel_trainer::model::Model;
-use flywheel_trainer::objective::Example;
 
 fn smollm_gguf() -> PathBuf {
     let path = std::env::var_os("FLYWHEEL_SMOLLM_GGUF")
@@ -68,11 +67,7 @@ fn an_adapter_trained_on_simulated_feedback_is_accepted_more_on_held_out_questio
     for ((question, (prompt, _, _)), c) in asked.iter().zip(&requests).zip(&served) {
         let user = &users[rng.below(users.len() as u64) as usize];
         let outcome = react(server.accept_probability(user, question, c, &args), &c.shown, &args, &mut rng);
-        let mut ids = server.tokenizer.encode(prompt).unwrap();
-        let prompt_len = ids.len();
-        ids.extend(server.tokenizer.encode(&c.recorded).unwrap());
-        let reward = if outcome.accepted { 0.75 } else { -0.25 };
-        examples.push(Example { tokens: ids, prompt_len, reward, accepted: outcome.accepted, behavior_logprob: None });
+        examples.push(server.example(prompt, c, outcome.accepted).unwrap());
     }
     let accepted = examples.iter().filter(|e| e.accepted).count();
     eprintln!("base model served for training: {accepted}/{} accepted", examples.len());

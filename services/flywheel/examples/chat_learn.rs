@@ -70,16 +70,7 @@ fn main() {
         for (i, ((prompt, _, _), c)) in requests.iter().zip(&done).enumerate() {
             let user = &users[rng.below(users.len() as u64) as usize];
             let o = react(server.accept_probability(user, asked[i], c, &product), &c.shown, &product, &mut rng);
-            let mut toks = server.tokenizer.encode(prompt).unwrap();
-            let prompt_len = toks.len();
-            toks.extend(server.tokenizer.encode(&c.recorded).unwrap());
-            examples.push(Example {
-                tokens: toks,
-                prompt_len,
-                reward: if o.accepted { 0.75 } else { -0.25 },
-                accepted: o.accepted,
-                behavior_logprob: Some(c.logprob),
-            });
+            examples.push(server.example(prompt, c, o.accepted).unwrap());
         }
         let rows: Vec<(&Vec<u32>, usize, f64, bool, f64)> = examples
             .iter()

@@ -409,6 +409,28 @@ impl Server {
             .collect()
     }
 
+    /// A training example of `completion` served for `prompt`, with the
+    /// in-process rounds' rewards (0.75 accepted, −0.25 not) and its
+    /// log-probability at serving time.
+    pub fn example(
+        &self,
+        prompt: &str,
+        completion: &Completion,
+        accepted: bool,
+    ) -> Result<flywheel_trainer::objective::Example, CliError> {
+        let encode = |text: &str| self.tokenizer.encode(text).map_err(|e| CliError::Usage(e.to_string()));
+        let mut tokens = encode(prompt)?;
+        let prompt_len = tokens.len();
+        tokens.extend(encode(&completion.recorded)?);
+        Ok(flywheel_trainer::objective::Example {
+            tokens,
+            prompt_len,
+            reward: if accepted { 0.75 } else { -0.25 },
+            accepted,
+            behavior_logprob: Some(completion.logprob),
+        })
+    }
+
     /// The chance `user` accepts `completion` to `request` in this product.
     pub fn accept_probability(&self, user: &User, request: &str, completion: &Completion, args: &ProductArgs) -> f64 {
         match self.kind {
@@ -586,7 +608,6 @@ mod tests {
     use super::*;
     use flywheel_trainer::backend::{Backend, CpuBackend};
     use flywheel_trainer::cpu::gemm::PrecisionChoice;
-    use flywheel_trainer::objective::Example;
 
     fn args() -> ProductArgs {
         use clap::Parser;
@@ -636,17 +657,7 @@ mod tests {
         for (i, ((prompt, _, _), c)) in requests.iter().zip(&served).enumerate() {
             let p = server.accept_probability(&users[i % users.len()], prompt, c, &a);
             let outcome = react(p, &c.shown, &a, &mut rng);
-            let mut tokens = server.tokenizer.encode(prompt).unwrap();
-            let prompt_len = tokens.len();
-            tokens.extend(server.tokenizer.encode(&c.recorded).unwrap());
-            let reward = if outcome.accepted { 0.75 } else { -0.25 };
-            examples.push(Example {
-                tokens,
-                prompt_len,
-                reward,
-                accepted: outcome.accepted,
-                behavior_logprob: Some(c.logprob),
-            });
+            examples.push(server.example(prompt, c, outcome.accepted).unwrap());
         }
         let mut objective = flywheel_trigger::service::default_objective(1);
         demo_objective().apply(&mut objective);

@@ -424,9 +424,11 @@ pub async fn up(
     // reaction is posted up to ~10 s after its event time while later `shown`
     // events already moved the watermark: without this slack every outcome
     // was late and every reward `ignored`.
-    let lateness_ms = match args.model {
-        UpModel::Tiny => "0",
-        UpModel::Smollm2 => "30000",
+    // The idle advance waits as long, or it would close the windows the
+    // lateness keeps open.
+    let (lateness_ms, idle_advance_ms) = match args.model {
+        UpModel::Tiny => ("0", "2000"),
+        UpModel::Smollm2 => ("30000", "30000"),
     };
     let services: Vec<(&str, Vec<String>)> = vec![
         (
@@ -442,7 +444,7 @@ pub async fn up(
             [
                 s(&["--group-id", "flywheel-up-rewarder", "--checkpoint-dir", &path(&data.join("rewarder"))]),
                 s(&["--outcome-window-ms", "5000", "--allowed-lateness-ms", lateness_ms]),
-                s(&["--idle-advance-after-ms", if lateness_ms == "0" { "2000" } else { lateness_ms }]),
+                s(&["--idle-advance-after-ms", idle_advance_ms]),
                 s(&["--checkpoint-every-ms", "1000", "--metrics-windows-ms", &WINDOW_MS.to_string()]),
             ]
             .concat(),
