@@ -606,6 +606,11 @@ pub struct TrainingObjective {
     /// PPO ratio clip.
     #[serde(default)]
     pub ppo_clip: Option<f64>,
+    /// REINFORCE without a PPO clip: how far (nats per completion token)
+    /// below its logged behaviour log-probability a rejected completion may
+    /// be pushed.
+    #[serde(default)]
+    pub reject_floor: Option<f64>,
     /// KTO beta.
     pub kto_beta: f64,
     /// KTO desirable weight.

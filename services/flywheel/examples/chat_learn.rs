@@ -4,7 +4,8 @@
 //! chat product's training settings.
 //! `chat_learn MODEL_DIR [SERVED] [STEPS] [LR] [RANK] [BATCH] [OBJECTIVE] [KL]`
 //! (OBJECTIVE: reinforce | kto | sft; env REJECT_REWARD, POS_SHARE, EVAL_EVERY,
-//! EVAL_N, PRODUCT_SEED). Served examples are cached in
+//! EVAL_N, PRODUCT_SEED, PPO_CLIP, REJECT_FLOOR; LAKE=dir trains on a lake's base-served rows instead, LAKE_FIRST=n
+//! on the first n of them). Served examples are cached in
 //! `$TMPDIR/chat_learn_examples.json` between runs.
 
 #![allow(clippy::print_stdout)]
@@ -49,7 +50,10 @@ fn main() {
     let mut rng = SplitMix(11);
     let cache = std::env::temp_dir().join(format!("chat_learn_examples_{served}_{}.json", product.seed));
     let t = Instant::now();
-    let examples: Vec<Example> = if let Ok(bytes) = std::fs::read(&cache) {
+    let lake = std::env::var("LAKE").ok();
+    let mut examples: Vec<Example> = if let Some(lake) = &lake {
+        lake_examples(Path::new(lake), dir)
+    } else if let Ok(bytes) = std::fs::read(&cache) {
         let rows: Vec<(Vec<u32>, usize, f64, bool, f64)> = serde_json::from_slice(&bytes).unwrap();
         rows.into_iter()
             .map(|(tokens, prompt_len, reward, accepted, lp)| Example {
@@ -79,9 +83,11 @@ fn main() {
         std::fs::write(&cache, serde_json::to_vec(&rows).unwrap()).unwrap();
         examples
     };
+    if let Some(first) = std::env::var("LAKE_FIRST").ok().and_then(|v| v.parse::<usize>().ok()) {
+        examples.truncate(first);
+    }
     // REJECT_REWARD: the reward of a rejected answer (default -0.25), to probe
     // how hard pushing rejected answers down may go before the adapter babbles.
-    let mut examples = examples;
     if let Some(r) = std::env::var("REJECT_REWARD").ok().and_then(|v| v.parse::<f64>().ok()) {
         examples.iter_mut().filter(|e| !e.accepted).for_each(|e| e.reward = r);
     }
@@ -97,6 +103,8 @@ fn main() {
     objective.batch_size = batch;
     objective.warmup_steps = 5;
     objective.kl_coef = arg(8, 0.0);
+    objective.ppo_clip = std::env::var("PPO_CLIP").ok().and_then(|v| v.parse().ok());
+    objective.reject_floor = std::env::var("REJECT_FLOOR").ok().and_then(|v| v.parse().ok());
     objective.kind = match a.get(7).map(String::as_str) {
         Some("kto") => flywheel_core::records::ObjectiveKind::Kto,
         Some("sft") => flywheel_core::records::ObjectiveKind::Sft,
@@ -145,9 +153,53 @@ fn main() {
         })
         .unwrap();
         done += chunk.max_steps;
+        // KL(base ‖ adapter) per token on logged answers, as the trainer
+        // reports it for its holdout (here: 96 of the training answers).
+        let probe = &examples[..examples.len().min(96)];
+        let lora = backend.adapter().unwrap();
+        let (with, without) = (
+            backend.completion_logprobs(probe, Some(&lora)).unwrap(),
+            backend.completion_logprobs(probe, None).unwrap(),
+        );
+        let tokens: usize = probe.iter().map(|e| e.tokens.len() - e.prompt_len).sum();
+        let kl = without.iter().zip(&with).map(|(b, a)| b - a).sum::<f64>() / tokens as f64;
+        println!("KL(base || adapter) on logged answers: {kl:.3} nats/token");
         evaluate(
             &format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()),
             Some(Arc::new(backend.adapter().unwrap())),
         );
     }
+}
+
+/// The examples of every Parquet file under `lake`, in suggestion-id order
+/// (served order for the simulator), as the trainer service reads them.
+fn lake_examples(lake: &Path, model_dir: &Path) -> Vec<Example> {
+    fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, out)
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p)
+            }
+        }
+    }
+    let mut paths = Vec::new();
+    files(lake, &mut paths);
+    let model = Model::load(model_dir).unwrap();
+    let tokenizer = flywheel_trainer::tokenize::TextTokenizer::load(model_dir, model.config.vocab_size).unwrap();
+    let mut rows = Vec::new();
+    for p in paths {
+        for batch in flywheel_lake_writer::shard::read_file(std::fs::read(&p).unwrap()).unwrap() {
+            use arrow_array::{Array, cast::AsArray};
+            let ids = batch.column_by_name("suggestion_id").unwrap().as_string::<i32>().clone();
+            let version = batch.column_by_name("adapter_version").unwrap().clone();
+            let by_base: std::collections::HashSet<String> =
+                (0..batch.num_rows()).filter(|&i| version.is_null(i)).map(|i| ids.value(i).to_string()).collect();
+            let examples = flywheel_trainer::job::examples_of(&batch, &tokenizer, 512).unwrap();
+            rows.extend(examples.into_iter().filter(|(id, _)| by_base.contains(id)));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.into_iter().map(|(_, e)| e).collect()
 }

@@ -162,6 +162,7 @@ pub fn demo_objective() -> flywheel_trigger::policy::ObjectiveSettings {
         max_grad_norm: Some(1.0),
         kl_coef: Some(0.0),
         ppo_clip: None,
+        reject_floor: None,
         kto_beta: None,
     }
 }

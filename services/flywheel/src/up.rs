@@ -243,16 +243,17 @@ fn write_policies(dir: &Path, model: UpModel) -> Result<(PathBuf, PathBuf)> {
     std::fs::write(&trigger_path, format!("# Written by `flywheel up`: demo-sized thresholds.\n{text}"))
         .map_err(|e| CliError::Usage(format!("{}: {e}", trigger_path.display())))?;
     let gate_path = dir.join("release-policy.toml");
-    // The chat adapter answers briefly where the base rambled: far from the
-    // base in log-probability per token, by design of its users, so its KL
-    // budget is wider (a 45-step adapter measured 7.0 in `make demo-real`),
-    // and its answers are meant to get shorter: a good adapter's are a
-    // fraction of the base's 40 tokens ("A spider has 8 legs"), so the
-    // length-collapse guardrail sits lower (the gate still rolls back on the
-    // accept rate and mean reward).
+    // The chat adapter answers briefly where the base rambled, so its
+    // answers are meant to get shorter: a good adapter's are a fraction of
+    // the base's 40 tokens ("A spider has 8 legs"), and the length-collapse
+    // guardrail sits lower (the gate still rolls back on the accept rate and
+    // mean reward). Its KL budget is wider than the tiny model's: the
+    // objective's reject floor lets logged answers fall 0.3 nats per token
+    // below the base; an adapter trained without the floor measured 6.3
+    // and babbled.
     let (version, shown, kl, canary_ms, min_length) = match model {
         UpModel::Tiny => ("up-demo-release-v1", 150, 0.5, 300_000, 0.5),
-        UpModel::Smollm2 => ("up-demo-chat-release-v1", 120, 12.0, 600_000, 0.1),
+        UpModel::Smollm2 => ("up-demo-chat-release-v1", 120, 2.0, 600_000, 0.1),
     };
     let gate = format!(
         "# Written by `flywheel up`: demo-sized canaries.\n[default]\nversion = \"{version}\"\nmin_holdout_examples = 40\ncanary_share = 0.5\nmin_shown_per_arm = {shown}\nmax_kl_to_parent = {kl}\nmetrics_window_ms = {WINDOW_MS}\nmax_canary_ms = {canary_ms}\nmin_rated_per_arm = 20\nmin_completion_length_ratio = {min_length}\n"

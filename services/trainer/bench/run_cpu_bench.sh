@@ -7,6 +7,7 @@
 # `generate`), then the transformers + PEFT log-probability parity check.
 # Each configuration runs in its own process (peak RSS is per process).
 # Usage: run_cpu_bench.sh BIN_DIR PYTHON MODEL_DIR [STEPS]
+# (env SHAPES: the training shapes to run, default "medium smollm2").
 set -euo pipefail
 bin=${1:?directory with train_bench, generate_bench and hf_parity}
 python=${2:?python with torch, peft and transformers}
@@ -17,7 +18,7 @@ threads=$(nproc)
 export OMP_NUM_THREADS=$threads RAYON_NUM_THREADS=$threads
 echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; $(date -u +%F)"
 "$bin/gemm_bench" | sed -n 1,2p  # sed reads to the end: head would break the pipe
-for shape in medium smollm2; do
+for shape in ${SHAPES:-medium smollm2}; do
   echo "== training step, $shape"
   for round in 1 2; do
     "$bin/train_bench" "$shape" f32 "$steps"

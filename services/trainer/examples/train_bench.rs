@@ -85,7 +85,7 @@ fn main() {
     let model = random_model(config.clone(), false, 1).unwrap();
     let mut lora = LoraAdapter::init(&model.config, 16, 32.0, &PROJECTIONS, 2).unwrap();
     let data = batch(model.config.vocab_size as u32, size, len);
-    let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None };
+    let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: None };
     let packed = match engine {
         "reference" => None,
         "f32" => Some(CpuModel::new(&model, Precision::F32).unwrap()),

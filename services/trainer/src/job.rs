@@ -178,7 +178,11 @@ fn evaluate(
     let logprobs = backend.completion_logprobs(holdout, Some(lora))?;
     for ((ex, lp), base_lp) in holdout.iter().zip(logprobs).zip(base) {
         let r = lp - base_lp;
-        kl += r;
+        // The holdout was sampled by the serving policy (the base for a
+        // first adapter), so `log π_base − log π` averages to KL(base ‖ π):
+        // never negative in expectation, large when the adapter has made the
+        // text users were shown unlikely.
+        kl -= r;
         tokens += ex.tokens.len() - ex.prompt_len;
         if ex.accepted { acc.push((lp, r)) } else { rej.push((lp, r)) }
     }
@@ -258,7 +262,9 @@ pub fn train_steps_with(
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(Vec<f64>, i64), TrainerError> {
     let objective = match o.kind {
-        ObjectiveKind::Reinforce => Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip },
+        ObjectiveKind::Reinforce => {
+            Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip, reject_floor: o.reject_floor }
+        }
         ObjectiveKind::Kto => Objective::Kto {
             beta: o.kto_beta,
             desirable_weight: o.kto_desirable_weight,

@@ -35,10 +35,19 @@ pub struct Example {
 pub enum Objective {
     /// REINFORCE with a baseline.
     Reinforce {
-        /// KL penalty weight to the base model (0: none).
+        /// Weight of the KL penalty to the base model (0: none), estimated
+        /// on the logged completions as `log π_ref − log π`: they were
+        /// sampled by the serving policy, not by the one being trained, so
+        /// the penalty pulls them back towards the base's likelihood.
         kl_coef: f64,
         /// PPO ratio clip ε, used when behaviour log-probs are present.
         ppo_clip: Option<f64>,
+        /// Without `ppo_clip`: a completion with a negative advantage stops
+        /// being pushed down once its log-probability is this many nats per
+        /// completion token below its logged behaviour log-probability.
+        /// Trained mostly on rejections, plain REINFORCE otherwise keeps
+        /// lowering every logged answer until the model unlearns language.
+        reject_floor: Option<f64>,
     },
     /// Kahneman-Tversky optimisation.
     Kto {
@@ -80,7 +89,7 @@ impl Objective {
         let n = batch.len() as f64;
         let mut terms: Vec<(f64, f64)> = Vec::with_capacity(batch.len());
         match self {
-            Objective::Reinforce { kl_coef, ppo_clip } => {
+            Objective::Reinforce { kl_coef, ppo_clip, reject_floor } => {
                 let baseline = batch.iter().map(|e| e.reward).sum::<f64>() / n;
                 for ((ex, lp), lr) in batch.iter().zip(policy).zip(reference) {
                     let adv = ex.reward - baseline;
@@ -94,11 +103,19 @@ impl Objective {
                                 (-clipped * adv, 0.0) // the clipped branch has no gradient
                             }
                         }
+                        (None, Some(behavior))
+                            if adv < 0.0
+                                && reject_floor.is_some_and(|floor| {
+                                    lp - behavior < -floor * (ex.tokens.len() - ex.prompt_len) as f64
+                                }) =>
+                        {
+                            (-adv * lp, 0.0) // on the floor: pushed down far enough
+                        }
                         _ => (-adv * lp, -adv),
                     };
                     if *kl_coef > 0.0 {
-                        loss += kl_coef * (lp - lr);
-                        dl += kl_coef;
+                        loss += kl_coef * (lr - lp);
+                        dl -= kl_coef;
                     }
                     terms.push((loss, dl));
                 }
@@ -267,7 +284,7 @@ mod tests {
     #[test]
     fn preference_objectives_learn_a_toy_preference_on_the_holdout() {
         for objective in [
-            Objective::Reinforce { kl_coef: 0.0, ppo_clip: None },
+            Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: None },
             Objective::Kto { beta: 0.1, desirable_weight: 1.0, undesirable_weight: 1.0 },
         ] {
             let ((before, _), (after, _)) = train(&objective, 40);
@@ -314,11 +331,53 @@ mod tests {
         // beyond the clip, where the clipped objective is flat.
         batch[0].behavior_logprob = Some(lp[0] - 5.0);
         batch[1].behavior_logprob = Some(lp[1] + 5.0);
-        let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: Some(0.2) };
+        let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: Some(0.2), reject_floor: None };
         let (_, grads) = batch_loss_and_grads(&model, &lora, &batch, &objective).unwrap();
         assert!(grads.is_empty(), "both examples are clipped: no gradient");
         batch[0].behavior_logprob = Some(lp[0]);
         let (_, grads) = batch_loss_and_grads(&model, &lora, &batch, &objective).unwrap();
         assert!(!grads.is_empty(), "ratio 1 is inside the region");
+    }
+
+    #[test]
+    fn the_reject_floor_stops_pushing_a_rejected_completion_down() {
+        let model = tiny_model(3).unwrap();
+        let lora = LoraAdapter::init(&model.config, 2, 4.0, &["q_proj"], 1).unwrap();
+        let mut batch = toy(2, 0, b"say ");
+        let lp: Vec<f64> = batch.iter().map(|e| completion_logprob(&model, Some(&lora), e).unwrap()).collect();
+        let tokens = |e: &Example| (e.tokens.len() - e.prompt_len) as f64;
+        // Example 1 has the lower reward: a negative advantage.
+        batch[0].reward = 1.0;
+        batch[1].reward = -1.0;
+        let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: Some(0.5) };
+        let dl = |batch: &[Example]| objective.terms(batch, &lp, &lp).iter().map(|t| t.1).collect::<Vec<f64>>();
+        // 0.6 nats per token below what was served: past the floor.
+        batch[1].behavior_logprob = Some(lp[1] + 0.6 * tokens(&batch[1]));
+        batch[0].behavior_logprob = Some(lp[0] + 0.6 * tokens(&batch[0]));
+        let past = dl(&batch);
+        assert_eq!(past[1], 0.0, "the rejected completion is on the floor");
+        assert!(past[0] < 0.0, "the accepted one is still pushed up, however far it moved");
+        // 0.4 nats per token below: above the floor, still pushed down.
+        batch[1].behavior_logprob = Some(lp[1] + 0.4 * tokens(&batch[1]));
+        assert!(dl(&batch)[1] > 0.0);
+        // No behaviour log-prob: no floor to measure against.
+        batch[1].behavior_logprob = None;
+        assert!(dl(&batch)[1] > 0.0);
+    }
+
+    #[test]
+    fn the_kl_penalty_pulls_logged_completions_towards_the_base() {
+        let model = tiny_model(3).unwrap();
+        let batch = toy(2, 0, b"say ");
+        let objective = Objective::Reinforce { kl_coef: 0.1, ppo_clip: None, reject_floor: None };
+        // Equal rewards: no advantage, only the penalty. The adapter has made
+        // both completions 2 nats less likely than the base does.
+        let (policy, reference) = (vec![-12.0, -14.0], vec![-10.0, -12.0]);
+        let terms = objective.terms(&batch, &policy, &reference);
+        let _ = model;
+        for (loss, dl) in terms {
+            assert!((loss - 0.2).abs() < 1e-12, "KL(ref || policy) on the logged completion: 0.1 * 2 nats");
+            assert!(dl < 0.0, "descending the loss raises log π back towards the base");
+        }
     }
 }

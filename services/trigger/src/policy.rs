@@ -80,6 +80,9 @@ pub struct ObjectiveSettings {
     pub kl_coef: Option<f64>,
     /// PPO clip range when behaviour log-probs were logged (REINFORCE).
     pub ppo_clip: Option<f64>,
+    /// Floor under rejected completions, nats per token below their
+    /// behaviour log-probability (REINFORCE without `ppo_clip`).
+    pub reject_floor: Option<f64>,
     /// KTO β.
     pub kto_beta: Option<f64>,
 }
@@ -105,6 +108,9 @@ impl ObjectiveSettings {
         set(&mut o.kl_coef, &self.kl_coef);
         if self.ppo_clip.is_some() {
             o.ppo_clip = self.ppo_clip;
+        }
+        if self.reject_floor.is_some() {
+            o.reject_floor = self.reject_floor;
         }
         set(&mut o.kto_beta, &self.kto_beta);
     }

@@ -158,6 +158,7 @@ pub fn default_objective(seed: i64) -> TrainingObjective {
         max_grad_norm: 1.0,
         kl_coef: 0.05,
         ppo_clip: None,
+        reject_floor: None,
         kto_beta: 0.1,
         kto_desirable_weight: 1.0,
         kto_undesirable_weight: 1.0,

@@ -926,7 +926,7 @@ mod tests {
         let engine = CpuModel::new(&model, Precision::F32).unwrap();
         let batch = examples(256);
         for objective in [
-            Objective::Reinforce { kl_coef: 0.1, ppo_clip: None },
+            Objective::Reinforce { kl_coef: 0.1, ppo_clip: None, reject_floor: None },
             Objective::Kto { beta: 0.1, desirable_weight: 1.0, undesirable_weight: 1.0 },
             Objective::Sft,
         ] {
@@ -963,7 +963,7 @@ mod tests {
         let model = tiny_model(5).unwrap();
         let lora = adapter(&model);
         let batch = examples(256);
-        let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None };
+        let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: None };
         for precision in [Precision::F32, Precision::Bf16] {
             let engine = CpuModel::new(&model, precision).unwrap();
             let run = |threads: usize| {
