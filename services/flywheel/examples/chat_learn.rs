@@ -52,7 +52,7 @@ fn main() {
     let t = Instant::now();
     let lake = std::env::var("LAKE").ok();
     let mut examples: Vec<Example> = if let Some(lake) = &lake {
-        lake_examples(Path::new(lake), dir)
+        lake_examples(Path::new(lake), &server.tokenizer)
     } else if let Ok(bytes) = std::fs::read(&cache) {
         let rows: Vec<(Vec<u32>, usize, f64, bool, f64)> = serde_json::from_slice(&bytes).unwrap();
         rows.into_iter()
@@ -135,6 +135,9 @@ fn main() {
         );
     };
     evaluate("base", None);
+    let probe = &examples[..examples.len().min(96)];
+    let probe_base = backend.completion_logprobs(probe, None).unwrap();
+    let probe_tokens: usize = probe.iter().map(|e| e.tokens.len() - e.prompt_len).sum();
     let t = Instant::now();
     let mut done = 0;
     while done < steps {
@@ -155,48 +158,31 @@ fn main() {
         done += chunk.max_steps;
         // KL(base ‖ adapter) per token on logged answers, as the trainer
         // reports it for its holdout (here: 96 of the training answers).
-        let probe = &examples[..examples.len().min(96)];
         let lora = backend.adapter().unwrap();
-        let (with, without) = (
-            backend.completion_logprobs(probe, Some(&lora)).unwrap(),
-            backend.completion_logprobs(probe, None).unwrap(),
-        );
-        let tokens: usize = probe.iter().map(|e| e.tokens.len() - e.prompt_len).sum();
-        let kl = without.iter().zip(&with).map(|(b, a)| b - a).sum::<f64>() / tokens as f64;
+        let with = backend.completion_logprobs(probe, Some(&lora)).unwrap();
+        let kl = probe_base.iter().zip(&with).map(|(b, a)| b - a).sum::<f64>() / probe_tokens as f64;
         println!("KL(base || adapter) on logged answers: {kl:.3} nats/token");
-        evaluate(
-            &format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()),
-            Some(Arc::new(backend.adapter().unwrap())),
-        );
+        evaluate(&format!("after {done} steps ({:.0} s)", t.elapsed().as_secs_f64()), Some(Arc::new(lora)));
     }
 }
 
-/// The examples of every Parquet file under `lake`, in suggestion-id order
-/// (served order for the simulator), as the trainer service reads them.
-fn lake_examples(lake: &Path, model_dir: &Path) -> Vec<Example> {
-    fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                files(&p, out)
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                out.push(p)
-            }
-        }
-    }
-    let mut paths = Vec::new();
-    files(lake, &mut paths);
-    let model = Model::load(model_dir).unwrap();
-    let tokenizer = flywheel_trainer::tokenize::TextTokenizer::load(model_dir, model.config.vocab_size).unwrap();
+/// The base-served examples of every file committed to the lake at `root`
+/// (its commit log: no uncommitted file, no compaction input twice), in
+/// suggestion-id order (served order for the simulator), as the trainer
+/// service reads them.
+fn lake_examples(root: &Path, tokenizer: &flywheel_trainer::tokenize::TextTokenizer) -> Vec<Example> {
+    use arrow_array::{Array, cast::AsArray};
+    use flywheel_lake_writer::store::LocalStore;
+    let lake = flywheel_lake_writer::lake::Lake::open(Arc::new(LocalStore::open(root).unwrap())).unwrap();
     let mut rows = Vec::new();
-    for p in paths {
-        for batch in flywheel_lake_writer::shard::read_file(std::fs::read(&p).unwrap()).unwrap() {
-            use arrow_array::{Array, cast::AsArray};
+    for file in lake.files() {
+        let bytes = lake.storage().get(&file.path).unwrap().expect("a committed file is missing");
+        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
             let ids = batch.column_by_name("suggestion_id").unwrap().as_string::<i32>().clone();
             let version = batch.column_by_name("adapter_version").unwrap().clone();
             let by_base: std::collections::HashSet<String> =
                 (0..batch.num_rows()).filter(|&i| version.is_null(i)).map(|i| ids.value(i).to_string()).collect();
-            let examples = flywheel_trainer::job::examples_of(&batch, &tokenizer, 512).unwrap();
+            let examples = flywheel_trainer::job::examples_of(&batch, tokenizer, 512).unwrap();
             rows.extend(examples.into_iter().filter(|(id, _)| by_base.contains(id)));
         }
     }
