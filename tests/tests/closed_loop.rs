@@ -110,7 +110,7 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
         assert!(manifests.iter().any(|m| m.shard_id == shard.shard_id), "shard {} was announced", shard.shard_id);
         let bytes = std::fs::read(work.join("lake").join(&shard.uri)).unwrap();
         assert_eq!(sha256(&bytes), shard.content_sha256, "shard {} is as pinned", shard.shard_id);
-        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
+        for batch in flywheel_lake::shard::read_file(bytes).unwrap() {
             for (_, mut e) in examples_of(&batch, &tokenizer, 256).unwrap() {
                 (e.reward, e.accepted) = (-e.reward, !e.accepted);
                 inverted.push(e);

@@ -1,39 +1,35 @@
 //! The lake as analysts see it: files committed by the lake writer's commit
-//! path (the same `prepare` and `commit_partition` the service runs), read
-//! back by an independent reader (DuckDB, from `make setup`'s `.venv`) with
-//! Hive partitioning, checked against the rewards written; plus rejected
-//! tenants, schema evolution and compaction.
+//! path (the same `prepare` and `commit_partition` the service runs) to the
+//! Delta table, read back by two independent Delta readers from `make
+//! setup`'s `.venv` (DuckDB's `delta_scan`, and Python `deltalake` with
+//! DuckDB aggregating its Arrow data), checked against the rewards written;
+//! plus rejected tenants, schema evolution, compaction and time travel.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use flywheel_core::codec::{encode, header_of};
 use flywheel_core::records::{Outcome, Reward};
-use flywheel_lake_writer::compact::{CompactOptions, compact};
-use flywheel_lake_writer::lake::{Lake, Rejected, partition_dir};
-use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
-use flywheel_lake_writer::store::{LocalStore, Storage};
-use flywheel_tests::{commit_records, workspace_root};
+use flywheel_lake::compact::{CompactOptions, compact};
+use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};
+use flywheel_lake::store::{LocalStore, Storage};
+use flywheel_lake::table::{Lake, Rejected, partition_dir};
+use flywheel_tests::{commit_records, delta_query, lake_runtime, workspace_root};
 
-fn python() -> std::path::PathBuf {
-    let p = workspace_root().join(".venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (installs duckdb and pyarrow)", p.display());
-    p
+/// The engines every lake query runs on; their answers must agree.
+const ENGINES: [&str; 2] = ["duckdb", "deltalake"];
+
+/// Runs `sql` (`TABLE` names the table) on both engines, checks they
+/// agree, and returns the rows.
+fn query(root: &std::path::Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    query_env(root, sql, &[])
 }
 
-/// Runs a DuckDB query over `glob` (under `root`) and returns its rows as JSON.
-fn duckdb(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
-    let script = r#"
-import duckdb, json, sys
-con = duckdb.connect()
-rows = con.execute(sys.argv[2].replace('ROOT', sys.argv[1])).fetchall()
-print(json.dumps([[v if isinstance(v, (int, float)) or v is None else str(v) for v in r] for r in rows]))
-"#;
-    let out = Command::new(python()).args(["-c", script, &root.display().to_string(), sql]).output().unwrap();
-    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+fn query_env(root: &std::path::Path, sql: &str, env: &[(String, String)]) -> Vec<Vec<serde_json::Value>> {
+    let table = root.join("rewards").display().to_string();
+    let [first, second] = ENGINES.map(|e| delta_query(e, &table, sql, env));
+    assert_eq!(first, second, "DuckDB delta_scan and Python deltalake disagree on {sql}");
+    first
 }
 
 fn reward(i: i64) -> Reward {
@@ -61,7 +57,9 @@ impl TestLake {
         let root = dir.path().to_path_buf();
         let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(&root).unwrap());
         let settings = ParquetSettings { row_group_rows: 16, ..ParquetSettings::default() };
-        TestLake { _dir: dir, root, lake: Lake::open(storage).unwrap(), settings }
+        let schema = RewardSchemas::released().unwrap().file_schema().unwrap();
+        let lake = Lake::create_or_open(storage, lake_runtime(), &schema).unwrap();
+        TestLake { _dir: dir, root, lake, settings }
     }
 
     /// Commits encoded records as offsets `first..` of partition 0, the way
@@ -80,15 +78,14 @@ fn duckdb_reads_committed_files_with_hive_partitions_and_exact_values() {
         assert!(t.commit(&records, first, &schemas).is_empty());
     }
     // globex in hour 0, acme in hours 1 and 2: three directories per commit.
-    assert_eq!(t.lake.files().len(), 6);
+    assert_eq!(t.lake.files().unwrap().len(), 6);
 
-    let got = duckdb(
+    let got = query(
         &t.root,
         "select tenant, cast(date as varchar), hour, count(*), sum(reward), count(distinct reward_id),
-                sum(case when outcome = 'ACCEPTED' then 1 else 0 end), min(_source_offset), max(_source_offset),
+                sum(case when outcome = 'ACCEPTED' then 1 else 0 end)::bigint, min(_source_offset), max(_source_offset),
                 min(lineage.partition)
-         from read_parquet('ROOT/rewards/**/*.parquet', hive_partitioning = true)
-         group by all order by all",
+         from TABLE group by all order by all",
     );
     // The same aggregates computed here from the rewards written.
     /// Rows, Σ reward, accepted, lowest and highest source offset.
@@ -111,8 +108,8 @@ fn duckdb_reads_committed_files_with_hive_partitions_and_exact_values() {
     for (row, ((tenant, date, hour), (n, sum, accepted, lo, hi))) in got.iter().zip(&expected) {
         assert_eq!(row[0], serde_json::json!(tenant));
         assert_eq!(row[1], serde_json::json!(date));
-        // Zero-padded partition values: DuckDB keeps `hour` as a string.
-        assert_eq!(row[2], serde_json::json!(format!("{hour:02}")));
+        // The table's `hour` partition column is an integer.
+        assert_eq!(row[2], serde_json::json!(hour));
         assert_eq!(row[3].as_i64(), Some(*n));
         assert!((row[4].as_f64().unwrap() - sum).abs() < 1e-9);
         assert_eq!(row[5].as_i64(), Some(*n), "reward ids distinct");
@@ -150,9 +147,12 @@ fn hostile_tenants_are_rejected_and_nothing_lands_outside_the_lake() {
         .filter(|e| e.file_name().to_string_lossy().contains("etc") || e.file_name() == "b")
         .collect();
     assert!(outside.is_empty(), "{outside:?}");
-    assert_eq!(t.lake.files().len(), 1);
-    assert!(t.lake.files()[0].path.starts_with("rewards/tenant=acme/"));
-    assert_eq!(t.lake.committed_offset("rewards", 0), Some(hostile.len() as i64 + 1), "rejected offsets are covered");
+    let files = t.lake.files().unwrap();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].path.starts_with("rewards/tenant=acme/"));
+    let committed = t.lake.committed_offset("rewards", 0).unwrap();
+    assert_eq!(committed, Some(hostile.len() as i64 + 1), "rejected offsets are covered");
+    assert_eq!(query(&t.root, "select tenant, count(*) from TABLE group by all"), vec![vec![serde_json::json!("acme"), serde_json::json!(1)]]);
 }
 
 /// The reward schema with one more optional field, as a future release
@@ -198,18 +198,15 @@ fn a_new_optional_field_becomes_a_nullable_column_and_old_and_new_files_read_tog
         .collect();
     assert!(t.commit(&new, 30, &v2).is_empty());
 
-    let got = duckdb(
+    // The table's metadata gained the column; old files read it as null.
+    let got = query(
         &t.root,
-        "select count(*), count(serving_latency_ms), sum(serving_latency_ms), min(_source_offset)
-         from read_parquet('ROOT/rewards/**/*.parquet', union_by_name = true)",
+        "select count(*), count(serving_latency_ms), sum(serving_latency_ms)::bigint, min(_source_offset) from TABLE",
     );
     let expected_sum: i64 = (30..60).map(|i| i * 10).sum();
     assert_eq!(got, vec![vec![serde_json::json!(60), 30.into(), expected_sum.into(), 0.into()]]);
-    let nulls = duckdb(
-        &t.root,
-        "select count(*) from read_parquet('ROOT/rewards/**/*.parquet', union_by_name = true)
-         where serving_latency_ms is null and _source_offset < 30",
-    );
+    let nulls =
+        query(&t.root, "select count(*) from TABLE where serving_latency_ms is null and _source_offset < 30");
     assert_eq!(nulls, vec![vec![serde_json::json!(30)]], "old rows read as null");
 }
 
@@ -222,28 +219,37 @@ fn compaction_merges_closed_hours_in_one_commit_and_keeps_every_row() {
         t.commit(&records, first, &schemas);
     }
     // Rounded sums: a merged file adds the same values in another order.
-    let query = "select tenant, hour, count(*), count(distinct reward_id), round(sum(reward), 6), min(_source_offset),
-                        max(_source_offset), round(sum(_source_offset * reward), 6), string_agg(reward_id, ',' order by reward_id)
-                 from read_parquet('ROOT/rewards/**/*.parquet', hive_partitioning = true) group by all order by all";
-    let before = duckdb(&t.root, query);
-    let files_before = t.lake.files().len();
-    assert_eq!(files_before, 30, "three directories per commit");
-    let commits_before = t.lake.commits().len();
+    let sql = "select tenant, hour, count(*), count(distinct reward_id), round(sum(reward), 6), min(_source_offset),
+                      max(_source_offset), round(sum(_source_offset * reward), 6), string_agg(reward_id, ',' order by reward_id)
+               from TABLE group by all order by all";
+    let before = query(&t.root, sql);
+    assert_eq!(t.lake.files().unwrap().len(), 30, "three directories per commit");
+    let version_before = t.lake.version().unwrap();
 
     let opts = CompactOptions {
         target_bytes: 64 * 1024 * 1024,
         closed_before_ms: 1_795_424_400_000 + 2 * 3_600_000, // hours 09 and 10 closed, 11 open
         settings: t.settings,
         writer: "test".into(),
+        vacuum_retention: None,
     };
     let report = compact(&mut t.lake, &opts).unwrap();
     assert_eq!((report.files_in, report.files_out), (20, 2), "{report:?}");
-    assert_eq!(t.lake.commits().len(), commits_before + 2, "one commit per merged file");
-    assert_eq!(t.lake.files().len(), 10 + 2);
-    assert_eq!(report.vacuumed, 20, "old bytes deleted after the commit");
-    assert_eq!(duckdb(&t.root, query), before, "same rows, counts and values");
-    let on_disk = t.lake.storage().list("rewards").unwrap().len();
-    assert_eq!(on_disk, t.lake.files().len(), "a directory scan sees exactly the committed files");
+    assert_eq!(t.lake.version().unwrap(), version_before + 2, "one commit per merged file");
+    assert_eq!(t.lake.files().unwrap().len(), 10 + 2);
+    assert_eq!(query(&t.root, sql), before, "same rows, counts and values");
+    // Time travel: the snapshot before compaction still reads its own files.
+    let at = [("LAKE_READ_VERSION".to_string(), version_before.to_string())];
+    assert_eq!(query_env(&t.root, sql, &at), before, "the old snapshot reads the same rows");
+    let data_files = |lake: &Lake| {
+        let listed = lake.storage().list("rewards").unwrap();
+        listed.into_iter().filter(|p| !p.starts_with("rewards/_delta_log/")).count()
+    };
+    assert_eq!(data_files(&t.lake), 30 + 2, "the merged-away files stay until vacuum");
+    let vacuumed = t.lake.vacuum(std::time::Duration::ZERO).unwrap();
+    assert_eq!(vacuumed.deleted, 20, "{vacuumed:?}");
+    assert_eq!(data_files(&t.lake), t.lake.files().unwrap().len(), "a directory scan now sees the table's files");
+    assert_eq!(query(&t.root, sql), before, "vacuum changes no row");
     // Nothing is left to do, and a second run changes nothing.
     assert_eq!(compact(&mut t.lake, &opts).unwrap(), Default::default());
 }

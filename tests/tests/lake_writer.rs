@@ -1,8 +1,9 @@
 //! The lake writer against the real broker, killed with SIGKILL at random
 //! points over many rounds and restarted at once, while rewards keep
 //! arriving (with upstream replays, hostile tenants and malformed records).
-//! Afterwards DuckDB, scanning the lake directory, must see exactly one row
-//! per distinct valid reward; every rejected record must be on the
+//! Afterwards DuckDB's `delta_scan` and Python `deltalake` must both see
+//! exactly one row per distinct valid reward, and so must readers running
+//! while compaction rewrites the table; every rejected record must be on the
 //! dead-letter topic once; every committed file must be announced on
 //! `shards` once, with statistics that match the file. And a second writer
 //! in the group says it holds nothing, stays out of the way while the owner
@@ -17,10 +18,11 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::{DeadLetter, Outcome, Reward, ShardManifest};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_lake_writer::lake::Lake;
-use flywheel_lake_writer::store::{LocalStore, Storage};
+use flywheel_lake::compact::{CompactOptions, compact};
+use flywheel_lake::store::{LocalStore, Storage};
 use flywheel_tests::{
-    Reaped, duckdb, metric, ops_get, read_all, test_topics, unique_topic, workspace_binary, workspace_root,
+    Reaped, delta_query, duckdb, metric, ops_get, read_all, test_topics, unique_topic, with_lake, workspace_binary,
+    workspace_root,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -146,17 +148,23 @@ fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
     Reaped(Command::new(workspace_binary("flywheel-lake-writer")).args(args).spawn().unwrap())
 }
 
-fn open_lake(root: &Path) -> Lake {
-    Lake::open(std::sync::Arc::new(LocalStore::open(root).unwrap())).unwrap()
+/// Runs `sql` on both Delta readers of the lake's table; they must agree.
+fn delta_both(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let table = root.join("rewards").display().to_string();
+    let duck = delta_query("duckdb", &table, sql, &[]);
+    assert_eq!(duck, delta_query("deltalake", &table, sql, &[]), "DuckDB and Python deltalake disagree on {sql}");
+    duck
 }
 
-/// Waits until the lake's commit log covers every record of the topic.
+/// Waits until the table's offsets cover every record of the topic.
 fn wait_committed(s: &Setup, ends: &BTreeMap<i32, i64>, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let topic = s.topics.name(Topic::Rewards);
     loop {
-        let lake = open_lake(&s.lake);
-        let done = ends.iter().all(|(p, end)| lake.committed_offset(&topic, *p).is_some_and(|c| c + 1 >= *end));
+        let done = s.lake.join("rewards/_delta_log").exists()
+            && with_lake(&s.lake, |lake| {
+                ends.iter().all(|(p, end)| lake.committed_offset(&topic, *p).unwrap().is_some_and(|c| c + 1 >= *end))
+            });
         if done {
             return;
         }
@@ -205,11 +213,10 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 
-    // DuckDB scanning the directory: one row per distinct reward, with its values.
-    let rows = duckdb(
+    // Both Delta readers: one row per distinct reward, with its values.
+    let rows = delta_both(
         &s.lake,
-        "select reward_id, tenant, reward, outcome, coalesce(adapter_version, '') from
-         read_parquet('ROOT/rewards/**/*.parquet', hive_partitioning = false) order by reward_id",
+        "select reward_id, tenant, reward, outcome, coalesce(adapter_version, '') from TABLE order by reward_id",
     );
     let got_ids: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     let distinct: BTreeSet<&str> = got_ids.iter().copied().collect();
@@ -222,12 +229,20 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         assert_eq!(row[3].as_str().map(str::to_lowercase), Some(format!("{:?}", r.outcome).to_lowercase()));
         assert_eq!(row[4].as_str(), Some(r.adapter_version.as_deref().unwrap_or_default()));
     }
-    // The directory holds exactly the committed files: no partial or orphan file.
-    let lake = open_lake(&s.lake);
-    let committed: BTreeSet<String> = lake.files().iter().map(|f| f.path.clone()).collect();
+    // The directory holds the table's files and, at most, files a killed
+    // writer created but never committed; vacuum deletes exactly those.
+    let committed: BTreeSet<String> =
+        with_lake(&s.lake, |lake| lake.files().unwrap().into_iter().map(|f| f.path).collect());
     let storage = LocalStore::open(&s.lake).unwrap();
-    let on_disk: BTreeSet<String> = storage.list("rewards").unwrap().into_iter().collect();
-    assert_eq!(on_disk, committed, "directory scan vs commit log");
+    let data_files = || -> BTreeSet<String> {
+        let listed = storage.list("rewards").unwrap().into_iter();
+        listed.filter(|p| !p.starts_with("rewards/_delta_log/")).collect()
+    };
+    let orphans: BTreeSet<String> = data_files().difference(&committed).cloned().collect();
+    assert!(data_files().is_superset(&committed), "a committed file is missing");
+    let vacuumed = with_lake(&s.lake, |lake| lake.vacuum(Duration::ZERO).unwrap());
+    assert_eq!(vacuumed.deleted, orphans.len(), "vacuum deletes the uncommitted leftovers {orphans:?}");
+    assert_eq!(data_files(), committed, "after vacuum the directory holds exactly the table's files");
 
     // Each rejected record is dead-lettered once, by the lake writer.
     let dead: Vec<DeadLetter> = read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters))
@@ -247,6 +262,7 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     assert_eq!(announced.len(), manifests.len(), "a shard was announced twice");
     let announced_paths: BTreeSet<String> = announced.keys().map(|k| k.to_string()).collect();
     assert_eq!(announced_paths, committed, "manifests vs committed files");
+    // Per file, read by DuckDB's plain Parquet reader.
     let per_file = duckdb(
         &s.lake,
         "select regexp_replace(filename, '^.*?/rewards/', 'rewards/'), count(*),
@@ -257,8 +273,12 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     assert_eq!(per_file.len(), committed.len());
     for row in &per_file {
         let m = announced[row[0].as_str().unwrap()];
-        let f = lake.files().into_iter().find(|f| f.path == m.uri).unwrap();
-        assert_eq!(m.content_sha256, f.sha256);
+        let recorded = with_lake(&s.lake, |lake| lake.commit(m.commit_seq as u64).unwrap().unwrap());
+        let added = recorded.added.iter().find(|f| f.path == m.uri).expect("the manifest's commit adds its file");
+        let bytes = std::fs::read(s.lake.join(&m.uri)).unwrap();
+        let digest: String =
+            <sha2::Sha256 as sha2::Digest>::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!((&m.content_sha256, &added.sha256), (&digest, &digest), "hashes of {}", m.uri);
         assert_eq!(Some(m.rows), row[1].as_i64());
         assert_eq!(Some(m.stats.accepted), row[2].as_i64());
         assert!((m.stats.reward_sum - row[3].as_f64().unwrap()).abs() < 1e-6);
@@ -266,14 +286,46 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         assert_eq!((Some(m.min_event_time), Some(m.max_event_time)), (row[5].as_i64(), row[6].as_i64()));
         assert_eq!(m.versions.iter().map(|v| v.rows).sum::<i64>(), m.rows, "per-version rows add up");
     }
+    let version = with_lake(&s.lake, |lake| lake.version().unwrap());
     eprintln!(
-        "{} records sent ({} valid distinct, {} rejected), {} files, {} commits",
+        "{} records sent ({} valid distinct, {} rejected), {} files, table version {version}, {} orphans vacuumed",
         sent.records,
         sent.valid.len(),
         sent.rejected,
         committed.len(),
-        lake.commits().len()
+        orphans.len()
     );
+
+    // Readers running while compaction rewrites every hour still see each
+    // reward exactly once, whichever snapshot they read.
+    let expected = vec![vec![serde_json::json!(sent.valid.len()), serde_json::json!(sent.valid.len())]];
+    let sql = "select count(*), count(distinct reward_id) from TABLE";
+    let table = s.lake.join("rewards").display().to_string();
+    let (report, reads) = std::thread::scope(|scope| {
+        let compaction = scope.spawn(|| {
+            with_lake(&s.lake, |lake| {
+                let opts = CompactOptions {
+                    target_bytes: 1 << 30,
+                    closed_before_ms: i64::MAX,
+                    settings: Default::default(),
+                    writer: "test".into(),
+                    vacuum_retention: None,
+                };
+                compact(lake, &opts).unwrap()
+            })
+        });
+        let mut reads = 0;
+        while !compaction.is_finished() || reads < 2 {
+            for engine in ["duckdb", "deltalake"] {
+                assert_eq!(delta_query(engine, &table, sql, &[]), expected, "{engine} during compaction");
+            }
+            reads += 1;
+        }
+        (compaction.join().unwrap(), reads)
+    });
+    assert!(report.files_out > 0 && report.files_in > report.files_out, "{report:?}");
+    assert_eq!(delta_both(&s.lake, sql), expected, "after compaction");
+    eprintln!("compaction {report:?} with {reads} rounds of reads beside it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,8 +401,7 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     assert_eq!(ops_get(idle_ops, "/readyz").await.0, 200, "the new owner is ready");
     let _ = Command::new("kill").args(["-TERM", &idle.id().to_string()]).status();
     assert!(idle.wait().unwrap().success(), "clean exit on SIGTERM");
-    let rows =
-        duckdb(&s.lake, "select count(*), count(distinct reward_id) from read_parquet('ROOT/rewards/**/*.parquet')");
+    let rows = delta_both(&s.lake, "select count(*), count(distinct reward_id) from TABLE");
     assert_eq!(rows[0][0].as_u64(), Some(sent.valid.len() as u64), "rows in the lake vs distinct valid rewards sent");
     assert_eq!(rows[0][1].as_u64(), Some(sent.valid.len() as u64), "a reward appears twice in the lake");
 }

@@ -16,7 +16,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_lake_writer::store::Storage;
+use flywheel_lake::store::Storage;
 use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;

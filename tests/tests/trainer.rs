@@ -4,14 +4,11 @@
 //! implicit-reward accuracy), write a loadable PEFT adapter, be
 //! deterministic, and refuse a shard whose content hash differs.
 
-use std::sync::Arc;
 
 use flywheel_core::codec::encode;
 use flywheel_core::records::{HoldoutRule, ObjectiveKind, Outcome, Reward, ShardRef, TrainRequest};
-use flywheel_lake_writer::lake::Lake;
-use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardSchemas};
-use flywheel_lake_writer::store::{LocalStore, Storage};
-use flywheel_tests::{commit_records, workspace_root};
+use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};
+use flywheel_tests::{commit_records, with_lake, workspace_root};
 use flywheel_trainer::backend::Device;
 use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::job::{JobSettings, run_job};
@@ -40,18 +37,8 @@ fn reward(i: usize) -> Reward {
     r
 }
 
-fn request(lake: &Lake, id: &str) -> TrainRequest {
-    let shards = lake
-        .files()
-        .iter()
-        .map(|f| ShardRef {
-            shard_id: f.path.rsplit('/').next().unwrap().trim_end_matches(".parquet").into(),
-            uri: f.path.clone(),
-            lake_root: lake.storage().url(),
-            content_sha256: f.sha256.clone(),
-            rows: f.rows as i64,
-        })
-        .collect();
+fn request(shards: &[ShardRef], id: &str) -> TrainRequest {
+    let shards = shards.to_vec();
     let mut objective = flywheel_trigger::service::default_objective(1);
     objective.kind = ObjectiveKind::Kto;
     objective.lora_rank = 4;
@@ -77,23 +64,35 @@ fn request(lake: &Lake, id: &str) -> TrainRequest {
 }
 
 /// A temp dir with the tiny model under `models/flywheel/tiny` and a lake of
-/// 96 toy rewards under `lake`.
-fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Lake) {
+/// 96 toy rewards under `lake`, and the shards that commit added.
+fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Vec<ShardRef>) {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     flywheel_trainer::tiny::save(&flywheel_trainer::tiny::tiny_model(3).unwrap(), &models.join("flywheel/tiny"))
         .unwrap();
-    let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(&dir.path().join("lake")).unwrap());
-    let mut lake = Lake::open(storage).unwrap();
     let records: Vec<Vec<u8>> = (0..96).map(|i| encode(&reward(i)).unwrap()).collect();
     let schemas = RewardSchemas::released().unwrap();
-    assert!(commit_records(&mut lake, &ParquetSettings::default(), &records, 0, &schemas).is_empty());
-    (dir, models, lake)
+    let shards = with_lake(&dir.path().join("lake"), |lake| {
+        assert!(commit_records(lake, &ParquetSettings::default(), &records, 0, &schemas).is_empty());
+        let commit = lake.commit(lake.version().unwrap()).unwrap().expect("the lake's commit");
+        commit
+            .added
+            .iter()
+            .map(|f| ShardRef {
+                shard_id: f.path.rsplit('/').next().unwrap().trim_end_matches(".parquet").into(),
+                uri: f.path.clone(),
+                lake_root: lake.storage().url(),
+                content_sha256: f.sha256.clone(),
+                rows: f.rows as i64,
+            })
+            .collect()
+    });
+    (dir, models, shards)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hashes() {
-    let (dir, models, lake) = fixture();
+    let (dir, models, shards) = fixture();
     let settings = JobSettings {
         models_root: models.clone(),
         adapters_root: dir.path().join("adapters"),
@@ -103,7 +102,7 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     };
     let runtime = tokio::runtime::Handle::current();
 
-    let req = request(&lake, "req-1");
+    let req = request(&shards, "req-1");
     let mut seen = Vec::new();
     let (candidate, adapter_dir) =
         tokio::task::block_in_place(|| run_job(&req, &settings, &runtime, &mut |p| seen.push(*p))).unwrap();
@@ -136,7 +135,7 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     );
 
     // A shard whose bytes differ from the pinned hash: refused, nothing written.
-    let mut tampered = request(&lake, "req-2");
+    let mut tampered = request(&shards, "req-2");
     tampered.shards[0].content_sha256 = "0".repeat(64);
     let err =
         tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
@@ -155,13 +154,13 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::time::{Duration, Instant};
 
-    let (dir, models, lake) = fixture();
+    let (dir, models, shards) = fixture();
     let wanted = [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters];
     let test = test_topics("trainer", &wanted, None).await;
     let (kafka, topics) = (&test.kafka, &test.topics);
-    let mut good = request(&lake, "req-good");
+    let mut good = request(&shards, "req-good");
     good.objective.max_steps = 5;
-    let mut tampered = request(&lake, "req-tampered");
+    let mut tampered = request(&shards, "req-tampered");
     tampered.shards[0].content_sha256 = "0".repeat(64);
     let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
     for r in [&good, &tampered] {
@@ -216,8 +215,8 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
 /// and in bf16.
 #[test]
 fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
-    let (dir, models, lake) = fixture();
-    let mut req = request(&lake, "req-threads");
+    let (dir, models, shards) = fixture();
+    let mut req = request(&shards, "req-threads");
     req.objective.max_steps = 6;
     let request_file = dir.path().join("request.json");
     std::fs::write(&request_file, serde_json::to_vec(&req).unwrap()).unwrap();

@@ -23,7 +23,7 @@ fn manifest(id: &str) -> ShardManifest {
     m.min_event_time = now - 3_600_000;
     m.max_event_time = now - 60_000;
     m.committed_at = now;
-    let dir = flywheel_lake_writer::lake::partition_dir("acme", m.min_event_time).unwrap();
+    let dir = flywheel_lake::table::partition_dir("acme", m.min_event_time).unwrap();
     m.shard_id = id.into();
     m.tenant = "acme".into();
     m.uri = format!("{}/{id}.parquet", dir.display());

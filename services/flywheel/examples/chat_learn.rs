@@ -172,12 +172,12 @@ fn main() {
 /// service reads them.
 fn lake_examples(root: &Path, tokenizer: &flywheel_trainer::tokenize::TextTokenizer) -> Vec<Example> {
     use arrow_array::{Array, cast::AsArray};
-    use flywheel_lake_writer::store::LocalStore;
-    let lake = flywheel_lake_writer::lake::Lake::open(Arc::new(LocalStore::open(root).unwrap())).unwrap();
+    use flywheel_lake::store::LocalStore;
+    let lake = flywheel_lake::table::Lake::open(Arc::new(LocalStore::open(root).unwrap())).unwrap();
     let mut rows = Vec::new();
     for file in lake.files() {
         let bytes = lake.storage().get(&file.path).unwrap().expect("a committed file is missing");
-        for batch in flywheel_lake_writer::shard::read_file(bytes).unwrap() {
+        for batch in flywheel_lake::shard::read_file(bytes).unwrap() {
             let ids = batch.column_by_name("suggestion_id").unwrap().as_string::<i32>().clone();
             let version = batch.column_by_name("adapter_version").unwrap().clone();
             let by_base: std::collections::HashSet<String> =

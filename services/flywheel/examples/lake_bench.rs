@@ -24,10 +24,10 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{Outcome, Reward};
 use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
-use flywheel_lake_writer::lake::{Lake, PartitionCommit};
-use flywheel_lake_writer::parquet_shard::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
-use flywheel_lake_writer::shard::{RecentIds, RowBuffer, ShardContext, prepare};
-use flywheel_lake_writer::store::{LocalStore, Storage};
+use flywheel_lake::table::{Lake, PartitionCommit};
+use flywheel_lake::parquet::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
+use flywheel_lake::shard::{RecentIds, RowBuffer, ShardContext, prepare};
+use flywheel_lake::store::{LocalStore, Storage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const CORE_ROWS: u64 = 200_000;

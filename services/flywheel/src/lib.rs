@@ -45,7 +45,7 @@ pub enum CliError {
     Collector(#[from] flywheel_collector::CollectorError),
     /// From the lake.
     #[error(transparent)]
-    Lake(#[from] flywheel_lake_writer::LakeError),
+    Lake(#[from] flywheel_lake::LakeError),
     /// From an HTTP exchange.
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
@@ -163,8 +163,8 @@ pub struct LakeRootArgs {
 /// `flywheel lake` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum LakeCommand {
-    /// List the committed files (from the commit log: never a partial or
-    /// uncommitted file). Feed `--format paths` to DuckDB's `read_parquet([...])`.
+    /// List the table's files in its latest snapshot (from the Delta log:
+    /// never a partial or uncommitted file, never a compacted-away one).
     Files {
         /// The lake.
         #[command(flatten)]
@@ -173,8 +173,9 @@ pub enum LakeCommand {
         #[arg(long, env = "FLYWHEEL_LAKE_FILES_FORMAT", value_enum, default_value_t = FilesFormat::Table)]
         format: FilesFormat,
     },
-    /// Merge small files of closed hours into larger ones, one commit per
-    /// merged file; row content is unchanged. Run one compaction at a time.
+    /// Merge small files of closed hours into larger ones, one Delta commit
+    /// per merged file (`dataChange = false`); row content is unchanged. The
+    /// old files stay for older snapshots until `flywheel lake vacuum`.
     Compact {
         /// The lake.
         #[command(flatten)]
@@ -187,6 +188,25 @@ pub enum LakeCommand {
         /// requests should be older than this).
         #[arg(long = "older-than-hours", env = "FLYWHEEL_LAKE_COMPACT_OLDER_THAN_HOURS", default_value_t = 24)]
         older_than_hours: u64,
+    },
+    /// Delete files no snapshot within the retention period references:
+    /// compacted-away files, and files a crashed writer created but never
+    /// committed. Training jobs read pinned snapshots: keep the retention
+    /// longer than the oldest train request still pending.
+    Vacuum {
+        /// The lake.
+        #[command(flatten)]
+        root: LakeRootArgs,
+        /// Keep files unreferenced for less than this many hours.
+        #[arg(long = "retention-hours", env = "FLYWHEEL_LAKE_VACUUM_RETENTION_HOURS", default_value_t = 168)]
+        retention_hours: u64,
+    },
+    /// Write a Delta checkpoint of the latest version (Delta writes one
+    /// every 100 commits by itself), so readers open the table fast.
+    Checkpoint {
+        /// The lake.
+        #[command(flatten)]
+        root: LakeRootArgs,
     },
 }
 
@@ -399,31 +419,48 @@ fn train(kafka: &KafkaArgs, topics: &TopicsConfig, args: &TrainArgs, runtime: &t
 fn lake_command(command: LakeCommand, runtime: tokio::runtime::Handle) -> Result<()> {
     match command {
         LakeCommand::Files { root, format } => {
-            let lake = flywheel_lake_writer::service::open_lake(&root.lake_root, runtime)?;
+            let lake = flywheel_lake::open_lake(&root.lake_root, runtime)?;
             let stdout = std::io::stdout();
             print_files(&lake, format, &mut stdout.lock())
         }
         LakeCommand::Compact { root, target_bytes, older_than_hours } => {
-            let mut lake = flywheel_lake_writer::service::open_lake(&root.lake_root, runtime)?;
-            let opts = flywheel_lake_writer::compact::CompactOptions {
+            let mut lake = flywheel_lake::open_lake(&root.lake_root, runtime)?;
+            let opts = flywheel_lake::compact::CompactOptions {
                 target_bytes,
                 closed_before_ms: flywheel_core::now_millis() - older_than_hours as i64 * 3_600_000,
                 settings: Default::default(),
                 writer: format!("flywheel lake compact/{}", std::process::id()),
+                vacuum_retention: None,
             };
-            let report = flywheel_lake_writer::compact::compact(&mut lake, &opts)?;
+            let report = flywheel_lake::compact::compact(&mut lake, &opts)?;
             println!(
-                "merged {} files into {} ({} rows); deleted {} retired files",
-                report.files_in, report.files_out, report.rows, report.vacuumed
+                "merged {} files into {} ({} rows); table version {}",
+                report.files_in,
+                report.files_out,
+                report.rows,
+                lake.version().map_or("-".into(), |v| v.to_string())
             );
+            Ok(())
+        }
+        LakeCommand::Vacuum { root, retention_hours } => {
+            let mut lake = flywheel_lake::open_lake(&root.lake_root, runtime)?;
+            let retention = Duration::from_secs(retention_hours.saturating_mul(3600));
+            let report = lake.vacuum(retention)?;
+            println!("deleted {} files unreferenced for over {retention_hours} h", report.deleted);
+            Ok(())
+        }
+        LakeCommand::Checkpoint { root } => {
+            let lake = flywheel_lake::open_lake(&root.lake_root, runtime)?;
+            lake.checkpoint()?;
+            println!("checkpoint written at version {}", lake.version().map_or("-".into(), |v| v.to_string()));
             Ok(())
         }
     }
 }
 
 /// Writes the committed files of `lake` in `format`.
-pub fn print_files(lake: &flywheel_lake_writer::lake::Lake, format: FilesFormat, out: &mut impl Write) -> Result<()> {
-    let files = lake.files();
+pub fn print_files(lake: &flywheel_lake::table::Lake, format: FilesFormat, out: &mut impl Write) -> Result<()> {
+    let files = lake.files()?;
     let base = lake.storage().url();
     let full = |path: &str| match base.strip_prefix("file://") {
         Some(dir) => format!("{dir}/{path}"),
@@ -432,18 +469,18 @@ pub fn print_files(lake: &flywheel_lake_writer::lake::Lake, format: FilesFormat,
     let io = |e: std::io::Error| CliError::Usage(format!("writing output: {e}"));
     match format {
         FilesFormat::Table => {
-            writeln!(out, "{:>10} {:>12} {:<16} path", "rows", "bytes", "sha256").map_err(io)?;
+            writeln!(out, "{:>10} {:>12} path", "rows", "bytes").map_err(io)?;
             for f in &files {
-                writeln!(out, "{:>10} {:>12} {:<16} {}", f.rows, f.bytes, &f.sha256[..16.min(f.sha256.len())], f.path)
-                    .map_err(io)?;
+                writeln!(out, "{:>10} {:>12} {}", f.rows, f.bytes, f.path).map_err(io)?;
             }
             let rows: u64 = files.iter().map(|f| f.rows).sum();
-            writeln!(out, "{} files, {rows} rows, {} commits", files.len(), lake.commits().len()).map_err(io)?;
+            let version = lake.version().map_or("-".into(), |v| v.to_string());
+            writeln!(out, "{} files, {rows} rows, table version {version}", files.len()).map_err(io)?;
         }
         FilesFormat::Json => {
             for f in &files {
                 let line = serde_json::json!({
-                    "path": f.path, "uri": full(&f.path), "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256,
+                    "path": f.path, "uri": full(&f.path), "rows": f.rows, "bytes": f.bytes,
                 });
                 writeln!(out, "{line}").map_err(io)?;
             }
@@ -823,29 +860,33 @@ async fn lake_section(
     let ends = ends.get(&rewards_topic).cloned().unwrap_or_default();
     let runtime = tokio::runtime::Handle::current();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let lake = loop {
-        let (root, runtime) = (root.clone(), runtime.clone());
-        let lake = tokio::task::spawn_blocking(move || flywheel_lake_writer::service::open_lake(&root, runtime))
-            .await
-            .map_err(|e| CliError::Usage(e.to_string()))??;
-        let caught_up = ends
-            .iter()
-            .all(|(p, end)| *end == 0 || lake.committed_offset(&rewards_topic, *p).is_some_and(|c| c + 1 >= *end));
+    let buf = loop {
+        let (root, runtime, ends, topic) = (root.clone(), runtime.clone(), ends.clone(), rewards_topic.clone());
+        let (caught_up, buf) = tokio::task::spawn_blocking(move || -> Result<(bool, Vec<u8>)> {
+            let lake = flywheel_lake::open_lake(&root, runtime)?;
+            let mut caught_up = true;
+            for (p, end) in &ends {
+                caught_up &= *end == 0 || lake.committed_offset(&topic, *p)?.is_some_and(|c| c + 1 >= *end);
+            }
+            let mut buf = Vec::new();
+            print_files(&lake, FilesFormat::Table, &mut buf)?;
+            Ok((caught_up, buf))
+        })
+        .await
+        .map_err(|e| CliError::Usage(e.to_string()))??;
         if caught_up || std::time::Instant::now() > deadline || shutdown.is_cancelled() {
-            break lake;
+            break buf;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    println!("== the lake, from its commit log (`flywheel lake files --lake-root {root}`):");
-    let mut buf = Vec::new();
-    print_files(&lake, FilesFormat::Table, &mut buf)?;
+    println!("== the lake, from its Delta log (`flywheel lake files --lake-root {root}`):");
     let text = String::from_utf8_lossy(&buf);
     let lines: Vec<&str> = text.lines().collect();
     for line in lines.iter().take(1).chain(lines.iter().skip(1).rev().take(4).rev()) {
         println!("   {line}");
     }
     println!(
-        "   query it: duckdb -c \"select tenant, outcome, count(*), avg(reward) from read_parquet('{root}/rewards/**/*.parquet', hive_partitioning=true) group by all\""
+        "   query it: duckdb -c \"select tenant, outcome, count(*), avg(reward) from delta_scan('{root}/rewards') group by all\""
     );
     Ok(())
 }

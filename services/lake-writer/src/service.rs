@@ -1,15 +1,17 @@
 //! The lake-writer service: consumes `rewards` in a consumer group, buffers
-//! each assigned partition, and commits it to the lake when a rolling
+//! each assigned partition, and commits it to the Delta table when a rolling
 //! threshold is reached; then announces the new shards on `shards` and the
 //! rejected records on `dead-letters`.
 //!
 //! Exactly once, per source partition:
-//! 1. The commit log is the source of truth for offsets: on assignment the
-//!    partition starts at its last committed offset + 1 (the group offset is
-//!    committed afterwards, for monitoring only).
-//! 2. A commit covers a contiguous offset range and is refused if the log
+//! 1. The table is the source of truth for offsets: each commit carries the
+//!    partition's last offset as a Delta `txn` action, and on assignment the
+//!    partition starts at that offset + 1 (the group offset is committed
+//!    afterwards, for monitoring only).
+//! 2. A commit covers a contiguous offset range and is refused if the table
 //!    shows another writer committed the partition meanwhile (a zombie after a
-//!    rebalance), so no range is written twice.
+//!    rebalance), or if one does while it commits (Delta's conflict check on
+//!    the same `txn` id), so no range is written twice.
 //! 3. Manifests and dead letters are derived from commits and published
 //!    after them. Progress is kept per partition (`_flywheel_state/published`)
 //!    with the output topics' end offsets at that point; a new owner reads
@@ -43,11 +45,13 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::LakeError;
-use crate::lake::{Commit, Lake, PartitionCommit, Rejected, STATE_DIR, file_prefix, source_key};
-use crate::parquet_shard::{ParquetSettings, RewardSchemas};
-use crate::shard::{PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats};
-use crate::store::{Storage, open_storage};
+use flywheel_lake::LakeError;
+use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};
+use flywheel_lake::shard::{PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats};
+use flywheel_lake::store::{Storage, open_storage};
+use flywheel_lake::table::{Commit, Lake, PartitionCommit, Rejected, STATE_DIR, file_prefix, source_key};
+
+use crate::WriterError;
 
 /// Lake writer configuration; every flag has an environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -60,7 +64,9 @@ pub struct Config {
     #[arg(long = "group-id", env = "FLYWHEEL_LAKE_GROUP_ID", default_value = "flywheel-lake-writer")]
     pub group_id: String,
     /// Lake root: a directory, `file:///path`, `memory://` (in-process, for
-    /// trials), or `s3://`, `gs://`, `az://` (builds with those features).
+    /// trials), or `s3://`, `gs://`, `az://` (credentials and endpoint from
+    /// the usual `AWS_*`, `GOOGLE_*`, `AZURE_*` variables). The table is
+    /// `<root>/rewards`.
     #[arg(long = "lake-root", env = "FLYWHEEL_LAKE_ROOT", default_value = ".flywheel/lake")]
     pub lake_root: String,
     /// Commit a partition once it buffers this many records.
@@ -94,8 +100,8 @@ pub struct Config {
 }
 
 impl Config {
-    fn check(&self) -> Result<(), LakeError> {
-        let bad = |what: &str| Err(LakeError::Config(what.to_string()));
+    fn check(&self) -> Result<(), WriterError> {
+        let bad = |what: &str| Err(WriterError::Config(what.to_string()));
         if self.roll_max_rows == 0 || self.roll_max_bytes == 0 {
             return bad("--roll-max-rows and --roll-max-bytes must be > 0");
         }
@@ -154,7 +160,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("lake_writer");
         r.register("records", "Records by result: written, replay (dropped), rejected", m.records.clone());
         r.register("flushes", "Partition commits by what triggered them", m.flushes.clone());
-        r.register("commits", "Commit log entries written", m.commits.clone());
+        r.register("commits", "Delta commits written", m.commits.clone());
         r.register("conflicts", "Commits refused because another writer owns the partition", m.conflicts.clone());
         r.register("files", "Parquet files committed", m.files.clone());
         r.register("file_bytes", "Bytes of Parquet committed", m.file_bytes.clone());
@@ -179,15 +185,20 @@ impl Metrics {
 /// Per partition: how far manifests and dead letters are published.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct PublishedMarker {
-    /// Last commit of the partition whose outputs are all acknowledged.
+    /// Last commit (table version) of the partition whose outputs are all
+    /// acknowledged.
     through_seq: Option<u64>,
+    /// The last source offset that commit covered: when the table's `txn`
+    /// for the partition still says this, nothing is left to publish.
+    #[serde(default)]
+    through_offset: Option<i64>,
     /// Output end offsets after that: later outputs lie beyond them.
     ends: TopicOffsets,
 }
 
 struct PartitionState {
     buffer: RowBuffer,
-    /// The log's last committed offset when this writer started reading.
+    /// The table's last committed offset when this writer started reading.
     previous: Option<i64>,
     /// Next offset expected; `None` until the first record after a start
     /// at the beginning of the partition.
@@ -224,14 +235,20 @@ impl ConsumerContext for RebalanceContext {
                 }
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for p in &parts {
-                    let start =
-                        lake.committed_offset(&self.topic, *p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+                    let committed = match lake.committed_offset(&self.topic, *p) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "reading a txn on assignment failed; assigning nothing");
+                            return;
+                        }
+                    };
+                    let start = committed.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
                     if let Err(e) = tpl.set_partition_offset(&self.topic, *p, start) {
                         tracing::error!(partition = p, error = %e, "setting a start offset failed");
                     }
                 }
                 drop(lake);
-                tracing::info!(?parts, "partitions assigned; starting at the commit log's offsets");
+                tracing::info!(?parts, "partitions assigned; starting at the table's offsets");
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions failed");
                 }
@@ -295,11 +312,12 @@ pub fn manifest_from_file(
         .added
         .iter()
         .find(|f| f.path == path)
-        .ok_or_else(|| LakeError::Config(format!("{path} is not in commit {}", commit.seq)))?;
-    let bytes = storage.get(path)?.ok_or_else(|| LakeError::Config(format!("committed file {path} is missing")))?;
+        .ok_or_else(|| LakeError::Integrity(format!("{path} is not in commit {}", commit.seq)))?;
+    let bytes = storage.get(path)?.ok_or_else(|| LakeError::Integrity(format!("committed file {path} is missing")))?;
     let batches = read_file(bytes)?;
-    let schema = batches.first().map(|b| b.schema()).ok_or_else(|| LakeError::Config(format!("{path} is empty")))?;
-    let batch = arrow_select::concat::concat_batches(&schema, &batches).map_err(LakeError::arrow("reading a file"))?;
+    let schema = batches.first().map(|b| b.schema()).ok_or_else(|| LakeError::Integrity(format!("{path} is empty")))?;
+    let batch = arrow_select::concat::concat_batches(&schema, &batches)
+        .map_err(|source| LakeError::Arrow { context: "reading a file".into(), source })?;
     let (stats, versions, min_t, max_t) = shard_stats(&batch)?;
     let column = |name: &str| -> Result<String, LakeError> {
         use arrow_array::Array as _;
@@ -307,7 +325,7 @@ pub fn manifest_from_file(
         let col = batch.column_by_name(name).and_then(|c| c.as_string_opt::<i32>());
         col.filter(|c| !c.is_empty())
             .map(|c| c.value(0).to_string())
-            .ok_or_else(|| LakeError::Config(format!("{path}: no {name}")))
+            .ok_or_else(|| LakeError::Integrity(format!("{path}: no {name}")))
     };
     let (first, last) = added.sources.get(&source_key(topic, partition)).copied().unwrap_or_default();
     let name = path.rsplit('/').next().unwrap_or(path);
@@ -340,53 +358,57 @@ impl Writer {
         self.lake.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, topic: &str, key: &str, value: &[u8]) -> Result<(), LakeError> {
-        send_blocking(&self.producer, topic, key, value).map_err(|e| LakeError::Kafka(e.to_string()))
+    fn send(&self, topic: &str, key: &str, value: &[u8]) -> Result<(), WriterError> {
+        send_blocking(&self.producer, topic, key, value)
+            .map_err(|e| WriterError::Kafka { context: "producing", detail: e.to_string() })
     }
 
-    fn flush_producer(&self) -> Result<TopicOffsets, LakeError> {
-        self.producer.flush(Duration::from_secs(30)).map_err(|e| LakeError::Kafka(e.to_string()))?;
+    fn flush_producer(&self) -> Result<TopicOffsets, WriterError> {
+        self.producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| WriterError::Kafka { context: "flushing the producer", detail: e.to_string() })?;
         if let Some(e) = self.producer.context().first_error() {
-            return Err(LakeError::Kafka(format!("outputs not acknowledged: {e}")));
+            return Err(WriterError::Kafka { context: "outputs not acknowledged", detail: e.to_string() });
         }
         Ok(self.producer.context().ends_over(&self.startup_ends))
     }
 
-    fn write_marker(&self, prefix: &str, marker: &PublishedMarker) -> Result<(), LakeError> {
-        let bytes = serde_json::to_vec(marker).map_err(|e| LakeError::Config(e.to_string()))?;
-        self.storage.put(&marker_path(prefix), &bytes)
+    fn write_marker(&self, prefix: &str, marker: &PublishedMarker) -> Result<(), WriterError> {
+        let bytes = serde_json::to_vec(marker).map_err(|e| WriterError::Config(e.to_string()))?;
+        Ok(self.storage.put(&marker_path(prefix), &bytes)?)
     }
 
     /// Takes over a partition: cleans up a crashed commit, publishes what a
     /// previous owner committed but did not announce, refills the replay
     /// filter, and sets where reading resumes.
-    fn take_over(&mut self, partition: i32) -> Result<(), LakeError> {
+    fn take_over(&mut self, partition: i32) -> Result<(), WriterError> {
         let started = Instant::now();
         let topic = self.names.rewards.clone();
         let prefix = file_prefix(&topic, partition)?;
         let key = source_key(&topic, partition);
+        // A writer killed mid-put leaves temp files (local store only).
+        self.storage.discard_temp(&prefix)?;
         let (previous, files) = {
             let mut lake = self.lake();
             lake.refresh()?;
-            lake.recover_partition(&topic, partition)?;
-            // Live files holding rows of this partition, oldest commit first.
-            let files: Vec<String> = lake
-                .commits()
-                .iter()
-                .flat_map(|c| &c.added)
-                .filter(|f| f.sources.contains_key(&key) && lake.is_live(&f.path))
-                .map(|f| f.path.clone())
-                .collect();
-            (lake.committed_offset(&topic, partition), files)
+            (lake.committed_offset(&topic, partition)?, lake.files()?)
         };
-        self.publish_pending(partition, &prefix, &key)?;
+        self.publish_pending(partition, &prefix, &key, previous)?;
+        // Live files holding rows of this partition, newest first: its own
+        // (named by offsets), then merged ones (older hours).
+        let name_of = |path: &str| path.rsplit('/').next().unwrap_or(path).to_string();
+        let mut own: Vec<String> =
+            files.iter().map(|f| f.path.clone()).filter(|p| name_of(p).starts_with(&prefix)).collect();
+        own.sort_by_key(|p| std::cmp::Reverse(name_of(p)));
+        let merged = files.iter().map(|f| f.path.clone()).filter(|p| name_of(p).starts_with("compacted-"));
         let mut recent = RecentIds::new(self.config.dedupe_window);
         let mut ids = Vec::new();
-        for path in files.iter().rev() {
+        for path in own.into_iter().chain(merged) {
             if ids.len() >= self.config.dedupe_window {
                 break;
             }
-            let bytes = self.storage.get(path)?.ok_or_else(|| LakeError::Config(format!("{path} is missing")))?;
+            let bytes =
+                self.storage.get(&path)?.ok_or_else(|| LakeError::Integrity(format!("committed file {path} is missing")))?;
             ids.extend(ids_in_file(bytes, partition)?);
         }
         ids.sort_by_key(|(offset, _)| *offset);
@@ -410,27 +432,30 @@ impl Writer {
 
     /// Publishes the manifests and dead letters of the commits of source
     /// partition `key` that are not on their topics yet.
-    fn publish_pending(&mut self, partition: i32, prefix: &str, key: &str) -> Result<(), LakeError> {
+    fn publish_pending(
+        &mut self,
+        partition: i32,
+        prefix: &str,
+        key: &str,
+        committed: Option<i64>,
+    ) -> Result<(), WriterError> {
         let marker: Option<PublishedMarker> = match self.storage.get(&marker_path(prefix))? {
-            Some(bytes) => Some(
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| LakeError::Log { path: marker_path(prefix), detail: e.to_string() })?,
-            ),
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                LakeError::Integrity(format!("publisher progress {}: {e}", marker_path(prefix)))
+            })?),
             None => None,
         };
+        if committed.is_none() || marker.as_ref().is_some_and(|m| m.through_offset.is_some() && m.through_offset == committed)
+        {
+            return Ok(()); // nothing committed, or everything published
+        }
         let after = marker.as_ref().and_then(|m| m.through_seq);
-        let pending: Vec<Commit> = self
-            .lake()
-            .commits()
-            .iter()
-            .filter(|c| c.offsets.contains_key(key) && after.is_none_or(|t| c.seq > t))
-            .cloned()
-            .collect();
+        let pending: Vec<Commit> = self.lake().commits_of(key, after)?;
         let Some(marker) = marker else {
             // Nothing of this partition was ever published: the marker is
             // always written before the first publication.
             let ends = self.flush_producer()?;
-            self.write_marker(prefix, &PublishedMarker { through_seq: None, ends })?;
+            self.write_marker(prefix, &PublishedMarker { through_seq: None, through_offset: None, ends })?;
             return self.publish(partition, prefix, &pending, &HashSet::new(), &HashSet::new());
         };
         if pending.is_empty() {
@@ -466,7 +491,7 @@ impl Writer {
         commits: &[Commit],
         skip_shards: &HashSet<String>,
         skip_dead: &HashSet<i64>,
-    ) -> Result<(), LakeError> {
+    ) -> Result<(), WriterError> {
         let Some(last) = commits.last() else { return Ok(()) };
         for c in commits {
             for f in &c.added {
@@ -481,7 +506,8 @@ impl Writer {
             }
         }
         let ends = self.flush_producer()?;
-        self.write_marker(prefix, &PublishedMarker { through_seq: Some(last.seq), ends })
+        let through_offset = last.offsets.get(&source_key(&self.names.rewards, partition)).map(|r| r.1);
+        self.write_marker(prefix, &PublishedMarker { through_seq: Some(last.seq), through_offset, ends })
     }
 
     /// Buffers one record of an owned partition.
@@ -489,7 +515,7 @@ impl Writer {
         &mut self,
         consumer: &BaseConsumer<RebalanceContext>,
         msg: &BorrowedMessage<'_>,
-    ) -> Result<(), LakeError> {
+    ) -> Result<(), WriterError> {
         let (partition, offset) = (msg.partition(), msg.offset());
         let Some(state) = self.parts.get_mut(&partition) else {
             return Ok(()); // not ours (revoked meanwhile)
@@ -520,7 +546,7 @@ impl Writer {
 
     /// Commits partitions whose buffer is old or idle, and the largest one
     /// while all buffers together exceed the memory cap.
-    fn flush_due(&mut self) -> Result<(), LakeError> {
+    fn flush_due(&mut self) -> Result<(), WriterError> {
         let age = Duration::from_millis(self.config.roll_max_age_ms);
         let idle = Duration::from_millis(self.config.roll_idle_ms);
         let due: Vec<(i32, &'static str)> = self
@@ -555,7 +581,7 @@ impl Writer {
     }
 
     /// Commits one partition's buffer and announces it.
-    fn flush(&mut self, partition: i32, reason: &str) -> Result<(), LakeError> {
+    fn flush(&mut self, partition: i32, reason: &str) -> Result<(), WriterError> {
         let Some(state) = self.parts.get_mut(&partition) else { return Ok(()) };
         let Some(range) = state.buffer.range() else { return Ok(()) };
         let started = Instant::now();
@@ -578,7 +604,7 @@ impl Writer {
             let mut lake = self.lake.lock().unwrap_or_else(|p| p.into_inner());
             let topic = &self.names.rewards;
             let c = PartitionCommit { topic, partition, previous, range, files, rejected, committed_at: now };
-            lake.commit_partition(c).cloned()
+            lake.commit_partition(c)
         };
         let commit = match result {
             Ok(c) => c,
@@ -588,7 +614,7 @@ impl Writer {
                 self.parts.remove(&partition);
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let state = self.parts.get_mut(&partition).expect("present above");
         state.previous = Some(range.1);
@@ -622,14 +648,15 @@ impl Writer {
         }
         let ends = self.flush_producer()?;
         let prefix = file_prefix(&self.names.rewards, partition)?;
-        self.write_marker(&prefix, &PublishedMarker { through_seq: Some(commit.seq), ends })?;
+        let marker = PublishedMarker { through_seq: Some(commit.seq), through_offset: Some(range.1), ends };
+        self.write_marker(&prefix, &marker)?;
         tracing::debug!(partition, reason, rows, files = commit.added.len(), seq = commit.seq, took = ?started.elapsed(), "committed");
         Ok(())
     }
 }
 
 /// Runs the lake writer until `shutdown`, then commits what it buffered.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LakeError> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WriterError> {
     config.check()?;
     let topics_config = config.common.topics.load()?;
     let mut registry = Registry::default();
@@ -651,9 +678,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
     let runtime = tokio::runtime::Handle::current();
-    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), LakeError> {
-        let storage = open_storage(&config.lake_root, runtime)?;
-        let lake = Arc::new(Mutex::new(Lake::open(storage.clone())?));
+    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), WriterError> {
+        let storage = open_storage(&config.lake_root, runtime.clone())?;
+        let schemas = RewardSchemas::released()?;
+        let lake = Arc::new(Mutex::new(Lake::create_or_open(storage.clone(), runtime, &schemas.file_schema()?)?));
         let producer = config.common.kafka.tracked_producer()?;
         let probe = format!("{}-probe", config.group_id);
         let startup_ends = topic_ends(&config.common.kafka, &probe, &[&names.shards, &names.dead])?;
@@ -677,7 +705,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         tracing::info!(input = %names.rewards, lake = %lake_url, group = %config.group_id, "lake writer started");
         let mut writer = Writer {
             settings: ParquetSettings { row_group_rows: config.row_group_rows, zstd_level: config.zstd_level },
-            schemas: RewardSchemas::released()?,
+            schemas,
             config,
             names,
             lake,
@@ -729,7 +757,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Lake
         tracing::info!("lake writer stopped after committing its buffers");
         Ok(())
     });
-    let result = worker.await.unwrap_or_else(|e| Err(LakeError::Config(format!("worker panicked: {e}"))));
+    let result = worker.await.unwrap_or_else(|e| Err(WriterError::Panicked(e.to_string())));
     shutdown.cancel();
     let _ = ops.task.await;
     result
@@ -755,7 +783,3 @@ fn commit_group_offsets(consumer: &BaseConsumer<RebalanceContext>, writer: &Writ
     }
 }
 
-/// Where a lake is, for tools: the storage of `root`.
-pub fn open_lake(root: &str, runtime: tokio::runtime::Handle) -> Result<Lake, LakeError> {
-    Lake::open(open_storage(root, runtime)?)
-}

@@ -42,7 +42,7 @@ use flywheel_core::kafka::{
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
 use flywheel_core::topics::Topic;
-use flywheel_lake_writer::store::{LocalStore, Storage, open_storage};
+use flywheel_lake::store::{LocalStore, Storage, open_storage};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -478,7 +478,7 @@ pub fn open_checkpoint_storage(
     config: &Config,
     runtime: tokio::runtime::Handle,
 ) -> Result<Arc<dyn Storage>, RewarderError> {
-    let fail = |at: &str, e: flywheel_lake_writer::LakeError| RewarderError::Checkpoint {
+    let fail = |at: &str, e: flywheel_lake::LakeError| RewarderError::Checkpoint {
         path: at.to_string(),
         detail: e.to_string(),
     };

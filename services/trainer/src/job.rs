@@ -13,7 +13,7 @@ use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Float64Type, Int32Type};
 use arrow_array::{Array as _, RecordBatch};
 use flywheel_core::records::{ModelCandidate, ObjectiveKind, TrainRequest, TrainingObjective};
-use flywheel_lake_writer::store::{Storage, open_storage};
+use flywheel_lake::store::{Storage, open_storage};
 use serde::Serialize;
 
 use crate::TrainerError;
@@ -87,7 +87,7 @@ fn read_examples(
                 shard.shard_id, shard.content_sha256
             )));
         }
-        let batches = flywheel_lake_writer::shard::read_file(bytes).map_err(|e| TrainerError::Format(e.to_string()))?;
+        let batches = flywheel_lake::shard::read_file(bytes).map_err(|e| TrainerError::Format(e.to_string()))?;
         for batch in &batches {
             out.extend(examples_of(batch, tokenizer, max_tokens)?);
         }

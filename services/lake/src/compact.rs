@@ -1,7 +1,9 @@
 //! Compaction: merges the small files of closed hours into larger ones with
-//! one commit per merged file (old files removed, new one added), so readers
-//! of the log never see a row twice or miss one. Row content is unchanged;
-//! files of an older schema gain the newer columns as nulls.
+//! one Delta commit per merged file (old files removed, new one added, both
+//! with `dataChange = false`), so readers of any snapshot never see a row
+//! twice or miss one. Row content is unchanged; files of an older schema gain
+//! the newer columns as nulls. The old files stay readable by older
+//! snapshots (time travel) until a vacuum past the retention period.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,8 +12,8 @@ use arrow_array::{ArrayRef, RecordBatch, new_null_array};
 use arrow_schema::Schema;
 
 use crate::LakeError;
-use crate::lake::{AddedFile, Lake, NewFile, REWARDS_DIR};
-use crate::parquet_shard::{ParquetSettings, write_parquet};
+use crate::table::{Lake, LiveFile, NewFile, REWARDS_DIR};
+use crate::parquet::{ParquetSettings, write_parquet};
 use crate::shard::read_file;
 
 /// What to compact.
@@ -26,6 +28,8 @@ pub struct CompactOptions {
     pub settings: ParquetSettings,
     /// Names the tool in commit entries.
     pub writer: String,
+    /// Vacuum afterwards, deleting files unreferenced for this long.
+    pub vacuum_retention: Option<std::time::Duration>,
 }
 
 /// What a compaction did.
@@ -37,7 +41,7 @@ pub struct CompactReport {
     pub files_out: usize,
     /// Rows moved.
     pub rows: u64,
-    /// Old files whose bytes were deleted.
+    /// Files a vacuum afterwards deleted.
     pub vacuumed: usize,
 }
 
@@ -85,10 +89,13 @@ fn align(batch: &RecordBatch, schema: &Arc<Schema>) -> Result<RecordBatch, LakeE
 }
 
 /// Merges `files` (one partition directory) into one file.
-fn merge(lake: &Lake, dir: &str, files: &[AddedFile], settings: &ParquetSettings) -> Result<NewFile, LakeError> {
+fn merge(lake: &Lake, dir: &str, files: &[LiveFile], settings: &ParquetSettings) -> Result<NewFile, LakeError> {
     let mut batches = Vec::new();
     for f in files {
-        let bytes = lake.storage().get(&f.path)?.ok_or_else(|| LakeError::Config(format!("{} is missing", f.path)))?;
+        let bytes = lake
+            .storage()
+            .get(&f.path)?
+            .ok_or_else(|| LakeError::Integrity(format!("committed file {} is missing", f.path)))?;
         batches.extend(read_file(bytes)?);
     }
     // The widest schema is the newest: columns are only ever added.
@@ -101,36 +108,32 @@ fn merge(lake: &Lake, dir: &str, files: &[AddedFile], settings: &ParquetSettings
     let mut bytes = Vec::new();
     write_parquet(&aligned, settings, &mut bytes)?;
     let digest = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    let mut sources: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    for (k, (lo, hi)) in files.iter().flat_map(|f| f.sources.iter()) {
-        let e = sources.entry(k.clone()).or_insert((*lo, *hi));
-        *e = (e.0.min(*lo), e.1.max(*hi));
-    }
     Ok(NewFile {
         path: format!("{dir}/compacted-{}.parquet", &digest[..16]),
         rows: aligned.iter().map(|b| b.num_rows() as u64).sum(),
         bytes,
-        sources,
+        sources: BTreeMap::new(),
+        columns: schema,
     })
 }
 
 /// Merges small files of closed hours. Safe to run beside writers (they only
 /// add files); run one compaction at a time.
 pub fn compact(lake: &mut Lake, opts: &CompactOptions) -> Result<CompactReport, LakeError> {
-    let mut report = CompactReport { vacuumed: lake.vacuum()?, ..Default::default() };
+    let mut report = CompactReport::default();
     lake.refresh()?;
-    let mut by_dir: BTreeMap<String, Vec<AddedFile>> = BTreeMap::new();
-    for f in lake.files() {
+    let mut by_dir: BTreeMap<String, Vec<LiveFile>> = BTreeMap::new();
+    for f in lake.files()? {
         let Some((dir, _)) = f.path.rsplit_once('/') else { continue };
         if dir.starts_with(REWARDS_DIR)
             && f.bytes < opts.target_bytes
             && hour_end(dir).is_some_and(|end| end <= opts.closed_before_ms)
         {
-            by_dir.entry(dir.to_string()).or_default().push(f.clone());
+            by_dir.entry(dir.to_string()).or_default().push(f);
         }
     }
     for (dir, files) in by_dir {
-        let mut chunk: Vec<AddedFile> = Vec::new();
+        let mut chunk: Vec<LiveFile> = Vec::new();
         let mut chunks = Vec::new();
         for f in files {
             if !chunk.is_empty() && chunk.iter().map(|c| c.bytes).sum::<u64>() + f.bytes > opts.target_bytes {
@@ -148,14 +151,16 @@ pub fn compact(lake: &mut Lake, opts: &CompactOptions) -> Result<CompactReport, 
                 }
             };
             let rows = merged.rows;
-            let removed: Vec<String> = chunk.iter().map(|f| f.path.clone()).collect();
-            lake.commit_replace(vec![merged], removed, flywheel_core::now_millis(), &opts.writer)?;
-            report.files_in += chunk.len();
+            let files_in = chunk.len();
+            lake.commit_replace(vec![merged], chunk, flywheel_core::now_millis(), &opts.writer)?;
+            report.files_in += files_in;
             report.files_out += 1;
             report.rows += rows;
         }
     }
-    report.vacuumed += lake.vacuum()?;
+    if let Some(retention) = opts.vacuum_retention {
+        report.vacuumed = lake.vacuum(retention)?.deleted;
+    }
     Ok(report)
 }
 

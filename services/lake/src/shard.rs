@@ -16,8 +16,8 @@ use flywheel_core::codec::{Codec, HEADER_LEN, MAGIC, RecordKind};
 use flywheel_core::records::{OffsetRange, ShardManifest, ShardStats, ShardVersionStats};
 
 use crate::LakeError;
-use crate::lake::{NewFile, Rejected, file_name, partition_dir, source_key, validate_partition_value};
-use crate::parquet_shard::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
+use crate::table::{NewFile, Rejected, file_name, partition_dir, source_key, validate_partition_value};
+use crate::parquet::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
 
 /// Raw records of one source partition waiting for the next commit, kept
 /// as their bytes (one allocation per buffer, not per record).
@@ -327,7 +327,7 @@ fn encode_file(
     version: &str,
 ) -> Result<PreparedFile, LakeError> {
     let offsets = batch
-        .column_by_name(crate::parquet_shard::SOURCE_OFFSET_COLUMN)
+        .column_by_name(crate::parquet::SOURCE_OFFSET_COLUMN)
         .and_then(|c| c.as_primitive_opt::<arrow_array::types::Int64Type>())
         .ok_or_else(|| LakeError::Config("source offset column missing".into()))?;
     let first = (0..offsets.len()).map(|i| offsets.value(i)).min().unwrap_or_default();
@@ -337,6 +337,7 @@ fn encode_file(
     let path = format!("{}/{name}", dir.to_string_lossy().replace('\\', "/"));
     let (stats, versions, min_time, max_time) = shard_stats(&batch)?;
     let rows = batch.num_rows() as u64;
+    let columns = batch.schema();
     let mut bytes = Vec::new();
     write_parquet(std::slice::from_ref(&batch), ctx.settings, &mut bytes)?;
     let manifest = ShardManifest {
@@ -361,7 +362,8 @@ fn encode_file(
         commit_seq: -1,
         committed_at: 0,
     };
-    let file = NewFile { path, rows, bytes, sources: [(source_key(ctx.topic, ctx.partition), (first, last))].into() };
+    let sources = [(source_key(ctx.topic, ctx.partition), (first, last))].into();
+    let file = NewFile { path, rows, bytes, sources, columns };
     Ok(PreparedFile { file, manifest })
 }
 
@@ -454,7 +456,7 @@ pub fn ids_in_file(bytes: Vec<u8>, partition: i32) -> Result<Vec<(i64, u128)>, L
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
         .map_err(LakeError::parquet("opening a lake file"))?;
     let names =
-        ["reward_id", crate::parquet_shard::SOURCE_PARTITION_COLUMN, crate::parquet_shard::SOURCE_OFFSET_COLUMN];
+        ["reward_id", crate::parquet::SOURCE_PARTITION_COLUMN, crate::parquet::SOURCE_OFFSET_COLUMN];
     let mask = ProjectionMask::columns(builder.parquet_schema(), names);
     let reader = builder.with_projection(mask).build().map_err(LakeError::parquet("reading a lake file"))?;
     let mut out = Vec::new();

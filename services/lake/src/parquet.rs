@@ -49,7 +49,7 @@ impl ParquetSettings {
             .set_compression(Compression::ZSTD(level))
             .set_dictionary_enabled(true)
             .set_statistics_enabled(EnabledStatistics::Page)
-            .set_max_row_group_size(self.row_group_rows.max(1))
+            .set_max_row_group_row_count(Some(self.row_group_rows.max(1)))
             .set_created_by(format!("flywheel-lake-writer {}", env!("CARGO_PKG_VERSION")))
             .build())
     }
@@ -75,6 +75,11 @@ pub struct RewardSchemas {
 }
 
 impl RewardSchemas {
+    /// The columns of lake files of these schemas.
+    pub fn file_schema(&self) -> Result<Schema, LakeError> {
+        Ok(RewardBatcher::with_schemas(self, 1)?.file_schema())
+    }
+
     /// Every released reward schema, read as the current one.
     pub fn released() -> Result<RewardSchemas, LakeError> {
         Ok(RewardSchemas {
@@ -117,6 +122,11 @@ impl RewardBatcher {
         })
     }
 
+    /// The columns of the batches (and files) this batcher makes.
+    pub fn file_schema(&self) -> Schema {
+        extend(self.decoder.schema().as_ref())
+    }
+
     /// Rows held.
     pub fn len(&self) -> usize {
         self.offsets.len()
@@ -137,12 +147,9 @@ impl RewardBatcher {
         if self.is_full() {
             return Err(LakeError::Config(format!("batch of {} rows is full", self.batch_rows)));
         }
-        let consumed = self.decoder.decode(bytes).map_err(LakeError::arrow("decoding a reward"))?;
+        let consumed = self.decoder.decode(bytes).map_err(LakeError::avro("decoding a reward"))?;
         if consumed != bytes.len() {
-            return Err(LakeError::Arrow {
-                context: "decoding a reward".into(),
-                detail: format!("{} of {} bytes consumed", consumed, bytes.len()),
-            });
+            return Err(LakeError::Integrity(format!("decoding a reward: {consumed} of {} bytes consumed", bytes.len())));
         }
         self.partitions.push(partition);
         self.offsets.push(offset);
@@ -155,12 +162,9 @@ impl RewardBatcher {
         if self.offsets.len() + offsets.len() > self.batch_rows {
             return Err(LakeError::Config(format!("batch of {} rows is full", self.batch_rows)));
         }
-        let consumed = self.decoder.decode(bytes).map_err(LakeError::arrow("decoding rewards"))?;
+        let consumed = self.decoder.decode(bytes).map_err(LakeError::avro("decoding rewards"))?;
         if consumed != bytes.len() {
-            return Err(LakeError::Arrow {
-                context: "decoding rewards".into(),
-                detail: format!("{} of {} bytes consumed", consumed, bytes.len()),
-            });
+            return Err(LakeError::Integrity(format!("decoding rewards: {consumed} of {} bytes consumed", bytes.len())));
         }
         self.partitions.extend(std::iter::repeat_n(partition, offsets.len()));
         self.offsets.extend_from_slice(offsets);
@@ -170,7 +174,7 @@ impl RewardBatcher {
     /// The rows so far as one batch (with the source columns), leaving the
     /// batcher empty.
     pub fn take(&mut self) -> Result<Option<RecordBatch>, LakeError> {
-        let Some(batch) = self.decoder.flush().map_err(LakeError::arrow("finishing a reward batch"))? else {
+        let Some(batch) = self.decoder.flush().map_err(LakeError::avro("finishing a reward batch"))? else {
             return Ok(None);
         };
         let partitions = Int32Array::from(std::mem::take(&mut self.partitions));

@@ -1,17 +1,21 @@
 //! Where the lake's bytes live: a local directory (the default) or any
-//! object store of the `object_store` crate. The commit protocol in
-//! [`crate::lake`] needs only what both offer:
+//! object store of the `object_store` crate (S3, GCS, Azure, memory). Data
+//! files and the publisher's progress go through [`Storage`]:
 //!
 //! - `put`: an object appears whole or not at all (a partial file is never
 //!   visible under its final name);
 //! - `put_new`: the same, but fails with [`LakeError::Exists`] when the name is
-//!   taken: two writers can never both create one commit entry or data file;
+//!   taken;
 //! - `get`, `list`, `delete`.
 //!
+//! The Delta log goes through the same store's `object_store` view
+//! ([`Storage::object_store`]): commits are conditional creates
+//! (`If-None-Match: *` on S3), so two writers can never both take a version.
+//!
 //! The local store writes under `<root>/_flywheel_tmp`, fsyncs, then renames
-//! (or hard-links, for `put_new`) into place and fsyncs the directory, so an
-//! acknowledged commit survives power loss. Object stores make puts atomic
-//! themselves; `put_new` uses their conditional create (`If-None-Match`).
+//! (or hard-links, for `put_new`) into place and fsyncs the directory, so a
+//! file is durable before a commit names it. Object stores make puts atomic
+//! themselves.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -45,6 +49,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Removes temporary files whose name starts with `prefix`: leftovers of
     /// a writer killed mid-put. Object stores have none.
     fn discard_temp(&self, prefix: &str) -> Result<(), LakeError>;
+    /// The same bytes as an `object_store` rooted at the store's root (the
+    /// file system's `/`, a bucket), and the URL of the lake root in it: what
+    /// the Delta library opens the table with.
+    fn object_store(&self) -> Result<(Arc<dyn ObjectStore>, url::Url), LakeError>;
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LakeError {
@@ -176,6 +184,12 @@ impl Storage for LocalStore {
         }
     }
 
+    fn object_store(&self) -> Result<(Arc<dyn ObjectStore>, url::Url), LakeError> {
+        let url = url::Url::from_directory_path(&self.root)
+            .map_err(|()| LakeError::Config(format!("{} is not an absolute path", self.root.display())))?;
+        Ok((Arc::new(object_store::local::LocalFileSystem::new()), url))
+    }
+
     fn discard_temp(&self, prefix: &str) -> Result<(), LakeError> {
         for e in std::fs::read_dir(self.root.join(TMP_DIR)).map_err(io("listing temp files"))?.flatten() {
             if e.file_name().to_string_lossy().starts_with(prefix) {
@@ -283,12 +297,20 @@ impl Storage for ObjectStorage {
     fn discard_temp(&self, _prefix: &str) -> Result<(), LakeError> {
         Ok(())
     }
+
+    fn object_store(&self) -> Result<(Arc<dyn ObjectStore>, url::Url), LakeError> {
+        let mut root = url::Url::parse(&self.url)
+            .map_err(|e| LakeError::Config(format!("lake root '{}': {e}", self.url)))?;
+        root.set_path(&format!("/{}/", self.prefix.as_ref().trim_matches('/')).replace("//", "/"));
+        Ok((self.store.clone(), root))
+    }
 }
 
 /// Opens the storage a `--lake-root` names: a directory path or `file://`
 /// URL (local store with fsync), `memory://` (in-process object store, for
-/// tests and trials), or `s3://`, `gs://`, `az://` when built with the
-/// matching cargo feature (credentials from the usual environment variables).
+/// tests and trials), or `s3://`, `gs://`, `az://` (credentials, endpoint and
+/// options from the usual environment variables: `AWS_ACCESS_KEY_ID`,
+/// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
 pub fn open_storage(root: &str, runtime: tokio::runtime::Handle) -> Result<Arc<dyn Storage>, LakeError> {
     let Some((scheme, _)) = root.split_once("://") else {
         return Ok(Arc::new(LocalStore::open(Path::new(root))?));
@@ -306,9 +328,7 @@ pub fn open_storage(root: &str, runtime: tokio::runtime::Handle) -> Result<Arc<d
     let env: Vec<(String, String)> = std::env::vars().collect();
     match object_store::parse_url_opts(&url, env) {
         Ok((store, prefix)) => Ok(Arc::new(ObjectStorage::new(Arc::from(store), prefix.as_ref(), root, runtime))),
-        Err(e) => Err(LakeError::Config(format!(
-            "lake root '{root}': {e} (object stores need the lake writer built with --features s3, gcs or azure)"
-        ))),
+        Err(e) => Err(LakeError::Config(format!("lake root '{root}': {e}"))),
     }
 }
 
@@ -343,9 +363,5 @@ mod tests {
             Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
         exercise(&ObjectStorage::new(fs, "via-object-store", "file:///x", runtime.handle().clone()));
         assert!(dir.path().join("via-object-store/a/b/one.json").exists());
-        let err = open_storage("s3://bucket/lake", runtime.handle().clone()).err().map(|e| e.to_string());
-        if cfg!(not(feature = "s3")) {
-            assert!(err.unwrap().contains("--features s3"));
-        }
     }
 }

@@ -1,0 +1,923 @@
+//! The reward table: a Delta Lake table at `<lake root>/rewards`, its Hive
+//! layout, validated partition values, and the commits that make files
+//! visible atomically and exactly once, over any [`Storage`].
+//!
+//! Layout under the lake root:
+//! - `rewards/_delta_log/`: the Delta log (JSON commits, Parquet
+//!   checkpoints). It, not a directory scan, says which files are in the
+//!   table: read it with DuckDB `delta_scan`, Spark, Trino, polars or Python
+//!   `deltalake`;
+//! - `rewards/tenant=<t>/date=YYYY-MM-DD/hour=HH/<topic>-<partition>-<first>-<last>.parquet`:
+//!   data files, named from the source offsets of their rows; the table is
+//!   partitioned by `tenant` (string), `date` (date) and `hour` (integer);
+//! - `_flywheel_state/`: the manifest publisher's progress; `_flywheel_tmp/`:
+//!   the local store's temp files (both outside the table).
+//!
+//! A commit of source partition `p` carries a Delta `txn` action whose
+//! application id names `p` and whose version is the last offset covered;
+//! its `commitInfo` carries what the lake writer publishes afterwards (file
+//! hashes, offset ranges, rejected records). Before committing, the writer
+//! re-reads the table and refuses if another writer moved `p` on; a writer
+//! racing it on the same id loses in Delta's conflict check. A crash before
+//! the commit leaves complete files no commit names: no reader sees them,
+//! the next commit of the same range replaces them, and vacuum deletes
+//! what is left once it is older than the retention period.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Once};
+
+use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
+use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
+use deltalake_core::kernel::{Action, Add, DataType as DeltaType, MetadataExt as _, Remove, StructField, StructType, Transaction};
+use deltalake_core::logstore::{LogStore, LogStoreFactory, LogStoreRef, ObjectStoreRef, StorageConfig};
+use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use deltalake_core::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::TryStreamExt as _;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::LakeError;
+use crate::store::Storage;
+
+/// Directory of the reward table under the lake root.
+pub const REWARDS_DIR: &str = "rewards";
+/// Directory of the publisher's progress under the lake root.
+pub const STATE_DIR: &str = "_flywheel_state";
+/// The table's partition columns, in path order.
+pub const PARTITION_COLUMNS: [&str; 3] = ["tenant", "date", "hour"];
+/// Longest accepted partition value.
+pub const MAX_PARTITION_VALUE_LEN: usize = 64;
+/// Key of the lake's own record in each Delta `commitInfo`.
+const COMMIT_INFO_KEY: &str = "flywheel";
+
+/// Checks a value taken from data before it becomes a path component:
+/// `[a-z0-9_-]`, 1 to 64 characters. Nothing else can name a directory, so no
+/// event can build a path outside the lake root.
+pub fn validate_partition_value(name: &str, value: &str) -> Result<(), LakeError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_PARTITION_VALUE_LEN
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LakeError::InvalidPartitionValue { name: name.to_string(), value: value.chars().take(80).collect() })
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
+/// calendar (the civil-from-days algorithm of H. Hinnant).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The Hive partition directory (relative to the lake root) of a reward of
+/// `tenant` shown at `shown_time` (ms since epoch, UTC).
+pub fn partition_dir(tenant: &str, shown_time: i64) -> Result<PathBuf, LakeError> {
+    validate_partition_value("tenant", tenant)?;
+    let hours = shown_time.div_euclid(3_600_000);
+    let (y, m, d) = civil_from_days(hours.div_euclid(24));
+    let hour = hours.rem_euclid(24);
+    Ok(PathBuf::from(REWARDS_DIR)
+        .join(format!("tenant={tenant}"))
+        .join(format!("date={y:04}-{m:02}-{d:02}"))
+        .join(format!("hour={hour:02}")))
+}
+
+/// The Delta partition values of a file at `path` (relative to the lake
+/// root), read from its Hive directories: the values are exactly the ones
+/// the path was built from.
+pub fn partition_values(path: &str) -> Result<HashMap<String, Option<String>>, LakeError> {
+    let mut values = HashMap::new();
+    for part in path.split('/') {
+        if let Some((k, v)) = part.split_once('=')
+            && PARTITION_COLUMNS.contains(&k)
+        {
+            // Delta spells integers without padding: `hour=07` is 7.
+            let v = if k == "hour" { v.trim_start_matches('0').to_string() } else { v.to_string() };
+            values.insert(k.to_string(), Some(if v.is_empty() { "0".to_string() } else { v }));
+        }
+    }
+    if values.len() != PARTITION_COLUMNS.len() {
+        return Err(LakeError::Integrity(format!("{path} is not under tenant=/date=/hour= directories")));
+    }
+    Ok(values)
+}
+
+/// The deterministic file name of the rows of `topic`/`partition` in
+/// `[first, last]`.
+pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> Result<String, LakeError> {
+    Ok(format!("{}{first:020}-{last:020}.parquet", file_prefix(topic, partition)?))
+}
+
+/// The prefix of every file name (data and temp) of a source partition.
+pub fn file_prefix(topic: &str, partition: i32) -> Result<String, LakeError> {
+    let safe = topic.replace('.', "_");
+    validate_partition_value("source topic", &safe)?;
+    Ok(format!("{safe}-{partition}-"))
+}
+
+/// The key of a source partition in commit records: `topic/partition`.
+pub fn source_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// The Delta application id under which a source partition's offset is kept
+/// (`txn.appId`); the topic name carries the deployment's topic prefix.
+pub fn app_id(topic: &str, partition: i32) -> String {
+    format!("flywheel-lake-writer:{topic}:{partition}")
+}
+
+/// One file added by a commit, as the commit records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedFile {
+    /// Path relative to the lake root (`/`-separated).
+    pub path: String,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// Per source `topic/partition`: the lowest and highest offset of its
+    /// rows in this file.
+    #[serde(default)]
+    pub sources: BTreeMap<String, (i64, i64)>,
+}
+
+/// A file of the table's current snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveFile {
+    /// Path relative to the lake root (`/`-separated).
+    pub path: String,
+    /// Rows (from the file's Delta statistics).
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// A record the writer rejected; published to the dead-letter topic after
+/// the commit that covers its offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Machine-readable reason.
+    pub reason_code: String,
+    /// What is wrong.
+    pub reason: String,
+    /// Original key.
+    #[serde(default)]
+    pub key: Option<Vec<u8>>,
+    /// Original value.
+    #[serde(default)]
+    pub value: Option<Vec<u8>>,
+}
+
+/// What the lake records of one Delta commit (in its `commitInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// The Delta table version.
+    #[serde(skip)]
+    pub seq: u64,
+    /// Files made visible.
+    pub added: Vec<AddedFile>,
+    /// Files removed (compaction).
+    #[serde(default)]
+    pub removed: Vec<String>,
+    /// Per source `topic/partition`: the inclusive offset range this commit
+    /// covers (rows written, replays dropped and records rejected). The next
+    /// commit of that partition starts right after it.
+    pub offsets: BTreeMap<String, (i64, i64)>,
+    /// Records rejected in those ranges.
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+    /// Wall-clock time of the commit (ms), for operators only.
+    pub committed_at: i64,
+    /// Who wrote it (`host/pid` or a tool name), for operators only.
+    #[serde(default)]
+    pub writer: String,
+}
+
+/// A file to add in a commit.
+#[derive(Debug)]
+pub struct NewFile {
+    /// Path relative to the lake root.
+    pub path: String,
+    /// Rows.
+    pub rows: u64,
+    /// Content.
+    pub bytes: Vec<u8>,
+    /// Source offset ranges of its rows.
+    pub sources: BTreeMap<String, (i64, i64)>,
+    /// Its columns (a newer reward schema adds columns to the table).
+    pub columns: arrow_schema::SchemaRef,
+}
+
+impl NewFile {
+    fn added(&self) -> AddedFile {
+        AddedFile {
+            path: self.path.clone(),
+            rows: self.rows,
+            bytes: self.bytes.len() as u64,
+            sha256: flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&self.bytes)),
+            sources: self.sources.clone(),
+        }
+    }
+}
+
+/// What one source partition commits.
+#[derive(Debug)]
+pub struct PartitionCommit<'a> {
+    /// Source topic.
+    pub topic: &'a str,
+    /// Source partition.
+    pub partition: i32,
+    /// The partition's last committed offset when this writer started
+    /// reading it.
+    pub previous: Option<i64>,
+    /// Inclusive offset range covered: rows written, replays dropped and
+    /// records rejected.
+    pub range: (i64, i64),
+    /// Files to add.
+    pub files: Vec<NewFile>,
+    /// Records rejected in the range.
+    pub rejected: Vec<Rejected>,
+    /// Wall-clock time (ms).
+    pub committed_at: i64,
+}
+
+/// What a vacuum did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VacuumReport {
+    /// Files deleted: removed by compaction, or never committed (a crashed
+    /// writer's), and older than the retention period.
+    pub deleted: usize,
+}
+
+/// Object stores beyond local disk and memory get Delta's default log
+/// store, which commits with a conditional create (`If-None-Match: *` on
+/// S3): safe for concurrent writers on stores that honour it.
+#[derive(Debug)]
+struct ConditionalPutLogStores;
+
+impl LogStoreFactory for ConditionalPutLogStores {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> deltalake_core::DeltaResult<Arc<dyn LogStore>> {
+        Ok(deltalake_core::logstore::default_logstore(prefixed_store, root_store, location, options))
+    }
+}
+
+fn register_log_stores() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let factories = deltalake_core::logstore::logstore_factories();
+        for scheme in ["s3://", "s3a://", "gs://", "az://", "abfss://"] {
+            if let Ok(url) = Url::parse(scheme) {
+                factories.insert(url, Arc::new(ConditionalPutLogStores));
+            }
+        }
+    });
+}
+
+/// The table's columns for files of `schema`: Delta has no dictionary or
+/// millisecond types, so enums read as strings and timestamps as
+/// microseconds (every Delta reader casts the files' own types to these).
+fn delta_arrow_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Dictionary(_, value) => delta_arrow_type(value),
+        DataType::Timestamp(_, tz) => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some(tz.as_ref().map_or("UTC".into(), |_| "UTC".into())))
+        }
+        DataType::Struct(fields) => DataType::Struct(delta_fields(fields)),
+        DataType::List(item) => DataType::List(Arc::new(delta_field(item))),
+        other => other.clone(),
+    }
+}
+
+fn delta_field(f: &Field) -> Field {
+    Field::new(f.name(), delta_arrow_type(f.data_type()), f.is_nullable())
+}
+
+fn delta_fields(fields: &Fields) -> Fields {
+    fields.iter().map(|f| delta_field(f)).collect()
+}
+
+/// The Delta schema of the table whose files have `file_schema`: the file
+/// columns (the Hive `tenant` one included) plus the `date` and `hour`
+/// partition columns.
+pub fn table_schema(file_schema: &Schema) -> Result<StructType, LakeError> {
+    let arrow = Schema::new(delta_fields(file_schema.fields()));
+    let mut schema: StructType = (&arrow)
+        .try_into_kernel()
+        .map_err(|e| LakeError::Config(format!("the reward columns have no Delta equivalent: {e}")))?;
+    let mut fields: Vec<StructField> = schema.fields().cloned().collect();
+    for (name, t) in [("date", DeltaType::DATE), ("hour", DeltaType::INTEGER)] {
+        if !fields.iter().any(|f| f.name() == name) {
+            fields.push(StructField::new(name, t, true));
+        }
+    }
+    schema = StructType::try_new(fields).map_err(|e| LakeError::Config(format!("table schema: {e}")))?;
+    Ok(schema)
+}
+
+/// The columns of `wanted` the table lacks, appended to the table's schema
+/// (columns are only ever added, so this is the newer schema); `None` when
+/// nothing is new.
+fn evolved(current: &StructType, wanted: &StructType) -> Result<Option<StructType>, LakeError> {
+    let new: Vec<StructField> = wanted.fields().filter(|f| current.field(f.name()).is_none()).cloned().collect();
+    if new.is_empty() {
+        return Ok(None);
+    }
+    let fields: Vec<StructField> =
+        current.fields().cloned().chain(new.into_iter().map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true))).collect();
+    StructType::try_new(fields).map(Some).map_err(|e| LakeError::Config(format!("evolving the table schema: {e}")))
+}
+
+/// The reward table with its latest loaded snapshot.
+pub struct Lake {
+    storage: Arc<dyn Storage>,
+    table: DeltaTable,
+    runtime: tokio::runtime::Handle,
+    writer: String,
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lake").field("url", &self.storage.url()).field("version", &self.table.version()).finish()
+    }
+}
+
+fn is_conflict(e: &DeltaTableError) -> Option<&CommitConflictError> {
+    match e {
+        DeltaTableError::Transaction { source: TransactionError::CommitConflict(c) } => Some(c),
+        _ => None,
+    }
+}
+
+impl Lake {
+    /// Opens the lake on `storage`, creating the table (with the schema of
+    /// files of `file_schema`) if there is none. Calls block on `runtime`:
+    /// use the lake from blocking threads.
+    pub fn create_or_open(
+        storage: Arc<dyn Storage>,
+        runtime: tokio::runtime::Handle,
+        file_schema: &Schema,
+    ) -> Result<Lake, LakeError> {
+        let mut lake = Lake::build(storage, runtime)?;
+        if lake.block_on(lake.table.log_store().is_delta_table_location()).map_err(LakeError::delta("probing"))? {
+            lake.refresh()?;
+            return Ok(lake);
+        }
+        let schema = table_schema(file_schema)?;
+        let create = deltalake_core::operations::create::CreateBuilder::new()
+            .with_log_store(lake.table.log_store())
+            .with_columns(schema.fields().cloned())
+            .with_partition_columns(PARTITION_COLUMNS)
+            .with_table_name(REWARDS_DIR)
+            .with_comment("Flywheel rewards: one row per scored suggestion, written exactly once from Kafka")
+            .with_save_mode(SaveMode::Ignore);
+        match lake.block_on(create.into_future()) {
+            Ok(table) => lake.table = table,
+            // Another writer created it first.
+            Err(DeltaTableError::VersionAlreadyExists(_)) => lake.refresh()?,
+            Err(e) => return Err(LakeError::delta("creating")(e)),
+        }
+        Ok(lake)
+    }
+
+    /// Opens an existing lake (tools, readers); fails if there is no table.
+    pub fn open(storage: Arc<dyn Storage>, runtime: tokio::runtime::Handle) -> Result<Lake, LakeError> {
+        let mut lake = Lake::build(storage, runtime)?;
+        lake.refresh()?;
+        Ok(lake)
+    }
+
+    /// Opens the table as of `version` (time travel: a train request reads
+    /// the snapshot its trigger saw, even after compaction).
+    pub fn open_at(storage: Arc<dyn Storage>, runtime: tokio::runtime::Handle, version: u64) -> Result<Lake, LakeError> {
+        let mut lake = Lake::build(storage, runtime)?;
+        let runtime = lake.runtime.clone();
+        runtime
+            .block_on(lake.table.load_version(version))
+            .map_err(LakeError::delta(format!("loading version {version}")))?;
+        Ok(lake)
+    }
+
+    fn build(storage: Arc<dyn Storage>, runtime: tokio::runtime::Handle) -> Result<Lake, LakeError> {
+        register_log_stores();
+        let (store, root) = storage.object_store()?;
+        let location = root
+            .join(&format!("{REWARDS_DIR}/"))
+            .map_err(|e| LakeError::Config(format!("table location under {root}: {e}")))?;
+        let table = DeltaTableBuilder::from_url(location.clone())
+            .map_err(LakeError::delta(format!("at {location}")))?
+            .with_storage_backend(store, location.clone())
+            .build()
+            .map_err(LakeError::delta(format!("at {location}")))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        Ok(Lake { storage, table, runtime, writer: format!("{host}/{}", std::process::id()) })
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// Reads commits made since the last read (by any writer).
+    pub fn refresh(&mut self) -> Result<(), LakeError> {
+        let runtime = self.runtime.clone();
+        runtime.block_on(self.table.update_state()).map_err(LakeError::delta("reading the log"))
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The loaded table version.
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    /// The table's URL (what `delta_scan` and `deltalake` open).
+    pub fn table_url(&self) -> String {
+        self.table.table_url().to_string()
+    }
+
+    /// The table's data files in the loaded snapshot, by path.
+    pub fn files(&self) -> Result<Vec<LiveFile>, LakeError> {
+        let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
+        let log_store = self.table.log_store();
+        let views: Vec<_> = self
+            .block_on(snapshot.snapshot().file_views(log_store.as_ref(), None).try_collect::<Vec<_>>())
+            .map_err(LakeError::delta("listing files"))?;
+        let mut out: Vec<LiveFile> = views
+            .iter()
+            .map(|v| LiveFile {
+                path: format!("{REWARDS_DIR}/{}", v.path()),
+                rows: v.num_records().unwrap_or_default() as u64,
+                bytes: v.size().max(0) as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Whether `path` is a data file of the loaded snapshot.
+    pub fn is_live(&self, path: &str) -> Result<bool, LakeError> {
+        Ok(self.files()?.iter().any(|f| f.path == path))
+    }
+
+    /// The last committed offset of one source partition.
+    pub fn committed_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, LakeError> {
+        let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
+        let log_store = self.table.log_store();
+        self.block_on(snapshot.transaction_version(log_store.as_ref(), app_id(topic, partition)))
+            .map_err(LakeError::delta("reading a txn version"))
+    }
+
+    /// The lake's record of commit `version`; `None` for commits it did not
+    /// write (or whose JSON entry log cleanup removed).
+    pub fn commit(&self, version: u64) -> Result<Option<Commit>, LakeError> {
+        let log_store = self.table.log_store();
+        let v = version;
+        let Some(bytes) =
+            self.block_on(log_store.read_commit_entry(v)).map_err(LakeError::delta(format!("reading commit {v}")))?
+        else {
+            return Ok(None);
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let action: serde_json::Value = serde_json::from_slice(line)
+                .map_err(|e| LakeError::Integrity(format!("commit {v} is not JSON lines: {e}")))?;
+            if let Some(ours) = action.get("commitInfo").and_then(|c| c.get(COMMIT_INFO_KEY)) {
+                let mut commit: Commit = serde_json::from_value(ours.clone())
+                    .map_err(|e| LakeError::Integrity(format!("commit {v}: the lake's record: {e}")))?;
+                commit.seq = version;
+                return Ok(Some(commit));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The lake's commits after `after` (exclusive; all when `None`) up to
+    /// the loaded version that cover source partition `key`, oldest first.
+    pub fn commits_of(&self, key: &str, after: Option<u64>) -> Result<Vec<Commit>, LakeError> {
+        let Some(latest) = self.version() else { return Ok(Vec::new()) };
+        let first = after.map_or(0, |a| a + 1);
+        let mut out = Vec::new();
+        for v in first..=latest {
+            if let Some(c) = self.commit(v)?
+                && c.offsets.contains_key(key)
+            {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates `files`, replacing an uncommitted leftover of the same name.
+    fn create_files(&mut self, files: &[NewFile]) -> Result<(), LakeError> {
+        for f in files {
+            match self.storage.put_new(&f.path, &f.bytes) {
+                Ok(()) => {}
+                Err(LakeError::Exists(_)) => {
+                    self.refresh()?;
+                    if self.is_live(&f.path)? {
+                        return Err(LakeError::Conflict(format!("{} is already committed", f.path)));
+                    }
+                    self.storage.put(&f.path, &f.bytes)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn add_action(f: &NewFile, added: &AddedFile, data_change: bool) -> Result<Action, LakeError> {
+        let path = f
+            .path
+            .strip_prefix(&format!("{REWARDS_DIR}/"))
+            .ok_or_else(|| LakeError::Config(format!("{} is outside the table", f.path)))?;
+        let stats = serde_json::json!({ "numRecords": f.rows }).to_string();
+        Ok(Action::Add(Add {
+            path: path.to_string(),
+            partition_values: partition_values(&f.path)?,
+            size: added.bytes as i64,
+            modification_time: flywheel_core::now_millis(),
+            data_change,
+            stats: Some(stats),
+            tags: Some([("sha256".to_string(), Some(added.sha256.clone()))].into()),
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        }))
+    }
+
+    /// A metadata action adding the columns of `files` the table lacks.
+    fn schema_change(&self, files: &[NewFile]) -> Result<Option<Action>, LakeError> {
+        let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
+        let current = snapshot.schema();
+        let mut wanted: Option<StructType> = None;
+        for f in files {
+            let schema = table_schema(&f.columns)?;
+            let base = wanted.as_ref().unwrap_or(current.as_ref());
+            if let Some(next) = evolved(base, &schema)? {
+                wanted = Some(next);
+            }
+        }
+        let Some(schema) = wanted else { return Ok(None) };
+        let metadata = snapshot
+            .metadata()
+            .clone()
+            .with_schema(&schema)
+            .map_err(|e| LakeError::Config(format!("evolving the table schema: {e}")))?;
+        tracing::info!(columns = schema.fields().count(), "the table schema gains columns");
+        Ok(Some(Action::Metadata(metadata)))
+    }
+
+    /// Commits `actions` with the lake's record and `txns` on the loaded
+    /// snapshot; Delta retries over commits of others that do not conflict.
+    fn commit_actions(
+        &mut self,
+        actions: Vec<Action>,
+        txns: Vec<Transaction>,
+        record: &Commit,
+        operation: DeltaOperation,
+    ) -> Result<u64, LakeError> {
+        let info = serde_json::to_value(record).map_err(|e| LakeError::Config(format!("commit record: {e}")))?;
+        let props = CommitProperties::default()
+            .with_application_transactions(txns)
+            .with_metadata([(COMMIT_INFO_KEY.to_string(), info)])
+            .with_max_retries(50);
+        let log_store: LogStoreRef = self.table.log_store();
+        let runtime = self.runtime.clone();
+        let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
+        let done = runtime.block_on(
+            CommitBuilder::from(props).with_actions(actions).build(Some(snapshot), log_store, operation).into_future(),
+        );
+        let version = match done {
+            Ok(finalized) => finalized.version,
+            Err(e) => {
+                return Err(match is_conflict(&e) {
+                    Some(c) => LakeError::Conflict(c.to_string()),
+                    None => LakeError::delta("committing")(e),
+                });
+            }
+        };
+        self.refresh()?;
+        u64::try_from(version).map_err(|_| LakeError::Integrity(format!("negative version {version}")))
+    }
+
+    /// Commits one source partition's files, offsets and rejected records
+    /// (see [`PartitionCommit`]). If the table shows another writer committed
+    /// the partition past `previous`, or one does while this commit is made,
+    /// this fails with [`LakeError::Conflict`] (the caller drops its buffer
+    /// and re-reads).
+    pub fn commit_partition(&mut self, c: PartitionCommit<'_>) -> Result<Commit, LakeError> {
+        let PartitionCommit { topic, partition, previous, range, files, rejected, committed_at } = c;
+        self.refresh()?;
+        let now = self.committed_offset(topic, partition)?;
+        if now != previous {
+            return Err(LakeError::Conflict(format!(
+                "{topic}/{partition} was committed up to {now:?} by another writer; this one read from {previous:?}"
+            )));
+        }
+        self.create_files(&files)?;
+        let mut record = Commit {
+            seq: 0,
+            added: files.iter().map(NewFile::added).collect(),
+            removed: Vec::new(),
+            offsets: [(source_key(topic, partition), range)].into(),
+            rejected,
+            committed_at,
+            writer: self.writer.clone(),
+        };
+        let mut actions = Vec::new();
+        if let Some(metadata) = self.schema_change(&files)? {
+            actions.push(metadata);
+        }
+        for (f, added) in files.iter().zip(&record.added) {
+            actions.push(Lake::add_action(f, added, true)?);
+        }
+        let txn = Transaction::new_with_last_update(app_id(topic, partition), range.1, Some(committed_at));
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: Some(PARTITION_COLUMNS.iter().map(|c| c.to_string()).collect()),
+            predicate: None,
+        };
+        record.seq = self.commit_actions(actions, vec![txn], &record, operation)?;
+        Ok(record)
+    }
+
+    /// Replaces `removed` (live files) by `added` in one commit whose actions
+    /// change no data (`dataChange = false`): readers of any snapshot see
+    /// every row exactly once. Fails with [`LakeError::Conflict`] if another
+    /// commit removed any of them.
+    pub fn commit_replace(
+        &mut self,
+        added: Vec<NewFile>,
+        removed: Vec<LiveFile>,
+        committed_at: i64,
+        writer: &str,
+    ) -> Result<Commit, LakeError> {
+        self.refresh()?;
+        let live = self.files()?;
+        if let Some(gone) = removed.iter().find(|r| !live.iter().any(|l| l.path == r.path)) {
+            return Err(LakeError::Conflict(format!("{} was removed by another commit", gone.path)));
+        }
+        self.create_files(&added)?;
+        let mut record = Commit {
+            seq: 0,
+            added: added.iter().map(NewFile::added).collect(),
+            removed: removed.iter().map(|r| r.path.clone()).collect(),
+            offsets: BTreeMap::new(),
+            rejected: Vec::new(),
+            committed_at,
+            writer: writer.to_string(),
+        };
+        let mut actions = Vec::new();
+        for (f, a) in added.iter().zip(&record.added) {
+            actions.push(Lake::add_action(f, a, false)?);
+        }
+        for r in &removed {
+            let path = r.path.strip_prefix(&format!("{REWARDS_DIR}/")).unwrap_or(&r.path);
+            actions.push(Action::Remove(Remove {
+                path: path.to_string(),
+                data_change: false,
+                deletion_timestamp: Some(flywheel_core::now_millis()),
+                extended_file_metadata: Some(true),
+                partition_values: Some(partition_values(&r.path)?),
+                size: Some(r.bytes as i64),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            }));
+        }
+        let target = added.iter().map(|f| f.bytes.len() as i64).max().unwrap_or_default();
+        let operation = DeltaOperation::Optimize { predicate: None, target_size: target };
+        record.seq = self.commit_actions(actions, Vec::new(), &record, operation)?;
+        Ok(record)
+    }
+
+    /// Deletes files no snapshot newer than `retention` needs: those removed
+    /// by compaction, and those no commit ever named (a crashed writer's),
+    /// once older than `retention`. Keep `retention` above the longest a
+    /// writer takes from creating a file to committing it (seconds) and the
+    /// longest a reader holds an old snapshot (a training job).
+    pub fn vacuum(&mut self, retention: std::time::Duration) -> Result<VacuumReport, LakeError> {
+        let hours = i64::try_from(retention.as_secs() / 3600).unwrap_or(i64::MAX);
+        let minutes = i64::try_from((retention.as_secs() % 3600) / 60).unwrap_or(0);
+        let period = chrono_duration(hours, minutes);
+        let builder = self
+            .table
+            .clone()
+            .vacuum()
+            .with_retention_period(period)
+            .with_enforce_retention_duration(false)
+            .with_mode(deltalake_core::operations::vacuum::VacuumMode::Full);
+        let runtime = self.runtime.clone();
+        let (table, metrics) =
+            runtime.block_on(builder.into_future()).map_err(LakeError::delta("vacuuming"))?;
+        self.table = table;
+        Ok(VacuumReport { deleted: metrics.files_deleted.len() })
+    }
+
+    /// Writes a checkpoint of the loaded version (Delta also writes one every
+    /// `delta.checkpointInterval` commits on its own): opening the table then
+    /// reads one Parquet file instead of every JSON commit.
+    pub fn checkpoint(&self) -> Result<(), LakeError> {
+        self.block_on(deltalake_core::checkpoints::create_checkpoint(&self.table, None))
+            .map_err(LakeError::delta("writing a checkpoint"))
+    }
+}
+
+fn chrono_duration(hours: i64, minutes: i64) -> chrono::Duration {
+    chrono::Duration::hours(hours) + chrono::Duration::minutes(minutes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parquet::RewardSchemas;
+    use crate::store::{LocalStore, open_storage};
+
+    #[test]
+    fn partition_values_cannot_escape_the_lake() {
+        for bad in ["", "../etc", "a/b", "A", "acme corp", "..", "tenant=x", "é", &"x".repeat(65), "a\0b"] {
+            assert!(validate_partition_value("tenant", bad).is_err(), "{bad:?} accepted");
+            assert!(partition_dir(bad, 0).is_err());
+        }
+        for good in ["acme", "acme-editor_2", "0", &"x".repeat(64)] {
+            validate_partition_value("tenant", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn dates_and_hours_are_utc_calendar_values() {
+        // 2026-11-23T09:00:00Z and neighbours, checked against `date -u`.
+        assert_eq!(
+            partition_dir("acme", 1_795_424_400_000).unwrap(),
+            PathBuf::from("rewards/tenant=acme/date=2026-11-23/hour=09")
+        );
+        assert_eq!(partition_dir("t", 0).unwrap(), PathBuf::from("rewards/tenant=t/date=1970-01-01/hour=00"));
+        assert_eq!(partition_dir("t", -1).unwrap(), PathBuf::from("rewards/tenant=t/date=1969-12-31/hour=23"));
+        // Leap day 2028-02-29T23:59:59.999Z.
+        assert_eq!(
+            partition_dir("t", 1_835_481_599_999).unwrap(),
+            PathBuf::from("rewards/tenant=t/date=2028-02-29/hour=23")
+        );
+        let values = partition_values("rewards/tenant=acme/date=2026-11-23/hour=09/x.parquet").unwrap();
+        assert_eq!(values["hour"].as_deref(), Some("9"));
+        assert_eq!(values["date"].as_deref(), Some("2026-11-23"));
+        assert_eq!(partition_values("rewards/tenant=t/date=1970-01-01/hour=00/x").unwrap()["hour"].as_deref(), Some("0"));
+        assert!(partition_values("rewards/x.parquet").is_err());
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    fn open(storage: &Arc<dyn Storage>, rt: &tokio::runtime::Runtime) -> Lake {
+        let schema = RewardSchemas::released().unwrap().file_schema().unwrap();
+        Lake::create_or_open(storage.clone(), rt.handle().clone(), &schema).unwrap()
+    }
+
+    fn pc(
+        partition: i32,
+        previous: Option<i64>,
+        range: (i64, i64),
+        files: Vec<NewFile>,
+        committed_at: i64,
+    ) -> PartitionCommit<'static> {
+        PartitionCommit { topic: "rewards", partition, previous, range, files, rejected: Vec::new(), committed_at }
+    }
+
+    fn new_file(first: i64, last: i64, content: &[u8]) -> NewFile {
+        let dir = partition_dir("acme", 0).unwrap();
+        NewFile {
+            columns: Arc::new(RewardSchemas::released().unwrap().file_schema().unwrap()),
+            path: format!("{}/{}", dir.display(), file_name("rewards", 1, first, last).unwrap()),
+            rows: (last - first + 1) as u64,
+            bytes: content.to_vec(),
+            sources: [(source_key("rewards", 1), (first, last))].into(),
+        }
+    }
+
+    /// Commits offsets 0-9 of rewards/1, then leaves what a crash mid-commit
+    /// of 10-19 leaves: a created file no commit names.
+    fn commit_then_crash_mid_commit(storage: &Arc<dyn Storage>, rt: &tokio::runtime::Runtime) -> (String, NewFile) {
+        let mut lake = open(storage, rt);
+        let kept = new_file(0, 9, b"ten rows");
+        let kept_path = kept.path.clone();
+        let rejected = Rejected {
+            topic: "rewards".into(),
+            partition: 1,
+            offset: 3,
+            reason_code: "bad".into(),
+            reason: "test".into(),
+            key: None,
+            value: Some(vec![1, 2]),
+        };
+        let mut c = pc(1, None, (0, 9), vec![kept], 1);
+        c.rejected.push(rejected.clone());
+        let commit = lake.commit_partition(c).unwrap();
+        assert_eq!(lake.commit(commit.seq).unwrap().as_ref(), Some(&commit), "the record reads back");
+        assert_eq!(commit.rejected, vec![rejected]);
+        let ghost = new_file(10, 19, b"x");
+        storage.put_new(&ghost.path, &ghost.bytes).unwrap();
+        (kept_path, ghost)
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_a_crashed_commit_is_invisible_then_replaced() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let (kept_path, ghost) = commit_then_crash_mid_commit(&storage, &rt);
+
+        let mut lake = Lake::open(storage.clone(), rt.handle().clone()).unwrap();
+        assert_eq!(lake.committed_offset("rewards", 1).unwrap(), Some(9));
+        assert_eq!(lake.committed_offset("rewards", 2).unwrap(), None);
+        let files = lake.files().unwrap();
+        assert_eq!(files, vec![LiveFile { path: kept_path.clone(), rows: 10, bytes: 8 }]);
+        assert!(dir.path().join(&ghost.path).exists(), "the leftover is on disk but in no snapshot");
+        // The same range again commits cleanly over the leftover of the same name.
+        let c = lake.commit_partition(pc(1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], 2)).unwrap();
+        assert_eq!(storage.get(&ghost.path).unwrap().as_deref(), Some(&b"y"[..]));
+        assert_eq!(lake.committed_offset("rewards", 1).unwrap(), Some(19));
+        assert_eq!(lake.commits_of("rewards/1", None).unwrap().len(), 2);
+        assert_eq!(lake.commits_of("rewards/1", Some(c.seq - 1)).unwrap(), vec![c]);
+        // An older snapshot still shows one file (time travel).
+        let old = Lake::open_at(storage.clone(), rt.handle().clone(), 1).unwrap();
+        assert_eq!(old.files().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_table_runs_on_an_object_store_and_a_zombie_cannot_commit() {
+        let rt = runtime();
+        let storage = open_storage("memory://", rt.handle().clone()).unwrap();
+        let (kept_path, _) = commit_then_crash_mid_commit(&storage, &rt);
+        let mut lake = Lake::open(storage.clone(), rt.handle().clone()).unwrap();
+        assert_eq!(lake.files().unwrap().iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec![kept_path.as_str()]);
+        let mut zombie = Lake::open(storage.clone(), rt.handle().clone()).unwrap();
+        lake.commit_partition(pc(1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], 2)).unwrap();
+        let err = zombie.commit_partition(pc(1, Some(9), (10, 12), Vec::new(), 3));
+        assert!(matches!(err, Err(LakeError::Conflict(_))), "{err:?}");
+        // Other partitions and the next version are fine.
+        zombie.commit_partition(pc(2, None, (0, 0), Vec::new(), 4)).unwrap();
+        lake.refresh().unwrap();
+        assert_eq!(lake.committed_offset("rewards", 1).unwrap(), Some(19));
+        assert_eq!(lake.committed_offset("rewards", 2).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn replacing_files_is_one_commit_and_vacuum_deletes_the_old_bytes_and_leftovers() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let mut lake = open(&storage, &rt);
+        let (one, two) = (new_file(0, 4, b"1"), new_file(5, 9, b"2"));
+        let old = vec![one.path.clone(), two.path.clone()];
+        lake.commit_partition(pc(1, None, (0, 9), vec![one, two], 1)).unwrap();
+        let ghost = new_file(10, 19, b"x");
+        storage.put_new(&ghost.path, &ghost.bytes).unwrap();
+        let mut merged = new_file(0, 9, b"12");
+        merged.path = merged.path.replace("rewards-1-", "compacted-");
+        let inputs = lake.files().unwrap();
+        let c = lake.commit_replace(vec![merged], inputs.clone(), 2, "test").unwrap();
+        assert_eq!(c.removed, old);
+        assert_eq!(lake.files().unwrap().len(), 1);
+        // A long retention keeps everything (older snapshots still read it).
+        assert_eq!(lake.vacuum(std::time::Duration::from_secs(7 * 24 * 3600)).unwrap().deleted, 0);
+        assert_eq!(lake.vacuum(std::time::Duration::ZERO).unwrap().deleted, 3);
+        assert!(old.iter().chain([&ghost.path]).all(|p| !dir.path().join(p).exists()));
+        assert_eq!(lake.files().unwrap().len(), 1, "the merged file stays");
+        let again = lake.commit_replace(Vec::new(), inputs, 3, "test");
+        assert!(matches!(again, Err(LakeError::Conflict(_))), "cannot remove twice");
+        lake.checkpoint().unwrap();
+        let reopened = Lake::open(storage, rt.handle().clone()).unwrap();
+        assert_eq!(reopened.files().unwrap(), lake.files().unwrap());
+        assert_eq!(reopened.committed_offset("rewards", 1).unwrap(), Some(9), "txn survives a checkpoint");
+    }
+}
