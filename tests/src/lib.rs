@@ -217,8 +217,8 @@ pub fn commit_records(
     first: i64,
     schemas: &flywheel_lake::parquet::RewardSchemas,
 ) -> Vec<flywheel_lake::table::Rejected> {
-    use flywheel_lake::table::PartitionCommit;
     use flywheel_lake::shard::{RecentIds, RowBuffer, ShardContext, prepare};
+    use flywheel_lake::table::PartitionCommit;
     let mut buf = RowBuffer::default();
     for (i, bytes) in records.iter().enumerate() {
         buf.push(Some(b"key"), Some(bytes), first + i as i64, 0);
@@ -249,10 +249,22 @@ pub fn lake_runtime() -> tokio::runtime::Handle {
 /// Opens (creating if needed) the lake in directory `root` and runs `f` on
 /// it on a plain thread, so async tests can call it too.
 pub fn with_lake<T: Send>(root: &Path, f: impl FnOnce(&mut flywheel_lake::table::Lake) -> T + Send) -> T {
+    with_lake_at(&root.display().to_string(), &[], f)
+}
+
+/// [`with_lake`] for any lake root (`s3://...` too), with object-store
+/// options (an [`S3Server::env`]).
+pub fn with_lake_at<T: Send>(
+    root: &str,
+    options: &[(String, String)],
+    f: impl FnOnce(&mut flywheel_lake::table::Lake) -> T + Send,
+) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let storage = std::sync::Arc::new(flywheel_lake::store::LocalStore::open(root).expect("lake directory"));
-            let schema = flywheel_lake::parquet::RewardSchemas::released().and_then(|s| s.file_schema()).expect("schema");
+            let storage =
+                flywheel_lake::store::open_storage_with(root, options, lake_runtime()).expect("opening the storage");
+            let schema =
+                flywheel_lake::parquet::RewardSchemas::released().and_then(|s| s.file_schema()).expect("schema");
             let mut lake =
                 flywheel_lake::table::Lake::create_or_open(storage, lake_runtime(), &schema).expect("opening the lake");
             f(&mut lake)
@@ -446,5 +458,76 @@ impl Drop for DedicatedBroker {
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A real S3-compatible server (SeaweedFS `weed mini`, from `make setup`)
+/// on free local ports with its own data directory; stopped on drop.
+#[derive(Debug)]
+pub struct S3Server {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// The bucket it serves.
+    pub bucket: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+    /// The server process (`stop` on drop ends it).
+    pub pid: u32,
+    dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// Starts a server; panics with weed's log if it is not up within 60 s.
+    pub fn start() -> S3Server {
+        let root = workspace_root();
+        let python = root.join(".venv/bin/python");
+        assert!(python.exists(), "{} is missing: run `make setup`", python.display());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new(python)
+            .arg(root.join("tests/readers/s3_server.py"))
+            .args(["start", "--dir", &dir.path().display().to_string(), "--timeout", "60"])
+            .output()
+            .expect("running the S3 server launcher");
+        assert!(out.status.success(), "the S3 server did not start: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("launcher output is JSON");
+        let field = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("launcher output lacks {k}: {v}")).to_string();
+        S3Server {
+            endpoint: field("endpoint"),
+            bucket: field("bucket"),
+            access_key: field("access_key"),
+            secret_key: field("secret_key"),
+            region: field("region"),
+            pid: v["pid"].as_u64().expect("pid") as u32,
+            dir,
+        }
+    }
+
+    /// The variables a client of this server needs (credentials, endpoint,
+    /// plain HTTP), as the lake services and the Python readers read them.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", self.access_key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.as_str()),
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_REGION", self.region.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into()
+    }
+
+    /// `s3://<bucket>/<prefix>`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(workspace_root().join(".venv/bin/python"))
+            .arg(workspace_root().join("tests/readers/s3_server.py"))
+            .args(["stop", "--dir", &self.dir.path().display().to_string()])
+            .status();
     }
 }

@@ -26,7 +26,7 @@ use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::{
-    DedicatedBroker, Reaped, TestTopics, delta_query, duckdb, read_all, read_all_within, test_topics_on, with_lake,
+    DedicatedBroker, Reaped, TestTopics, delta_query, read_all, read_all_within, test_topics_on, with_lake,
     workspace_binary,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -304,7 +304,6 @@ fn supervise(services: &mut [Service], started: Instant) {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothing() {
     let seconds: u64 = std::env::var("FLYWHEEL_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(45);
@@ -454,9 +453,9 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
             supervise(&mut services, started);
             lake_root.join("rewards/_delta_log").exists()
                 && with_lake(&lake_root, |lake| {
-                    reward_ends
-                        .iter()
-                        .all(|(p, end)| lake.committed_offset(&rewards_topic, *p).unwrap().is_some_and(|c| c + 1 >= *end))
+                    reward_ends.iter().all(|(p, end)| {
+                        lake.committed_offset(&rewards_topic, *p).unwrap().is_some_and(|c| c + 1 >= *end)
+                    })
                 })
         });
         eprintln!("[{:>5.1}s] lake writer done", started.elapsed().as_secs_f64());
@@ -691,7 +690,8 @@ async fn flywheel_up_survives_its_broker_being_killed() {
     let ids: BTreeSet<&str> = got.iter().map(|r| r.reward_id.as_str()).collect();
     assert_eq!(ids.len(), got.len(), "a reward is on the topic twice");
     let lake = work.path().join("up").join("lake");
-    let rows = duckdb(&lake, "select reward_id from read_parquet('ROOT/rewards/**/*.parquet')");
+    let table = lake.join("rewards").display().to_string();
+    let rows = delta_query("duckdb", &table, "select reward_id from TABLE", &[]);
     let lake_ids: BTreeSet<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(lake_ids.len(), rows.len(), "a reward is in the lake twice");
     assert!(lake_ids.is_subset(&ids), "the lake holds a reward the topic does not");

@@ -152,7 +152,10 @@ fn hostile_tenants_are_rejected_and_nothing_lands_outside_the_lake() {
     assert!(files[0].path.starts_with("rewards/tenant=acme/"));
     let committed = t.lake.committed_offset("rewards", 0).unwrap();
     assert_eq!(committed, Some(hostile.len() as i64 + 1), "rejected offsets are covered");
-    assert_eq!(query(&t.root, "select tenant, count(*) from TABLE group by all"), vec![vec![serde_json::json!("acme"), serde_json::json!(1)]]);
+    assert_eq!(
+        query(&t.root, "select tenant, count(*) from TABLE group by all"),
+        vec![vec![serde_json::json!("acme"), serde_json::json!(1)]]
+    );
 }
 
 /// The reward schema with one more optional field, as a future release
@@ -205,8 +208,7 @@ fn a_new_optional_field_becomes_a_nullable_column_and_old_and_new_files_read_tog
     );
     let expected_sum: i64 = (30..60).map(|i| i * 10).sum();
     assert_eq!(got, vec![vec![serde_json::json!(60), 30.into(), expected_sum.into(), 0.into()]]);
-    let nulls =
-        query(&t.root, "select count(*) from TABLE where serving_latency_ms is null and _source_offset < 30");
+    let nulls = query(&t.root, "select count(*) from TABLE where serving_latency_ms is null and _source_offset < 30");
     assert_eq!(nulls, vec![vec![serde_json::json!(30)]], "old rows read as null");
 }
 

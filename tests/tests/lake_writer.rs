@@ -10,7 +10,7 @@
 //! works, and takes over when the owner is killed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,10 @@ use flywheel_core::kafka::{ClientRole, KafkaArgs};
 use flywheel_core::records::{DeadLetter, Outcome, Reward, ShardManifest};
 use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake::compact::{CompactOptions, compact};
-use flywheel_lake::store::{LocalStore, Storage};
+use flywheel_lake::store::{Storage, open_storage_with};
 use flywheel_tests::{
-    Reaped, delta_query, duckdb, metric, ops_get, read_all, test_topics, unique_topic, with_lake, workspace_binary,
-    workspace_root,
+    Reaped, S3Server, delta_query, duckdb, lake_runtime, metric, ops_get, read_all, test_topics, unique_topic,
+    with_lake_at, workspace_binary, workspace_root,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -33,16 +33,44 @@ struct Setup {
     kafka: KafkaArgs,
     topics: TopicsConfig,
     topics_file: PathBuf,
-    lake: PathBuf,
+    /// The lake root: a directory, or `s3://` on `s3`.
+    lake: String,
+    /// Object-store settings of the writers and readers (S3 credentials).
+    env: Vec<(String, String)>,
     group: String,
+    s3: Option<S3Server>,
 }
 
-async fn setup(label: &str) -> Setup {
+impl Setup {
+    /// The Delta table's location, for the Python readers.
+    fn table(&self) -> String {
+        format!("{}/rewards", self.lake.trim_end_matches('/'))
+    }
+
+    fn with_lake<T: Send>(&self, f: impl FnOnce(&mut flywheel_lake::table::Lake) -> T + Send) -> T {
+        with_lake_at(&self.lake, &self.env, f)
+    }
+
+    /// The lake's storage; call it from blocking code (`block_in_place`).
+    fn storage(&self) -> std::sync::Arc<dyn Storage> {
+        tokio::task::block_in_place(|| open_storage_with(&self.lake, &self.env, lake_runtime()).unwrap())
+    }
+}
+
+/// Topics and a group for one test, and a lake in a local directory or,
+/// with `s3`, in a bucket of a real S3 server.
+async fn setup(label: &str, s3: bool) -> Setup {
     let t =
         test_topics(label, &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, PARTITIONS)))
             .await;
     let group = unique_topic(&format!("{label}-group"));
-    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake: t.dir.join("lake"), group }
+    let (lake, env, s3) = if s3 {
+        let server = tokio::task::spawn_blocking(S3Server::start).await.unwrap();
+        (server.url(&unique_topic(label)), server.env(), Some(server))
+    } else {
+        (t.dir.join("lake").display().to_string(), Vec::new(), None)
+    };
+    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env, group, s3 }
 }
 
 /// A small deterministic generator (xorshift), seeded per run and printed.
@@ -134,7 +162,7 @@ fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
         "--group-id",
         &s.group,
         "--lake-root",
-        &s.lake.display().to_string(),
+        &s.lake,
         "--roll-max-rows",
         "60",
         "--roll-max-age-ms",
@@ -145,14 +173,16 @@ fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
         &std::env::var("LAKE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
     ]
     .map(String::from);
-    Reaped(Command::new(workspace_binary("flywheel-lake-writer")).args(args).spawn().unwrap())
+    let mut command = Command::new(workspace_binary("flywheel-lake-writer"));
+    command.args(args).envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Reaped(command.spawn().unwrap())
 }
 
 /// Runs `sql` on both Delta readers of the lake's table; they must agree.
-fn delta_both(root: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
-    let table = root.join("rewards").display().to_string();
-    let duck = delta_query("duckdb", &table, sql, &[]);
-    assert_eq!(duck, delta_query("deltalake", &table, sql, &[]), "DuckDB and Python deltalake disagree on {sql}");
+fn delta_both(s: &Setup, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let duck = delta_query("duckdb", &s.table(), sql, &s.env);
+    let other = delta_query("deltalake", &s.table(), sql, &s.env);
+    assert_eq!(duck, other, "DuckDB and Python deltalake disagree on {sql}");
     duck
 }
 
@@ -161,10 +191,9 @@ fn wait_committed(s: &Setup, ends: &BTreeMap<i32, i64>, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let topic = s.topics.name(Topic::Rewards);
     loop {
-        let done = s.lake.join("rewards/_delta_log").exists()
-            && with_lake(&s.lake, |lake| {
-                ends.iter().all(|(p, end)| lake.committed_offset(&topic, *p).unwrap().is_some_and(|c| c + 1 >= *end))
-            });
+        let done = s.with_lake(|lake| {
+            ends.iter().all(|(p, end)| lake.committed_offset(&topic, *p).unwrap().is_some_and(|c| c + 1 >= *end))
+        });
         if done {
             return;
         }
@@ -175,7 +204,19 @@ fn wait_committed(s: &Setup, ends: &BTreeMap<i32, i64>, secs: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
-    let s = setup("lake-crash").await;
+    kill_9_rounds(setup("lake-crash", false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_on_a_real_s3_server_leaves_exactly_one_row_per_reward() {
+    let s = setup("lake-crash-s3", true).await;
+    eprintln!("S3 server {} (pid {})", s.s3.as_ref().unwrap().endpoint, s.s3.as_ref().unwrap().pid);
+    kill_9_rounds(s).await;
+}
+
+/// Rounds of writers killed with SIGKILL while rewards arrive, then the
+/// checks of the module's header.
+async fn kill_9_rounds(s: Setup) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("seed {seed}");
     let mut rng = Rng(seed);
@@ -215,7 +256,7 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
 
     // Both Delta readers: one row per distinct reward, with its values.
     let rows = delta_both(
-        &s.lake,
+        &s,
         "select reward_id, tenant, reward, outcome, coalesce(adapter_version, '') from TABLE order by reward_id",
     );
     let got_ids: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
@@ -231,16 +272,15 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     }
     // The directory holds the table's files and, at most, files a killed
     // writer created but never committed; vacuum deletes exactly those.
-    let committed: BTreeSet<String> =
-        with_lake(&s.lake, |lake| lake.files().unwrap().into_iter().map(|f| f.path).collect());
-    let storage = LocalStore::open(&s.lake).unwrap();
+    let committed: BTreeSet<String> = s.with_lake(|lake| lake.files().unwrap().into_iter().map(|f| f.path).collect());
+    let storage = s.storage();
     let data_files = || -> BTreeSet<String> {
-        let listed = storage.list("rewards").unwrap().into_iter();
+        let listed = tokio::task::block_in_place(|| storage.list("rewards").unwrap()).into_iter();
         listed.filter(|p| !p.starts_with("rewards/_delta_log/")).collect()
     };
     let orphans: BTreeSet<String> = data_files().difference(&committed).cloned().collect();
     assert!(data_files().is_superset(&committed), "a committed file is missing");
-    let vacuumed = with_lake(&s.lake, |lake| lake.vacuum(Duration::ZERO).unwrap());
+    let vacuumed = s.with_lake(|lake| lake.vacuum(Duration::ZERO).unwrap());
     assert_eq!(vacuumed.deleted, orphans.len(), "vacuum deletes the uncommitted leftovers {orphans:?}");
     assert_eq!(data_files(), committed, "after vacuum the directory holds exactly the table's files");
 
@@ -262,9 +302,16 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     assert_eq!(announced.len(), manifests.len(), "a shard was announced twice");
     let announced_paths: BTreeSet<String> = announced.keys().map(|k| k.to_string()).collect();
     assert_eq!(announced_paths, committed, "manifests vs committed files");
-    // Per file, read by DuckDB's plain Parquet reader.
+    // Per file, read by DuckDB's plain Parquet reader (from a local copy of
+    // the files when the lake is on S3).
+    let copy = tempfile::tempdir().unwrap();
+    for path in &committed {
+        let target = copy.path().join(path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, tokio::task::block_in_place(|| storage.get(path).unwrap().unwrap())).unwrap();
+    }
     let per_file = duckdb(
-        &s.lake,
+        copy.path(),
         "select regexp_replace(filename, '^.*?/rewards/', 'rewards/'), count(*),
                 sum(case when outcome = 'ACCEPTED' then 1 else 0 end), round(sum(reward), 6),
                 count(distinct user_id), min(epoch_ms(shown_time)), max(epoch_ms(shown_time))
@@ -273,9 +320,10 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     assert_eq!(per_file.len(), committed.len());
     for row in &per_file {
         let m = announced[row[0].as_str().unwrap()];
-        let recorded = with_lake(&s.lake, |lake| lake.commit(m.commit_seq as u64).unwrap().unwrap());
+        assert_eq!(m.lake_root, storage.url(), "the manifest names the lake");
+        let recorded = s.with_lake(|lake| lake.commit(m.commit_seq as u64).unwrap().unwrap());
         let added = recorded.added.iter().find(|f| f.path == m.uri).expect("the manifest's commit adds its file");
-        let bytes = std::fs::read(s.lake.join(&m.uri)).unwrap();
+        let bytes = tokio::task::block_in_place(|| storage.get(&m.uri).unwrap().unwrap());
         let digest: String =
             <sha2::Sha256 as sha2::Digest>::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!((&m.content_sha256, &added.sha256), (&digest, &digest), "hashes of {}", m.uri);
@@ -286,7 +334,7 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         assert_eq!((Some(m.min_event_time), Some(m.max_event_time)), (row[5].as_i64(), row[6].as_i64()));
         assert_eq!(m.versions.iter().map(|v| v.rows).sum::<i64>(), m.rows, "per-version rows add up");
     }
-    let version = with_lake(&s.lake, |lake| lake.version().unwrap());
+    let version = s.with_lake(|lake| lake.version().unwrap());
     eprintln!(
         "{} records sent ({} valid distinct, {} rejected), {} files, table version {version}, {} orphans vacuumed",
         sent.records,
@@ -300,10 +348,10 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
     // reward exactly once, whichever snapshot they read.
     let expected = vec![vec![serde_json::json!(sent.valid.len()), serde_json::json!(sent.valid.len())]];
     let sql = "select count(*), count(distinct reward_id) from TABLE";
-    let table = s.lake.join("rewards").display().to_string();
+    let table = s.table();
     let (report, reads) = std::thread::scope(|scope| {
         let compaction = scope.spawn(|| {
-            with_lake(&s.lake, |lake| {
+            s.with_lake(|lake| {
                 let opts = CompactOptions {
                     target_bytes: 1 << 30,
                     closed_before_ms: i64::MAX,
@@ -317,14 +365,14 @@ async fn kill_9_at_random_points_leaves_exactly_one_row_per_reward() {
         let mut reads = 0;
         while !compaction.is_finished() || reads < 2 {
             for engine in ["duckdb", "deltalake"] {
-                assert_eq!(delta_query(engine, &table, sql, &[]), expected, "{engine} during compaction");
+                assert_eq!(delta_query(engine, &table, sql, &s.env), expected, "{engine} during compaction");
             }
             reads += 1;
         }
         (compaction.join().unwrap(), reads)
     });
     assert!(report.files_out > 0 && report.files_in > report.files_out, "{report:?}");
-    assert_eq!(delta_both(&s.lake, sql), expected, "after compaction");
+    assert_eq!(delta_both(&s, sql), expected, "after compaction");
     eprintln!("compaction {report:?} with {reads} rounds of reads beside it");
 }
 
@@ -333,7 +381,8 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     let t =
         test_topics("lake-idle", &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, 1))).await;
     let group = unique_topic("lake-idle-group");
-    let s = Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake: t.dir.join("lake"), group };
+    let lake = t.dir.join("lake").display().to_string();
+    let s = Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env: Vec::new(), group, s3: None };
     let addr = || flywheel_cli::broker::free_local_addr().unwrap();
     let (a_ops, b_ops) = (addr(), addr());
     let a = spawn_writer_on(&s, &a_ops.to_string());
@@ -401,7 +450,7 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     assert_eq!(ops_get(idle_ops, "/readyz").await.0, 200, "the new owner is ready");
     let _ = Command::new("kill").args(["-TERM", &idle.id().to_string()]).status();
     assert!(idle.wait().unwrap().success(), "clean exit on SIGTERM");
-    let rows = delta_both(&s.lake, "select count(*), count(distinct reward_id) from TABLE");
+    let rows = delta_both(&s, "select count(*), count(distinct reward_id) from TABLE");
     assert_eq!(rows[0][0].as_u64(), Some(sent.valid.len() as u64), "rows in the lake vs distinct valid rewards sent");
     assert_eq!(rows[0][1].as_u64(), Some(sent.valid.len() as u64), "a reward appears twice in the lake");
 }

@@ -4,7 +4,6 @@
 //! implicit-reward accuracy), write a loadable PEFT adapter, be
 //! deterministic, and refuse a shard whose content hash differs.
 
-
 use flywheel_core::codec::encode;
 use flywheel_core::records::{HoldoutRule, ObjectiveKind, Outcome, Reward, ShardRef, TrainRequest};
 use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};

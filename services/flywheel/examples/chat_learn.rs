@@ -167,15 +167,15 @@ fn main() {
 }
 
 /// The base-served examples of every file committed to the lake at `root`
-/// (its commit log: no uncommitted file, no compaction input twice), in
+/// (its Delta log: no uncommitted file, no compaction input twice), in
 /// suggestion-id order (served order for the simulator), as the trainer
 /// service reads them.
 fn lake_examples(root: &Path, tokenizer: &flywheel_trainer::tokenize::TextTokenizer) -> Vec<Example> {
     use arrow_array::{Array, cast::AsArray};
-    use flywheel_lake::store::LocalStore;
-    let lake = flywheel_lake::table::Lake::open(Arc::new(LocalStore::open(root).unwrap())).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let lake = flywheel_lake::open_lake(&root.display().to_string(), runtime.handle().clone()).unwrap();
     let mut rows = Vec::new();
-    for file in lake.files() {
+    for file in lake.files().unwrap() {
         let bytes = lake.storage().get(&file.path).unwrap().expect("a committed file is missing");
         for batch in flywheel_lake::shard::read_file(bytes).unwrap() {
             let ids = batch.column_by_name("suggestion_id").unwrap().as_string::<i32>().clone();

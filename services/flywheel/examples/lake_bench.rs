@@ -24,10 +24,10 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{Outcome, Reward};
 use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
-use flywheel_lake::table::{Lake, PartitionCommit};
 use flywheel_lake::parquet::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
 use flywheel_lake::shard::{RecentIds, RowBuffer, ShardContext, prepare};
 use flywheel_lake::store::{LocalStore, Storage};
+use flywheel_lake::table::{Lake, PartitionCommit};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const CORE_ROWS: u64 = 200_000;
@@ -87,9 +87,9 @@ fn phases(records: &[Vec<u8>]) -> (f64, f64) {
 fn core_run(records: &[Vec<u8>], dir: &Path) -> (f64, f64, u64) {
     let _ = std::fs::remove_dir_all(dir);
     let storage: Arc<dyn Storage> = Arc::new(LocalStore::open(dir).unwrap());
-    let mut lake = Lake::open(storage).unwrap();
     let settings = ParquetSettings::default();
     let schemas = RewardSchemas::released().unwrap();
+    let mut lake = Lake::create_or_open(storage, lake_runtime(), &schemas.file_schema().unwrap()).unwrap();
     let ctx = ShardContext {
         topic: "rewards",
         partition: 0,
@@ -166,11 +166,20 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The runtime the lake's calls block on (the bench's own threads run async code).
+fn lake_runtime() -> tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap())
+        .handle()
+        .clone()
+}
+
 fn open_lake(dir: &Path) -> Option<Lake> {
-    if !dir.exists() {
+    if !dir.join("rewards/_delta_log").exists() {
         return None;
     }
-    Lake::open(Arc::new(LocalStore::open(dir).ok()?)).ok()
+    Lake::open(Arc::new(LocalStore::open(dir).ok()?), lake_runtime()).ok()
 }
 
 /// Produces `rate` rewards/s for `secs` while a writer runs; returns the
@@ -208,10 +217,13 @@ async fn latency_run(
                     && l.refresh().is_ok()
                 {
                     let now = Instant::now();
-                    for c in &l.commits()[known..] {
-                        seen.lock().unwrap().push((now, c.offsets.clone()));
+                    let latest = l.version().map_or(0, |v| v + 1);
+                    for v in known..latest {
+                        if let Ok(Some(c)) = l.commit(v) {
+                            seen.lock().unwrap().push((now, c.offsets.clone()));
+                        }
                     }
-                    known = l.commits().len();
+                    known = latest;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -299,11 +311,11 @@ async fn backlog_run(kafka: &KafkaArgs, dir: &Path, label: &str, extra: &[&str],
     let mut rss: f64 = 0.0;
     loop {
         rss = rss.max(peak_rss_mib(child.id()));
-        if let Some(lake) = open_lake(&lake_dir) {
-            let rows: u64 = lake.files().iter().map(|f| f.rows).sum();
-            if rows as usize >= records.len() {
-                break;
-            }
+        let rows: u64 = tokio::task::block_in_place(|| {
+            open_lake(&lake_dir).and_then(|l| l.files().ok()).map_or(0, |f| f.iter().map(|f| f.rows).sum())
+        });
+        if rows as usize >= records.len() {
+            break;
         }
         assert!(started.elapsed() < Duration::from_secs(600), "backlog not drained");
         tokio::time::sleep(Duration::from_millis(250)).await;

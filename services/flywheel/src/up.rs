@@ -614,7 +614,7 @@ pub async fn up(
         println!("== (no side-by-side examples: {e})");
     }
     println!(
-        "== the lake stays in {}; query it: duckdb -c \"select adapter_version, count(*), avg(case when outcome = 'ACCEPTED' then 1 else 0 end) as accept_rate from read_parquet('{}/rewards/**/*.parquet', hive_partitioning=true, union_by_name=true) group by all\"",
+        "== the lake stays in {}; query it: duckdb -c \"install delta; load delta; select adapter_version, count(*), avg(case when outcome = 'ACCEPTED' then 1 else 0 end) as accept_rate from delta_scan('{}/rewards') group by all\"",
         data.join("lake").display(),
         data.join("lake").display()
     );

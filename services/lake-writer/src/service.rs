@@ -47,7 +47,9 @@ use tokio_util::sync::CancellationToken;
 
 use flywheel_lake::LakeError;
 use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};
-use flywheel_lake::shard::{PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats};
+use flywheel_lake::shard::{
+    PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats,
+};
 use flywheel_lake::store::{Storage, open_storage};
 use flywheel_lake::table::{Commit, Lake, PartitionCommit, Rejected, STATE_DIR, file_prefix, source_key};
 
@@ -407,8 +409,10 @@ impl Writer {
             if ids.len() >= self.config.dedupe_window {
                 break;
             }
-            let bytes =
-                self.storage.get(&path)?.ok_or_else(|| LakeError::Integrity(format!("committed file {path} is missing")))?;
+            let bytes = self
+                .storage
+                .get(&path)?
+                .ok_or_else(|| LakeError::Integrity(format!("committed file {path} is missing")))?;
             ids.extend(ids_in_file(bytes, partition)?);
         }
         ids.sort_by_key(|(offset, _)| *offset);
@@ -440,12 +444,14 @@ impl Writer {
         committed: Option<i64>,
     ) -> Result<(), WriterError> {
         let marker: Option<PublishedMarker> = match self.storage.get(&marker_path(prefix))? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
-                LakeError::Integrity(format!("publisher progress {}: {e}", marker_path(prefix)))
-            })?),
+            Some(bytes) => Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| LakeError::Integrity(format!("publisher progress {}: {e}", marker_path(prefix))))?,
+            ),
             None => None,
         };
-        if committed.is_none() || marker.as_ref().is_some_and(|m| m.through_offset.is_some() && m.through_offset == committed)
+        if committed.is_none()
+            || marker.as_ref().is_some_and(|m| m.through_offset.is_some() && m.through_offset == committed)
         {
             return Ok(()); // nothing committed, or everything published
         }
@@ -782,4 +788,3 @@ fn commit_group_offsets(consumer: &BaseConsumer<RebalanceContext>, writer: &Writ
         tracing::debug!(error = %e, "committing group offsets failed (monitoring only)");
     }
 }
-

@@ -12,9 +12,9 @@ use arrow_array::{ArrayRef, RecordBatch, new_null_array};
 use arrow_schema::Schema;
 
 use crate::LakeError;
-use crate::table::{Lake, LiveFile, NewFile, REWARDS_DIR};
 use crate::parquet::{ParquetSettings, write_parquet};
 use crate::shard::read_file;
+use crate::table::{Lake, LiveFile, NewFile, REWARDS_DIR};
 
 /// What to compact.
 #[derive(Debug, Clone)]

@@ -149,7 +149,10 @@ impl RewardBatcher {
         }
         let consumed = self.decoder.decode(bytes).map_err(LakeError::avro("decoding a reward"))?;
         if consumed != bytes.len() {
-            return Err(LakeError::Integrity(format!("decoding a reward: {consumed} of {} bytes consumed", bytes.len())));
+            return Err(LakeError::Integrity(format!(
+                "decoding a reward: {consumed} of {} bytes consumed",
+                bytes.len()
+            )));
         }
         self.partitions.push(partition);
         self.offsets.push(offset);
@@ -164,7 +167,10 @@ impl RewardBatcher {
         }
         let consumed = self.decoder.decode(bytes).map_err(LakeError::avro("decoding rewards"))?;
         if consumed != bytes.len() {
-            return Err(LakeError::Integrity(format!("decoding rewards: {consumed} of {} bytes consumed", bytes.len())));
+            return Err(LakeError::Integrity(format!(
+                "decoding rewards: {consumed} of {} bytes consumed",
+                bytes.len()
+            )));
         }
         self.partitions.extend(std::iter::repeat_n(partition, offsets.len()));
         self.offsets.extend_from_slice(offsets);

@@ -16,8 +16,8 @@ use flywheel_core::codec::{Codec, HEADER_LEN, MAGIC, RecordKind};
 use flywheel_core::records::{OffsetRange, ShardManifest, ShardStats, ShardVersionStats};
 
 use crate::LakeError;
-use crate::table::{NewFile, Rejected, file_name, partition_dir, source_key, validate_partition_value};
 use crate::parquet::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
+use crate::table::{NewFile, Rejected, file_name, partition_dir, source_key, validate_partition_value};
 
 /// Raw records of one source partition waiting for the next commit, kept
 /// as their bytes (one allocation per buffer, not per record).
@@ -455,8 +455,7 @@ pub fn ids_in_file(bytes: Vec<u8>, partition: i32) -> Result<Vec<(i64, u128)>, L
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
         .map_err(LakeError::parquet("opening a lake file"))?;
-    let names =
-        ["reward_id", crate::parquet::SOURCE_PARTITION_COLUMN, crate::parquet::SOURCE_OFFSET_COLUMN];
+    let names = ["reward_id", crate::parquet::SOURCE_PARTITION_COLUMN, crate::parquet::SOURCE_OFFSET_COLUMN];
     let mask = ProjectionMask::columns(builder.parquet_schema(), names);
     let reader = builder.with_projection(mask).build().map_err(LakeError::parquet("reading a lake file"))?;
     let mut out = Vec::new();

@@ -299,8 +299,8 @@ impl Storage for ObjectStorage {
     }
 
     fn object_store(&self) -> Result<(Arc<dyn ObjectStore>, url::Url), LakeError> {
-        let mut root = url::Url::parse(&self.url)
-            .map_err(|e| LakeError::Config(format!("lake root '{}': {e}", self.url)))?;
+        let mut root =
+            url::Url::parse(&self.url).map_err(|e| LakeError::Config(format!("lake root '{}': {e}", self.url)))?;
         root.set_path(&format!("/{}/", self.prefix.as_ref().trim_matches('/')).replace("//", "/"));
         Ok((self.store.clone(), root))
     }
@@ -312,6 +312,16 @@ impl Storage for ObjectStorage {
 /// options from the usual environment variables: `AWS_ACCESS_KEY_ID`,
 /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
 pub fn open_storage(root: &str, runtime: tokio::runtime::Handle) -> Result<Arc<dyn Storage>, LakeError> {
+    open_storage_with(root, &[], runtime)
+}
+
+/// [`open_storage`] with object-store options (`aws_endpoint`, ...) that
+/// take precedence over the environment's.
+pub fn open_storage_with(
+    root: &str,
+    options: &[(String, String)],
+    runtime: tokio::runtime::Handle,
+) -> Result<Arc<dyn Storage>, LakeError> {
     let Some((scheme, _)) = root.split_once("://") else {
         return Ok(Arc::new(LocalStore::open(Path::new(root))?));
     };
@@ -325,8 +335,10 @@ pub fn open_storage(root: &str, runtime: tokio::runtime::Handle) -> Result<Arc<d
         return Ok(Arc::new(ObjectStorage::new(store, "", root, runtime)));
     }
     let url = url::Url::parse(root).map_err(|e| LakeError::Config(format!("lake root '{root}': {e}")))?;
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    match object_store::parse_url_opts(&url, env) {
+    // Later entries win: the environment first, then the explicit options.
+    let mut opts: Vec<(String, String)> = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    opts.extend(options.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+    match object_store::parse_url_opts(&url, opts) {
         Ok((store, prefix)) => Ok(Arc::new(ObjectStorage::new(Arc::from(store), prefix.as_ref(), root, runtime))),
         Err(e) => Err(LakeError::Config(format!("lake root '{root}': {e}"))),
     }

@@ -30,7 +30,9 @@ use std::sync::{Arc, Once};
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
-use deltalake_core::kernel::{Action, Add, DataType as DeltaType, MetadataExt as _, Remove, StructField, StructType, Transaction};
+use deltalake_core::kernel::{
+    Action, Add, DataType as DeltaType, MetadataExt as _, Remove, StructField, StructType, Transaction,
+};
 use deltalake_core::logstore::{LogStore, LogStoreFactory, LogStoreRef, ObjectStoreRef, StorageConfig};
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -348,8 +350,11 @@ fn evolved(current: &StructType, wanted: &StructType) -> Result<Option<StructTyp
     if new.is_empty() {
         return Ok(None);
     }
-    let fields: Vec<StructField> =
-        current.fields().cloned().chain(new.into_iter().map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true))).collect();
+    let fields: Vec<StructField> = current
+        .fields()
+        .cloned()
+        .chain(new.into_iter().map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true)))
+        .collect();
     StructType::try_new(fields).map(Some).map_err(|e| LakeError::Config(format!("evolving the table schema: {e}")))
 }
 
@@ -414,7 +419,11 @@ impl Lake {
 
     /// Opens the table as of `version` (time travel: a train request reads
     /// the snapshot its trigger saw, even after compaction).
-    pub fn open_at(storage: Arc<dyn Storage>, runtime: tokio::runtime::Handle, version: u64) -> Result<Lake, LakeError> {
+    pub fn open_at(
+        storage: Arc<dyn Storage>,
+        runtime: tokio::runtime::Handle,
+        version: u64,
+    ) -> Result<Lake, LakeError> {
         let mut lake = Lake::build(storage, runtime)?;
         let runtime = lake.runtime.clone();
         runtime
@@ -737,8 +746,7 @@ impl Lake {
             .with_enforce_retention_duration(false)
             .with_mode(deltalake_core::operations::vacuum::VacuumMode::Full);
         let runtime = self.runtime.clone();
-        let (table, metrics) =
-            runtime.block_on(builder.into_future()).map_err(LakeError::delta("vacuuming"))?;
+        let (table, metrics) = runtime.block_on(builder.into_future()).map_err(LakeError::delta("vacuuming"))?;
         self.table = table;
         Ok(VacuumReport { deleted: metrics.files_deleted.len() })
     }
@@ -790,7 +798,10 @@ mod tests {
         let values = partition_values("rewards/tenant=acme/date=2026-11-23/hour=09/x.parquet").unwrap();
         assert_eq!(values["hour"].as_deref(), Some("9"));
         assert_eq!(values["date"].as_deref(), Some("2026-11-23"));
-        assert_eq!(partition_values("rewards/tenant=t/date=1970-01-01/hour=00/x").unwrap()["hour"].as_deref(), Some("0"));
+        assert_eq!(
+            partition_values("rewards/tenant=t/date=1970-01-01/hour=00/x").unwrap()["hour"].as_deref(),
+            Some("0")
+        );
         assert!(partition_values("rewards/x.parquet").is_err());
     }
 
