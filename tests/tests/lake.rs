@@ -82,7 +82,7 @@ fn duckdb_reads_committed_files_with_hive_partitions_and_exact_values() {
 
     let got = query(
         &t.root,
-        "select tenant, cast(date as varchar), hour, count(*), sum(reward), count(distinct reward_id),
+        "select tenant, cast(date as varchar), hour, count(*), round(sum(reward), 9), count(distinct reward_id),
                 sum(case when outcome = 'ACCEPTED' then 1 else 0 end)::bigint, min(_source_offset), max(_source_offset),
                 min(lineage.partition)
          from TABLE group by all order by all",

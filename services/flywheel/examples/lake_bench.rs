@@ -10,6 +10,9 @@
 //!    settings and a low-latency setting. Peak RSS from `/proc`.
 //! 3. Backpressure: a backlog on the topic drained with the default memory
 //!    cap and a 64 MiB cap: throughput and peak RSS.
+//! 4. The Delta commit's own cost (files already encoded): 120 commits of a
+//!    100-reward flush each, on local disk and on a real S3 server
+//!    (SeaweedFS from `make setup`), so one automatic checkpoint is included.
 
 #![allow(clippy::print_stdout)]
 
@@ -120,6 +123,100 @@ fn core_run(records: &[Vec<u8>], dir: &Path) -> (f64, f64, u64) {
     let total = started.elapsed().as_secs_f64();
     let n = records.len() as f64;
     (n / prepare_secs, n / total, bytes)
+}
+
+/// `n` commits of one flush of `records` each (offsets moving on); the
+/// seconds each `commit_partition` took.
+fn commit_costs(storage: Arc<dyn Storage>, records: &[Vec<u8>], n: usize) -> Vec<f64> {
+    let settings = ParquetSettings::default();
+    let schemas = RewardSchemas::released().unwrap();
+    let url = storage.url();
+    let mut lake = Lake::create_or_open(storage, lake_runtime(), &schemas.file_schema().unwrap()).unwrap();
+    let ctx = ShardContext { topic: "rewards", partition: 0, lake_url: &url, settings: &settings, schemas: &schemas };
+    let (mut out, mut previous) = (Vec::new(), None);
+    for k in 0..n {
+        let mut buf = RowBuffer::default();
+        for (i, r) in records.iter().enumerate() {
+            buf.push(Some(b"k"), Some(r), (k * records.len() + i) as i64, 0);
+        }
+        let prepared = prepare(&ctx, &buf, &RecentIds::new(1000)).unwrap();
+        let files = prepared.files.into_iter().map(|f| f.file).collect();
+        let range = buf.range().unwrap();
+        let started = Instant::now();
+        let commit = PartitionCommit {
+            topic: "rewards",
+            partition: 0,
+            previous,
+            range,
+            files,
+            rejected: Vec::new(),
+            committed_at: 0,
+        };
+        lake.commit_partition(commit).unwrap();
+        out.push(started.elapsed().as_secs_f64());
+        previous = Some(range.1);
+    }
+    out
+}
+
+fn print_costs(name: &str, costs: &mut [f64]) {
+    println!(
+        "  {name:<30} p50 {:>6.1} ms  p90 {:>6.1} ms  max {:>6.1} ms",
+        percentile(costs, 0.5) * 1e3,
+        percentile(costs, 0.9) * 1e3,
+        percentile(costs, 1.0) * 1e3
+    );
+}
+
+/// The S3 server of the tests (`tests/readers/s3_server.py`), stopped on drop.
+struct S3 {
+    dir: PathBuf,
+    info: serde_json::Value,
+}
+
+impl S3 {
+    fn start(dir: &Path) -> Result<S3, String> {
+        let python = root().join(".venv/bin/python");
+        let out = Command::new(&python)
+            .arg(root().join("tests/readers/s3_server.py"))
+            .args(["start", "--dir", &dir.display().to_string()])
+            .output()
+            .map_err(|e| format!("{}: {e} (run `make setup`)", python.display()))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let info = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(S3 { dir: dir.to_path_buf(), info })
+    }
+
+    fn field(&self, k: &str) -> String {
+        self.info[k].as_str().unwrap_or_default().to_string()
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.field("bucket"))
+    }
+
+    fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_access_key_id", self.field("access_key")),
+            ("aws_secret_access_key", self.field("secret_key")),
+            ("aws_endpoint", self.field("endpoint")),
+            ("aws_region", self.field("region")),
+            ("aws_allow_http", "true".to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .into()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join(".venv/bin/python"))
+            .arg(root().join("tests/readers/s3_server.py"))
+            .args(["stop", "--dir", &self.dir.display().to_string()])
+            .status();
+    }
 }
 
 fn topics_for(label: &str) -> (TopicsConfig, String) {
@@ -357,6 +454,22 @@ async fn main() {
         "  Parquet {parquet_bytes} bytes for {avro_bytes} Avro bytes ({:.1}x smaller)",
         avro_bytes as f64 / parquet_bytes as f64
     );
+
+    // 4. The commit's own cost, local disk and S3.
+    let small: Vec<Vec<u8>> = (0..100).map(|i| encode(&reward(i)).unwrap()).collect();
+    println!("lake_bench: Delta commit cost, 120 commits of a 100-reward flush (files encoded beforehand)");
+    let local: Arc<dyn Storage> = Arc::new(LocalStore::open(&dir.join("commits")).unwrap());
+    let mut costs = tokio::task::block_in_place(|| commit_costs(local, &small, 120));
+    print_costs("local disk (fsync)", &mut costs);
+    match S3::start(&dir.join("s3")) {
+        Ok(s3) => {
+            let storage =
+                flywheel_lake::store::open_storage_with(&s3.url("bench"), &s3.options(), lake_runtime()).unwrap();
+            let mut costs = tokio::task::block_in_place(|| commit_costs(storage, &small, 120));
+            print_costs("S3 (SeaweedFS on this host)", &mut costs);
+        }
+        Err(e) => println!("  S3: not measured ({e})"),
+    }
 
     if std::env::var("LAKE_BENCH_PARTS").is_ok_and(|p| p == "core") {
         return;

@@ -695,6 +695,7 @@ impl Lake {
             return Err(LakeError::Conflict(format!("{} was removed by another commit", gone.path)));
         }
         self.create_files(&added)?;
+        let removed_at = self.storage_now()?;
         let mut record = Commit {
             seq: 0,
             added: added.iter().map(NewFile::added).collect(),
@@ -713,7 +714,7 @@ impl Lake {
             actions.push(Action::Remove(Remove {
                 path: path.to_string(),
                 data_change: false,
-                deletion_timestamp: Some(flywheel_core::now_millis()),
+                deletion_timestamp: Some(removed_at),
                 extended_file_metadata: Some(true),
                 partition_values: Some(partition_values(&r.path)?),
                 size: Some(r.bytes as i64),
@@ -729,12 +730,36 @@ impl Lake {
         Ok(record)
     }
 
+    /// The storage's clock (ms since the epoch): the modification time it
+    /// stamps on a probe object. Retention is measured in the time the store
+    /// stamps on files, so a host whose clock is off cannot make vacuum delete
+    /// a file early.
+    pub fn storage_now(&self) -> Result<i64, LakeError> {
+        let (store, root) = self.storage.object_store()?;
+        let base = object_store::path::Path::from_url_path(root.path())
+            .map_err(|e| LakeError::Config(format!("lake root {root}: {e}")))?;
+        let probe = base.clone().join(STATE_DIR).join("clock");
+        let io = |e: object_store::Error| LakeError::Io {
+            context: "probing the storage's clock".into(),
+            detail: e.to_string(),
+        };
+        use object_store::ObjectStoreExt as _;
+        self.block_on(async {
+            store.put(&probe, bytes::Bytes::new().into()).await.map_err(io)?;
+            let meta = store.head(&probe).await.map_err(io)?;
+            Ok(meta.last_modified.timestamp_millis())
+        })
+    }
+
     /// Deletes files no snapshot newer than `retention` needs: those removed
     /// by compaction, and those no commit ever named (a crashed writer's),
-    /// once older than `retention`. Keep `retention` above the longest a
-    /// writer takes from creating a file to committing it (seconds) and the
-    /// longest a reader holds an old snapshot (a training job).
+    /// once unreferenced for at least `retention` by the storage's clock.
+    /// Keep `retention` above the longest a writer takes from creating a file
+    /// to committing it (seconds) and the longest a reader holds an old
+    /// snapshot (a training job).
     pub fn vacuum(&mut self, retention: std::time::Duration) -> Result<VacuumReport, LakeError> {
+        // "At least": ages are in whole milliseconds and Delta deletes only older ones.
+        let now = StorageClock(self.storage_now()? + 1);
         let hours = i64::try_from(retention.as_secs() / 3600).unwrap_or(i64::MAX);
         let minutes = i64::try_from((retention.as_secs() % 3600) / 60).unwrap_or(0);
         let period = chrono_duration(hours, minutes);
@@ -744,6 +769,7 @@ impl Lake {
             .vacuum()
             .with_retention_period(period)
             .with_enforce_retention_duration(false)
+            .with_clock(Arc::new(now))
             .with_mode(deltalake_core::operations::vacuum::VacuumMode::Full);
         let runtime = self.runtime.clone();
         let (table, metrics) = runtime.block_on(builder.into_future()).map_err(LakeError::delta("vacuuming"))?;
@@ -757,6 +783,16 @@ impl Lake {
     pub fn checkpoint(&self) -> Result<(), LakeError> {
         self.block_on(deltalake_core::checkpoints::create_checkpoint(&self.table, None))
             .map_err(LakeError::delta("writing a checkpoint"))
+    }
+}
+
+/// Vacuum's "now", read from the storage.
+#[derive(Debug)]
+struct StorageClock(i64);
+
+impl deltalake_core::operations::vacuum::Clock for StorageClock {
+    fn current_timestamp_millis(&self) -> i64 {
+        self.0
     }
 }
 

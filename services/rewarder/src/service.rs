@@ -112,9 +112,9 @@ pub struct Config {
     pub checkpoint_dir: PathBuf,
     /// Keep checkpoints in this store instead of --checkpoint-dir, so an
     /// instance on any host can take over any partition. Opened like the lake
-    /// writer's --lake-root: `s3://bucket/prefix`, `gs://…`, `az://…` (builds
-    /// with the s3, gcs or azure feature; credentials from the object_store
-    /// environment variables), `file:///dir`, or `memory://name` (in this
+    /// writer's --lake-root: `s3://bucket/prefix`, `gs://…`, `az://…`
+    /// (credentials and endpoint from the object_store environment
+    /// variables), `file:///dir`, or `memory://name` (in this
     /// process only: instances of one process that name it share it).
     #[arg(long = "checkpoint-store", env = "FLYWHEEL_REWARDER_CHECKPOINT_STORE")]
     pub checkpoint_store: Option<String>,
