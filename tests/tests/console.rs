@@ -222,6 +222,7 @@ fn request(id: &str, parent: Option<&str>, shard_ids: &[&str]) -> TrainRequest {
                 lake_root: m.lake_root.clone(),
                 content_sha256: m.content_sha256.clone(),
                 rows: m.rows,
+                table_version: Some(m.commit_seq),
             }
         })
         .collect();

@@ -83,6 +83,7 @@ fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Vec<ShardRef>) {
                 lake_root: lake.storage().url(),
                 content_sha256: f.sha256.clone(),
                 rows: f.rows as i64,
+                table_version: Some(commit.seq as i64),
             })
             .collect()
     });
@@ -139,6 +140,13 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     let err =
         tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
     assert!(err.contains("the request pins"), "{err}");
+    // A shard pinned to a table version whose snapshot does not hold it
+    // (version 0 is the table's creation, before any file): refused.
+    let mut unpinned = request(&shards, "req-3");
+    unpinned.shards[0].table_version = Some(0);
+    let err =
+        tokio::task::block_in_place(|| run_job(&unpinned, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
+    assert!(err.contains("is not in table version 0"), "{err}");
     let written: Vec<_> = std::fs::read_dir(dir.path().join("adapters/acme")).unwrap().collect();
     assert_eq!(written.len(), 1, "only the first request's adapter exists");
 }

@@ -135,9 +135,11 @@ impl RecordKind {
                 &[schema_file!("history/shard_manifest/v1.avsc"), schema_file!("history/shard_manifest/v2.avsc")]
             }
             Self::TriggerDecision => &[schema_file!("history/trigger_decision/v1.avsc")],
-            Self::TrainRequest => {
-                &[schema_file!("history/train_request/v1.avsc"), schema_file!("history/train_request/v2.avsc")]
-            }
+            Self::TrainRequest => &[
+                schema_file!("history/train_request/v1.avsc"),
+                schema_file!("history/train_request/v2.avsc"),
+                schema_file!("history/train_request/v3.avsc"),
+            ],
             Self::ModelCandidate => &[schema_file!("history/model_candidate/v1.avsc")],
             Self::RegistryEntry => &[schema_file!("history/registry_entry/v1.avsc")],
             Self::DeadLetter => &[schema_file!("history/dead_letter/v1.avsc")],

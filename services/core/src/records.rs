@@ -576,6 +576,9 @@ pub struct ShardRef {
     pub content_sha256: String,
     /// Rows.
     pub rows: i64,
+    /// The Delta table version whose snapshot holds the shard.
+    #[serde(default)]
+    pub table_version: Option<i64>,
 }
 
 /// Objective and optimiser settings.

@@ -1,10 +1,12 @@
 //! One training job: a train request in, a PEFT adapter and a model
 //! candidate out. Reads exactly the shards the request pins (refusing any
-//! whose content hash differs), splits train/holdout deterministically by a
+//! whose content hash differs, or that is not in the Delta table version the
+//! request names: the snapshot the trigger saw, still readable after
+//! compaction until vacuum), splits train/holdout deterministically by a
 //! salted hash of `suggestion_id`, trains the request's objective, and
 //! evaluates candidate and parent on the holdout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +16,7 @@ use arrow_array::types::{Float64Type, Int32Type};
 use arrow_array::{Array as _, RecordBatch};
 use flywheel_core::records::{ModelCandidate, ObjectiveKind, TrainRequest, TrainingObjective};
 use flywheel_lake::store::{Storage, open_storage};
+use flywheel_lake::table::Lake;
 use serde::Serialize;
 
 use crate::TrainerError;
@@ -65,6 +68,8 @@ fn read_examples(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<(String, Example)>, TrainerError> {
     let mut stores: HashMap<String, Arc<dyn Storage>> = HashMap::new();
+    // Files of each pinned snapshot, by (lake root, table version).
+    let mut snapshots: HashMap<(String, i64), HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
     for shard in &req.shards {
         let store = match stores.get(&shard.lake_root) {
@@ -76,10 +81,30 @@ fn read_examples(
                 s
             }
         };
-        let bytes = store
-            .get(&shard.uri)
-            .map_err(|e| TrainerError::Format(e.to_string()))?
-            .ok_or_else(|| TrainerError::Format(format!("shard {} is missing at {}", shard.shard_id, shard.uri)))?;
+        if let Some(version) = shard.table_version {
+            let key = (shard.lake_root.clone(), version);
+            if !snapshots.contains_key(&key) {
+                let at = u64::try_from(version)
+                    .map_err(|_| TrainerError::Format(format!("shard {}: table version {version}", shard.shard_id)))?;
+                let lake = Lake::open_at(store.clone(), runtime.clone(), at)
+                    .map_err(|e| TrainerError::Format(e.to_string()))?;
+                let files = lake.files().map_err(|e| TrainerError::Format(e.to_string()))?;
+                snapshots.insert(key.clone(), files.into_iter().map(|f| f.path).collect());
+            }
+            if !snapshots[&key].contains(&shard.uri) {
+                return Err(TrainerError::Format(format!(
+                    "shard {} ({}) is not in table version {version} of {}: not committed data",
+                    shard.shard_id, shard.uri, shard.lake_root
+                )));
+            }
+        }
+        let bytes = store.get(&shard.uri).map_err(|e| TrainerError::Format(e.to_string()))?.ok_or_else(|| {
+            TrainerError::Format(format!(
+                "shard {} is missing at {}: vacuumed before this request ran? keep `flywheel lake vacuum \
+                     --retention-hours` above the age of pending train requests",
+                shard.shard_id, shard.uri
+            ))
+        })?;
         let digest = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if digest != shard.content_sha256 {
             return Err(TrainerError::Format(format!(

@@ -203,6 +203,7 @@ pub fn decide(
                     lake_root: m.lake_root.clone(),
                     content_sha256: m.content_sha256.clone(),
                     rows: m.rows,
+                    table_version: (m.commit_seq >= 0).then_some(m.commit_seq),
                 })
                 .collect(),
             window_start: manifests.iter().map(|m| m.min_event_time).min().unwrap_or_default(),
