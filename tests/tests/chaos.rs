@@ -514,19 +514,21 @@ async fn repeated_kills_and_a_broker_restart_under_load_lose_and_duplicate_nothi
         assert_eq!(*value, r.reward, "reward {id} in the lake");
     }
 
-    // Files: after a vacuum the directory holds exactly the table's files
-    // (killed writers may leave uncommitted ones), each announced once.
-    let committed: BTreeSet<String> = with_lake(&lake_root, |lake| {
-        lake.vacuum(Duration::ZERO).unwrap();
-        lake.files().unwrap().into_iter().map(|f| f.path).collect()
-    });
-    let on_disk: BTreeSet<String> = LocalStore::open(&lake_root)
-        .unwrap()
-        .list("rewards")
-        .unwrap()
-        .into_iter()
-        .filter(|p| !p.starts_with("rewards/_delta_log/"))
-        .collect();
+    // Files: the directory holds the table's files plus, at most, files a
+    // killed writer created but never committed; a vacuum deletes exactly
+    // those. Each committed file is announced once.
+    let data_files = || -> BTreeSet<String> {
+        let listed = LocalStore::open(&lake_root).unwrap().list("rewards").unwrap().into_iter();
+        listed.filter(|p| !p.starts_with("rewards/_delta_log/")).collect()
+    };
+    let committed: BTreeSet<String> =
+        with_lake(&lake_root, |lake| lake.files().unwrap().into_iter().map(|f| f.path).collect());
+    let before_vacuum = data_files();
+    assert!(before_vacuum.is_superset(&committed), "a committed file is missing");
+    let orphans = before_vacuum.len() - committed.len();
+    let vacuumed = with_lake(&lake_root, |lake| lake.vacuum(Duration::ZERO).unwrap());
+    assert_eq!(vacuumed.deleted, orphans, "vacuum deletes exactly the uncommitted leftovers");
+    let on_disk = data_files();
     let manifests: Vec<ShardManifest> =
         read_all_within::<ShardManifest>(&kafka, &t.topics.name(Topic::Shards), READ_LIMIT)
             .into_iter()

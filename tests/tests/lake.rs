@@ -234,6 +234,7 @@ fn compaction_merges_closed_hours_in_one_commit_and_keeps_every_row() {
         settings: t.settings,
         writer: "test".into(),
         vacuum_retention: None,
+        max_merges: None,
     };
     let report = compact(&mut t.lake, &opts).unwrap();
     assert_eq!((report.files_in, report.files_out), (20, 2), "{report:?}");

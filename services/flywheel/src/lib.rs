@@ -197,7 +197,8 @@ pub enum LakeCommand {
         /// The lake.
         #[command(flatten)]
         root: LakeRootArgs,
-        /// Keep files unreferenced for less than this many hours.
+        /// Keep files unreferenced for less than this many hours (at least 1;
+        /// at most 720, the table's tombstone retention).
         #[arg(long = "retention-hours", env = "FLYWHEEL_LAKE_VACUUM_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
     },
@@ -431,6 +432,7 @@ fn lake_command(command: LakeCommand, runtime: tokio::runtime::Handle) -> Result
                 settings: Default::default(),
                 writer: format!("flywheel lake compact/{}", std::process::id()),
                 vacuum_retention: None,
+                max_merges: None,
             };
             let report = flywheel_lake::compact::compact(&mut lake, &opts)?;
             println!(
@@ -443,6 +445,13 @@ fn lake_command(command: LakeCommand, runtime: tokio::runtime::Handle) -> Result
             Ok(())
         }
         LakeCommand::Vacuum { root, retention_hours } => {
+            if retention_hours == 0 {
+                // A writer's file exists for a moment before the commit naming it.
+                return Err(CliError::Usage(
+                    "--retention-hours must be at least 1: less could delete a running writer's file before its commit"
+                        .into(),
+                ));
+            }
             let mut lake = flywheel_lake::open_lake(&root.lake_root, runtime)?;
             let retention = Duration::from_secs(retention_hours.saturating_mul(3600));
             let report = lake.vacuum(retention)?;

@@ -220,30 +220,44 @@ struct RebalanceContext {
     topic: String,
     assigned: Mutex<Vec<i32>>,
     revoked: Mutex<Vec<i32>>,
+    /// Set when an assignment could not be started: the writer stops.
+    fatal: Mutex<Option<String>>,
 }
 
 impl ClientContext for RebalanceContext {}
 
 impl ConsumerContext for RebalanceContext {
     // Assignment is done here, not by the default handler, so each partition
-    // starts where the commit log says rather than at the group offset.
+    // starts where the table says rather than at the group offset.
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
         match err {
             RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut lake = self.lake.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = lake.refresh() {
-                    tracing::error!(error = %e, "reading the commit log on assignment failed; assigning nothing");
-                    return;
-                }
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                for p in &parts {
-                    let committed = match lake.committed_offset(&self.topic, *p) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::error!(partition = p, error = %e, "reading a txn on assignment failed; assigning nothing");
-                            return;
-                        }
-                    };
+                // The table says where each partition resumes; a storage
+                // hiccup is retried, and if it persists the writer stops (an
+                // assignment it cannot start would sit idle until the next
+                // rebalance).
+                let mut starts = Err(LakeError::Config("not read".into()));
+                for attempt in 1..=3 {
+                    starts = lake.refresh().and_then(|()| {
+                        parts.iter().map(|p| lake.committed_offset(&self.topic, *p)).collect::<Result<Vec<_>, _>>()
+                    });
+                    match &starts {
+                        Ok(_) => break,
+                        Err(e) => tracing::warn!(attempt, error = %e, "reading the table on assignment failed"),
+                    }
+                    std::thread::sleep(Duration::from_secs(attempt));
+                }
+                let starts = match starts {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read where the assigned partitions resume; stopping");
+                        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        return;
+                    }
+                };
+                for (p, committed) in parts.iter().zip(starts) {
                     let start = committed.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
                     if let Err(e) = tpl.set_partition_offset(&self.topic, *p, start) {
                         tracing::error!(partition = p, error = %e, "setting a start offset failed");
@@ -450,10 +464,10 @@ impl Writer {
             ),
             None => None,
         };
-        if committed.is_none()
-            || marker.as_ref().is_some_and(|m| m.through_offset.is_some() && m.through_offset == committed)
-        {
-            return Ok(()); // nothing committed, or everything published
+        if marker.as_ref().is_some_and(|m| m.through_offset == committed) {
+            // Everything committed is published (or nothing was ever
+            // committed, and the marker exists: it precedes any publication).
+            return Ok(());
         }
         let after = marker.as_ref().and_then(|m| m.through_seq);
         let pending: Vec<Commit> = self.lake().commits_of(key, after)?;
@@ -696,6 +710,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
             topic: names.rewards.clone(),
             assigned: Mutex::default(),
             revoked: Mutex::default(),
+            fatal: Mutex::default(),
         };
         let consumer: BaseConsumer<RebalanceContext> = config
             .common
@@ -726,6 +741,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
         let mut mirrored: HashMap<i32, i64> = HashMap::new();
         while !loop_shutdown.is_cancelled() {
             let polled = consumer.poll(Duration::from_millis(100));
+            if let Some(why) = consumer.context().fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(LakeError::Io { context: "reading the table on assignment".into(), detail: why }.into());
+            }
             let revoked: Vec<i32> =
                 std::mem::take(&mut *consumer.context().revoked.lock().unwrap_or_else(|p| p.into_inner()));
             for p in revoked {

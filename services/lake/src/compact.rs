@@ -30,6 +30,8 @@ pub struct CompactOptions {
     pub writer: String,
     /// Vacuum afterwards, deleting files unreferenced for this long.
     pub vacuum_retention: Option<std::time::Duration>,
+    /// Stop after this many merged files (a run in steps); `None`: all.
+    pub max_merges: Option<usize>,
 }
 
 /// What a compaction did.
@@ -143,6 +145,9 @@ pub fn compact(lake: &mut Lake, opts: &CompactOptions) -> Result<CompactReport, 
         }
         chunks.push(chunk);
         for chunk in chunks.into_iter().filter(|c| c.len() >= 2) {
+            if opts.max_merges.is_some_and(|m| report.files_out >= m) {
+                break;
+            }
             let merged = match merge(lake, &dir, &chunk, &opts.settings) {
                 Ok(m) => m,
                 Err(e) => {

@@ -174,6 +174,11 @@ pub struct ShardContext<'a> {
     pub schemas: &'a RewardSchemas,
 }
 
+/// Shown times a row may have (ms): 1970-01-01 to 9999-12-31 UTC. The date
+/// becomes a Delta `date` partition value, which readers parse as a
+/// four-digit year; a negative time is a client clock bug, not a reward.
+pub const SHOWN_TIME_RANGE: std::ops::Range<i64> = 0..253_402_300_800_000;
+
 /// Decodes, routes, de-duplicates and encodes a buffer.
 pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> Result<Prepared, LakeError> {
     let mut out = Prepared::default();
@@ -250,6 +255,12 @@ pub fn prepare(ctx: &ShardContext<'_>, buf: &RowBuffer, recent: &RecentIds) -> R
         if let Err(e) = validate_partition_value("tenant", tenant) {
             in_batch.remove(&id);
             out.rejected.push(reject(i, "invalid_tenant", e.to_string()));
+            continue;
+        }
+        if !SHOWN_TIME_RANGE.contains(&shown.value(j)) {
+            in_batch.remove(&id);
+            let why = format!("shown_time {} ms is outside years 1970-9999: it cannot name a date", shown.value(j));
+            out.rejected.push(reject(i, "invalid_shown_time", why));
             continue;
         }
         out.written.push(id);

@@ -116,10 +116,18 @@ pub fn partition_values(path: &str) -> Result<HashMap<String, Option<String>>, L
     Ok(values)
 }
 
-/// The deterministic file name of the rows of `topic`/`partition` in
-/// `[first, last]`.
+/// A fresh file name for the rows of `topic`/`partition` in `[first, last]`:
+/// named by the offsets (so names sort by offset), plus a part no other
+/// call makes, so a file is never written twice under one name (what Delta
+/// needs: vacuum may be deleting an uncommitted file of that name).
 pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> Result<String, LakeError> {
-    Ok(format!("{}{first:020}-{last:020}.parquet", file_prefix(topic, partition)?))
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let seed = format!("{host}/{}/{nanos}/{n}", std::process::id());
+    let unique = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes())[..6]);
+    Ok(format!("{}{first:020}-{last:020}-{unique}.parquet", file_prefix(topic, partition)?))
 }
 
 /// The prefix of every file name (data and temp) of a source partition.
@@ -393,6 +401,7 @@ impl Lake {
             lake.refresh()?;
             return Ok(lake);
         }
+        lake.check_conditional_create()?;
         let schema = table_schema(file_schema)?;
         let create = deltalake_core::operations::create::CreateBuilder::new()
             .with_log_store(lake.table.log_store())
@@ -400,14 +409,44 @@ impl Lake {
             .with_partition_columns(PARTITION_COLUMNS)
             .with_table_name(REWARDS_DIR)
             .with_comment("Flywheel rewards: one row per scored suggestion, written exactly once from Kafka")
-            .with_save_mode(SaveMode::Ignore);
+            // Tombstones outlive any sensible vacuum retention, so a removed
+            // file is always judged by its removal time.
+            .with_configuration_property(
+                deltalake_core::TableProperty::DeletedFileRetentionDuration,
+                Some("interval 30 days"),
+            )
+            .with_save_mode(SaveMode::ErrorIfExists)
+            // No retry: a second creator must not write its own version 1.
+            .with_commit_properties(CommitProperties::default().with_max_retries(0));
         match lake.block_on(create.into_future()) {
             Ok(table) => lake.table = table,
-            // Another writer created it first.
-            Err(DeltaTableError::VersionAlreadyExists(_)) => lake.refresh()?,
-            Err(e) => return Err(LakeError::delta("creating")(e)),
+            Err(e) => {
+                // Another writer created it first: then the table loads.
+                if lake.refresh().is_err() {
+                    return Err(LakeError::delta("creating")(e));
+                }
+            }
         }
         Ok(lake)
+    }
+
+    /// Refuses a store that overwrites on a conditional create (Delta
+    /// commits need create-if-absent; the npm `s3rver`, for one, ignores
+    /// `If-None-Match`).
+    fn check_conditional_create(&self) -> Result<(), LakeError> {
+        let probe = format!("{STATE_DIR}/conditional-create-probe");
+        match self.storage.put_new(&probe, b"1") {
+            Ok(()) | Err(LakeError::Exists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match self.storage.put_new(&probe, b"2") {
+            Err(LakeError::Exists(_)) => Ok(()),
+            Ok(()) => Err(LakeError::Config(format!(
+                "{} overwrote an object on a create-if-absent put: Delta commits need conditional writes",
+                self.storage.url()
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens an existing lake (tools, readers); fails if there is no table.
@@ -543,22 +582,29 @@ impl Lake {
         Ok(out)
     }
 
-    /// Creates `files`, replacing an uncommitted leftover of the same name.
-    fn create_files(&mut self, files: &[NewFile]) -> Result<(), LakeError> {
+    /// Creates `files` (fresh names: see [`file_name`]); never overwrites.
+    fn create_files(&self, files: &[NewFile]) -> Result<(), LakeError> {
         for f in files {
             match self.storage.put_new(&f.path, &f.bytes) {
                 Ok(()) => {}
-                Err(LakeError::Exists(_)) => {
-                    self.refresh()?;
-                    if self.is_live(&f.path)? {
-                        return Err(LakeError::Conflict(format!("{} is already committed", f.path)));
-                    }
-                    self.storage.put(&f.path, &f.bytes)?;
+                Err(LakeError::Exists(path)) => {
+                    return Err(LakeError::Integrity(format!("{path} exists: file names must be fresh")));
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    fn check_partition(&self, topic: &str, partition: i32, previous: Option<i64>) -> Result<(), LakeError> {
+        let now = self.committed_offset(topic, partition)?;
+        if now == previous {
+            Ok(())
+        } else {
+            Err(LakeError::Conflict(format!(
+                "{topic}/{partition} was committed up to {now:?} by another writer; this one read from {previous:?}"
+            )))
+        }
     }
 
     fn add_action(f: &NewFile, added: &AddedFile, data_change: bool) -> Result<Action, LakeError> {
@@ -604,37 +650,54 @@ impl Lake {
         Ok(Some(Action::Metadata(metadata)))
     }
 
-    /// Commits `actions` with the lake's record and `txns` on the loaded
-    /// snapshot; Delta retries over commits of others that do not conflict.
+    /// Commits `actions` with the lake's record and `txns` on a fresh
+    /// snapshot on which `precondition` holds; Delta retries over commits of
+    /// others that do not conflict. A conflict on the same `txn` (another
+    /// writer of the same source partition) is [`LakeError::Conflict`];
+    /// other conflicts (a concurrent schema change) are retried on a newer
+    /// snapshot, re-checking `precondition`.
     fn commit_actions(
         &mut self,
         actions: Vec<Action>,
         txns: Vec<Transaction>,
         record: &Commit,
         operation: DeltaOperation,
+        precondition: impl Fn(&Lake) -> Result<(), LakeError>,
     ) -> Result<u64, LakeError> {
         let info = serde_json::to_value(record).map_err(|e| LakeError::Config(format!("commit record: {e}")))?;
-        let props = CommitProperties::default()
-            .with_application_transactions(txns)
-            .with_metadata([(COMMIT_INFO_KEY.to_string(), info)])
-            .with_max_retries(50);
-        let log_store: LogStoreRef = self.table.log_store();
-        let runtime = self.runtime.clone();
-        let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
-        let done = runtime.block_on(
-            CommitBuilder::from(props).with_actions(actions).build(Some(snapshot), log_store, operation).into_future(),
-        );
-        let version = match done {
-            Ok(finalized) => finalized.version,
-            Err(e) => {
-                return Err(match is_conflict(&e) {
-                    Some(c) => LakeError::Conflict(c.to_string()),
-                    None => LakeError::delta("committing")(e),
-                });
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Checked on exactly the snapshot the commit is built on: Delta's
+            // conflict check covers every version after it.
+            self.refresh()?;
+            precondition(self)?;
+            let props = CommitProperties::default()
+                .with_application_transactions(txns.clone())
+                .with_metadata([(COMMIT_INFO_KEY.to_string(), info.clone())])
+                .with_max_retries(50);
+            let log_store: LogStoreRef = self.table.log_store();
+            let runtime = self.runtime.clone();
+            let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
+            let builder = CommitBuilder::from(props).with_actions(actions.clone());
+            let done = runtime.block_on(builder.build(Some(snapshot), log_store, operation.clone()).into_future());
+            match done {
+                Ok(finalized) => {
+                    self.refresh()?;
+                    return Ok(finalized.version);
+                }
+                Err(e) => match is_conflict(&e) {
+                    Some(CommitConflictError::ConcurrentTransaction) => {
+                        return Err(LakeError::Conflict(e.to_string()));
+                    }
+                    Some(other) if attempt < 5 => {
+                        tracing::info!(conflict = %other, attempt, "commit conflict; retrying on a newer snapshot");
+                    }
+                    Some(other) => return Err(LakeError::Conflict(other.to_string())),
+                    None => return Err(LakeError::delta("committing")(e)),
+                },
             }
-        };
-        self.refresh()?;
-        Ok(version)
+        }
     }
 
     /// Commits one source partition's files, offsets and rejected records
@@ -645,12 +708,7 @@ impl Lake {
     pub fn commit_partition(&mut self, c: PartitionCommit<'_>) -> Result<Commit, LakeError> {
         let PartitionCommit { topic, partition, previous, range, files, rejected, committed_at } = c;
         self.refresh()?;
-        let now = self.committed_offset(topic, partition)?;
-        if now != previous {
-            return Err(LakeError::Conflict(format!(
-                "{topic}/{partition} was committed up to {now:?} by another writer; this one read from {previous:?}"
-            )));
-        }
+        self.check_partition(topic, partition, previous)?;
         self.create_files(&files)?;
         let mut record = Commit {
             seq: 0,
@@ -674,8 +732,40 @@ impl Lake {
             partition_by: Some(PARTITION_COLUMNS.iter().map(|c| c.to_string()).collect()),
             predicate: None,
         };
-        record.seq = self.commit_actions(actions, vec![txn], &record, operation)?;
+        let check = |lake: &Lake| lake.check_partition(topic, partition, previous);
+        match self.commit_actions(actions, vec![txn], &record, operation, check) {
+            Ok(seq) => record.seq = seq,
+            Err(LakeError::Conflict(why)) => {
+                // A commit whose answer was lost (an S3 timeout after the put
+                // landed) conflicts with itself on the retry: find it.
+                self.refresh()?;
+                if self.committed_offset(topic, partition)? == Some(range.1)
+                    && let Some(seq) = self.find_own_commit(&record)?
+                {
+                    record.seq = seq;
+                    return Ok(record);
+                }
+                return Err(LakeError::Conflict(why));
+            }
+            Err(e) => return Err(e),
+        }
         Ok(record)
+    }
+
+    /// The version of a recent commit equal to `record` (same writer, offsets
+    /// and files), if any.
+    fn find_own_commit(&self, record: &Commit) -> Result<Option<u64>, LakeError> {
+        let Some(latest) = self.version() else { return Ok(None) };
+        for v in (latest.saturating_sub(64)..=latest).rev() {
+            if let Some(c) = self.commit(v)?
+                && c.writer == record.writer
+                && c.offsets == record.offsets
+                && c.added == record.added
+            {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
     }
 
     /// Replaces `removed` (live files) by `added` in one commit whose actions
@@ -689,11 +779,15 @@ impl Lake {
         committed_at: i64,
         writer: &str,
     ) -> Result<Commit, LakeError> {
+        let all_live = |lake: &Lake| -> Result<(), LakeError> {
+            let live = lake.files()?;
+            match removed.iter().find(|r| !live.iter().any(|l| l.path == r.path)) {
+                Some(gone) => Err(LakeError::Conflict(format!("{} was removed by another commit", gone.path))),
+                None => Ok(()),
+            }
+        };
         self.refresh()?;
-        let live = self.files()?;
-        if let Some(gone) = removed.iter().find(|r| !live.iter().any(|l| l.path == r.path)) {
-            return Err(LakeError::Conflict(format!("{} was removed by another commit", gone.path)));
-        }
+        all_live(self)?;
         self.create_files(&added)?;
         let removed_at = self.storage_now()?;
         let mut record = Commit {
@@ -726,7 +820,7 @@ impl Lake {
         }
         let target = added.iter().map(|f| f.bytes.len() as i64).max().unwrap_or_default();
         let operation = DeltaOperation::Optimize { predicate: None, target_size: target };
-        record.seq = self.commit_actions(actions, Vec::new(), &record, operation)?;
+        record.seq = self.commit_actions(actions, Vec::new(), &record, operation, all_live)?;
         Ok(record)
     }
 
@@ -758,11 +852,12 @@ impl Lake {
     /// to committing it (seconds) and the longest a reader holds an old
     /// snapshot (a training job).
     pub fn vacuum(&mut self, retention: std::time::Duration) -> Result<VacuumReport, LakeError> {
+        // The files of every commit up to now are kept: vacuum treats files
+        // its snapshot does not name as untracked.
+        self.refresh()?;
         // "At least": ages are in whole milliseconds and Delta deletes only older ones.
         let now = StorageClock(self.storage_now()? + 1);
-        let hours = i64::try_from(retention.as_secs() / 3600).unwrap_or(i64::MAX);
-        let minutes = i64::try_from((retention.as_secs() % 3600) / 60).unwrap_or(0);
-        let period = chrono_duration(hours, minutes);
+        let period = chrono::Duration::milliseconds(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         let builder = self
             .table
             .clone()
@@ -794,10 +889,6 @@ impl deltalake_core::operations::vacuum::Clock for StorageClock {
     fn current_timestamp_millis(&self) -> i64 {
         self.0
     }
-}
-
-fn chrono_duration(hours: i64, minutes: i64) -> chrono::Duration {
-    chrono::Duration::hours(hours) + chrono::Duration::minutes(minutes)
 }
 
 #[cfg(test)]
@@ -909,10 +1000,19 @@ mod tests {
         let files = lake.files().unwrap();
         assert_eq!(files, vec![LiveFile { path: kept_path.clone(), rows: 10, bytes: 8 }]);
         assert!(dir.path().join(&ghost.path).exists(), "the leftover is on disk but in no snapshot");
-        // The same range again commits cleanly over the leftover of the same name.
-        let c = lake.commit_partition(pc(1, Some(9), (10, 19), vec![new_file(10, 19, b"y")], 2)).unwrap();
-        assert_eq!(storage.get(&ghost.path).unwrap().as_deref(), Some(&b"y"[..]));
+        // The same range again commits cleanly beside the leftover (file
+        // names are fresh), which stays out of every snapshot.
+        let again = new_file(10, 19, b"y");
+        assert_ne!(again.path, ghost.path, "names are never reused");
+        let again_path = again.path.clone();
+        let c = lake.commit_partition(pc(1, Some(9), (10, 19), vec![again], 2)).unwrap();
         assert_eq!(lake.committed_offset("rewards", 1).unwrap(), Some(19));
+        let live: Vec<String> = lake.files().unwrap().into_iter().map(|f| f.path).collect();
+        let mut want = vec![kept_path.clone(), again_path];
+        want.sort();
+        assert_eq!(live, want);
+        assert_eq!(lake.vacuum(std::time::Duration::ZERO).unwrap().deleted, 1, "vacuum deletes the leftover");
+        assert!(!dir.path().join(&ghost.path).exists());
         assert_eq!(lake.commits_of("rewards/1", None).unwrap().len(), 2);
         assert_eq!(lake.commits_of("rewards/1", Some(c.seq - 1)).unwrap(), vec![c]);
         // An older snapshot still shows one file (time travel).
@@ -936,6 +1036,33 @@ mod tests {
         lake.refresh().unwrap();
         assert_eq!(lake.committed_offset("rewards", 1).unwrap(), Some(19));
         assert_eq!(lake.committed_offset("rewards", 2).unwrap(), Some(0));
+    }
+
+    /// The window the pre-check cannot close: a writer that checked the
+    /// partition's `txn` just before another writer committed it. Delta's
+    /// conflict check, on commits built the way `commit_actions` builds them,
+    /// refuses it; another partition on the same stale snapshot goes through.
+    #[test]
+    fn delta_refuses_a_commit_racing_another_on_the_same_partition() {
+        let rt = runtime();
+        let storage = open_storage("memory://", rt.handle().clone()).unwrap();
+        let mut winner = open(&storage, &rt);
+        let stale = Lake::open(storage.clone(), rt.handle().clone()).unwrap();
+        winner.commit_partition(pc(1, None, (0, 9), Vec::new(), 1)).unwrap();
+        let commit_on_stale = |partition: i32| {
+            let txn = Transaction::new(app_id("rewards", partition), 4);
+            let props = CommitProperties::default().with_application_transactions(vec![txn]);
+            let snapshot = stale.table.snapshot().unwrap();
+            let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+            let commit = CommitBuilder::from(props).build(Some(snapshot), stale.table.log_store(), operation);
+            rt.block_on(commit.into_future())
+        };
+        let err = commit_on_stale(1).expect_err("the racing commit must be refused");
+        assert!(matches!(is_conflict(&err), Some(CommitConflictError::ConcurrentTransaction)), "{err}");
+        commit_on_stale(2).unwrap();
+        winner.refresh().unwrap();
+        assert_eq!(winner.committed_offset("rewards", 1).unwrap(), Some(9), "the winner's offset stands");
+        assert_eq!(winner.committed_offset("rewards", 2).unwrap(), Some(4));
     }
 
     #[test]

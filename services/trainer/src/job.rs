@@ -1,8 +1,8 @@
 //! One training job: a train request in, a PEFT adapter and a model
 //! candidate out. Reads exactly the shards the request pins (refusing any
-//! whose content hash differs, or that is not in the Delta table version the
-//! request names: the snapshot the trigger saw, still readable after
-//! compaction until vacuum), splits train/holdout deterministically by a
+//! whose content hash differs, or that the Delta commit the request names
+//! did not add: the files the trigger saw, still readable after compaction
+//! until vacuum), splits train/holdout deterministically by a
 //! salted hash of `suggestion_id`, trains the request's objective, and
 //! evaluates candidate and parent on the holdout.
 
@@ -68,8 +68,9 @@ fn read_examples(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<(String, Example)>, TrainerError> {
     let mut stores: HashMap<String, Arc<dyn Storage>> = HashMap::new();
-    // Files of each pinned snapshot, by (lake root, table version).
-    let mut snapshots: HashMap<(String, i64), HashSet<String>> = HashMap::new();
+    // Files each pinned commit added, by (lake root, table version).
+    let mut commits: HashMap<(String, i64), HashSet<String>> = HashMap::new();
+    let mut lakes: HashMap<String, Lake> = HashMap::new();
     let mut out = Vec::new();
     for shard in &req.shards {
         let store = match stores.get(&shard.lake_root) {
@@ -81,17 +82,23 @@ fn read_examples(
                 s
             }
         };
+        // The commit that made the shard part of the table must name it
+        // (one log entry read per version, not a snapshot load).
         if let Some(version) = shard.table_version {
             let key = (shard.lake_root.clone(), version);
-            if !snapshots.contains_key(&key) {
+            if !commits.contains_key(&key) {
                 let at = u64::try_from(version)
                     .map_err(|_| TrainerError::Format(format!("shard {}: table version {version}", shard.shard_id)))?;
-                let lake = Lake::open_at(store.clone(), runtime.clone(), at)
-                    .map_err(|e| TrainerError::Format(e.to_string()))?;
-                let files = lake.files().map_err(|e| TrainerError::Format(e.to_string()))?;
-                snapshots.insert(key.clone(), files.into_iter().map(|f| f.path).collect());
+                if !lakes.contains_key(&shard.lake_root) {
+                    let lake =
+                        Lake::open(store.clone(), runtime.clone()).map_err(|e| TrainerError::Format(e.to_string()))?;
+                    lakes.insert(shard.lake_root.clone(), lake);
+                }
+                let record = lakes[&shard.lake_root].commit(at).map_err(|e| TrainerError::Format(e.to_string()))?;
+                let added = record.map(|c| c.added).unwrap_or_default();
+                commits.insert(key.clone(), added.into_iter().map(|f| f.path).collect());
             }
-            if !snapshots[&key].contains(&shard.uri) {
+            if !commits[&key].contains(&shard.uri) {
                 return Err(TrainerError::Format(format!(
                     "shard {} ({}) is not in table version {version} of {}: not committed data",
                     shard.shard_id, shard.uri, shard.lake_root
