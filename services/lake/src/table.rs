@@ -190,12 +190,33 @@ pub struct Rejected {
     pub reason_code: String,
     /// What is wrong.
     pub reason: String,
-    /// Original key.
-    #[serde(default)]
+    /// Original key (base64 in the commit record).
+    #[serde(default, with = "base64_bytes")]
     pub key: Option<Vec<u8>>,
-    /// Original value.
-    #[serde(default)]
+    /// Original value (base64 in the commit record).
+    #[serde(default, with = "base64_bytes")]
     pub value: Option<Vec<u8>>,
+}
+
+/// Bytes as base64 strings in the Delta log's JSON (a third the size of a
+/// JSON array of numbers, which every reader of the log would parse).
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| STANDARD.decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// What the lake records of one Delta commit (in its `commitInfo`).
@@ -350,19 +371,28 @@ pub fn table_schema(file_schema: &Schema) -> Result<StructType, LakeError> {
     Ok(schema)
 }
 
-/// The columns of `wanted` the table lacks, appended to the table's schema
-/// (columns are only ever added, so this is the newer schema); `None` when
-/// nothing is new.
+/// The columns of `wanted` the table lacks, top-level or inside struct
+/// columns, added to the table's schema (columns are only ever added, so
+/// this is the newer schema); `None` when nothing is new.
 fn evolved(current: &StructType, wanted: &StructType) -> Result<Option<StructType>, LakeError> {
-    let new: Vec<StructField> = wanted.fields().filter(|f| current.field(f.name()).is_none()).cloned().collect();
-    if new.is_empty() {
+    let mut changed = false;
+    let mut fields: Vec<StructField> = Vec::new();
+    for f in current.fields() {
+        let merged = match (f.data_type(), wanted.field(f.name()).map(StructField::data_type)) {
+            (DeltaType::Struct(have), Some(DeltaType::Struct(want))) => evolved(have, want)?
+                .map(|inner| StructField::new(f.name().clone(), DeltaType::Struct(Box::new(inner)), f.is_nullable())),
+            _ => None,
+        };
+        changed |= merged.is_some();
+        fields.push(merged.unwrap_or_else(|| f.clone()));
+    }
+    for f in wanted.fields().filter(|f| current.field(f.name()).is_none()) {
+        changed = true;
+        fields.push(StructField::new(f.name().clone(), f.data_type().clone(), true));
+    }
+    if !changed {
         return Ok(None);
     }
-    let fields: Vec<StructField> = current
-        .fields()
-        .cloned()
-        .chain(new.into_iter().map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true)))
-        .collect();
     StructType::try_new(fields).map(Some).map_err(|e| LakeError::Config(format!("evolving the table schema: {e}")))
 }
 
@@ -930,6 +960,34 @@ mod tests {
             Some("0")
         );
         assert!(partition_values("rewards/x.parquet").is_err());
+    }
+
+    #[test]
+    fn new_columns_are_added_at_the_top_and_inside_structs() {
+        let file = RewardSchemas::released().unwrap().file_schema().unwrap();
+        let current = table_schema(&file).unwrap();
+        assert_eq!(evolved(&current, &current).unwrap(), None, "nothing new");
+        let mut fields: Vec<Field> = file.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for f in &mut fields {
+            if let DataType::Struct(inner) = f.data_type() {
+                let mut inner: Vec<Field> = inner.iter().map(|x| x.as_ref().clone()).collect();
+                inner.push(Field::new("added_inside", DataType::Int64, true));
+                *f = Field::new(f.name(), DataType::Struct(inner.into()), f.is_nullable());
+            }
+        }
+        fields.push(Field::new("added_on_top", DataType::Utf8, true));
+        let wanted = table_schema(&Schema::new(fields)).unwrap();
+        let next = evolved(&current, &wanted).unwrap().expect("columns were added");
+        assert!(next.field("added_on_top").is_some_and(|f| f.is_nullable()));
+        for name in ["components", "signals", "lineage"] {
+            let Some(DeltaType::Struct(inner)) = next.field(name).map(StructField::data_type) else {
+                panic!("{name} is a struct")
+            };
+            assert!(inner.field("added_inside").is_some(), "{name} gained the nested column");
+        }
+        let names = |t: &StructType| t.fields().map(|f| f.name().clone()).collect::<Vec<_>>();
+        assert_eq!(names(&next)[..names(&current).len()], names(&current)[..], "existing columns keep their order");
+        assert_eq!(evolved(&next, &wanted).unwrap(), None, "applied once");
     }
 
     fn runtime() -> tokio::runtime::Runtime {
