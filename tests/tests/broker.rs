@@ -57,9 +57,11 @@ async fn produce(topic: &str, n: usize) -> HashMap<String, i32> {
     acked
 }
 
+/// A group consumer in the at-least-once pattern: offsets stored after
+/// each record is handled, committed by librdkafka's auto-commit.
 fn consumer(group: &str, topic: &str) -> BaseConsumer {
-    let c: BaseConsumer =
-        kafka_args().client_config(&ClientRole::Consumer { group_id: group.into() }).unwrap().create().unwrap();
+    let mut config = kafka_args().client_config(&ClientRole::Consumer { group_id: group.into() }).unwrap();
+    let c: BaseConsumer = config.set("enable.auto.commit", "true").create().unwrap();
     c.subscribe(&[topic]).unwrap();
     c
 }

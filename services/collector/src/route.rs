@@ -108,8 +108,7 @@ pub fn follow_registry(
 ) -> Result<(), CollectorError> {
     readiness.set("registry", false);
     // Assigned, never subscribed: the group id is only a required name.
-    let mut config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-collector-registry".into() })?;
-    config.set("enable.auto.commit", "false");
+    let config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-collector-registry".into() })?;
     let consumer: BaseConsumer =
         config.create().map_err(|e| flywheel_core::Error::kafka("creating registry consumer", e))?;
     // Wait for the topic: the collector must start (and answer 503 from

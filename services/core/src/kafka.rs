@@ -84,9 +84,10 @@ pub enum ClientRole {
     /// Idempotent producer with `acks=all`: a record acknowledged is durable
     /// and retries never duplicate it within a producer session.
     Producer,
-    /// Group consumer that stores offsets only after the record's effects are
-    /// durable (`enable.auto.offset.store=false`). Group offsets are for
-    /// monitoring; services seek to offsets kept in their own sinks.
+    /// Group consumer that commits no offset by itself
+    /// (`enable.auto.commit=false`, `enable.auto.offset.store=false`): the
+    /// services keep their offsets in their own sinks and seek to them; a
+    /// service mirrors them into the group, for lag monitoring, explicitly.
     Consumer {
         /// Consumer group id.
         group_id: String,
@@ -117,7 +118,7 @@ impl KafkaArgs {
             }
             ClientRole::Consumer { group_id } => {
                 set("group.id", group_id);
-                set("enable.auto.commit", "true");
+                set("enable.auto.commit", "false");
                 set("enable.auto.offset.store", "false");
                 set("auto.offset.reset", "earliest");
                 set("session.timeout.ms", &self.session_timeout_ms.to_string());
@@ -238,8 +239,7 @@ pub fn read_back(
     timeout: Duration,
     mut visit: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<()> {
-    let mut config = args.client_config(&ClientRole::Consumer { group_id: reader.to_string() })?;
-    config.set("enable.auto.commit", "false");
+    let config = args.client_config(&ClientRole::Consumer { group_id: reader.to_string() })?;
     let consumer: BaseConsumer = config.create().map_err(|e| Error::kafka("creating read-back consumer", e))?;
     let highs = end_offsets(&consumer, topics)?;
     let mut tpl = TopicPartitionList::new();
@@ -366,8 +366,7 @@ impl KafkaArgs {
     /// A consumer in `group` that never commits offsets itself: the service
     /// keeps its own (state in topics or in its sink).
     pub fn manual_consumer<C: rdkafka::config::FromClientConfig>(&self, group: &str) -> Result<C> {
-        let mut config = self.client_config(&ClientRole::Consumer { group_id: group.into() })?;
-        config.set("enable.auto.commit", "false");
+        let config = self.client_config(&ClientRole::Consumer { group_id: group.into() })?;
         config.create().map_err(|e| Error::kafka("creating consumer", e))
     }
 
@@ -704,6 +703,7 @@ mod tests {
 
         let consumer = args.client_config(&ClientRole::Consumer { group_id: "g".into() }).unwrap();
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"), "no offset is committed behind a service's back");
         assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -712,8 +712,7 @@ pub fn tail(
     let topic = resolve_topic(topics, &args.topic)?;
     let name = topics.name(topic);
     // Assigned, never subscribed: the group id is only a required name.
-    let mut config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-tail".into() })?;
-    config.set("enable.auto.commit", "false");
+    let config = kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-tail".into() })?;
     let consumer: BaseConsumer = config.create().map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     let metadata = consumer
         .fetch_metadata(Some(&name), Duration::from_secs(10))

@@ -139,14 +139,13 @@ fn follow(kafka: &KafkaArgs, topics: &TopicsConfig, window_ms: i64, watch: Arc<M
         Topic::RewardMetrics,
         Topic::DeadLetters,
     ];
-    let consumer: BaseConsumer =
-        match kafka.client_config(&ClientRole::Consumer { group_id: "flywheel-up-watch".into() }).and_then(|mut c| {
-            c.set("enable.auto.commit", "false");
-            c.create().map_err(|e| flywheel_core::Error::kafka("creating the summary consumer", e))
-        }) {
-            Ok(c) => c,
-            Err(e) => return tracing::warn!(error = %e, "no live summary"),
-        };
+    let consumer: BaseConsumer = match kafka
+        .client_config(&ClientRole::Consumer { group_id: "flywheel-up-watch".into() })
+        .and_then(|c| c.create().map_err(|e| flywheel_core::Error::kafka("creating the summary consumer", e)))
+    {
+        Ok(c) => c,
+        Err(e) => return tracing::warn!(error = %e, "no live summary"),
+    };
     let names: Vec<String> = wanted.iter().map(|t| topics.name(*t)).collect();
     let mut tpl = TopicPartitionList::new();
     for (topic, t) in names.iter().zip(wanted) {

@@ -716,7 +716,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
             .common
             .kafka
             .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
-            .set("enable.auto.commit", "false")
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("queued.max.messages.kbytes", "65536")
             .create_with_context(context)

@@ -937,7 +937,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
         .common
         .kafka
         .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
-        .set("enable.auto.commit", "false")
         .create_with_context(RebalanceContext { core: core.clone() })
         .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     consumer.subscribe(&[&core.topics.input]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;

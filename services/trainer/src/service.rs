@@ -132,7 +132,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
         .common
         .kafka
         .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
-        .set("enable.auto.commit", "false")
         // A job may take long: stay in the group meanwhile.
         .set("max.poll.interval.ms", "86400000")
         .create()
