@@ -162,7 +162,12 @@ def start(args):
                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
                f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-admin.port={p['admin']}",
                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.telemetry=false"]
+               "-master.telemetry=false",
+               # Small volumes and a fixed count: by default weed sizes its
+               # volumes at 1 GiB and derives how many from the free disk
+               # space, and with under ~2 GiB free it accepts no write at all
+               # ("no volume server capacity").
+               "-master.volumeSizeLimitMB=64", "-volume.max=16"]
         with open(log, "ab") as out:
             out.write(f"\n== s3_server.py start, port base {base}: {' '.join(cmd)}\n".encode())
             out.flush()

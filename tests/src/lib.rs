@@ -525,6 +525,15 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The server's own account, for a test that failed talking to it.
+            let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- S3 server log (last 40 lines) ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         let _ = std::process::Command::new(workspace_root().join(".venv/bin/python"))
             .arg(workspace_root().join("tests/readers/s3_server.py"))
             .args(["stop", "--dir", &self.dir.path().display().to_string()])
