@@ -41,26 +41,10 @@ pub fn query(path: &str, pairs: &[(&str, &str)]) -> String {
     esc(&format!("{path}?{}", q.join("&")))
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-fn civil(days: i64) -> (i64, u32, u32) {
-    // Eras of 400 years (146,097 days) starting on March 1st, so leap days
-    // fall at the end of a year.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of epoch milliseconds.
 pub fn utc(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
-    let (y, mo, d) = civil(secs.div_euclid(86_400));
+    let (y, mo, d) = flywheel_core::civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
     format!("{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
@@ -77,7 +61,7 @@ pub fn clock(ms: i64, seconds: bool) -> String {
 
 /// `MM-DD HH:MM` (UTC).
 pub fn day_clock(ms: i64) -> String {
-    let (_, mo, d) = civil(ms.div_euclid(86_400_000));
+    let (_, mo, d) = flywheel_core::civil_from_days(ms.div_euclid(86_400_000));
     format!("{mo:02}-{d:02} {}", clock(ms, false))
 }
 

@@ -137,26 +137,9 @@ impl RewardBatcher {
         self.offsets.is_empty()
     }
 
-    /// Whether another row fits.
-    pub fn is_full(&self) -> bool {
-        self.offsets.len() >= self.batch_rows
-    }
-
     /// Adds one single-object encoded reward read at `partition`/`offset`.
     pub fn push(&mut self, bytes: &[u8], partition: i32, offset: i64) -> Result<(), LakeError> {
-        if self.is_full() {
-            return Err(LakeError::Config(format!("batch of {} rows is full", self.batch_rows)));
-        }
-        let consumed = self.decoder.decode(bytes).map_err(LakeError::avro("decoding a reward"))?;
-        if consumed != bytes.len() {
-            return Err(LakeError::Integrity(format!(
-                "decoding a reward: {consumed} of {} bytes consumed",
-                bytes.len()
-            )));
-        }
-        self.partitions.push(partition);
-        self.offsets.push(offset);
-        Ok(())
+        self.push_all(bytes, partition, &[offset])
     }
 
     /// Adds records laid end to end in `bytes` (read at `partition`, one

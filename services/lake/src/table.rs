@@ -68,27 +68,12 @@ pub fn validate_partition_value(name: &str, value: &str) -> Result<(), LakeError
     }
 }
 
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
-/// calendar (the civil-from-days algorithm of H. Hinnant).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// The Hive partition directory (relative to the lake root) of a reward of
 /// `tenant` shown at `shown_time` (ms since epoch, UTC).
 pub fn partition_dir(tenant: &str, shown_time: i64) -> Result<PathBuf, LakeError> {
     validate_partition_value("tenant", tenant)?;
     let hours = shown_time.div_euclid(3_600_000);
-    let (y, m, d) = civil_from_days(hours.div_euclid(24));
+    let (y, m, d) = flywheel_core::civil_from_days(hours.div_euclid(24));
     let hour = hours.rem_euclid(24);
     Ok(PathBuf::from(REWARDS_DIR)
         .join(format!("tenant={tenant}"))
@@ -336,9 +321,8 @@ fn register_log_stores() {
 fn delta_arrow_type(t: &DataType) -> DataType {
     match t {
         DataType::Dictionary(_, value) => delta_arrow_type(value),
-        DataType::Timestamp(_, tz) => {
-            DataType::Timestamp(TimeUnit::Microsecond, Some(tz.as_ref().map_or("UTC".into(), |_| "UTC".into())))
-        }
+        // Reward times are UTC instants.
+        DataType::Timestamp(..) => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
         DataType::Struct(fields) => DataType::Struct(delta_fields(fields)),
         DataType::List(item) => DataType::List(Arc::new(delta_field(item))),
         other => other.clone(),
@@ -358,7 +342,7 @@ fn delta_fields(fields: &Fields) -> Fields {
 /// partition columns.
 pub fn table_schema(file_schema: &Schema) -> Result<StructType, LakeError> {
     let arrow = Schema::new(delta_fields(file_schema.fields()));
-    let mut schema: StructType = (&arrow)
+    let schema: StructType = (&arrow)
         .try_into_kernel()
         .map_err(|e| LakeError::Config(format!("the reward columns have no Delta equivalent: {e}")))?;
     let mut fields: Vec<StructField> = schema.fields().cloned().collect();
@@ -367,8 +351,7 @@ pub fn table_schema(file_schema: &Schema) -> Result<StructType, LakeError> {
             fields.push(StructField::new(name, t, true));
         }
     }
-    schema = StructType::try_new(fields).map_err(|e| LakeError::Config(format!("table schema: {e}")))?;
-    Ok(schema)
+    StructType::try_new(fields).map_err(|e| LakeError::Config(format!("table schema: {e}")))
 }
 
 /// The columns of `wanted` the table lacks, top-level or inside struct
@@ -536,11 +519,6 @@ impl Lake {
         self.table.version()
     }
 
-    /// The table's URL (what `delta_scan` and `deltalake` open).
-    pub fn table_url(&self) -> String {
-        self.table.table_url().to_string()
-    }
-
     /// The table's data files in the loaded snapshot, by path.
     pub fn files(&self) -> Result<Vec<LiveFile>, LakeError> {
         let snapshot = self.table.snapshot().map_err(LakeError::delta("reading the snapshot"))?;
@@ -558,11 +536,6 @@ impl Lake {
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
-    }
-
-    /// Whether `path` is a data file of the loaded snapshot.
-    pub fn is_live(&self, path: &str) -> Result<bool, LakeError> {
-        Ok(self.files()?.iter().any(|f| f.path == path))
     }
 
     /// The last committed offset of one source partition.
