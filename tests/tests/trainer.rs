@@ -137,15 +137,17 @@ async fn a_job_learns_the_preference_writes_a_peft_adapter_and_checks_shard_hash
     // A shard whose bytes differ from the pinned hash: refused, nothing written.
     let mut tampered = request(&shards, "req-2");
     tampered.shards[0].content_sha256 = "0".repeat(64);
-    let err =
-        tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
+    let err = tokio::task::block_in_place(|| run_job(&tampered, &settings, &runtime, &mut |_| {})).unwrap_err();
+    assert_eq!(err.reason_code(), "shard_hash_mismatch", "{err}");
+    let err = err.to_string();
     assert!(err.contains("the request pins"), "{err}");
     // A shard pinned to a table version whose snapshot does not hold it
     // (version 0 is the table's creation, before any file): refused.
     let mut unpinned = request(&shards, "req-3");
     unpinned.shards[0].table_version = Some(0);
-    let err =
-        tokio::task::block_in_place(|| run_job(&unpinned, &settings, &runtime, &mut |_| {})).unwrap_err().to_string();
+    let err = tokio::task::block_in_place(|| run_job(&unpinned, &settings, &runtime, &mut |_| {})).unwrap_err();
+    assert_eq!(err.reason_code(), "shard_not_in_commit", "{err}");
+    let err = err.to_string();
     assert!(err.contains("is not in table version 0"), "{err}");
     let written: Vec<_> = std::fs::read_dir(dir.path().join("adapters/acme")).unwrap().collect();
     assert_eq!(written.len(), 1, "only the first request's adapter exists");
@@ -204,7 +206,7 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     assert!(["cpu", "cpu-bf16"].contains(&got[0].device.as_str()), "{}", got[0].device);
     let letters = dead();
     assert_eq!(letters.len(), 1);
-    assert_eq!((letters[0].service.as_str(), letters[0].reason_code.as_str()), ("trainer", "train_failed"));
+    assert_eq!((letters[0].service.as_str(), letters[0].reason_code.as_str()), ("trainer", "shard_hash_mismatch"));
     assert!(letters[0].reason.contains("the request pins"), "{}", letters[0].reason);
     stop.cancel();
     task.await.unwrap();

@@ -79,6 +79,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A service's task panicked (a bug: the message says where).
+    #[error("{task} panicked: {detail}")]
+    Panicked {
+        /// Which task.
+        task: String,
+        /// The panic message.
+        detail: String,
+    },
+    /// Work still running when the drain timeout after SIGTERM/SIGINT ran
+    /// out was abandoned (it is redone after a restart: nothing is lost).
+    #[error("{remaining} task(s) still running after the drain timeout of {timeout:?}; abandoned")]
+    DrainTimeout {
+        /// Tasks abandoned.
+        remaining: usize,
+        /// The drain timeout.
+        timeout: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -96,12 +113,27 @@ impl Error {
             Error::Config(_) => "config",
             Error::Kafka { .. } | Error::ReadBack(_) => "kafka",
             Error::Io { .. } => "io",
+            Error::Panicked { .. } => "panicked",
+            Error::DrainTimeout { .. } => "drain_timeout",
         }
     }
 
     /// Wraps a Kafka error with context.
     pub fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka { context: context.into(), source }
+    }
+
+    /// A panicked task's error, with the panic message when there is one.
+    pub fn panicked(task: impl Into<String>, join: tokio::task::JoinError) -> Self {
+        let detail = match join.try_into_panic() {
+            Ok(payload) => match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+                (Some(s), _) => (*s).to_string(),
+                (None, Some(s)) => s.clone(),
+                (None, None) => "a non-text panic payload".to_string(),
+            },
+            Err(join) => join.to_string(),
+        };
+        Error::Panicked { task: task.into(), detail }
     }
 
     /// Wraps an I/O error with context.

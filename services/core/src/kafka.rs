@@ -357,6 +357,115 @@ pub async fn poll_async<'a, C: ConsumerContext>(
     None
 }
 
+/// One record read by a [`TopicFollower`], owned (control-plane records are
+/// small, and an owned record can be kept across awaits).
+#[derive(Debug, Clone)]
+pub struct Followed {
+    /// Topic name.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// The value, if the record has one.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Reads topics from their beginning, knows when it has read the history
+/// they held when it started, and then follows them: how a service that
+/// keeps its whole state in topics (the trigger, the gate) rebuilds it on
+/// start and stays current. Partitions are assigned (no group is joined).
+pub struct TopicFollower {
+    consumer: BaseConsumer,
+    remaining: std::collections::HashMap<(String, i32), i64>,
+}
+
+impl std::fmt::Debug for TopicFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicFollower").field("remaining", &self.remaining).finish_non_exhaustive()
+    }
+}
+
+impl TopicFollower {
+    /// Assigns every partition of `topics` from offset 0 through a client
+    /// named `reader`.
+    pub fn from_beginning(args: &KafkaArgs, reader: &str, topics: &[&str]) -> Result<TopicFollower> {
+        let consumer: BaseConsumer = args.manual_consumer(reader)?;
+        let remaining = assign_from_beginning(&consumer, topics)?;
+        Ok(TopicFollower { consumer, remaining })
+    }
+
+    /// The next record, or `None` after waiting `idle` with nothing to read
+    /// (see [`poll_async`]: the wait is an async sleep). Consume errors are
+    /// logged and read as `None`.
+    pub async fn next(&mut self, idle: Duration) -> Option<Followed> {
+        let followed = match poll_async(&self.consumer, idle).await? {
+            Ok(msg) => {
+                caught_up(&mut self.remaining, &msg);
+                Followed {
+                    topic: msg.topic().to_string(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    payload: msg.payload().map(<[u8]>::to_vec),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consume error");
+                return None;
+            }
+        };
+        Some(followed)
+    }
+
+    /// Whether every record the topics held at the start has been read.
+    pub fn caught_up(&self) -> bool {
+        self.remaining.is_empty()
+    }
+}
+
+/// Publishes typed records, each to its topic's configured name and keyed by
+/// the topic's [`key_fields`](crate::topics::Topic::key_fields), and waits for
+/// the broker's acknowledgement (the idempotent producer of
+/// [`KafkaArgs::producer`]).
+#[derive(Clone)]
+pub struct Publisher {
+    producer: rdkafka::producer::FutureProducer,
+    topics: crate::topics::TopicsConfig,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("topics", &self.topics).finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher with its own producer.
+    pub fn new(args: &KafkaArgs, topics: &crate::topics::TopicsConfig) -> Result<Publisher> {
+        Ok(Publisher { producer: args.producer()?, topics: topics.clone() })
+    }
+
+    /// Encodes `record`, keys it and sends it to `topic`; refuses a record of
+    /// another kind than the topic carries.
+    pub async fn publish<R: crate::AvroRecord>(&self, topic: crate::topics::Topic, record: &R) -> Result<()> {
+        if topic.record_kind() != R::KIND {
+            return Err(Error::WrongKind { expected: topic.record_kind(), found: R::KIND });
+        }
+        let bytes = crate::codec::encode(record)?;
+        let key = topic.key_of(record)?;
+        let name = self.topics.name(topic);
+        let mut message = rdkafka::producer::FutureRecord::to(&name).payload(&bytes);
+        if let Some(key) = &key {
+            message = message.key(key);
+        }
+        self.producer
+            .send(message, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| Error::kafka(format!("publishing a {} record to {name}", R::KIND), e))?;
+        Ok(())
+    }
+}
+
 impl KafkaArgs {
     /// An idempotent producer (`acks=all`) for async sends.
     pub fn producer(&self) -> Result<rdkafka::producer::FutureProducer> {

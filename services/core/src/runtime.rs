@@ -31,16 +31,26 @@ use crate::error::{Error, Result};
 #[macro_export]
 macro_rules! service_main {
     ($config:ty, $run:path) => {
-        #[::tokio::main]
-        async fn main() -> ::anyhow::Result<()> {
+        fn main() -> ::anyhow::Result<()> {
             let config = <$config as ::clap::Parser>::parse();
             $crate::runtime::init_tracing(&config.common.service.log)?;
-            let shutdown = $crate::runtime::shutdown_on_signals();
-            $run(config, shutdown).await?;
+            let runtime = ::tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = runtime.block_on(async move {
+                let shutdown = $crate::runtime::shutdown_on_signals();
+                $run(config, shutdown).await
+            });
+            // A worker thread still busy after the drain timeout must not keep
+            // the process alive: what it did not finish is redone on restart.
+            runtime.shutdown_timeout($crate::runtime::RUNTIME_SHUTDOWN_GRACE);
+            result?;
             Ok(())
         }
     };
 }
+
+/// How long a service binary waits, after its `run` returned, for blocking
+/// threads that are still busy before it exits anyway.
+pub const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -143,11 +153,12 @@ async fn wait_for_signal() -> &'static str {
 }
 
 /// Waits for every task of a service to finish after shutdown began, at most
-/// `timeout`; tasks still running then are aborted and reported. Returns the
-/// first task error, if any.
+/// `timeout`; tasks still running then are aborted and the result is
+/// [`Error::DrainTimeout`]. Otherwise returns the first task error, if any (a
+/// panicked task is [`Error::Panicked`]).
 pub async fn drain<E>(mut tasks: JoinSet<std::result::Result<(), E>>, timeout: Duration) -> std::result::Result<(), E>
 where
-    E: std::fmt::Display + 'static,
+    E: std::fmt::Display + From<Error> + 'static,
 {
     let mut first_error = None;
     let deadline = tokio::time::sleep(timeout);
@@ -161,11 +172,17 @@ where
                     tracing::error!(error = %e, "task failed");
                     first_error.get_or_insert(e);
                 }
-                Some(Err(join)) => tracing::error!(error = %join, "task panicked or was cancelled"),
+                Some(Err(join)) => {
+                    let e = Error::panicked("a service task", join);
+                    tracing::error!(error = %e, "task ended abnormally");
+                    first_error.get_or_insert(E::from(e));
+                }
             },
             _ = &mut deadline => {
-                tracing::warn!(remaining = tasks.len(), ?timeout, "drain timeout reached; aborting remaining tasks");
+                let remaining = tasks.len();
+                tracing::warn!(remaining, ?timeout, "drain timeout reached; aborting remaining tasks");
                 tasks.abort_all();
+                first_error.get_or_insert(E::from(Error::DrainTimeout { remaining, timeout }));
                 break;
             }
         }
@@ -173,9 +190,9 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
-/// Runs a service's blocking worker loop on the blocking pool. The loop gets
-/// a child of `shutdown` to watch; it is cancelled when `shutdown` is, and
-/// also when the returned future is dropped (the runtime shutting down, a
+/// Runs a blocking loop on the blocking pool. The loop gets a child of
+/// `shutdown` to watch; it is cancelled when `shutdown` is, and also when the
+/// returned future is dropped (the runtime shutting down, a drain timeout, a
 /// test that panicked), so a worker can never keep its runtime from exiting.
 pub async fn blocking_worker<T, F>(
     shutdown: &CancellationToken,
@@ -190,6 +207,113 @@ where
     let result = tokio::task::spawn_blocking(move || work(token)).await;
     guard.disarm();
     result
+}
+
+/// Readiness check that fails from the moment a service starts draining, so
+/// load balancers and `kubectl rollout` stop counting on it at once.
+pub const DRAINING: &str = "draining";
+
+/// The lifecycle every service shares: its metrics registry and readiness
+/// checks, the operations endpoint, and one worker that does the service's
+/// own work. [`ServiceHarness::run`] (an async worker) and
+/// [`ServiceHarness::run_blocking`] (a loop on its own thread: Kafka consume
+/// loops, whose client is blocking) behave the same way:
+///
+/// - the ops endpoint answers from before the worker starts until after it
+///   ended, so `/readyz` reports `draining` during the drain;
+/// - on shutdown the worker's token is cancelled and it gets
+///   `--drain-timeout-secs` to finish; then it is abandoned and `run` returns
+///   [`Error::DrainTimeout`] (the binary exits non-zero; nothing is lost,
+///   since every service commits its input position only after its outputs);
+/// - a worker that ends by itself (an error, a panic) ends the service.
+pub struct ServiceHarness {
+    name: &'static str,
+    args: ServiceArgs,
+    registry: Registry,
+    readiness: Readiness,
+    routes: Option<Router>,
+}
+
+impl std::fmt::Debug for ServiceHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHarness").field("name", &self.name).field("args", &self.args).finish_non_exhaustive()
+    }
+}
+
+impl ServiceHarness {
+    /// A harness for the service `name` (used in logs) with its common flags.
+    pub fn new(name: &'static str, args: &ServiceArgs) -> ServiceHarness {
+        let readiness = Readiness::default();
+        readiness.set(DRAINING, true);
+        ServiceHarness { name, args: args.clone(), registry: Registry::default(), readiness, routes: None }
+    }
+
+    /// The registry `/metrics` serves; register the service's metrics here.
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The readiness checks `/readyz` reports.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Adds routes (a service's own HTTP API) to the ops endpoint.
+    pub fn with_routes(mut self, routes: Router) -> ServiceHarness {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Serves the ops endpoint and runs `worker` (given a token cancelled at
+    /// shutdown) until it ends, or until shutdown plus the drain timeout.
+    pub async fn run<E, W, Fut>(self, shutdown: CancellationToken, worker: W) -> std::result::Result<(), E>
+    where
+        E: std::fmt::Display + From<Error> + Send + 'static,
+        W: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
+    {
+        let ServiceHarness { name, args, registry, readiness, routes } = self;
+        let ops_shutdown = CancellationToken::new();
+        let ops = OpsServer::start(args.ops_listen, readiness.clone(), registry, routes, ops_shutdown.clone()).await?;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(worker(shutdown.child_token()));
+        let result = tokio::select! {
+            ended = tasks.join_next() => match ended {
+                Some(Ok(result)) => result,
+                Some(Err(join)) => Err(E::from(Error::panicked(format!("the {name} worker"), join))),
+                None => Ok(()),
+            },
+            _ = shutdown.cancelled() => {
+                readiness.set(DRAINING, false);
+                tracing::info!(service = name, timeout = ?args.drain_timeout(), "draining");
+                drain(tasks, args.drain_timeout()).await
+            }
+        };
+        match &result {
+            Ok(()) => tracing::info!(service = name, "stopped"),
+            Err(e) => tracing::error!(service = name, error = %e, "stopped with an error"),
+        }
+        ops_shutdown.cancel();
+        let _ = ops.task.await;
+        result
+    }
+
+    /// [`ServiceHarness::run`] with a blocking loop on its own thread. The
+    /// loop must watch its token between units of work.
+    pub async fn run_blocking<E, W>(self, shutdown: CancellationToken, worker: W) -> std::result::Result<(), E>
+    where
+        E: std::fmt::Display + From<Error> + Send + 'static,
+        W: FnOnce(CancellationToken) -> std::result::Result<(), E> + Send + 'static,
+    {
+        let name = self.name;
+        self.run(shutdown, move |token| async move {
+            match blocking_worker(&token, worker).await {
+                Ok(result) => result,
+                Err(join) => Err(E::from(Error::panicked(format!("the {name} worker thread"), join))),
+            }
+        })
+        .await
+    }
 }
 
 /// Named readiness checks. `/readyz` answers 200 only when every registered

@@ -114,6 +114,38 @@ impl Topic {
         }
     }
 
+    /// The Kafka key of a record of this topic in JSON form: its
+    /// [`key_fields`](Topic::key_fields) joined with `/` (a null or missing
+    /// field as an empty string, a number as its decimal text); `None` for a
+    /// topic whose key is carried over (dead letters).
+    pub fn key_of_json(self, json: &serde_json::Value) -> Option<String> {
+        let fields = self.key_fields();
+        if fields.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = fields
+            .iter()
+            .map(|f| match json.get(f) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            })
+            .collect();
+        Some(parts.join("/"))
+    }
+
+    /// The Kafka key of a typed record of this topic (see
+    /// [`key_of_json`](Topic::key_of_json)). For control-plane records:
+    /// it goes through a JSON value.
+    pub fn key_of<R: serde::Serialize>(self, record: &R) -> Result<Option<String>> {
+        if self.key_fields().is_empty() {
+            return Ok(None);
+        }
+        let json = serde_json::to_value(record)
+            .map_err(|e| Error::Encode { kind: self.record_kind(), detail: format!("reading its key fields: {e}") })?;
+        Ok(self.key_of_json(&json))
+    }
+
     /// Default partition count. High-volume topics get several; control-plane
     /// topics one, so their order is total.
     pub fn default_partitions(self) -> i32 {
@@ -288,6 +320,39 @@ mod tests {
         assert!(err.contains("unknown topic 'interaction'"), "{err}");
         let bad: TopicsConfig = toml::from_str("prefix = \"../x\"\n").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    fn fixture<R: crate::AvroRecord>(name: &str) -> R {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/fixtures").join(name);
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn typed_keys_are_the_key_fields_joined() {
+        use crate::records::{DeadLetter, RegistryEntry, RewardMetrics, TrainRequest};
+        let entry: RegistryEntry = fixture("registry_entry.canary.json");
+        let key = Topic::ModelRegistry.key_of(&entry).unwrap();
+        assert_eq!(key, Some(format!("{}/{}", entry.tenant, entry.base_model)));
+        let request: TrainRequest = fixture("train_request.reinforce.json");
+        assert_eq!(Topic::TrainRequests.key_of(&request).unwrap(), Some(request.request_id.clone()));
+        let mut window: RewardMetrics = fixture("reward_metrics.window.json");
+        window.adapter_version = None;
+        let key = Topic::RewardMetrics.key_of(&window).unwrap().unwrap();
+        assert_eq!(key, format!("{}/{}/", window.tenant, window.model_id), "a missing field is an empty part");
+        let letter: DeadLetter = fixture("dead_letter.malformed.json");
+        assert_eq!(Topic::DeadLetters.key_of(&letter).unwrap(), None, "dead letters carry the original key");
+    }
+
+    #[tokio::test]
+    async fn the_publisher_refuses_a_record_of_another_kind() {
+        use crate::records::RegistryEntry;
+        let entry: RegistryEntry = fixture("registry_entry.canary.json");
+        // No broker is contacted: the kind check comes first.
+        let publisher =
+            crate::kafka::Publisher::new(&crate::kafka::KafkaArgs::local("127.0.0.1:1"), &TopicsConfig::default())
+                .unwrap();
+        let err = publisher.publish(Topic::Rewards, &entry).await.unwrap_err();
+        assert!(matches!(err, Error::WrongKind { .. }), "{err}");
     }
 
     #[test]

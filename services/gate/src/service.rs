@@ -11,20 +11,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{assign_from_beginning, caught_up, poll_async};
+use flywheel_core::codec::decode;
+use flywheel_core::kafka::{Publisher, TopicFollower};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::BaseConsumer;
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
@@ -105,75 +102,71 @@ fn action_name(a: ReleaseAction) -> &'static str {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GateError> {
     let topics = config.common.topics.load()?;
     let policies = Policies::load_or_default(config.policy.as_deref())?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("gate", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("caught_up", false);
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
-    let names = [Topic::ModelRegistry, Topic::ModelCandidates, Topic::RewardMetrics].map(|t| topics.name(t));
-    let kafka = &config.common.kafka;
-    let producer: FutureProducer = kafka.producer()?;
-    let consumer: BaseConsumer = kafka.manual_consumer("flywheel-gate")?;
-    let mut remaining = assign_from_beginning(&consumer, &names.each_ref().map(String::as_str))?;
-    let mut state = GateState::default();
-    let every = Duration::from_millis(config.evaluate_every_ms.max(100));
-    let mut last_look = Instant::now();
-    let mut changed = false;
-    tracing::info!(candidates = %names[1], metrics = %names[2], registry = %names[0], "gate started");
-    while !shutdown.is_cancelled() {
-        let polled = poll_async(&consumer, Duration::from_millis(50)).await;
-        if let Some(Ok(msg)) = polled {
-            caught_up(&mut remaining, &msg);
-            let payload = msg.payload().unwrap_or_default();
-            let skipped =
-                |what: &str| tracing::warn!(topic = msg.topic(), offset = msg.offset(), "undecodable {what} skipped");
-            if msg.topic() == names[0] {
-                match decode::<RegistryEntry>(payload) {
-                    Ok(e) => state.registry(e),
-                    Err(_) => skipped("registry entry"),
-                }
-            } else if msg.topic() == names[1] {
-                match decode::<ModelCandidate>(payload) {
-                    Ok(c) => {
-                        metrics.candidates.inc();
-                        state.candidate(c);
-                        changed = true;
+    harness
+        .run(shutdown, move |stop| async move {
+            let names = [Topic::ModelRegistry, Topic::ModelCandidates, Topic::RewardMetrics].map(|t| topics.name(t));
+            let publisher = Publisher::new(&config.common.kafka, &topics)?;
+            let mut follower = TopicFollower::from_beginning(
+                &config.common.kafka,
+                "flywheel-gate",
+                &names.each_ref().map(String::as_str),
+            )?;
+            let mut state = GateState::default();
+            let every = Duration::from_millis(config.evaluate_every_ms.max(100));
+            let mut last_look = Instant::now();
+            let mut changed = false;
+            tracing::info!(candidates = %names[1], metrics = %names[2], registry = %names[0], "gate started");
+            while !stop.is_cancelled() {
+                if let Some(record) = follower.next(Duration::from_millis(50)).await {
+                    let payload = record.payload.as_deref().unwrap_or_default();
+                    let skipped = |what: &str| {
+                        tracing::warn!(topic = %record.topic, offset = record.offset, "undecodable {what} skipped")
+                    };
+                    if record.topic == names[0] {
+                        match decode::<RegistryEntry>(payload) {
+                            Ok(e) => state.registry(e),
+                            Err(_) => skipped("registry entry"),
+                        }
+                    } else if record.topic == names[1] {
+                        match decode::<ModelCandidate>(payload) {
+                            Ok(c) => {
+                                metrics.candidates.inc();
+                                state.candidate(c);
+                                changed = true;
+                            }
+                            Err(_) => skipped("candidate"),
+                        }
+                    } else {
+                        match decode::<RewardMetrics>(payload) {
+                            Ok(m) => {
+                                metrics.windows.inc();
+                                changed |= state.metrics.add(m);
+                            }
+                            Err(_) => skipped("metrics window"),
+                        }
                     }
-                    Err(_) => skipped("candidate"),
                 }
-            } else {
-                match decode::<RewardMetrics>(payload) {
-                    Ok(m) => {
-                        metrics.windows.inc();
-                        changed |= state.metrics.add(m);
-                    }
-                    Err(_) => skipped("metrics window"),
+                if !follower.caught_up() {
+                    continue; // decide only on the whole history
+                }
+                readiness.set("caught_up", true);
+                if !changed && last_look.elapsed() < every {
+                    continue;
+                }
+                (changed, last_look) = (false, Instant::now());
+                for entry in state.step(|t, m| policies.of(t, m), flywheel_core::now_millis()) {
+                    publisher.publish(Topic::ModelRegistry, &entry).await?;
+                    let d = entry.history.last().expect("a decision was appended");
+                    metrics.decisions.get_or_create(&ActionLabels { action: action_name(d.action).into() }).inc();
+                    metrics.entry(&entry);
+                    tracing::info!(tenant = %entry.tenant, base_model = %entry.base_model, revision = entry.revision, adapter = %d.adapter_version, action = action_name(d.action), "{}", d.reason);
                 }
             }
-        }
-        if !remaining.is_empty() {
-            continue; // decide only on the whole history
-        }
-        readiness.set("caught_up", true);
-        if !changed && last_look.elapsed() < every {
-            continue;
-        }
-        (changed, last_look) = (false, Instant::now());
-        for entry in state.step(|t, m| policies.of(t, m), flywheel_core::now_millis()) {
-            let bytes = encode(&entry)?;
-            let key = format!("{}/{}", entry.tenant, entry.base_model);
-            producer
-                .send(FutureRecord::to(&names[0]).key(&key).payload(&bytes), Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| flywheel_core::Error::kafka("producing a registry entry", e))?;
-            let d = entry.history.last().expect("a decision was appended");
-            metrics.decisions.get_or_create(&ActionLabels { action: action_name(d.action).into() }).inc();
-            metrics.entry(&entry);
-            tracing::info!(tenant = %entry.tenant, base_model = %entry.base_model, revision = entry.revision, adapter = %d.adapter_version, action = action_name(d.action), "{}", d.reason);
-        }
-    }
-    shutdown.cancel();
-    let _ = ops.task.await;
-    Ok(())
+            Ok(())
+        })
+        .await
 }

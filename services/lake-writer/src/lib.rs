@@ -30,9 +30,6 @@ pub enum WriterError {
         /// The client's message.
         detail: String,
     },
-    /// The worker thread panicked.
-    #[error("the writer thread panicked: {0}")]
-    Panicked(String),
 }
 
 impl WriterError {
@@ -43,7 +40,6 @@ impl WriterError {
             WriterError::Lake(e) => e.reason_code(),
             WriterError::Config(_) => "config",
             WriterError::Kafka { .. } => "kafka_publish",
-            WriterError::Panicked(_) => "panicked",
         }
     }
 }

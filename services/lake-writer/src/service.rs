@@ -29,7 +29,7 @@ use flywheel_core::kafka::{
     ClientRole, DeliveryTracker, GroupWatch, TopicOffsets, read_back, send_blocking, stall_after, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -679,9 +679,9 @@ impl Writer {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WriterError> {
     config.check()?;
     let topics_config = config.common.topics.load()?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("lake-writer", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("consuming", false);
     let names = Names {
         rewards: topics_config.name(Topic::Rewards),
@@ -692,98 +692,97 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
     // every --roll-max-age-ms while records wait, and mirrors it within a second.
     let progress_every = Duration::from_millis(config.roll_max_age_ms) + Duration::from_secs(2);
     let stall = stall_after(config.common.kafka.session_timeout_ms, progress_every);
-    let mut watch =
-        GroupWatch::new(&names.rewards, stall, readiness.clone(), registry.sub_registry_with_prefix("lake_writer"));
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
-
+    let mut watch = GroupWatch::new(
+        &names.rewards,
+        stall,
+        readiness.clone(),
+        harness.registry().sub_registry_with_prefix("lake_writer"),
+    );
     let runtime = tokio::runtime::Handle::current();
-    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), WriterError> {
-        let storage = open_storage(&config.lake_root, runtime.clone())?;
-        let schemas = RewardSchemas::released()?;
-        let lake = Arc::new(Mutex::new(Lake::create_or_open(storage.clone(), runtime, &schemas.file_schema()?)?));
-        let producer = config.common.kafka.tracked_producer()?;
-        let probe = format!("{}-probe", config.group_id);
-        let startup_ends = topic_ends(&config.common.kafka, &probe, &[&names.shards, &names.dead])?;
-        let context = RebalanceContext {
-            lake: lake.clone(),
-            topic: names.rewards.clone(),
-            assigned: Mutex::default(),
-            revoked: Mutex::default(),
-            fatal: Mutex::default(),
-        };
-        let consumer: BaseConsumer<RebalanceContext> = config
-            .common
-            .kafka
-            .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
-            .set("partition.assignment.strategy", "range,roundrobin")
-            .set("queued.max.messages.kbytes", "65536")
-            .create_with_context(context)
-            .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
-        consumer.subscribe(&[&names.rewards]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
-        let lake_url = storage.url();
-        tracing::info!(input = %names.rewards, lake = %lake_url, group = %config.group_id, "lake writer started");
-        let mut writer = Writer {
-            settings: ParquetSettings { row_group_rows: config.row_group_rows, zstd_level: config.zstd_level },
-            schemas,
-            config,
-            names,
-            lake,
-            storage,
-            lake_url,
-            producer,
-            startup_ends,
-            parts: HashMap::new(),
-            metrics,
-        };
-        let (mut last_check, mut last_group_commit) = (Instant::now(), Instant::now());
-        let mut mirrored: HashMap<i32, i64> = HashMap::new();
-        while !loop_shutdown.is_cancelled() {
-            let polled = consumer.poll(Duration::from_millis(100));
-            if let Some(why) = consumer.context().fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return Err(LakeError::Io { context: "reading the table on assignment".into(), detail: why }.into());
-            }
-            let revoked: Vec<i32> =
-                std::mem::take(&mut *consumer.context().revoked.lock().unwrap_or_else(|p| p.into_inner()));
-            for p in revoked {
-                writer.parts.remove(&p);
-            }
-            let assigned: Vec<i32> =
-                std::mem::take(&mut *consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner()));
-            for p in assigned {
-                writer.take_over(p)?;
-            }
-            match polled {
-                Some(Ok(msg)) => {
-                    readiness.set("consuming", true);
-                    writer.handle(&consumer, &msg)?;
+    harness
+        .run_blocking(shutdown, move |loop_shutdown| -> Result<(), WriterError> {
+            let storage = open_storage(&config.lake_root, runtime.clone())?;
+            let schemas = RewardSchemas::released()?;
+            let lake = Arc::new(Mutex::new(Lake::create_or_open(storage.clone(), runtime, &schemas.file_schema()?)?));
+            let producer = config.common.kafka.tracked_producer()?;
+            let probe = format!("{}-probe", config.group_id);
+            let startup_ends = topic_ends(&config.common.kafka, &probe, &[&names.shards, &names.dead])?;
+            let context = RebalanceContext {
+                lake: lake.clone(),
+                topic: names.rewards.clone(),
+                assigned: Mutex::default(),
+                revoked: Mutex::default(),
+                fatal: Mutex::default(),
+            };
+            let consumer: BaseConsumer<RebalanceContext> = config
+                .common
+                .kafka
+                .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
+                .set("partition.assignment.strategy", "range,roundrobin")
+                .set("queued.max.messages.kbytes", "65536")
+                .create_with_context(context)
+                .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+            consumer.subscribe(&[&names.rewards]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
+            let lake_url = storage.url();
+            tracing::info!(input = %names.rewards, lake = %lake_url, group = %config.group_id, "lake writer started");
+            let mut writer = Writer {
+                settings: ParquetSettings { row_group_rows: config.row_group_rows, zstd_level: config.zstd_level },
+                schemas,
+                config,
+                names,
+                lake,
+                storage,
+                lake_url,
+                producer,
+                startup_ends,
+                parts: HashMap::new(),
+                metrics,
+            };
+            let (mut last_check, mut last_group_commit) = (Instant::now(), Instant::now());
+            let mut mirrored: HashMap<i32, i64> = HashMap::new();
+            while !loop_shutdown.is_cancelled() {
+                let polled = consumer.poll(Duration::from_millis(100));
+                if let Some(why) = consumer.context().fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Err(LakeError::Io { context: "reading the table on assignment".into(), detail: why }.into());
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "consume error"),
-                None => readiness.set("consuming", true),
+                let revoked: Vec<i32> =
+                    std::mem::take(&mut *consumer.context().revoked.lock().unwrap_or_else(|p| p.into_inner()));
+                for p in revoked {
+                    writer.parts.remove(&p);
+                }
+                let assigned: Vec<i32> =
+                    std::mem::take(&mut *consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner()));
+                for p in assigned {
+                    writer.take_over(p)?;
+                }
+                match polled {
+                    Some(Ok(msg)) => {
+                        readiness.set("consuming", true);
+                        writer.handle(&consumer, &msg)?;
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "consume error"),
+                    None => readiness.set("consuming", true),
+                }
+                if last_check.elapsed() >= Duration::from_millis(100) {
+                    writer.flush_due()?;
+                    last_check = Instant::now();
+                }
+                if last_group_commit.elapsed() >= Duration::from_secs(1) {
+                    commit_group_offsets(&consumer, &writer, &mut mirrored);
+                    last_group_commit = Instant::now();
+                }
+                watch.tick(&consumer);
             }
-            if last_check.elapsed() >= Duration::from_millis(100) {
-                writer.flush_due()?;
-                last_check = Instant::now();
+            let owned: Vec<i32> = writer.parts.keys().copied().collect();
+            for p in owned {
+                writer.flush(p, "shutdown")?;
             }
-            if last_group_commit.elapsed() >= Duration::from_secs(1) {
-                commit_group_offsets(&consumer, &writer, &mut mirrored);
-                last_group_commit = Instant::now();
-            }
-            watch.tick(&consumer);
-        }
-        let owned: Vec<i32> = writer.parts.keys().copied().collect();
-        for p in owned {
-            writer.flush(p, "shutdown")?;
-        }
-        commit_group_offsets(&consumer, &writer, &mut mirrored);
-        consumer.unsubscribe();
-        tracing::info!("lake writer stopped after committing its buffers");
-        Ok(())
-    });
-    let result = worker.await.unwrap_or_else(|e| Err(WriterError::Panicked(e.to_string())));
-    shutdown.cancel();
-    let _ = ops.task.await;
-    result
+            commit_group_offsets(&consumer, &writer, &mut mirrored);
+            consumer.unsubscribe();
+            tracing::info!("lake writer stopped after committing its buffers");
+            Ok(())
+        })
+        .await
 }
 
 /// Mirrors the commit log's offsets into the consumer group, so lag

@@ -40,7 +40,7 @@ use flywheel_core::kafka::{
     ClientRole, DeliveryTracker, GroupWatch, KafkaArgs, TopicOffsets, read_back, stall_after, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness};
 use flywheel_core::topics::Topic;
 use flywheel_lake::store::{LocalStore, Storage, open_storage};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -890,114 +890,118 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     if let Some(bad) = config.metrics_windows_ms.iter().find(|w| **w < 1000) {
         return Err(RewarderError::Config(format!("metrics window {bad} ms is shorter than one second")));
     }
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("rewarder", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("consuming", false);
     // A partition's owner commits its group offset at every checkpoint.
     let stall = stall_after(config.common.kafka.session_timeout_ms, Duration::from_millis(config.checkpoint_every_ms));
     let input = topics_config.name(Topic::Interactions);
-    let mut watch = GroupWatch::new(&input, stall, readiness.clone(), registry.sub_registry_with_prefix("rewarder"));
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let mut watch =
+        GroupWatch::new(&input, stall, readiness.clone(), harness.registry().sub_registry_with_prefix("rewarder"));
+    let runtime = tokio::runtime::Handle::current();
+    harness
+        .run_blocking(shutdown, move |loop_shutdown| -> Result<(), RewarderError> {
+            let checkpoints = open_checkpoint_storage(&config, runtime)?;
+            let producer = config.common.kafka.tracked_producer()?;
+            let outputs = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
+                .map(|t| topics_config.name(t));
+            let startup_ends =
+                topic_ends(&config.common.kafka, "flywheel-rewarder-probe", &outputs.each_ref().map(String::as_str))?;
+            let core = Arc::new(Core {
+                topics: Topics {
+                    input,
+                    rewards: topics_config.name(Topic::Rewards),
+                    late: topics_config.name(Topic::InteractionsLate),
+                    dead: topics_config.name(Topic::DeadLetters),
+                    metrics: topics_config.name(Topic::RewardMetrics),
+                },
+                join: JoinConfig {
+                    outcome_window_ms: config.outcome_window_ms,
+                    allowed_lateness_ms: config.allowed_lateness_ms,
+                    max_open_suggestions: config.max_open_suggestions,
+                    metrics_windows_ms: config.metrics_windows_ms.clone(),
+                    ..JoinConfig::default()
+                },
+                reward_fn,
+                checkpoints,
+                group_id: config.group_id.clone(),
+                producer,
+                partitions: Mutex::new(HashMap::new()),
+                resuming: Mutex::new(HashMap::new()),
+                metrics,
+                kafka: config.common.kafka.clone(),
+                startup_ends,
+                deterministic: config.idle_advance_after_ms.is_none(),
+            });
+            let consumer: BaseConsumer<RebalanceContext> = config
+                .common
+                .kafka
+                .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
+                .create_with_context(RebalanceContext { core: core.clone() })
+                .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
+            consumer.subscribe(&[&core.topics.input]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
+            tracing::info!(
+                input = %core.topics.input,
+                group = %config.group_id,
+                reward_fn = %core.reward_fn.version,
+                checkpoints = %core.checkpoints.url(),
+                "rewarder started"
+            );
 
-    let checkpoints = open_checkpoint_storage(&config, tokio::runtime::Handle::current())?;
-    let producer = config.common.kafka.tracked_producer()?;
-    let outputs = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
-        .map(|t| topics_config.name(t));
-    let startup_ends =
-        topic_ends(&config.common.kafka, "flywheel-rewarder-probe", &outputs.each_ref().map(String::as_str))?;
-    let core = Arc::new(Core {
-        topics: Topics {
-            input,
-            rewards: topics_config.name(Topic::Rewards),
-            late: topics_config.name(Topic::InteractionsLate),
-            dead: topics_config.name(Topic::DeadLetters),
-            metrics: topics_config.name(Topic::RewardMetrics),
-        },
-        join: JoinConfig {
-            outcome_window_ms: config.outcome_window_ms,
-            allowed_lateness_ms: config.allowed_lateness_ms,
-            max_open_suggestions: config.max_open_suggestions,
-            metrics_windows_ms: config.metrics_windows_ms.clone(),
-            ..JoinConfig::default()
-        },
-        reward_fn,
-        checkpoints,
-        group_id: config.group_id.clone(),
-        producer,
-        partitions: Mutex::new(HashMap::new()),
-        resuming: Mutex::new(HashMap::new()),
-        metrics,
-        kafka: config.common.kafka.clone(),
-        startup_ends,
-        deterministic: config.idle_advance_after_ms.is_none(),
-    });
-    let consumer: BaseConsumer<RebalanceContext> = config
-        .common
-        .kafka
-        .client_config(&ClientRole::Consumer { group_id: config.group_id.clone() })?
-        .create_with_context(RebalanceContext { core: core.clone() })
-        .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
-    consumer.subscribe(&[&core.topics.input]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
-    tracing::info!(
-        input = %core.topics.input,
-        group = %config.group_id,
-        reward_fn = %core.reward_fn.version,
-        checkpoints = %core.checkpoints.url(),
-        "rewarder started"
-    );
-
-    let every_records = config.checkpoint_every_records.max(1);
-    let idle_advance = config.idle_advance_after_ms.map(Duration::from_millis);
-    let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
-    let worker = blocking_worker(&shutdown, move |loop_shutdown| -> Result<(), RewarderError> {
-        let mut last_checkpoint = Instant::now();
-        let (resumed_tx, resumed) = std::sync::mpsc::channel::<Resumed>();
-        let mut attempts = 0u64;
-        while !loop_shutdown.is_cancelled() {
-            while let Ok(done) = resumed.try_recv() {
-                finish_resume(&core, &consumer, done)?;
-            }
-            if let Some(result) = consumer.poll(Duration::from_millis(100)) {
-                readiness.set("consuming", true);
-                match result {
-                    Ok(msg) => {
-                        if !core.handle(&msg)? {
-                            start_resume(&core, &consumer, msg.partition(), msg.offset(), &mut attempts, &resumed_tx);
+            let every_records = config.checkpoint_every_records.max(1);
+            let idle_advance = config.idle_advance_after_ms.map(Duration::from_millis);
+            let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
+            let mut last_checkpoint = Instant::now();
+            let (resumed_tx, resumed) = std::sync::mpsc::channel::<Resumed>();
+            let mut attempts = 0u64;
+            while !loop_shutdown.is_cancelled() {
+                while let Ok(done) = resumed.try_recv() {
+                    finish_resume(&core, &consumer, done)?;
+                }
+                if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+                    readiness.set("consuming", true);
+                    match result {
+                        Ok(msg) => {
+                            if !core.handle(&msg)? {
+                                start_resume(
+                                    &core,
+                                    &consumer,
+                                    msg.partition(),
+                                    msg.offset(),
+                                    &mut attempts,
+                                    &resumed_tx,
+                                );
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "consume error"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "consume error"),
+                }
+                if let Some(idle) = idle_advance {
+                    core.advance_idle(idle)?;
+                }
+                watch.tick(&consumer);
+                let due: Vec<i32> = {
+                    let parts = core.partitions.lock().unwrap_or_else(|p| p.into_inner());
+                    let time_due = last_checkpoint.elapsed() >= every;
+                    parts
+                        .iter()
+                        .filter(|(_, w)| w.since_checkpoint >= every_records || (time_due && w.since_checkpoint > 0))
+                        .map(|(p, _)| *p)
+                        .collect()
+                };
+                if !due.is_empty() {
+                    core.checkpoint(&due, Some(&consumer))?;
+                    last_checkpoint = Instant::now();
                 }
             }
-            if let Some(idle) = idle_advance {
-                core.advance_idle(idle)?;
-            }
-            watch.tick(&consumer);
-            let due: Vec<i32> = {
-                let parts = core.partitions.lock().unwrap_or_else(|p| p.into_inner());
-                let time_due = last_checkpoint.elapsed() >= every;
-                parts
-                    .iter()
-                    .filter(|(_, w)| w.since_checkpoint >= every_records || (time_due && w.since_checkpoint > 0))
-                    .map(|(p, _)| *p)
-                    .collect()
-            };
-            if !due.is_empty() {
-                core.checkpoint(&due, Some(&consumer))?;
-                last_checkpoint = Instant::now();
-            }
-        }
-        let all: Vec<i32> = core.partitions.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        core.checkpoint(&all, Some(&consumer))?;
-        consumer.unsubscribe();
-        tracing::info!("rewarder stopped after a final checkpoint");
-        Ok(())
-    });
-    let result = worker.await.unwrap_or_else(|e| Err(RewarderError::Config(format!("worker panicked: {e}"))));
-    shutdown.cancel();
-    let _ = ops.task.await;
-    result
+            let all: Vec<i32> = core.partitions.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+            core.checkpoint(&all, Some(&consumer))?;
+            consumer.unsubscribe();
+            tracing::info!("rewarder stopped after a final checkpoint");
+            Ok(())
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -76,8 +76,7 @@ fn read_examples(
         let store = match stores.get(&shard.lake_root) {
             Some(s) => s.clone(),
             None => {
-                let s =
-                    open_storage(&shard.lake_root, runtime.clone()).map_err(|e| TrainerError::Format(e.to_string()))?;
+                let s = open_storage(&shard.lake_root, runtime.clone())?;
                 stores.insert(shard.lake_root.clone(), s.clone());
                 s
             }
@@ -90,36 +89,42 @@ fn read_examples(
                 let at = u64::try_from(version)
                     .map_err(|_| TrainerError::Format(format!("shard {}: table version {version}", shard.shard_id)))?;
                 if !lakes.contains_key(&shard.lake_root) {
-                    let lake =
-                        Lake::open(store.clone(), runtime.clone()).map_err(|e| TrainerError::Format(e.to_string()))?;
+                    let lake = Lake::open(store.clone(), runtime.clone())?;
                     lakes.insert(shard.lake_root.clone(), lake);
                 }
-                let record = lakes[&shard.lake_root].commit(at).map_err(|e| TrainerError::Format(e.to_string()))?;
+                let record = lakes[&shard.lake_root].commit(at)?;
                 let added = record.map(|c| c.added).unwrap_or_default();
                 commits.insert(key.clone(), added.into_iter().map(|f| f.path).collect());
             }
             if !commits[&key].contains(&shard.uri) {
-                return Err(TrainerError::Format(format!(
-                    "shard {} ({}) is not in table version {version} of {}: not committed data",
-                    shard.shard_id, shard.uri, shard.lake_root
-                )));
+                return Err(TrainerError::Shard {
+                    shard_id: shard.shard_id.clone(),
+                    code: "shard_not_in_commit",
+                    detail: format!(
+                        "{} is not in table version {version} of {}: not committed data",
+                        shard.uri, shard.lake_root
+                    ),
+                });
             }
         }
-        let bytes = store.get(&shard.uri).map_err(|e| TrainerError::Format(e.to_string()))?.ok_or_else(|| {
-            TrainerError::Format(format!(
-                "shard {} is missing at {}: vacuumed before this request ran? keep `flywheel lake vacuum \
-                     --retention-hours` above the age of pending train requests",
-                shard.shard_id, shard.uri
-            ))
+        let bytes = store.get(&shard.uri)?.ok_or_else(|| TrainerError::Shard {
+            shard_id: shard.shard_id.clone(),
+            code: "shard_missing",
+            detail: format!(
+                "missing at {}: vacuumed before this request ran? keep `flywheel lake vacuum \
+                 --retention-hours` above the age of pending train requests",
+                shard.uri
+            ),
         })?;
         let digest = flywheel_core::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if digest != shard.content_sha256 {
-            return Err(TrainerError::Format(format!(
-                "shard {} has SHA-256 {digest}, the request pins {}",
-                shard.shard_id, shard.content_sha256
-            )));
+            return Err(TrainerError::Shard {
+                shard_id: shard.shard_id.clone(),
+                code: "shard_hash_mismatch",
+                detail: format!("SHA-256 {digest}, the request pins {}", shard.content_sha256),
+            });
         }
-        let batches = flywheel_lake::shard::read_file(bytes).map_err(|e| TrainerError::Format(e.to_string()))?;
+        let batches = flywheel_lake::shard::read_file(bytes)?;
         for batch in &batches {
             out.extend(examples_of(batch, tokenizer, max_tokens)?);
         }
@@ -293,6 +298,19 @@ pub fn train_steps_with(
     positive_share: f64,
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(Vec<f64>, i64), TrainerError> {
+    train_steps_until(backend, train, o, positive_share, &|| false, on_step)
+}
+
+/// [`train_steps_with`] that stops before the next step once `stop()` is
+/// true ([`TrainerError::Cancelled`]): how a shutdown ends a long job.
+pub fn train_steps_until(
+    backend: &mut dyn Backend,
+    train: &[Example],
+    o: &TrainingObjective,
+    positive_share: f64,
+    stop: &dyn Fn() -> bool,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<f64>, i64), TrainerError> {
     let objective = match o.kind {
         ObjectiveKind::Reinforce => {
             Objective::Reinforce { kl_coef: o.kl_coef, ppo_clip: o.ppo_clip, reject_floor: o.reject_floor }
@@ -329,6 +347,9 @@ pub fn train_steps_with(
         wanted > 0 && !accepted.is_empty() && !others.is_empty() && accepted.len() < train.len() * wanted / batch;
     let training = Instant::now();
     for step in 0..steps {
+        if stop() {
+            return Err(TrainerError::Cancelled { after_steps: step });
+        }
         let items: Vec<Example> = if balanced {
             let (a0, o0) = (step as usize * wanted, step as usize * (batch - wanted));
             (0..wanted)
@@ -360,6 +381,18 @@ pub fn run_job(
     runtime: &tokio::runtime::Handle,
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(ModelCandidate, PathBuf), TrainerError> {
+    run_job_until(req, settings, runtime, &|| false, on_step)
+}
+
+/// [`run_job`] that gives up before the next training step once `stop()` is
+/// true ([`TrainerError::Cancelled`]; nothing is written).
+pub fn run_job_until(
+    req: &TrainRequest,
+    settings: &JobSettings,
+    runtime: &tokio::runtime::Handle,
+    stop: &dyn Fn() -> bool,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(ModelCandidate, PathBuf), TrainerError> {
     let started = Instant::now();
     let base_dir = settings.models_root.join(safe_relative(&req.base_model)?);
     let model = Model::load(&base_dir)?;
@@ -385,7 +418,7 @@ pub fn run_job(
     // The backend holds its own (packed) copy of the base.
     let config = model.config.clone();
     drop(model);
-    let (losses, tokens) = train_steps(backend.as_mut(), &train, o, &mut |progress| {
+    let (losses, tokens) = train_steps_until(backend.as_mut(), &train, o, 0.0, stop, &mut |progress| {
         if progress.step % 10 == 1 || progress.step == progress.steps {
             tracing::info!(
                 request = %req.request_id,

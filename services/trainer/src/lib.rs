@@ -57,9 +57,44 @@ pub enum TrainerError {
     /// A model feature this trainer does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The lake could not be read (storage, Delta log, Parquet).
+    #[error(transparent)]
+    Lake(#[from] flywheel_lake::LakeError),
+    /// A pinned shard is not the committed data the request names: missing,
+    /// altered, or not added by the commit it is pinned to.
+    #[error("shard {shard_id}: {detail}")]
+    Shard {
+        /// Which shard.
+        shard_id: String,
+        /// `shard_missing`, `shard_hash_mismatch` or `shard_not_in_commit`.
+        code: &'static str,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+    /// A job stopped by shutdown before it finished (nothing was written;
+    /// its request is trained again after a restart).
+    #[error("stopped by shutdown after {after_steps} training steps")]
+    Cancelled {
+        /// Steps done before it stopped.
+        after_steps: u64,
+    },
 }
 
 impl TrainerError {
+    /// Stable machine-readable code: the dead-letter `reason_code` of a
+    /// request that cannot be trained.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            TrainerError::Core(e) => e.reason_code(),
+            TrainerError::Lake(e) => e.reason_code(),
+            TrainerError::Shard { code, .. } => code,
+            TrainerError::Io { .. } => "io",
+            TrainerError::Format(_) => "invalid_model_or_data",
+            TrainerError::Unsupported(_) => "unsupported",
+            TrainerError::Cancelled { .. } => "cancelled",
+        }
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> TrainerError {
         TrainerError::Io { path: path.display().to_string(), detail: e.to_string() }

@@ -12,22 +12,21 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use clap::Parser;
-use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{ClientRole, GroupWatch, read_topic, stall_after};
+use flywheel_core::codec::decode;
+use flywheel_core::kafka::{ClientRole, GroupWatch, Publisher, read_topic, stall_after};
 use flywheel_core::records::{DeadLetter, ModelCandidate, SourcePosition, TrainRequest};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
-use flywheel_core::topics::Topic;
+use flywheel_core::runtime::{CommonArgs, Readiness, ServiceHarness};
+use flywheel_core::topics::{Topic, TopicsConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
 use crate::TrainerError;
-use crate::job::{JobSettings, Progress, run_job};
+use crate::job::{JobSettings, Progress, run_job_until};
 
 /// Trainer configuration; every flag has an environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -96,38 +95,47 @@ impl Metrics {
     }
 }
 
-/// Runs the trainer until `shutdown` (a job in progress finishes first).
+/// Runs the trainer until `shutdown`. A job in progress stops before its
+/// next training step; its request is not committed and is trained again
+/// after a restart (jobs are deterministic).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TrainerError> {
     let topics = config.common.topics.load()?;
-    let (requests, candidates, dead) =
-        (topics.name(Topic::TrainRequests), topics.name(Topic::ModelCandidates), topics.name(Topic::DeadLetters));
-    let mut registry = Registry::default();
-    let (metrics, r) = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("trainer", &config.common.service);
+    let readiness = harness.readiness();
     readiness.set("recovered", false);
+    let requests = topics.name(Topic::TrainRequests);
+    let (metrics, r) = Metrics::register(harness.registry());
     // The owner commits its group offset after each request; a job's length
     // is unbounded, so a waiting member allows a minute per request before it
     // rejoins (and backs off after that: GroupWatch).
     let stall = stall_after(config.common.kafka.session_timeout_ms, Duration::from_secs(60));
-    let mut watch = Some(GroupWatch::new(&requests, stall, readiness.clone(), r));
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
+    let watch = GroupWatch::new(&requests, stall, readiness.clone(), r);
+    harness.run(shutdown, move |stop| consume(config, topics, metrics, readiness, watch, stop)).await
+}
 
+async fn consume(
+    config: Config,
+    topics: TopicsConfig,
+    metrics: Metrics,
+    readiness: Readiness,
+    watch: GroupWatch,
+    stop: CancellationToken,
+) -> Result<(), TrainerError> {
+    let requests = topics.name(Topic::TrainRequests);
     // Requests already trained: their candidates are on the topic.
-    let kafka = config.common.kafka.clone();
-    let candidates_topic = candidates.clone();
+    let (kafka, candidates_topic) = (config.common.kafka.clone(), topics.name(Topic::ModelCandidates));
     let mut done: HashSet<String> = tokio::task::spawn_blocking(move || {
         read_topic::<ModelCandidate>(&kafka, "flywheel-trainer-candidates", &candidates_topic, Duration::from_secs(60))
     })
     .await
-    .map_err(|e| TrainerError::Format(format!("reading candidates: {e}")))??
+    .map_err(|e| flywheel_core::Error::panicked("reading candidates", e))??
     .into_iter()
     .map(|c| c.request_id)
     .collect();
     readiness.set("recovered", true);
     tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
 
-    let producer: FutureProducer = config.common.kafka.producer()?;
+    let publisher = Publisher::new(&config.common.kafka, &topics)?;
     let consumer: StreamConsumer = config
         .common
         .kafka
@@ -138,12 +146,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
         .map_err(|e| flywheel_core::Error::kafka("creating consumer", e))?;
     consumer.subscribe(&[&requests]).map_err(|e| flywheel_core::Error::kafka("subscribing", e))?;
     let consumer = std::sync::Arc::new(consumer);
+    let mut watch = Some(watch);
     let settings = config.job.clone();
     tracing::info!(input = %requests, "trainer started");
     let mut group_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = group_check.tick() => {
                 // Between jobs: keep readiness current and rejoin if the
                 // partition has no working owner (the watch may query the broker).
@@ -170,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
         let position =
             SourcePosition { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
         let payload = msg.payload().map(<[u8]>::to_vec);
-        let outcome = match payload.as_deref().map(decode::<TrainRequest>) {
+        let failure: Option<(&str, String)> = match payload.as_deref().map(decode::<TrainRequest>) {
             Some(Ok(req)) if done.contains(&req.request_id) => {
                 metrics.skipped.inc();
                 tracing::info!(request = %req.request_id, "already trained; skipped");
@@ -180,36 +189,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
                 metrics.set_busy(true);
                 let (settings, runtime) = (settings.clone(), tokio::runtime::Handle::current());
                 let id = req.request_id.clone();
-                let job_metrics = metrics.clone();
+                let (job_metrics, job_stop) = (metrics.clone(), stop.clone());
                 let result = tokio::task::spawn_blocking(move || {
-                    run_job(&req, &settings, &runtime, &mut |p| job_metrics.progress(p))
+                    run_job_until(&req, &settings, &runtime, &|| job_stop.is_cancelled(), &mut |p| {
+                        job_metrics.progress(p)
+                    })
                 })
                 .await
-                .map_err(|e| TrainerError::Format(format!("job panicked: {e}")))
+                .map_err(|e| TrainerError::from(flywheel_core::Error::panicked(format!("the job of {id}"), e)))
                 .and_then(|r| r);
                 metrics.set_busy(false);
                 match result {
                     Ok((candidate, _)) => {
-                        let bytes = encode(&candidate)?;
-                        let key = format!("{}/{}", candidate.tenant, candidate.base_model);
-                        producer
-                            .send(FutureRecord::to(&candidates).key(&key).payload(&bytes), Duration::from_secs(30))
-                            .await
-                            .map_err(|(e, _)| TrainerError::Format(format!("publishing a candidate: {e}")))?;
+                        publisher.publish(Topic::ModelCandidates, &candidate).await?;
                         metrics.candidates.inc();
                         tracing::info!(request = %id, adapter = %candidate.adapter_version, "candidate published");
                         done.insert(id);
                         None
                     }
-                    Err(e) => Some(("train_failed", e.to_string())),
+                    Err(e @ TrainerError::Cancelled { .. }) => {
+                        // Not committed: the next owner trains it again.
+                        tracing::info!(request = %id, "{e}; the request stays pending");
+                        break;
+                    }
+                    Err(e) => Some((e.reason_code(), e.to_string())),
                 }
             }
             Some(Err(e)) => Some((e.reason_code(), e.to_string())),
             None => Some(("empty_value", "record has no value".to_string())),
         };
-        if let Some((code, reason)) = outcome {
+        if let Some((code, reason)) = failure {
             metrics.failed.inc();
-            tracing::warn!(%reason, offset = position.offset, "train request dead-lettered");
+            tracing::warn!(%reason, code, offset = position.offset, "train request dead-lettered");
             let letter = DeadLetter {
                 service: "trainer".into(),
                 reason_code: code.into(),
@@ -219,17 +230,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trai
                 original_value: payload,
                 failed_at: flywheel_core::now_millis(),
             };
-            let bytes = encode(&letter)?;
-            producer
-                .send(FutureRecord::<(), _>::to(&dead).payload(&bytes), Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| TrainerError::Format(format!("publishing a dead letter: {e}")))?;
+            publisher.publish(Topic::DeadLetters, &letter).await?;
         }
         if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
             tracing::warn!(error = %e, "committing the group offset failed");
         }
     }
-    shutdown.cancel();
-    let _ = ops.task.await;
     Ok(())
 }

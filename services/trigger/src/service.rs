@@ -16,23 +16,20 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_core::codec::{decode, encode};
-use flywheel_core::kafka::{assign_from_beginning, caught_up, poll_async, read_topic};
+use flywheel_core::codec::decode;
+use flywheel_core::kafka::{Publisher, TopicFollower, read_topic};
 use flywheel_core::policy::PairPolicies;
 use flywheel_core::records::{
     HoldoutRule, ObjectiveKind, RegistryEntry, ShardManifest, ShardRef, TrainRequest, TrainingObjective,
     TriggerDecision,
 };
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::BaseConsumer;
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::TriggerError;
@@ -244,109 +241,93 @@ pub fn decide(
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), TriggerError> {
     let topics = config.common.topics.load()?;
     let policies = Policies::load_or_default(config.policy.as_deref())?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("trigger", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("caught_up", false);
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
-    let names = (topics.name(Topic::Shards), topics.name(Topic::ModelRegistry));
-    let (requests_topic, decisions_topic) = (topics.name(Topic::TrainRequests), topics.name(Topic::TriggerDecisions));
+    harness
+        .run(shutdown, move |stop| async move {
+            let names = (topics.name(Topic::Shards), topics.name(Topic::ModelRegistry));
+            // Every request ever made: used shards and the request history.
+            let mut state = TriggerState::default();
+            let (kafka, requests_topic) = (config.common.kafka.clone(), topics.name(Topic::TrainRequests));
+            let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
+                read_topic(&kafka, "flywheel-trigger-requests", &requests_topic, Duration::from_secs(60))
+            })
+            .await
+            .map_err(|e| flywheel_core::Error::panicked("reading train requests", e))??;
+            for r in &made {
+                state.request_made(r);
+            }
+            tracing::info!(requests = made.len(), used_shards = state.used.len(), "recovered from train-requests");
 
-    // Every request ever made: used shards and the request history.
-    let mut state = TriggerState::default();
-    let kafka = config.common.kafka.clone();
-    let requests_read = requests_topic.clone();
-    let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
-        read_topic(&kafka, "flywheel-trigger-requests", &requests_read, Duration::from_secs(60))
-    })
-    .await
-    .map_err(|e| TriggerError::Config(format!("reading train requests: {e}")))??;
-    for r in &made {
-        state.request_made(r);
-    }
-    tracing::info!(requests = made.len(), used_shards = state.used.len(), "recovered from train-requests");
-
-    let producer: FutureProducer = config.common.kafka.producer()?;
-    let consumer: BaseConsumer = config.common.kafka.manual_consumer("flywheel-trigger")?;
-    let mut remaining = assign_from_beginning(&consumer, &[&names.0, &names.1])?;
-    let mut dirty: HashSet<(String, String)> = HashSet::new();
-    let every = Duration::from_millis(config.evaluate_every_ms.max(100));
-    let mut last_sweep = Instant::now();
-    tracing::info!(shards = %names.0, "trigger started");
-    while !shutdown.is_cancelled() {
-        let polled = poll_async(&consumer, Duration::from_millis(50)).await;
-        if let Some(Ok(msg)) = polled {
-            caught_up(&mut remaining, &msg);
-            if msg.topic() == names.0 {
-                match msg.payload().map(decode::<ShardManifest>) {
-                    Some(Ok(m)) => {
-                        for v in &m.versions {
-                            dirty.insert((m.tenant.clone(), v.model_id.clone()));
+            let publisher = Publisher::new(&config.common.kafka, &topics)?;
+            let mut follower =
+                TopicFollower::from_beginning(&config.common.kafka, "flywheel-trigger", &[&names.0, &names.1])?;
+            let mut dirty: HashSet<(String, String)> = HashSet::new();
+            let every = Duration::from_millis(config.evaluate_every_ms.max(100));
+            let mut last_sweep = Instant::now();
+            tracing::info!(shards = %names.0, "trigger started");
+            while !stop.is_cancelled() {
+                if let Some(record) = follower.next(Duration::from_millis(50)).await {
+                    let payload = record.payload.as_deref();
+                    if record.topic == names.0 {
+                        match payload.map(decode::<ShardManifest>) {
+                            Some(Ok(m)) => {
+                                for v in &m.versions {
+                                    dirty.insert((m.tenant.clone(), v.model_id.clone()));
+                                }
+                                state.manifest(m);
+                            }
+                            _ => tracing::warn!(offset = record.offset, "undecodable shard manifest skipped"),
                         }
-                        state.manifest(m);
+                    } else if let Some(Ok(e)) = payload.map(decode::<RegistryEntry>) {
+                        let key = (e.tenant.clone(), e.base_model.clone());
+                        if e.canary.is_some() {
+                            state.canary.insert(key.clone());
+                        } else {
+                            state.canary.remove(&key);
+                        }
+                        dirty.insert(key.clone());
+                        match e.live {
+                            Some(live) => state.live.insert(key, live.adapter_version),
+                            None => state.live.remove(&key),
+                        };
                     }
-                    _ => tracing::warn!(offset = msg.offset(), "undecodable shard manifest skipped"),
                 }
-            } else if let Some(Ok(e)) = msg.payload().map(decode::<RegistryEntry>) {
-                let key = (e.tenant.clone(), e.base_model.clone());
-                if e.canary.is_some() {
-                    state.canary.insert(key.clone());
-                } else {
-                    state.canary.remove(&key);
+                if !follower.caught_up() {
+                    continue; // decide only on the whole history
                 }
-                dirty.insert(key.clone());
-                match e.live {
-                    Some(live) => state.live.insert(key, live.adapter_version),
-                    None => state.live.remove(&key),
-                };
+                readiness.set("caught_up", true);
+                if last_sweep.elapsed() >= every {
+                    dirty.extend(state.pending.keys().cloned());
+                    last_sweep = Instant::now();
+                }
+                for key in std::mem::take(&mut dirty) {
+                    let now = flywheel_core::now_millis();
+                    let Some((decision, request)) = decide(&state, &policies, &key.0, &key.1, now) else { continue };
+                    let labels = PairLabels { tenant: key.0.clone(), base_model: key.1.clone() };
+                    let pending = state.pending.get(&key).map_or(0, |(a, _)| a.examples);
+                    metrics.pending_examples.get_or_create(&labels).set(pending as i64);
+                    if let Some(request) = &request {
+                        publisher.publish(Topic::TrainRequests, request).await?;
+                        state.request_made(request);
+                        metrics.requests.inc();
+                        tracing::info!(tenant = %key.0, base_model = %key.1, request = %request.request_id, shards = request.shards.len(), "train request published");
+                    }
+                    if state.last_decision.get(&key) == Some(&decision.decision_id) {
+                        continue;
+                    }
+                    for g in decision.gates.iter().filter(|g| !g.passed) {
+                        metrics.gate_failures.get_or_create(&GateLabels { gate: g.gate.clone() }).inc();
+                        tracing::info!(tenant = %key.0, base_model = %key.1, gate = %g.gate, "{}", g.message);
+                    }
+                    publisher.publish(Topic::TriggerDecisions, &decision).await?;
+                    metrics.decisions.inc();
+                    state.last_decision.insert(key, decision.decision_id);
+                }
             }
-        }
-        if !remaining.is_empty() {
-            continue; // decide only on the whole history
-        }
-        readiness.set("caught_up", true);
-        if last_sweep.elapsed() >= every {
-            dirty.extend(state.pending.keys().cloned());
-            last_sweep = Instant::now();
-        }
-        for key in std::mem::take(&mut dirty) {
-            let now = flywheel_core::now_millis();
-            let Some((decision, request)) = decide(&state, &policies, &key.0, &key.1, now) else { continue };
-            let labels = PairLabels { tenant: key.0.clone(), base_model: key.1.clone() };
-            let pending = state.pending.get(&key).map_or(0, |(a, _)| a.examples);
-            metrics.pending_examples.get_or_create(&labels).set(pending as i64);
-            if let Some(request) = &request {
-                let bytes = encode(request)?;
-                producer
-                    .send(
-                        FutureRecord::to(&requests_topic).key(&request.request_id).payload(&bytes),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| flywheel_core::Error::kafka("producing a train request", e))?;
-                state.request_made(request);
-                metrics.requests.inc();
-                tracing::info!(tenant = %key.0, base_model = %key.1, request = %request.request_id, shards = request.shards.len(), "train request published");
-            }
-            if state.last_decision.get(&key) == Some(&decision.decision_id) {
-                continue;
-            }
-            for g in decision.gates.iter().filter(|g| !g.passed) {
-                metrics.gate_failures.get_or_create(&GateLabels { gate: g.gate.clone() }).inc();
-                tracing::info!(tenant = %key.0, base_model = %key.1, gate = %g.gate, "{}", g.message);
-            }
-            let bytes = encode(&decision)?;
-            let key_text = format!("{}/{}", key.0, key.1);
-            producer
-                .send(FutureRecord::to(&decisions_topic).key(&key_text).payload(&bytes), Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| flywheel_core::Error::kafka("producing a decision", e))?;
-            metrics.decisions.inc();
-            state.last_decision.insert(key, decision.decision_id);
-        }
-    }
-    shutdown.cancel();
-    let _ = ops.task.await;
-    Ok(())
+            Ok(())
+        })
+        .await
 }
