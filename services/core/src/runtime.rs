@@ -403,3 +403,110 @@ async fn metrics(State(state): State<OpsState>) -> Response {
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn args(drain_timeout_secs: u64) -> ServiceArgs {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        ServiceArgs {
+            log: LogArgs { log_format: LogFormat::Text, log_filter: "info".into() },
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            drain_timeout_secs,
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    /// Every wait below is bounded, so a broken harness fails instead of hanging.
+    async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(secs), f).await.expect("the harness did not finish in time")
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_ends_at_cancellation_drains_cleanly_and_readiness_says_draining_meanwhile() {
+        let args = args(10);
+        let addr = args.ops_listen;
+        let shutdown = CancellationToken::new();
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let harness = ServiceHarness::new("test", &args);
+        let running = tokio::spawn(harness.run(shutdown.clone(), move |stop| async move {
+            stop.cancelled().await;
+            // Still working after cancellation: the drain in progress.
+            let _ = stopping_tx.send(());
+            let _ = release_rx.await;
+            Ok::<(), Error>(())
+        }));
+        let ready = within(10, async {
+            loop {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                    let _ = s.shutdown().await;
+                    break get(addr, "/readyz").await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200"), "{ready}");
+        shutdown.cancel();
+        within(10, stopping_rx).await.unwrap();
+        let draining = get(addr, "/readyz").await;
+        assert!(draining.contains(" 503 ") && draining.contains("not ready: draining"), "{draining}");
+        assert!(get(addr, "/healthz").await.contains(" 200 "), "liveness holds during the drain");
+        release_tx.send(()).unwrap();
+        within(10, running).await.unwrap().unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the ops endpoint closes after the worker");
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_ignores_cancellation_is_abandoned_at_the_drain_timeout() {
+        let shutdown = CancellationToken::new();
+        let harness = ServiceHarness::new("test", &args(1));
+        let running = tokio::spawn(harness.run(shutdown.clone(), |_stop| async {
+            std::future::pending::<()>().await;
+            Ok::<(), Error>(())
+        }));
+        shutdown.cancel();
+        let started = std::time::Instant::now();
+        let err = within(10, running).await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::DrainTimeout { remaining: 1, .. }), "{err}");
+        assert_eq!(err.reason_code(), "drain_timeout");
+        assert!(started.elapsed() >= Duration::from_secs(1), "not before the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_blocking_worker_that_panics_ends_the_service_with_its_message() {
+        let shutdown = CancellationToken::new();
+        let harness = ServiceHarness::new("test", &args(5));
+        let err = within(10, harness.run_blocking(shutdown, |_stop| -> Result<()> { panic!("shard 7 is odd") }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "panicked");
+        let text = err.to_string();
+        assert!(text.contains("the test worker thread") && text.contains("shard 7 is odd"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_blocking_worker_sees_its_token_cancelled_at_shutdown() {
+        let shutdown = CancellationToken::new();
+        let harness = ServiceHarness::new("test", &args(10));
+        let running = tokio::spawn(harness.run_blocking(shutdown.clone(), |stop| -> Result<()> {
+            while !stop.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        shutdown.cancel();
+        within(10, running).await.unwrap().unwrap();
+    }
+}
