@@ -12,18 +12,15 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
 use flywheel_core::codec::decode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::topics::{CleanupPolicy, Topic, TopicSpec};
+use flywheel_devkit::{LocalBroker, free_local_addr, tansu_binary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// The workspace root (one level above this crate).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
+pub use flywheel_devkit::{S3Server, lake_runtime, workspace_root};
 
 /// The shared broker of this test binary.
 #[derive(Debug)]
@@ -41,9 +38,7 @@ static BROKER: OnceLock<TestBroker> = OnceLock::new();
 /// Panics (failing the test) when tansu is not installed or does not start.
 pub fn broker() -> &'static TestBroker {
     BROKER.get_or_init(|| {
-        let binary = std::env::var_os("FLYWHEEL_TANSU_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| default_binary(&workspace_root()));
+        let binary = tansu_binary();
         let addr = free_local_addr().expect("finding a free port");
         let runs = workspace_root().join("target").join("test-broker");
         remove_dirs_of_dead_runs(&runs);
@@ -234,18 +229,6 @@ pub fn commit_records(
     lake.commit_partition(c).unwrap().rejected
 }
 
-/// A runtime for the lake's calls made from tests: the lake blocks on a
-/// runtime, which a thread already running async code cannot do.
-pub fn lake_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("lake runtime")
-        })
-        .handle()
-        .clone()
-}
-
 /// Opens (creating if needed) the lake in directory `root` and runs `f` on
 /// it on a plain thread, so async tests can call it too.
 pub fn with_lake<T: Send>(root: &Path, f: impl FnOnce(&mut flywheel_lake::table::Lake) -> T + Send) -> T {
@@ -294,6 +277,34 @@ pub fn delta_query(engine: &str, table: &str, sql: &str, env: &[(String, String)
 }
 
 pub use flywheel_cli::http::{HttpResponse, http};
+
+/// Example records under a fixtures folder for one kind (`<kind>.*.json`), sorted by name.
+pub fn fixtures_of(dir: &Path, kind: flywheel_core::RecordKind) -> std::io::Result<Vec<PathBuf>> {
+    let prefix = format!("{}.", kind.file_stem());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// A fixture interaction in the form a product posts it to the collector:
+/// the product's own user id, no tenant or received time (the collector sets
+/// them), and the given event time and id.
+pub fn product_form(fixture: &serde_json::Value, user_id: &str, event_time: i64, event_id: &str) -> serde_json::Value {
+    let mut event = fixture.clone();
+    if let Some(obj) = event.as_object_mut() {
+        obj.remove("received_time");
+        obj.remove("tenant");
+        obj.insert("user_id".into(), user_id.into());
+        obj.insert("event_time".into(), event_time.into());
+        obj.insert("event_id".into(), event_id.into());
+    }
+    event
+}
 
 /// Polls `f` every 500 ms until it returns `Some`; panics after `secs`.
 pub fn wait_until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
@@ -417,9 +428,7 @@ pub struct DedicatedBroker {
 impl DedicatedBroker {
     /// Starts a broker on a free port with data under `target/test-broker/<pid>-<label>`.
     pub fn start(label: &str) -> DedicatedBroker {
-        let binary = std::env::var_os("FLYWHEEL_TANSU_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| default_binary(&workspace_root()));
+        let binary = tansu_binary();
         let runs = workspace_root().join("target").join("test-broker");
         remove_dirs_of_dead_runs(&runs);
         let dir = runs.join(format!("{}-{label}", std::process::id()));
@@ -458,85 +467,5 @@ impl Drop for DedicatedBroker {
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// A real S3-compatible server (SeaweedFS `weed mini`, from `make setup`)
-/// on free local ports with its own data directory; stopped on drop.
-#[derive(Debug)]
-pub struct S3Server {
-    /// `http://127.0.0.1:<port>`.
-    pub endpoint: String,
-    /// The bucket it serves.
-    pub bucket: String,
-    access_key: String,
-    secret_key: String,
-    region: String,
-    /// The server process (`stop` on drop ends it).
-    pub pid: u32,
-    dir: tempfile::TempDir,
-}
-
-impl S3Server {
-    /// Starts a server; panics with weed's log if it is not up within 60 s.
-    pub fn start() -> S3Server {
-        let root = workspace_root();
-        let python = root.join(".venv/bin/python");
-        assert!(python.exists(), "{} is missing: run `make setup`", python.display());
-        let dir = tempfile::tempdir().expect("temp dir");
-        let out = std::process::Command::new(python)
-            .arg(root.join("tests/readers/s3_server.py"))
-            .args(["start", "--dir", &dir.path().display().to_string(), "--timeout", "60"])
-            .output()
-            .expect("running the S3 server launcher");
-        assert!(out.status.success(), "the S3 server did not start: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("launcher output is JSON");
-        let field = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("launcher output lacks {k}: {v}")).to_string();
-        S3Server {
-            endpoint: field("endpoint"),
-            bucket: field("bucket"),
-            access_key: field("access_key"),
-            secret_key: field("secret_key"),
-            region: field("region"),
-            pid: v["pid"].as_u64().expect("pid") as u32,
-            dir,
-        }
-    }
-
-    /// The variables a client of this server needs (credentials, endpoint,
-    /// plain HTTP), as the lake services and the Python readers read them.
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ACCESS_KEY_ID", self.access_key.as_str()),
-            ("AWS_SECRET_ACCESS_KEY", self.secret_key.as_str()),
-            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
-            ("AWS_REGION", self.region.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into()
-    }
-
-    /// `s3://<bucket>/<prefix>`.
-    pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.bucket)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The server's own account, for a test that failed talking to it.
-            let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- S3 server log (last 40 lines) ---");
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-        let _ = std::process::Command::new(workspace_root().join(".venv/bin/python"))
-            .arg(workspace_root().join("tests/readers/s3_server.py"))
-            .args(["stop", "--dir", &self.dir.path().display().to_string()])
-            .status();
     }
 }

@@ -596,11 +596,9 @@ async fn flywheel_up_survives_its_broker_being_killed() {
         .join("test-broker")
         .join(format!("{}-up-restart", std::process::id()));
     let _ = std::fs::remove_dir_all(&broker_dir);
-    let addr = flywheel_cli::broker::free_local_addr().unwrap();
-    let collector = flywheel_cli::broker::free_local_addr().unwrap();
-    let tansu = std::env::var_os("FLYWHEEL_TANSU_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| flywheel_cli::broker::default_binary(&flywheel_tests::workspace_root()));
+    let addr = flywheel_devkit::free_local_addr().unwrap();
+    let collector = flywheel_devkit::free_local_addr().unwrap();
+    let tansu = flywheel_devkit::tansu_binary();
     let out_path = work.path().join("up.out");
     let out = std::fs::File::create(&out_path).unwrap();
     let mut up = Reaped(
@@ -687,7 +685,7 @@ async fn flywheel_up_survives_its_broker_being_killed() {
     );
     assert!(status.success(), "flywheel up exited with {status}:\n{text}");
     // The broker is gone with `flywheel up`; start it again to read what it kept.
-    let broker = flywheel_cli::broker::LocalBroker::start(&tansu, addr, &broker_dir, Duration::from_secs(60)).unwrap();
+    let broker = flywheel_devkit::LocalBroker::start(&tansu, addr, &broker_dir, Duration::from_secs(60)).unwrap();
     let got: Vec<Reward> = read_all::<Reward>(&kafka, rewards).into_iter().map(|r| r.2).collect();
     let ids: BTreeSet<&str> = got.iter().map(|r| r.reward_id.as_str()).collect();
     assert_eq!(ids.len(), got.len(), "a reward is on the topic twice");

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use flywheel_cli::{TailArgs, fixtures_of, produce_file, read_json_records, tail};
+use flywheel_cli::{TailArgs, produce_file, read_json_records, tail};
 use flywheel_core::RecordKind;
 use flywheel_core::kafka::{ClientRole, create_topics};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{kafka_args, unique_topic, workspace_root};
+use flywheel_tests::{fixtures_of, kafka_args, unique_topic, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 

@@ -8,15 +8,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
-use flywheel_cli::product_form;
 use flywheel_collector::privacy::Pseudonymizer;
 use flywheel_collector::{Config, Running, start};
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{AdapterRef, Canary, Interaction, InteractionPayload, RegistryEntry};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{HttpResponse, http, kafka_args, unique_topic, workspace_binary, workspace_root};
+use flywheel_devkit::{LocalBroker, free_local_addr, tansu_binary};
+use flywheel_tests::{HttpResponse, http, kafka_args, product_form, unique_topic, workspace_binary, workspace_root};
 use proptest::prelude::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -398,8 +397,7 @@ async fn broker_outage_answers_503_claims_nothing_and_recovers() {
     let addr = free_local_addr().unwrap();
     let dir = workspace_root().join("target").join("test-broker").join(format!("{}-outage", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let binary =
-        std::env::var_os("FLYWHEEL_TANSU_BIN").map(PathBuf::from).unwrap_or_else(|| default_binary(&workspace_root()));
+    let binary = tansu_binary();
     let mut broker = LocalBroker::start(&binary, addr, &dir, Duration::from_secs(60)).expect("dedicated broker");
     let kafka = KafkaArgs::local(broker.bootstrap());
     let c = Collector::start(kafka, &["--produce-timeout-ms", "3000", "--max-in-flight-events", "10"]).await;

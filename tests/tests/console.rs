@@ -20,11 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{
@@ -33,6 +32,7 @@ use flywheel_core::records::{
     TriggerDecision,
 };
 use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_devkit::{LocalBroker, free_local_addr, tansu_binary};
 use flywheel_gate::sequential::{Moments, msprt};
 use flywheel_tests::{TestTopics, read_all, service_args, test_topics, workspace_binary, workspace_root};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -730,8 +730,7 @@ async fn the_console_keeps_serving_through_a_broker_restart() {
     let addr = free_local_addr().unwrap();
     let dir = workspace_root().join("target").join("test-broker").join(format!("{}-console", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let binary =
-        std::env::var_os("FLYWHEEL_TANSU_BIN").map(PathBuf::from).unwrap_or_else(|| default_binary(&workspace_root()));
+    let binary = tansu_binary();
     let mut broker = LocalBroker::start(&binary, addr, &dir, Duration::from_secs(60)).expect("dedicated broker");
     let kafka = KafkaArgs::local(broker.bootstrap());
     let topics = TopicsConfig::default();

@@ -390,7 +390,7 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     let group = unique_topic("lake-idle-group");
     let lake = t.dir.join("lake").display().to_string();
     let s = Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env: Vec::new(), group, s3: None };
-    let addr = || flywheel_cli::broker::free_local_addr().unwrap();
+    let addr = || flywheel_devkit::free_local_addr().unwrap();
     let (a_ops, b_ops) = (addr(), addr());
     let a = spawn_writer_on(&s, &a_ops.to_string());
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -353,7 +353,7 @@ async fn kill_9_mid_stream(checkpoints: Checkpoints) {
     // Restarted at once, while the killed member's session is still open:
     // it may be assigned only part of the topic (or nothing) at first, and
     // must rejoin once the dead member's partitions show no progress.
-    let ops = flywheel_cli::broker::free_local_addr().unwrap();
+    let ops = flywheel_devkit::free_local_addr().unwrap();
     let mut child = spawn(&ops.to_string());
     let second = stream(150, 200);
     produce(&s.kafka, &input, &second).await;

@@ -9,16 +9,15 @@
 #![allow(clippy::print_stdout)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
 use flywheel_collector::{Config, start};
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{Interaction, InteractionPayload, SuggestionShown};
 use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_devkit::{LocalBroker, free_local_addr, tansu_binary, workspace_root};
 use http_body_util::BodyExt;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -146,9 +145,8 @@ async fn main() {
 }
 
 async fn bench_with(storage: &str) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let binary = std::env::var_os("FLYWHEEL_TANSU_BIN").map(Into::into).unwrap_or_else(|| default_binary(&root));
-    let data = root.join("target").join("bench-broker");
+    let binary = tansu_binary();
+    let data = workspace_root().join("target").join("bench-broker");
     let _ = std::fs::remove_dir_all(&data);
     let broker =
         LocalBroker::start_with_storage(&binary, free_local_addr().unwrap(), &data, storage, Duration::from_secs(60))

@@ -1,57 +1,24 @@
 //! The embedded local broker: tansu (a Kafka-protocol broker) run as a child
-//! process with SQLite storage, for `make demo`, `flywheel broker` and the
-//! integration tests. Production points Flywheel at a real Kafka cluster.
+//! process with SQLite storage, for `flywheel up`, `flywheel broker`, the
+//! integration tests and the benchmarks. Production points Flywheel at a
+//! real Kafka cluster.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::DevkitError;
 use crate::supervise::Supervised;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 
-/// What can go wrong starting the local broker.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The tansu binary is not where we looked.
-    #[error("broker binary not found at {0}: run `make setup` to install tansu 0.6.0 into .tools/")]
-    NotInstalled(PathBuf),
-    /// Spawning failed.
-    #[error("starting {binary}: {source}")]
-    Spawn {
-        /// Binary.
-        binary: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The data directory could not be prepared.
-    #[error("preparing broker data directory {dir}: {source}")]
-    DataDir {
-        /// Directory.
-        dir: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The broker did not answer metadata requests in time.
-    #[error("broker on {addr} not ready after {waited:?} (exited: {exited}); see its log at {log}")]
-    NotReady {
-        /// Listener.
-        addr: SocketAddr,
-        /// Time waited.
-        waited: Duration,
-        /// Whether the process had exited.
-        exited: bool,
-        /// Log file.
-        log: PathBuf,
-    },
-}
-
-/// The tansu binary installed by `make setup`, relative to a project root.
-pub fn default_binary(project_root: &Path) -> PathBuf {
-    project_root.join(".tools").join("bin").join("tansu")
+/// The tansu binary: `$FLYWHEEL_TANSU_BIN` (the Makefile exports it), else
+/// the one `make setup` installs into the workspace's `.tools/`.
+pub fn tansu_binary() -> PathBuf {
+    std::env::var_os("FLYWHEEL_TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join(".tools").join("bin").join("tansu"))
 }
 
 /// A running local broker. Dropping it stops the broker; if this process dies
@@ -73,7 +40,7 @@ impl LocalBroker {
         addr: SocketAddr,
         data_dir: &Path,
         ready_timeout: Duration,
-    ) -> Result<Self, BrokerError> {
+    ) -> Result<Self, DevkitError> {
         Self::start_with_storage(binary, addr, data_dir, "sqlite://broker.db", ready_timeout)
     }
 
@@ -86,11 +53,12 @@ impl LocalBroker {
         data_dir: &Path,
         storage: &str,
         ready_timeout: Duration,
-    ) -> Result<Self, BrokerError> {
+    ) -> Result<Self, DevkitError> {
         if !binary.is_file() {
-            return Err(BrokerError::NotInstalled(binary.to_path_buf()));
+            return Err(DevkitError::BrokerNotInstalled(binary.to_path_buf()));
         }
-        std::fs::create_dir_all(data_dir).map_err(|source| BrokerError::DataDir { dir: data_dir.into(), source })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| DevkitError::BrokerDataDir { dir: data_dir.into(), source })?;
         let url = format!("tcp://{addr}");
         let args: Vec<String> = ["broker", "--listener-url", &url, "--advertised-listener-url", &url]
             .into_iter()
@@ -102,13 +70,13 @@ impl LocalBroker {
         let log_path = data_dir.join("broker.log");
         let _ = std::fs::remove_file(&log_path);
         let process = Supervised::spawn("flywheel-broker", binary, &args, data_dir, &log_path)
-            .map_err(|source| BrokerError::Spawn { binary: binary.into(), source })?;
+            .map_err(|source| DevkitError::BrokerSpawn { binary: binary.into(), source })?;
         let mut broker = LocalBroker { process, addr, data_dir: data_dir.to_path_buf() };
         broker.wait_ready(ready_timeout)?;
         Ok(broker)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), BrokerError> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), DevkitError> {
         let started = Instant::now();
         while started.elapsed() < timeout {
             if self.process.exit_status().is_some() {
@@ -122,8 +90,8 @@ impl LocalBroker {
         Err(self.not_ready(started.elapsed(), false))
     }
 
-    fn not_ready(&self, waited: Duration, exited: bool) -> BrokerError {
-        BrokerError::NotReady { addr: self.addr, waited, exited, log: self.log_path() }
+    fn not_ready(&self, waited: Duration, exited: bool) -> DevkitError {
+        DevkitError::BrokerNotReady { addr: self.addr, waited, exited, log: self.log_path() }
     }
 
     /// `host:port` for `bootstrap.servers`.

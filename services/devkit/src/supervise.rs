@@ -19,16 +19,19 @@ wait $child"#;
 
 /// A supervised child process with its output in a log file.
 #[derive(Debug)]
-pub struct Supervised {
-    /// What it is (for messages).
-    pub name: String,
+pub(crate) struct Supervised {
     child: Child,
-    log: PathBuf,
 }
 
 impl Supervised {
     /// Starts `binary args` in `dir` with stdout and stderr appended to `log`.
-    pub fn spawn(name: &str, binary: &Path, args: &[String], dir: &Path, log: &Path) -> std::io::Result<Supervised> {
+    pub(crate) fn spawn(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        dir: &Path,
+        log: &Path,
+    ) -> std::io::Result<Supervised> {
         // The child runs in `dir`: a relative binary path means the caller's.
         let binary = std::path::absolute(binary)?;
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -49,21 +52,16 @@ impl Supervised {
             .stdout(out)
             .stderr(err)
             .spawn()?;
-        Ok(Supervised { name: name.to_string(), child, log: log.to_path_buf() })
-    }
-
-    /// The log file.
-    pub fn log_path(&self) -> &Path {
-        &self.log
+        Ok(Supervised { child })
     }
 
     /// The exit status if it has exited.
-    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM (a graceful drain), then SIGKILL to the whole group after `grace`.
-    pub fn stop(&mut self, grace: Duration) {
+    pub(crate) fn stop(&mut self, grace: Duration) {
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
             let deadline = Instant::now() + grace;
@@ -91,13 +89,13 @@ impl Drop for Supervised {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
     /// Wait before the first restart; doubles with each fast failure in a row.
-    pub initial_backoff: Duration,
+    pub(crate) initial_backoff: Duration,
     /// Longest wait before a restart.
-    pub max_backoff: Duration,
+    pub(crate) max_backoff: Duration,
     /// A run shorter than this is a fast failure; a longer one resets the count.
-    pub fast_run: Duration,
+    pub(crate) fast_run: Duration,
     /// Give up after this many fast failures in a row.
-    pub max_fast_failures: u32,
+    pub(crate) max_fast_failures: u32,
 }
 
 impl Default for RestartPolicy {
@@ -118,7 +116,7 @@ impl Default for RestartPolicy {
 
 impl RestartPolicy {
     /// The wait before the restart that follows `fast_failures` fast failures in a row.
-    pub fn backoff(&self, fast_failures: u32) -> Duration {
+    pub(crate) fn backoff(&self, fast_failures: u32) -> Duration {
         let doubled = self.initial_backoff.saturating_mul(2u32.saturating_pow(fast_failures.saturating_sub(1)));
         doubled.min(self.max_backoff)
     }
@@ -204,12 +202,12 @@ impl Restarting {
     }
 
     /// Times it was started again.
-    pub fn restarts(&self) -> u32 {
+    pub(crate) fn restarts(&self) -> u32 {
         self.restarts
     }
 
     /// How it ended the last time it exited.
-    pub fn last_exit(&self) -> Option<&str> {
+    pub(crate) fn last_exit(&self) -> Option<&str> {
         self.last_exit.as_deref()
     }
 

@@ -17,16 +17,16 @@
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{Outcome, Reward};
 use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
+use flywheel_devkit::{LocalBroker, S3Server, free_local_addr, lake_runtime, tansu_binary, workspace_root};
 use flywheel_lake::parquet::{ParquetSettings, RewardBatcher, RewardSchemas, write_parquet};
 use flywheel_lake::shard::{RecentIds, RowBuffer, ShardContext, prepare};
 use flywheel_lake::store::{LocalStore, Storage};
@@ -41,12 +41,8 @@ const T0: i64 = 1_795_424_400_000;
 /// When the observer first saw a commit, and the offsets it covers.
 type SeenCommit = (Instant, BTreeMap<String, (i64, i64)>);
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn reward(i: u64) -> Reward {
-    let fixture = root().join("schemas/fixtures/reward.accepted.json");
+    let fixture = workspace_root().join("schemas/fixtures/reward.accepted.json");
     let mut r: Reward = serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
     r.reward_id = format!("{:064x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     r.suggestion_id = format!("sugg-{i}");
@@ -168,57 +164,6 @@ fn print_costs(name: &str, costs: &mut [f64]) {
     );
 }
 
-/// The S3 server of the tests (`tests/readers/s3_server.py`), stopped on drop.
-struct S3 {
-    dir: PathBuf,
-    info: serde_json::Value,
-}
-
-impl S3 {
-    fn start(dir: &Path) -> Result<S3, String> {
-        let python = root().join(".venv/bin/python");
-        let out = Command::new(&python)
-            .arg(root().join("tests/readers/s3_server.py"))
-            .args(["start", "--dir", &dir.display().to_string()])
-            .output()
-            .map_err(|e| format!("{}: {e} (run `make setup`)", python.display()))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let info = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        Ok(S3 { dir: dir.to_path_buf(), info })
-    }
-
-    fn field(&self, k: &str) -> String {
-        self.info[k].as_str().unwrap_or_default().to_string()
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.field("bucket"))
-    }
-
-    fn options(&self) -> Vec<(String, String)> {
-        [
-            ("aws_access_key_id", self.field("access_key")),
-            ("aws_secret_access_key", self.field("secret_key")),
-            ("aws_endpoint", self.field("endpoint")),
-            ("aws_region", self.field("region")),
-            ("aws_allow_http", "true".to_string()),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-        .into()
-    }
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tests/readers/s3_server.py"))
-            .args(["stop", "--dir", &self.dir.display().to_string()])
-            .status();
-    }
-}
-
 fn topics_for(label: &str) -> (TopicsConfig, String) {
     let mut topics = TopicsConfig { prefix: format!("{label}."), ..TopicsConfig::default() };
     topics.topics.insert("rewards".into(), TopicOverride { partitions: Some(PARTITIONS), ..Default::default() });
@@ -229,7 +174,7 @@ fn topics_for(label: &str) -> (TopicsConfig, String) {
 fn spawn_writer(kafka: &KafkaArgs, dir: &Path, label: &str, toml: &str, extra: &[&str]) -> Child {
     let topics_file = dir.join(format!("{label}.toml"));
     std::fs::write(&topics_file, toml).unwrap();
-    let bin = root().join("target/release/flywheel-lake-writer");
+    let bin = workspace_root().join("target/release/flywheel-lake-writer");
     assert!(bin.exists(), "{} missing: `make bench` builds it", bin.display());
     let mut args: Vec<String> = [
         "--kafka-brokers",
@@ -261,15 +206,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// The runtime the lake's calls block on (the bench's own threads run async code).
-fn lake_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap())
-        .handle()
-        .clone()
 }
 
 fn open_lake(dir: &Path) -> Option<Lake> {
@@ -426,7 +362,7 @@ async fn backlog_run(kafka: &KafkaArgs, dir: &Path, label: &str, extra: &[&str],
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let dir = root().join("target").join("bench-lake");
+    let dir = workspace_root().join("target").join("bench-lake");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -461,10 +397,9 @@ async fn main() {
     let local: Arc<dyn Storage> = Arc::new(LocalStore::open(&dir.join("commits")).unwrap());
     let mut costs = tokio::task::block_in_place(|| commit_costs(local, &small, 120));
     print_costs("local disk (fsync)", &mut costs);
-    match S3::start(&dir.join("s3")) {
+    match S3Server::start_in(&dir.join("s3")) {
         Ok(s3) => {
-            let storage =
-                flywheel_lake::store::open_storage_with(&s3.url("bench"), &s3.options(), lake_runtime()).unwrap();
+            let storage = flywheel_lake::store::open_storage_with(&s3.url("bench"), &s3.env(), lake_runtime()).unwrap();
             let mut costs = tokio::task::block_in_place(|| commit_costs(storage, &small, 120));
             print_costs("S3 (SeaweedFS on this host)", &mut costs);
         }
@@ -475,9 +410,8 @@ async fn main() {
         return;
     }
     // 2 and 3 through the broker.
-    let binary = std::env::var_os("FLYWHEEL_TANSU_BIN").map(Into::into).unwrap_or_else(|| default_binary(&root()));
     let broker = LocalBroker::start_with_storage(
-        &binary,
+        &tansu_binary(),
         free_local_addr().unwrap(),
         &dir.join("broker"),
         "sqlite://broker.db",

@@ -16,12 +16,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flywheel_cli::broker::{LocalBroker, default_binary, free_local_addr};
 use flywheel_cli::http::request;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::*;
 use flywheel_core::topics::{Topic, TopicOverride, TopicsConfig};
+use flywheel_devkit::{LocalBroker, free_local_addr, tansu_binary, workspace_root};
 use flywheel_rewarder::join::{JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -201,9 +201,8 @@ const CADENCES: [(&str, &str); 2] = [("every 5,000 records", "5000"), ("default 
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let binary = std::env::var_os("FLYWHEEL_TANSU_BIN").map(Into::into).unwrap_or_else(|| default_binary(&root));
-    let data = root.join("target").join("bench-rewarder");
+    let binary = tansu_binary();
+    let data = workspace_root().join("target").join("bench-rewarder");
     let _ = std::fs::remove_dir_all(&data);
     // Durable storage, as in the tests and the demo.
     let storage = "sqlite://broker.db";

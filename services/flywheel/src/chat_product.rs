@@ -89,10 +89,10 @@ pub const PROMPTS: &[&str] = &[
 ];
 
 /// Answers of at most this many words count as brief.
-pub const BRIEF_WORDS: usize = 24;
+pub(crate) const BRIEF_WORDS: usize = 24;
 
 /// Openers users dislike (compared case-insensitively at the start).
-pub const FILLER_OPENERS: &[&str] = &[
+pub(crate) const FILLER_OPENERS: &[&str] = &[
     "sure",
     "certainly",
     "of course",
@@ -156,7 +156,7 @@ impl Property {
 }
 
 /// Words of a text (runs of non-whitespace).
-pub fn words(text: &str) -> usize {
+pub(crate) fn words(text: &str) -> usize {
     text.split_whitespace().count()
 }
 
@@ -202,7 +202,7 @@ const NOT_TOPICS: &[&str] = &[
 
 /// The topic words of a question: its words of four letters or more that
 /// are not question words, lower-cased, a plural `s` dropped.
-pub fn topic_words(question: &str) -> Vec<String> {
+pub(crate) fn topic_words(question: &str) -> Vec<String> {
     question
         .split(|c: char| !c.is_alphanumeric())
         .map(str::to_lowercase)
@@ -216,7 +216,7 @@ pub fn topic_words(question: &str) -> Vec<String> {
 /// itself, and not stuck in a loop (no three-word phrase twice). Users
 /// reject anything else, however brief, so neither silence nor babble is a
 /// way to please them.
-pub fn answers(question: &str, answer: &str) -> bool {
+pub(crate) fn answers(question: &str, answer: &str) -> bool {
     let lower = answer.to_lowercase();
     let topics = topic_words(question);
     let on_topic = topics.is_empty() || topics.iter().any(|t| lower.contains(t.as_str()));
@@ -271,13 +271,13 @@ pub fn chat_objective() -> flywheel_trigger::policy::ObjectiveSettings {
 }
 
 /// LoRA targets of the chat product: every projection.
-pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub(crate) const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// A user's tastes: how much a brief answer is worth to them (every user
 /// wants brevity, between 0.5 and 0.8), then their pet peeves — each of the
 /// other properties with probability ½ — and how much an answer that
 /// violates one loses (0.6 of its chance).
-pub fn tastes(seed: u64, index: usize) -> Vec<(Property, f64)> {
+pub(crate) fn tastes(seed: u64, index: usize) -> Vec<(Property, f64)> {
     let mut rng = flywheel_trainer::SplitMix(seed ^ 0xC4A7_5EED ^ (index as u64).wrapping_mul(0x9E37_79B9));
     let mut t = vec![(Property::Brief, 0.5 + 0.3 * rng.unit())];
     for p in [Property::NoFiller, Property::Calm, Property::Impersonal] {

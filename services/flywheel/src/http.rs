@@ -1,5 +1,5 @@
-//! A small HTTP/1.1 client (hyper) for the demo, the benchmarks and the
-//! black-box tests of Flywheel's HTTP services.
+//! A small HTTP/1.1 client (hyper) for the simulated product, the benchmarks
+//! and the black-box tests of Flywheel's HTTP services.
 
 use http_body_util::BodyExt;
 

@@ -40,23 +40,23 @@ use crate::CliError;
 use crate::http::request;
 
 /// The shared alphabet users draw their tastes from.
-pub const HOUSE_STYLE: &[u8] = b"etaoinsrhl";
+pub(crate) const HOUSE_STYLE: &[u8] = b"etaoinsrhl";
 
 /// `flywheel simulate` settings.
 #[derive(Debug, Clone, Args)]
-pub struct SimulateArgs {
+pub(crate) struct SimulateArgs {
     /// The collector's API address.
     #[arg(long, env = "FLYWHEEL_SIM_COLLECTOR", default_value = "127.0.0.1:8080")]
-    pub collector: SocketAddr,
+    pub(crate) collector: SocketAddr,
     /// Bearer token of the tenant to simulate.
     #[arg(long, env = "FLYWHEEL_SIM_TOKEN", default_value = "demo-token-change-me-0001")]
-    pub token: String,
+    pub(crate) token: String,
     /// Models: `<root>/<base model>/` (config, weights, tokenizer).
     #[arg(long, env = "FLYWHEEL_SIM_MODELS_ROOT", default_value = ".flywheel/models")]
-    pub models_root: PathBuf,
+    pub(crate) models_root: PathBuf,
     /// The simulated product.
     #[command(flatten)]
-    pub product: ProductArgs,
+    pub(crate) product: ProductArgs,
 }
 
 /// Which simulated product runs.
@@ -76,54 +76,54 @@ pub enum ProductKind {
 pub struct ProductArgs {
     /// Which product to simulate.
     #[arg(long = "product", env = "FLYWHEEL_SIM_PRODUCT", value_enum, default_value_t = ProductKind::Auto)]
-    pub product: ProductKind,
+    pub(crate) product: ProductKind,
     /// Base model served (as the collector's route answers it).
     #[arg(long, env = "FLYWHEEL_SIM_BASE_MODEL", default_value = "flywheel/tiny")]
-    pub base_model: String,
+    pub(crate) base_model: String,
     /// Simulated users.
     #[arg(long, env = "FLYWHEEL_SIM_USERS", default_value_t = 200)]
-    pub users: usize,
+    pub(crate) users: usize,
     /// Suggestion requests per second (Poisson arrivals).
     #[arg(long, env = "FLYWHEEL_SIM_RATE", default_value_t = 20.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// How much each liked character raises the chance of accepting (0–1).
     #[arg(long, env = "FLYWHEEL_SIM_PREFERENCE_STRENGTH", default_value_t = 0.3)]
-    pub preference_strength: f64,
+    pub(crate) preference_strength: f64,
     /// Share of decisions replaced by a coin flip (0–1).
     #[arg(long, env = "FLYWHEEL_SIM_LABEL_NOISE", default_value_t = 0.0)]
-    pub label_noise: f64,
+    pub(crate) label_noise: f64,
     /// Share of suggestions the user rates (1–5 stars).
     #[arg(long, env = "FLYWHEEL_SIM_RATING_SHARE", default_value_t = 0.15)]
-    pub rating_share: f64,
+    pub(crate) rating_share: f64,
     /// Completion length in tokens: exactly this for `characters`, at most
     /// this for `chat` (default 8 and 40).
     #[arg(long, env = "FLYWHEEL_SIM_COMPLETION_TOKENS")]
-    pub completion_tokens: Option<usize>,
+    pub(crate) completion_tokens: Option<usize>,
     /// Most requests decoded together.
     #[arg(long, env = "FLYWHEEL_SIM_BATCH_MAX", default_value_t = 48)]
-    pub batch_max: usize,
+    pub(crate) batch_max: usize,
     /// Seed of users, prompts and sampling.
     #[arg(long, env = "FLYWHEEL_SIM_SEED", default_value_t = 7)]
     pub seed: u64,
     /// Stop after this many requests (0: until interrupted).
     #[arg(long, env = "FLYWHEEL_SIM_REQUESTS", default_value_t = 0)]
-    pub requests: u64,
+    pub(crate) requests: u64,
 }
 
 /// One simulated user.
 #[derive(Debug, Clone)]
 pub struct User {
     /// Product user id.
-    pub id: String,
+    pub(crate) id: String,
     /// Which bytes this user likes (the tiny model's task).
-    pub likes: [bool; 256],
+    pub(crate) likes: [bool; 256],
     /// Properties of answer text this user likes and how much (the chat
     /// product's task, [`crate::chat_product`]).
     pub tastes: Vec<(crate::chat_product::Property, f64)>,
 }
 
 /// The population, drawn from a seed.
-pub fn population(users: usize, seed: u64) -> Vec<User> {
+pub(crate) fn population(users: usize, seed: u64) -> Vec<User> {
     let mut rng = SplitMix(seed ^ 0x5EED_0F05_E125);
     (0..users)
         .map(|i| {
@@ -141,14 +141,14 @@ pub fn population(users: usize, seed: u64) -> Vec<User> {
 
 /// The chance `user` accepts `completion`: 2 % floor, and each liked
 /// character independently convinces with probability `strength`.
-pub fn accept_probability(user: &User, completion: &[u8], strength: f64) -> f64 {
+pub(crate) fn accept_probability(user: &User, completion: &[u8], strength: f64) -> f64 {
     let liked = completion.iter().filter(|&&b| user.likes[b as usize]).count() as i32;
     1.0 - 0.98 * (1.0 - strength.clamp(0.0, 1.0)).powi(liked)
 }
 
 /// Training settings the demo's trigger policy uses for the simulated
 /// product (checked to learn its task by this module's tests).
-pub fn demo_objective() -> flywheel_trigger::policy::ObjectiveSettings {
+pub(crate) fn demo_objective() -> flywheel_trigger::policy::ObjectiveSettings {
     flywheel_trigger::policy::ObjectiveSettings {
         kind: Some(flywheel_core::records::ObjectiveKind::Reinforce),
         lora_rank: Some(8),
@@ -176,11 +176,11 @@ pub struct Outcome {
     /// Accepted (else rejected).
     pub accepted: bool,
     /// Stars 1–5 when rated.
-    pub rating: Option<f64>,
+    pub(crate) rating: Option<f64>,
     /// Time from shown to the decision.
-    pub decision_ms: i64,
+    pub(crate) decision_ms: i64,
     /// Edited final text after an accept.
-    pub edited: Option<String>,
+    pub(crate) edited: Option<String>,
 }
 
 /// Draws the user's reaction to `completion`, which they like with
@@ -198,20 +198,20 @@ pub fn react(p: f64, completion: &str, args: &ProductArgs, rng: &mut SplitMix) -
 
 /// Counts per served version, as the simulated users saw them.
 #[derive(Debug, Clone, Default)]
-pub struct SimStats {
+pub(crate) struct SimStats {
     /// Requests served.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Events the collector accepted.
-    pub events: u64,
+    pub(crate) events: u64,
     /// Requests or batches that failed (the collector down, a 4xx/5xx).
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// (shown, accepted) per version ("base" or the adapter version).
-    pub by_version: BTreeMap<String, (u64, u64)>,
+    pub(crate) by_version: BTreeMap<String, (u64, u64)>,
 }
 
 impl SimStats {
     /// Accept rate of a version as the users saw it.
-    pub fn accept_rate(&self, version: &str) -> Option<f64> {
+    pub(crate) fn accept_rate(&self, version: &str) -> Option<f64> {
         self.by_version.get(version).filter(|(s, _)| *s > 0).map(|(s, a)| *a as f64 / *s as f64)
     }
 
@@ -255,11 +255,11 @@ pub struct Completion {
     /// The text as recorded in the `shown` event (for the chat product, with
     /// the end-of-turn marker when the model ended its turn, so training
     /// sees where it stopped).
-    pub recorded: String,
+    pub(crate) recorded: String,
     /// The text the user reads.
     pub shown: String,
     /// Behaviour log-probability (temperature 1, whole vocabulary).
-    pub logprob: f64,
+    pub(crate) logprob: f64,
     /// Whether the model ended its turn (else it hit the length limit).
     pub finished: bool,
 }
@@ -270,7 +270,7 @@ pub struct Completion {
 pub struct Server {
     model: CpuModel,
     /// The base model's config (adapters are checked against it).
-    pub config: LlamaConfig,
+    pub(crate) config: LlamaConfig,
     /// The base model's tokenizer.
     pub tokenizer: TextTokenizer,
     adapters: HashMap<String, Arc<LoraAdapter>>,
@@ -330,7 +330,7 @@ impl Server {
     }
 
     /// The adapter at `uri`, loaded once per version.
-    pub fn adapter(&mut self, version: &str, uri: &str) -> Result<Arc<LoraAdapter>, CliError> {
+    pub(crate) fn adapter(&mut self, version: &str, uri: &str) -> Result<Arc<LoraAdapter>, CliError> {
         if let Some(a) = self.adapters.get(version) {
             return Ok(a.clone());
         }
@@ -354,7 +354,7 @@ impl Server {
     }
 
     /// A request (question or code prefix) of the product, drawn from `rng`.
-    pub fn draw_request(&self, rng: &mut SplitMix) -> &'static str {
+    pub(crate) fn draw_request(&self, rng: &mut SplitMix) -> &'static str {
         match self.kind {
             ProductKind::Chat => {
                 crate::chat_product::PROMPTS[rng.below(crate::chat_product::PROMPTS.len() as u64) as usize]
@@ -477,9 +477,23 @@ fn event(id: String, user: &str, suggestion: &str, at_ms: i64, payload: serde_js
     })
 }
 
+/// `flywheel simulate`: the product until `shutdown` or `--requests`, then
+/// the accept rate per served version.
+pub(crate) async fn simulate_command(args: &SimulateArgs, shutdown: CancellationToken) -> Result<(), CliError> {
+    let stats = simulate(args, shutdown, |s| {
+        tracing::info!(requests = s.requests, events = s.events, errors = s.errors, "simulating")
+    })
+    .await?;
+    for (version, (shown, _)) in &stats.by_version {
+        let rate = stats.accept_rate(version).unwrap_or(f64::NAN);
+        println!("{version}: {shown} shown, accept rate {rate:.3}");
+    }
+    Ok(())
+}
+
 /// Runs the simulated product until `shutdown` or `args.requests`; calls
 /// `on_tick` about once a second with the counts so far.
-pub async fn simulate(
+pub(crate) async fn simulate(
     args: &SimulateArgs,
     shutdown: CancellationToken,
     mut on_tick: impl FnMut(&SimStats),

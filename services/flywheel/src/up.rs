@@ -17,22 +17,22 @@ use flywheel_core::codec::decode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics, TriggerDecision};
 use flywheel_core::topics::{Topic, TopicsConfig};
+use flywheel_devkit::{LocalBroker, RestartEvent, RestartPolicy, Restarting, restart_summary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::LocalBroker;
+use crate::cli::BrokerArgs;
 use crate::simulate::{ProductArgs, SimStats, SimulateArgs, demo_objective, simulate};
-use crate::supervise::{RestartEvent, RestartPolicy, Restarting, restart_summary};
-use crate::{BrokerArgs, CliError, Result};
+use crate::{CliError, Result};
 
 /// Token of the demo tenant.
-pub const UP_TOKEN: &str = "demo-token-change-me-0001";
+pub(crate) const UP_TOKEN: &str = "demo-token-change-me-0001";
 
 /// The base model `flywheel up` serves and trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UpModel {
+pub(crate) enum UpModel {
     /// The deterministic tiny model (0.1M parameters, random weights) and
     /// the characters product: a whole loop in a few minutes.
     Tiny,
@@ -43,7 +43,7 @@ pub enum UpModel {
 
 impl UpModel {
     /// The base model's name (its directory under `models/`).
-    pub fn base_model(self) -> &'static str {
+    pub(crate) fn base_model(self) -> &'static str {
         match self {
             UpModel::Tiny => "flywheel/tiny",
             UpModel::Smollm2 => "smollm2-135m-instruct",
@@ -53,72 +53,72 @@ impl UpModel {
 
 /// `flywheel up` settings.
 #[derive(Debug, Clone, Args)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     /// The base model (sets `--base-model` to its name).
     #[arg(long = "model", env = "FLYWHEEL_UP_MODEL", value_enum, default_value_t = UpModel::Tiny)]
-    pub model: UpModel,
+    pub(crate) model: UpModel,
     /// The GGUF file `--model smollm2` is imported from (once, into the work directory).
     #[arg(
         long = "gguf",
         env = "FLYWHEEL_SMOLLM_GGUF",
         default_value = ".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
-    pub gguf: PathBuf,
+    pub(crate) gguf: PathBuf,
     /// Where the read-only web console listens.
     #[arg(long = "console-listen", env = "FLYWHEEL_UP_CONSOLE_LISTEN", default_value = "127.0.0.1:8070")]
-    pub console_listen: SocketAddr,
+    pub(crate) console_listen: SocketAddr,
     /// Do not start the console.
     #[arg(long = "no-console", env = "FLYWHEEL_UP_NO_CONSOLE")]
-    pub no_console: bool,
+    pub(crate) no_console: bool,
     /// The embedded broker.
     #[command(flatten)]
-    pub broker: BrokerArgs,
+    pub(crate) broker: BrokerArgs,
     /// Use the brokers of `--kafka-brokers` (and `--topics-config`) instead
     /// of starting one.
     #[arg(long, env = "FLYWHEEL_UP_EXTERNAL_BROKER")]
-    pub external_broker: bool,
+    pub(crate) external_broker: bool,
     /// Lake, models, adapters, checkpoints, policies and service logs.
     #[arg(long, env = "FLYWHEEL_UP_WORK_DIR", default_value = ".flywheel/up")]
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
     /// Where the collector listens.
     #[arg(long, env = "FLYWHEEL_UP_COLLECTOR_LISTEN", default_value = "127.0.0.1:8080")]
-    pub collector_listen: SocketAddr,
+    pub(crate) collector_listen: SocketAddr,
     /// Stop after this many seconds (0: until Ctrl-C).
     #[arg(long, env = "FLYWHEEL_UP_DURATION_S", default_value_t = 0)]
-    pub duration_s: u64,
+    pub(crate) duration_s: u64,
     /// Stop once this many versions were promoted (0: never).
     #[arg(long, env = "FLYWHEEL_UP_STOP_AFTER_PROMOTIONS", default_value_t = 0)]
-    pub stop_after_promotions: usize,
+    pub(crate) stop_after_promotions: usize,
     /// Serve, measure and judge releases, but start no new training (the
     /// trigger is not started; requests already made are still trained).
     #[arg(long, env = "FLYWHEEL_UP_FREEZE_TRAINING")]
-    pub freeze_training: bool,
+    pub(crate) freeze_training: bool,
     /// Seconds between summary lines.
     #[arg(long, env = "FLYWHEEL_UP_SUMMARY_EVERY_S", default_value_t = 10)]
-    pub summary_every_s: u64,
+    pub(crate) summary_every_s: u64,
     /// The simulated product.
     #[command(flatten)]
-    pub product: ProductArgs,
+    pub(crate) product: ProductArgs,
 }
 
 /// What the topics say, followed in the background.
 #[derive(Debug, Default, Clone)]
-pub struct Watch {
+pub(crate) struct Watch {
     /// Records read per topic.
-    pub counts: BTreeMap<String, u64>,
+    pub(crate) counts: BTreeMap<String, u64>,
     /// Latest registry entry per (tenant, base model).
-    pub registry: BTreeMap<(String, String), RegistryEntry>,
+    pub(crate) registry: BTreeMap<(String, String), RegistryEntry>,
     /// The newest trigger decision.
-    pub last_decision: Option<TriggerDecision>,
+    pub(crate) last_decision: Option<TriggerDecision>,
     /// Candidates by adapter version.
-    pub candidates: BTreeMap<String, ModelCandidate>,
+    pub(crate) candidates: BTreeMap<String, ModelCandidate>,
     /// (shown, accepted) per served version from `reward-metrics` (one window length).
-    pub accept: BTreeMap<String, (i64, i64)>,
+    pub(crate) accept: BTreeMap<String, (i64, i64)>,
 }
 
 impl Watch {
     /// Versions promoted so far, oldest first.
-    pub fn promoted(&self) -> Vec<String> {
+    pub(crate) fn promoted(&self) -> Vec<String> {
         self.registry
             .values()
             .flat_map(|e| e.history.iter())
@@ -344,7 +344,7 @@ fn print_summary(started: Instant, sim: &SimStats, last_events: &mut (u64, Insta
 }
 
 /// Runs the flywheel until interrupted or done; returns what the topics say.
-pub async fn up(
+pub(crate) async fn up(
     kafka: &KafkaArgs,
     topics: &TopicsConfig,
     topics_file: Option<&Path>,
@@ -415,7 +415,7 @@ pub async fn up(
     let path = |p: &Path| p.display().to_string();
     // The trainer's ops port is fixed up front (and kept across restarts) so
     // the console can read its job progress from `/metrics`; the others take any.
-    let trainer_ops = crate::broker::free_local_addr()
+    let trainer_ops = flywheel_devkit::free_local_addr()
         .map_err(|e| CliError::Usage(format!("finding a free port for the trainer's metrics: {e}")))?;
     let trainer_metrics = format!("http://{trainer_ops}/metrics");
     // How late the simulated users' outcomes may reach the rewarder. The tiny
