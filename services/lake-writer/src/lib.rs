@@ -3,7 +3,12 @@
 //! each partition's rows to the Delta table exactly once (the partition's
 //! offset travels in the same commit), then announces the new files on
 //! `shards` and the rejected records on `dead-letters`.
+//!
+//! - `partition` (private): the per-partition decisions, free of Kafka and
+//!   storage (offsets on arrival, due buffers, take-over publication), unit-tested;
+//! - [`service`]: config, metrics and the consume loop that does the I/O.
 
+mod partition;
 pub mod service;
 
 pub use service::{Config, run};

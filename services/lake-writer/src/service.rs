@@ -42,18 +42,19 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use flywheel_lake::LakeError;
 use flywheel_lake::parquet::{ParquetSettings, RewardSchemas};
-use flywheel_lake::shard::{
-    PreparedFile, RecentIds, RowBuffer, ShardContext, ids_in_file, prepare, read_file, shard_stats,
-};
+use flywheel_lake::shard::{PreparedFile, RecentIds, ShardContext, ids_in_file, prepare, read_file, shard_stats};
 use flywheel_lake::store::{Storage, open_storage};
-use flywheel_lake::table::{Commit, Lake, PartitionCommit, Rejected, STATE_DIR, file_prefix, source_key};
+use flywheel_lake::table::{Commit, Lake, PartitionCommit, Rejected, file_prefix, source_key};
 
 use crate::WriterError;
+use crate::partition::{
+    Arrival, PartitionState, Publication, PublishedMarker, RollLimits, due, marker_path, over_memory_cap, publication,
+    replay_filter_sources,
+};
 
 /// Lake writer configuration; every flag has an environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -184,30 +185,6 @@ impl Metrics {
     }
 }
 
-/// Per partition: how far manifests and dead letters are published.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct PublishedMarker {
-    /// Last commit (table version) of the partition whose outputs are all
-    /// acknowledged.
-    through_seq: Option<u64>,
-    /// The last source offset that commit covered: when the table's `txn`
-    /// for the partition still says this, nothing is left to publish.
-    #[serde(default)]
-    through_offset: Option<i64>,
-    /// Output end offsets after that: later outputs lie beyond them.
-    ends: TopicOffsets,
-}
-
-struct PartitionState {
-    buffer: RowBuffer,
-    /// The table's last committed offset when this writer started reading.
-    previous: Option<i64>,
-    /// Next offset expected; `None` until the first record after a start
-    /// at the beginning of the partition.
-    next_offset: Option<i64>,
-    recent: RecentIds,
-}
-
 struct Names {
     rewards: String,
     shards: String,
@@ -296,10 +273,6 @@ struct Writer {
     startup_ends: TopicOffsets,
     parts: HashMap<i32, PartitionState>,
     metrics: Metrics,
-}
-
-fn marker_path(prefix: &str) -> String {
-    format!("{STATE_DIR}/published/{prefix}.json")
 }
 
 /// The dead letter of a rejected record.
@@ -410,16 +383,9 @@ impl Writer {
             (lake.committed_offset(&topic, partition)?, lake.files()?)
         };
         self.publish_pending(partition, &prefix, &key, previous)?;
-        // Live files holding rows of this partition, newest first: its own
-        // (named by offsets), then merged ones (older hours).
-        let name_of = |path: &str| path.rsplit('/').next().unwrap_or(path).to_string();
-        let mut own: Vec<String> =
-            files.iter().map(|f| f.path.clone()).filter(|p| name_of(p).starts_with(&prefix)).collect();
-        own.sort_by_key(|p| std::cmp::Reverse(name_of(p)));
-        let merged = files.iter().map(|f| f.path.clone()).filter(|p| name_of(p).starts_with("compacted-"));
         let mut recent = RecentIds::new(self.config.dedupe_window);
         let mut ids = Vec::new();
-        for path in own.into_iter().chain(merged) {
+        for path in replay_filter_sources(files.iter().map(|f| f.path.as_str()), &prefix) {
             if ids.len() >= self.config.dedupe_window {
                 break;
             }
@@ -441,10 +407,7 @@ impl Writer {
             took = ?started.elapsed(),
             "partition taken over"
         );
-        self.parts.insert(
-            partition,
-            PartitionState { buffer: RowBuffer::default(), previous, next_offset: previous.map(|o| o + 1), recent },
-        );
+        self.parts.insert(partition, PartitionState::resuming_after(previous, recent));
         Ok(())
     }
 
@@ -464,27 +427,24 @@ impl Writer {
             ),
             None => None,
         };
-        if marker.as_ref().is_some_and(|m| m.through_offset == committed) {
-            // Everything committed is published (or nothing was ever
-            // committed, and the marker exists: it precedes any publication).
-            return Ok(());
-        }
-        let after = marker.as_ref().and_then(|m| m.through_seq);
-        let pending: Vec<Commit> = self.lake().commits_of(key, after)?;
-        let Some(marker) = marker else {
-            // Nothing of this partition was ever published: the marker is
-            // always written before the first publication.
-            let ends = self.flush_producer()?;
-            self.write_marker(prefix, &PublishedMarker { through_seq: None, through_offset: None, ends })?;
-            return self.publish(partition, prefix, &pending, &HashSet::new(), &HashSet::new());
+        let (after, ends) = match publication(marker, committed) {
+            Publication::UpToDate => return Ok(()),
+            Publication::Everything => {
+                let pending = self.lake().commits_of(key, None)?;
+                let ends = self.flush_producer()?;
+                self.write_marker(prefix, &PublishedMarker { through_seq: None, through_offset: None, ends })?;
+                return self.publish(partition, prefix, &pending, &HashSet::new(), &HashSet::new());
+            }
+            Publication::Since { after_seq, ends } => (after_seq, ends),
         };
+        let pending: Vec<Commit> = self.lake().commits_of(key, after)?;
         if pending.is_empty() {
             return Ok(());
         }
         let (mut shards, mut dead) = (HashSet::new(), HashSet::new());
         let topics = [self.names.shards.as_str(), self.names.dead.as_str()];
         let reader = format!("{}-readback", self.config.group_id);
-        read_back(&self.config.common.kafka, &reader, &topics, &marker.ends, Duration::from_secs(60), |msg| {
+        read_back(&self.config.common.kafka, &reader, &topics, &ends, Duration::from_secs(60), |msg| {
             let Some(payload) = msg.payload() else { return };
             if msg.topic() == self.names.shards {
                 if let Ok(m) = decode::<ShardManifest>(payload)
@@ -536,67 +496,48 @@ impl Writer {
         consumer: &BaseConsumer<RebalanceContext>,
         msg: &BorrowedMessage<'_>,
     ) -> Result<(), WriterError> {
-        let (partition, offset) = (msg.partition(), msg.offset());
+        let (partition, offset, limits) = (msg.partition(), msg.offset(), self.limits());
         let Some(state) = self.parts.get_mut(&partition) else {
             return Ok(()); // not ours (revoked meanwhile)
         };
-        match state.next_offset {
-            Some(next) if offset < next => return Ok(()), // committed already
-            Some(next) if offset > next => {
-                tracing::warn!(partition, expected = next, got = offset, "offset gap; seeking back");
+        let timestamp = msg.timestamp().to_millis().unwrap_or_else(flywheel_core::now_millis);
+        match state.arrive(offset, msg.key(), msg.payload(), timestamp, &limits) {
+            Arrival::AlreadyCommitted | Arrival::Buffered { roll: None } => Ok(()),
+            Arrival::Buffered { roll: Some(reason) } => self.flush(partition, reason),
+            Arrival::Gap { expected } => {
+                tracing::warn!(partition, expected, got = offset, "offset gap; seeking back");
                 if let Err(e) =
-                    consumer.seek(&self.names.rewards, partition, Offset::Offset(next), Duration::from_secs(10))
+                    consumer.seek(&self.names.rewards, partition, Offset::Offset(expected), Duration::from_secs(10))
                 {
                     tracing::warn!(partition, error = %e, "seek failed");
                 }
-                return Ok(());
+                Ok(())
             }
-            _ => {}
         }
-        state.next_offset = Some(offset + 1);
-        let timestamp = msg.timestamp().to_millis().unwrap_or_else(flywheel_core::now_millis);
-        state.buffer.push(msg.key(), msg.payload(), offset, timestamp);
-        if state.buffer.len() >= self.config.roll_max_rows {
-            self.flush(partition, "rows")?;
-        } else if state.buffer.bytes() >= self.config.roll_max_bytes {
-            self.flush(partition, "bytes")?;
-        }
-        Ok(())
     }
 
     /// Commits partitions whose buffer is old or idle, and the largest one
     /// while all buffers together exceed the memory cap.
     fn flush_due(&mut self) -> Result<(), WriterError> {
-        let age = Duration::from_millis(self.config.roll_max_age_ms);
-        let idle = Duration::from_millis(self.config.roll_idle_ms);
-        let due: Vec<(i32, &'static str)> = self
-            .parts
-            .iter()
-            .filter_map(|(p, s)| {
-                let first = s.buffer.first_at?;
-                if first.elapsed() >= age {
-                    Some((*p, "age"))
-                } else if s.buffer.last_at.is_some_and(|t| t.elapsed() >= idle) {
-                    Some((*p, "idle"))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for (p, reason) in due {
+        let limits = self.limits();
+        for (p, reason) in due(&self.parts, &limits, Instant::now()) {
             self.flush(p, reason)?;
         }
         loop {
-            let total: usize = self.parts.values().map(|s| s.buffer.bytes()).sum();
-            self.metrics.buffered_bytes.set(total as i64);
+            self.metrics.buffered_bytes.set(self.parts.values().map(|s| s.buffer.bytes() as i64).sum());
             self.metrics.buffered_records.set(self.parts.values().map(|s| s.buffer.len() as i64).sum());
-            if total <= self.config.max_buffered_bytes {
-                return Ok(());
-            }
-            let Some(largest) = self.parts.iter().max_by_key(|(_, s)| s.buffer.bytes()).map(|(p, _)| *p) else {
-                return Ok(());
-            };
+            let Some(largest) = over_memory_cap(&self.parts, &limits) else { return Ok(()) };
             self.flush(largest, "memory")?;
+        }
+    }
+
+    fn limits(&self) -> RollLimits {
+        RollLimits {
+            max_rows: self.config.roll_max_rows,
+            max_bytes: self.config.roll_max_bytes,
+            max_age: Duration::from_millis(self.config.roll_max_age_ms),
+            idle: Duration::from_millis(self.config.roll_idle_ms),
+            max_buffered_bytes: self.config.max_buffered_bytes,
         }
     }
 
