@@ -182,3 +182,63 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
         .map(|(v, a)| (v.to_string(), a))
     );
 }
+
+/// The gate binary on SIGTERM: it exits cleanly within its drain timeout
+/// with its decision published, and the next instance, replaying the same
+/// candidate, decides nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_nothing_twice() {
+    use flywheel_tests::{Reaped, metric, ops_get, signal, workspace_binary};
+    use std::time::Instant;
+    const DRAIN_TIMEOUT_SECS: u64 = 30;
+    let wanted = [Topic::ModelCandidates, Topic::RewardMetrics, Topic::ModelRegistry];
+    let test = test_topics("gate-term", &wanted, None).await;
+    let args = service_args("flywheel-gate", &test, &["--evaluate-every-ms", "300"]);
+    let TestTopics { kafka, topics, .. } = test;
+    let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let s = Setup { topics, args, producer };
+    let spawn = || {
+        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut args = s.args.clone();
+        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
+        args[at] = ops.to_string();
+        args.extend(["--drain-timeout-secs".to_string(), DRAIN_TIMEOUT_SECS.to_string()]);
+        (Reaped(std::process::Command::new(workspace_binary("flywheel-gate")).args(&args[1..]).spawn().unwrap()), ops)
+    };
+    let stop = |mut gate: Reaped| {
+        let signalled = Instant::now();
+        signal(gate.id(), "TERM");
+        let status = loop {
+            if let Some(status) = gate.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
+                "still running after the drain timeout"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the gate did not exit cleanly on SIGTERM: {status}");
+    };
+    let (gate, _) = spawn();
+    s.send(Topic::ModelCandidates, "acme/tiny", &candidate("a1", None, 0.8)).await;
+    let first = tokio::task::block_in_place(|| s.wait_revision(1));
+    assert!(first.canary.is_some());
+    tokio::task::block_in_place(|| stop(gate));
+
+    let (gate, ops) = spawn();
+    s.send(Topic::ModelCandidates, "acme/tiny", &candidate("a1", None, 0.8)).await;
+    // Both copies of a1 read (the history and the replay)...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, exposed) = ops_get(ops, "/metrics").await;
+        if metric(&exposed, "gate_candidates_total").unwrap_or_default() >= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gate did not read both candidates: {exposed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and its turn of the loop ends before the drain does.
+    tokio::task::block_in_place(|| stop(gate));
+    assert_eq!(s.registry().len(), 1, "the replayed candidate was decided again");
+}

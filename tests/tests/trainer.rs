@@ -255,3 +255,94 @@ fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
         assert_eq!(one["candidate_metrics"], two["candidate_metrics"]);
     }
 }
+
+/// SIGTERM to the trainer binary in the middle of a job: it exits cleanly
+/// well within its drain timeout (the job stops before its next step),
+/// publishes nothing for the request and does not commit it, so the next
+/// instance of the group picks the same request up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_job_exits_within_the_drain_timeout_and_the_request_stays_pending() {
+    use flywheel_core::kafka::ClientRole;
+    use flywheel_core::records::{DeadLetter, ModelCandidate};
+    use flywheel_core::topics::Topic;
+    use flywheel_tests::{Reaped, metric, ops_get, read_all, service_args, signal, test_topics, unique_topic};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::time::{Duration, Instant};
+
+    const DRAIN_TIMEOUT_SECS: u64 = 30;
+    let (dir, models, shards) = fixture();
+    let wanted = [Topic::TrainRequests, Topic::ModelCandidates, Topic::DeadLetters];
+    let test = test_topics("trainer-term", &wanted, None).await;
+    let (kafka, topics) = (&test.kafka, &test.topics);
+    // Far more steps than the test lets it run: it is always mid-job when signalled.
+    let mut long = request(&shards, "req-long");
+    long.objective.max_steps = 1_000_000;
+    let producer: FutureProducer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let bytes = encode(&long).unwrap();
+    let to = topics.name(Topic::TrainRequests);
+    producer.send(FutureRecord::to(&to).key("req-long").payload(&bytes), Duration::from_secs(30)).await.unwrap();
+
+    let group = unique_topic("trainer-term-group");
+    let spawn = || {
+        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (models, adapters) = (models.display().to_string(), dir.path().join("adapters").display().to_string());
+        let drain = DRAIN_TIMEOUT_SECS.to_string();
+        let extra = [
+            ["--group-id", group.as_str()],
+            ["--models-root", &models],
+            ["--adapters-root", &adapters],
+            ["--drain-timeout-secs", &drain],
+            ["--kafka-session-timeout-ms", "6000"],
+        ]
+        .concat();
+        let mut args = service_args("flywheel-trainer", &test, &extra);
+        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
+        args[at] = ops.to_string();
+        let child = std::process::Command::new(flywheel_tests::workspace_binary("flywheel-trainer"))
+            .args(&args[1..])
+            .spawn()
+            .unwrap();
+        (Reaped(child), ops)
+    };
+    // Busy: a job runs and has made progress.
+    let busy = |ops: std::net::SocketAddr| async move {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, exposed) = ops_get(ops, "/metrics").await;
+            let step = metric(&exposed, "trainer_job_step").unwrap_or_default();
+            if metric(&exposed, "trainer_busy") == Some(1.0) && step >= 1.0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the trainer never got busy: {exposed}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let stop_within_drain = |mut child: Reaped| {
+        let signalled = Instant::now();
+        signal(child.id(), "TERM");
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
+                "still running {DRAIN_TIMEOUT_SECS} s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the trainer did not exit cleanly on SIGTERM: {status}");
+    };
+
+    let (first, ops) = spawn();
+    busy(ops).await;
+    tokio::task::block_in_place(|| stop_within_drain(first));
+    let candidates = read_all::<ModelCandidate>(kafka, &topics.name(Topic::ModelCandidates));
+    let letters = read_all::<DeadLetter>(kafka, &topics.name(Topic::DeadLetters));
+    assert!(candidates.is_empty() && letters.is_empty(), "a stopped job publishes nothing: {candidates:?} {letters:?}");
+    assert!(!dir.path().join("adapters/acme").exists(), "a stopped job writes no adapter");
+
+    // The request was not committed: the group's next member trains it again.
+    let (second, ops) = spawn();
+    busy(ops).await;
+    tokio::task::block_in_place(|| stop_within_drain(second));
+}

@@ -144,3 +144,70 @@ async fn fires_once_per_threshold_crossing_explains_refusals_and_survives_restar
     stop.cancel();
     task.await.unwrap();
 }
+
+/// SIGTERM to the trigger binary while shards stream in and requests go
+/// out: it exits cleanly within its drain timeout, and after a restart every
+/// shard is in exactly one train request (none lost, none used twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard() {
+    use flywheel_tests::{Reaped, signal, workspace_binary};
+    use std::time::Instant;
+    const DRAIN_TIMEOUT_SECS: u64 = 30;
+    let s = setup().await;
+    // The day's run budget would stop it after four requests.
+    let policy = &s.args[s.args.iter().position(|a| a == "--policy").unwrap() + 1];
+    std::fs::write(
+        policy,
+        "[default]\nmin_examples = 1000\nmin_accepted = 100\nmin_rejected = 100\ncooldown_ms = 0\nmax_runs_per_day = 1000\n",
+    )
+    .unwrap();
+    let spawn = || {
+        let mut args = s.args.clone();
+        args.extend(["--drain-timeout-secs".to_string(), DRAIN_TIMEOUT_SECS.to_string()]);
+        Reaped(std::process::Command::new(workspace_binary("flywheel-trigger")).args(&args[1..]).spawn().unwrap())
+    };
+    let ids: Vec<String> = (0..120).map(|i| format!("t{i:03}")).collect();
+    let mut trigger = spawn();
+    // Two shards per request (600 examples each, 1000 needed): requests go
+    // out while shards arrive. Signal once some requests are out.
+    let (before, after) = ids.split_at(80);
+    for chunk in before.chunks(4) {
+        produce(&s, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+    tokio::task::block_in_place(|| wait_until(60, || Some(()).filter(|_| requests(&s).len() >= 3)));
+    let signalled = Instant::now();
+    signal(trigger.id(), "TERM");
+    let status = tokio::task::block_in_place(|| {
+        loop {
+            if let Some(status) = trigger.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
+                "still running after the drain timeout"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(status.success(), "the trigger did not exit cleanly on SIGTERM: {status}");
+    // More shards while it is down, then a new instance.
+    for chunk in after.chunks(4) {
+        produce(&s, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+    trigger = spawn();
+    let made = tokio::task::block_in_place(|| {
+        wait_until(90, || {
+            let made = requests(&s);
+            let used: usize = made.iter().map(|r| r.shards.len()).sum();
+            Some(made).filter(|_| used >= ids.len())
+        })
+    });
+    let mut used: Vec<String> = made.iter().flat_map(shard_set).collect();
+    used.sort();
+    let total = used.len();
+    used.dedup();
+    assert_eq!(used.len(), total, "a shard was used by two requests");
+    assert_eq!(used, ids, "every shard is in a request");
+    signal(trigger.id(), "TERM");
+    assert!(tokio::task::block_in_place(|| trigger.wait()).unwrap().success());
+}
