@@ -2,7 +2,7 @@
 //! ship. `flywheel up` runs the whole system with 100 % label noise for as
 //! long as a clean run needs to promote (see `closed_loop.rs`); afterwards
 //! the registry holds no promotion, and the trigger either refused (naming
-//! its gate) or every candidate was rejected or rolled back.
+//! its check) or every candidate was rejected or rolled back.
 
 use std::path::Path;
 
@@ -33,8 +33,8 @@ async fn with_pure_label_noise_nothing_is_promoted() {
         // The trigger refused, and said why: ratings contradict the clicks.
         let last = decisions.last().unwrap();
         assert!(!last.fired);
-        let failing: Vec<&str> = last.gates.iter().filter(|g| !g.passed).map(|g| g.gate.as_str()).collect();
-        assert!(failing.contains(&"rating_disagreement"), "failing gates {failing:?}");
+        let failing: Vec<&str> = last.checks.iter().filter(|g| !g.passed).map(|g| g.check.as_str()).collect();
+        assert!(failing.contains(&"rating_disagreement"), "failing checks {failing:?}");
     } else {
         // Anything trained on noise was stopped by the gate.
         for c in &candidates {

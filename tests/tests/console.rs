@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, KafkaArgs, create_topics};
 use flywheel_core::records::{
-    AdapterRef, Canary, DeadLetter, GateResult, Interaction, InteractionPayload, ModelCandidate, RegistryEntry,
+    AdapterRef, Canary, CheckResult, DeadLetter, Interaction, InteractionPayload, ModelCandidate, RegistryEntry,
     ReleaseAction, ReleaseDecision, RewardMetrics, ShardManifest, ShardRef, SourcePosition, TrainRequest,
     TriggerDecision,
 };
@@ -169,22 +169,22 @@ fn windows() -> Vec<RewardMetrics> {
     out
 }
 
-fn gate(name: &str, passed: bool, observed: f64, threshold: f64, message: &str) -> GateResult {
-    GateResult { gate: name.into(), passed, observed, threshold, comparison: ">=".into(), message: message.into() }
+fn check(name: &str, passed: bool, observed: f64, threshold: f64, message: &str) -> CheckResult {
+    CheckResult { check: name.into(), passed, observed, threshold, comparison: ">=".into(), message: message.into() }
 }
 
 fn decisions() -> Vec<TriggerDecision> {
     let mut fired: TriggerDecision = fixture("trigger_decision.not_fired.json");
     (fired.tenant, fired.base_model, fired.decision_id) = ("acme".into(), "tiny".into(), "d1".into());
     (fired.evaluated_at, fired.fired, fired.train_request_id) = (T0 + 8 * MIN, true, Some("req-a2".into()));
-    fired.gates = vec![gate("min_examples", true, 1500.0, 1000.0, "examples 1500 >= 1000")];
+    fired.checks = vec![check("min_examples", true, 1500.0, 1000.0, "examples 1500 >= 1000")];
     let mut latest = fired.clone();
     (latest.decision_id, latest.evaluated_at, latest.fired, latest.train_request_id) =
         ("d2".into(), T0 + 25 * MIN, false, None);
-    latest.gates = vec![
-        gate("min_examples", true, 2000.0, 1000.0, "examples 2000 >= 1000"),
-        gate("reward_variance", false, 0.001, 0.01, "reward variance 0.001 < floor 0.01"),
-        gate("distinct_users", false, 7.0, 20.0, &format!("users 7 < 20 {XSS_IMG}")),
+    latest.checks = vec![
+        check("min_examples", true, 2000.0, 1000.0, "examples 2000 >= 1000"),
+        check("reward_variance", false, 0.001, 0.01, "reward variance 0.001 < floor 0.01"),
+        check("distinct_users", false, 7.0, 20.0, &format!("users 7 < 20 {XSS_IMG}")),
     ];
     vec![fired, latest]
 }
@@ -611,8 +611,8 @@ async fn every_page_shows_the_numbers_on_the_topics_and_follows_new_records() {
     let ds: Vec<TriggerDecision> = read_all(kafka, &name(Topic::TriggerDecisions)).into_iter().map(|r| r.2).collect();
     let latest = ds.iter().max_by_key(|d| d.evaluated_at).unwrap();
     assert!(training.contains(r#"<span id="trigger-fired" data-fired="false">not training because: reward_variance, distinct_users</span>"#), "{training}");
-    for g in &latest.gates {
-        let r = row(&training, &format!(r#"<tr data-gate="{}""#, g.gate));
+    for g in &latest.checks {
+        let r = row(&training, &format!(r#"<tr data-check="{}""#, g.check));
         assert!(r.contains(&format!(r#"<td class="observed">{}</td>"#, g.observed)), "{r}");
         assert!(r.contains(&format!(r#"<td class="threshold">{}</td>"#, g.threshold)), "{r}");
         assert!(r.contains(if g.passed { "✓ passed" } else { "✗ failed" }));

@@ -111,10 +111,10 @@ async fn fires_once_per_threshold_crossing_explains_refusals_and_survives_restar
     let refused = tokio::task::block_in_place(|| {
         wait_until(30, || decisions(&s).into_iter().find(|d| !d.fired && d.shard_ids == vec!["s1".to_string()]))
     });
-    let examples = refused.gates.iter().find(|g| g.gate == "examples").unwrap();
+    let examples = refused.checks.iter().find(|g| g.check == "examples").unwrap();
     assert!(!examples.passed && examples.observed == 600.0 && examples.threshold == 1000.0, "{examples:?}");
     assert_eq!(examples.message, "examples 600 < minimum 1000 (fails)");
-    assert!(refused.gates.iter().filter(|g| g.gate != "examples").all(|g| g.passed), "{:?}", refused.gates);
+    assert!(refused.checks.iter().filter(|g| g.check != "examples").all(|g| g.passed), "{:?}", refused.checks);
     assert!(requests(&s).is_empty());
 
     produce(&s, &["s2"]).await;

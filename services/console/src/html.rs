@@ -154,7 +154,7 @@ pub fn index(view: &View, ctx: &Ctx<'_>) -> String {
                     .map(|d| if d.fired {
                         "fired".to_string()
                     } else {
-                        format!("waiting ({} failing)", d.gates.iter().filter(|g| !g.passed).count())
+                        format!("waiting ({} failing)", d.checks.iter().filter(|g| !g.passed).count())
                     })
                     .unwrap_or_else(|| "—".into()),
                 query("/models", &q),
@@ -588,7 +588,7 @@ pub fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option
     match p.latest_decision() {
         None => b.push_str(r#"<p class="empty">No trigger decision yet.</p>"#),
         Some(d) => {
-            let failing: Vec<String> = d.gates.iter().filter(|g| !g.passed).map(|g| esc(&g.gate)).collect();
+            let failing: Vec<String> = d.checks.iter().filter(|g| !g.passed).map(|g| esc(&g.check)).collect();
             let verdict = if d.fired {
                 format!("fired: train request {}", esc(d.train_request_id.as_deref().unwrap_or("?")))
             } else if failing.is_empty() {
@@ -604,14 +604,14 @@ pub fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option
                 esc(&d.policy_version),
                 d.shard_ids.len()
             );
-            b.push_str(r#"<table id="gates"><thead><tr><th>check</th><th>verdict</th><th>observed</th><th></th><th>threshold</th><th>message</th></tr></thead><tbody>"#);
-            for g in &d.gates {
+            b.push_str(r#"<table id="checks"><thead><tr><th>check</th><th>verdict</th><th>observed</th><th></th><th>threshold</th><th>message</th></tr></thead><tbody>"#);
+            for g in &d.checks {
                 let _ = write!(
                     b,
-                    r#"<tr data-gate="{}" class="{}"><td>{}</td><td class="verdict">{}</td><td class="observed">{}</td><td class="comparison">{}</td><td class="threshold">{}</td><td class="message">{}</td></tr>"#,
-                    esc(&g.gate),
+                    r#"<tr data-check="{}" class="{}"><td>{}</td><td class="verdict">{}</td><td class="observed">{}</td><td class="comparison">{}</td><td class="threshold">{}</td><td class="message">{}</td></tr>"#,
+                    esc(&g.check),
                     if g.passed { "pass" } else { "fail" },
-                    esc(&g.gate),
+                    esc(&g.check),
                     if g.passed { "✓ passed" } else { "✗ failed" },
                     esc(&format!("{}", g.observed)),
                     esc(&g.comparison),
@@ -625,7 +625,7 @@ pub fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option
     if p.decisions.len() > 1 {
         b.push_str(r#"<h3>Earlier decisions</h3><ul id="earlier-decisions">"#);
         for d in p.decisions.iter().rev().skip(1).take(10) {
-            let failing: Vec<String> = d.gates.iter().filter(|g| !g.passed).map(|g| esc(&g.gate)).collect();
+            let failing: Vec<String> = d.checks.iter().filter(|g| !g.passed).map(|g| esc(&g.check)).collect();
             let _ = write!(
                 b,
                 "<li>{} · {}</li>",
@@ -966,7 +966,7 @@ mod tests {
     use super::*;
     use crate::view::tests::{registry_entries, window};
     use crate::view::{Record, Source};
-    use flywheel_core::records::{DeadLetter, GateResult, Interaction, SourcePosition, TriggerDecision};
+    use flywheel_core::records::{CheckResult, DeadLetter, Interaction, SourcePosition, TriggerDecision};
 
     const XSS: &str = "<script>alert('owned')</script>";
 
@@ -992,8 +992,8 @@ mod tests {
         }
         let mut d: TriggerDecision = fixture("trigger_decision.not_fired.json");
         (d.tenant, d.base_model) = ("acme".into(), "tiny".into());
-        d.gates.push(GateResult {
-            gate: "distinct_users".into(),
+        d.checks.push(CheckResult {
+            check: "distinct_users".into(),
             passed: false,
             observed: 3.0,
             threshold: 20.0,
@@ -1150,7 +1150,7 @@ mod tests {
         let v = hostile_view();
         let all = pages(&v);
         let training = &all[2].1;
-        assert!(training.contains(r#"<tr data-gate="reward_variance" class="fail"><td>reward_variance</td><td class="verdict">✗ failed</td><td class="observed">0.001</td><td class="comparison">&gt;=</td><td class="threshold">0.01</td>"#), "{training}");
+        assert!(training.contains(r#"<tr data-check="reward_variance" class="fail"><td>reward_variance</td><td class="verdict">✗ failed</td><td class="observed">0.001</td><td class="comparison">&gt;=</td><td class="threshold">0.01</td>"#), "{training}");
         assert!(training.contains("not training because: reward_variance, distinct_users"));
         assert!(
             training.contains(r#"<tr data-request="req-a1">"#) && training.contains(r#"<td class="rows">2000</td>"#)

@@ -482,7 +482,7 @@ pub struct ShardVersionStats {
     pub max_user_rows: i64,
 }
 
-/// One trigger evaluation and its gates (topic `trigger-decisions`).
+/// One trigger evaluation and its signal checks (topic `trigger-decisions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TriggerDecision {
     /// Deterministic id.
@@ -502,15 +502,20 @@ pub struct TriggerDecision {
     pub policy_version: String,
     /// Shards accumulated since the last request.
     pub shard_ids: Vec<String>,
-    /// Every gate, passed or failed.
-    pub gates: Vec<GateResult>,
+    /// Every check, passed or failed. On the wire (Avro and JSON) the
+    /// field keeps its first name, `gates`, so records already on the topic
+    /// and analysts' queries stay valid.
+    #[serde(rename = "gates")]
+    pub checks: Vec<CheckResult>,
 }
 
-/// One gate's verdict.
+/// One signal check's verdict (Avro record `GateResult`, its first name).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GateResult {
-    /// Gate name.
-    pub gate: String,
+#[serde(rename = "GateResult")]
+pub struct CheckResult {
+    /// Check name (wire field `gate`).
+    #[serde(rename = "gate")]
+    pub check: String,
     /// Whether it held.
     pub passed: bool,
     /// Observed value.

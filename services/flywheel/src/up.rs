@@ -312,7 +312,7 @@ fn print_summary(started: Instant, sim: &SimStats, last_events: &mut (u64, Insta
         watch.promoted().len()
     );
     if let Some(d) = &watch.last_decision {
-        let failing: Vec<&str> = d.gates.iter().filter(|g| !g.passed).map(|g| g.message.as_str()).collect();
+        let failing: Vec<&str> = d.checks.iter().filter(|g| !g.passed).map(|g| g.message.as_str()).collect();
         let verdict = if d.fired { "fired".to_string() } else { format!("waiting: {}", failing.join("; ")) };
         println!("        trigger: {verdict}");
     }

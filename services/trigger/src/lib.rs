@@ -2,7 +2,7 @@
 //! fires a train request when there is enough *good* signal, explaining every
 //! evaluation that does not fire.
 //!
-//! - [`policy`]: the signal gates, pure and deterministic;
+//! - [`policy`]: the signal checks, pure and deterministic;
 //! - [`service`]: the Kafka service (`shards` → `train-requests`, `trigger-decisions`).
 
 pub mod policy;

@@ -1,4 +1,4 @@
-//! The trigger policy: what "enough good signal" means, as gates over the
+//! The trigger policy: what "enough good signal" means, as checks over the
 //! statistics of the shards accumulated since the last train request.
 //!
 //! Pure functions of (policy, manifests, clock, request history), so a
@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use flywheel_core::policy::CheckPolicy;
-use flywheel_core::records::{EpochMillis, GateResult, ObjectiveKind, ShardManifest, TrainingObjective};
+use flywheel_core::records::{CheckResult, EpochMillis, ObjectiveKind, ShardManifest, TrainingObjective};
 use serde::{Deserialize, Serialize};
 
 use crate::TriggerError;
@@ -34,14 +34,14 @@ pub struct Policy {
     /// Ceiling on the share of rated examples whose rating contradicts their
     /// implicit outcome: a label-noise estimate.
     pub max_rating_disagreement: f64,
-    /// Rated examples needed before the noise gate judges (fewer: it holds).
+    /// Rated examples needed before the noise check judges (fewer: it holds).
     pub min_rated_for_noise: u64,
     /// Minimum time between two requests (ms).
     pub cooldown_ms: i64,
     /// Most requests per UTC day.
     pub max_runs_per_day: u32,
     /// When the oldest unused shard is this old (ms), `stale_min_examples`
-    /// is enough volume (the other gates still apply).
+    /// is enough volume (the other checks still apply).
     pub max_staleness_ms: i64,
     /// Volume that suffices once the data is stale.
     pub stale_min_examples: u64,
@@ -255,7 +255,7 @@ pub struct RequestHistory {
     pub created_at: Vec<EpochMillis>,
 }
 
-pub(crate) fn gate(name: &str, observed: f64, comparison: &str, threshold: f64, label: &str) -> GateResult {
+pub(crate) fn check(name: &str, observed: f64, comparison: &str, threshold: f64, label: &str) -> CheckResult {
     let passed = match comparison {
         ">=" => observed >= threshold,
         ">" => observed > threshold,
@@ -270,8 +270,8 @@ pub(crate) fn gate(name: &str, observed: f64, comparison: &str, threshold: f64, 
         _ => ">=",
     };
     let shown = if passed { comparison } else { negated };
-    GateResult {
-        gate: name.into(),
+    CheckResult {
+        check: name.into(),
         passed,
         observed,
         threshold,
@@ -293,8 +293,8 @@ fn number(v: f64) -> String {
     }
 }
 
-/// Evaluates every gate at `now`. The request fires only if all hold.
-pub fn evaluate(policy: &Policy, acc: &Accumulated, history: &RequestHistory, now: EpochMillis) -> Vec<GateResult> {
+/// Evaluates every check at `now`. The request fires only if all hold.
+pub fn evaluate(policy: &Policy, acc: &Accumulated, history: &RequestHistory, now: EpochMillis) -> Vec<CheckResult> {
     let stale = acc.oldest_shard_at.is_some_and(|t| now - t >= policy.max_staleness_ms);
     let volume = if stale { policy.stale_min_examples } else { policy.min_examples };
     let last = history.created_at.iter().copied().max();
@@ -307,15 +307,15 @@ pub fn evaluate(policy: &Policy, acc: &Accumulated, history: &RequestHistory, no
         0.0
     };
     vec![
-        gate("examples", acc.examples as f64, ">=", volume as f64, if stale { "stale minimum" } else { "minimum" }),
-        gate("distinct_users", acc.user_rows.len() as f64, ">=", policy.min_distinct_users as f64, "minimum"),
-        gate("max_user_share", acc.max_user_share(), "<=", policy.max_user_share, "cap"),
-        gate("reward_variance", acc.reward_variance(), ">=", policy.min_reward_variance, "floor"),
-        gate("accepted", acc.accepted as f64, ">=", policy.min_accepted as f64, "minimum"),
-        gate("rejected", acc.rejected as f64, ">=", policy.min_rejected as f64, "minimum"),
-        gate("rating_disagreement", noise, "<=", policy.max_rating_disagreement, "ceiling"),
-        gate("since_last_request_ms", since_last, ">=", policy.cooldown_ms as f64, "cooldown"),
-        gate("runs_today", today as f64, "<", policy.max_runs_per_day as f64, "budget"),
+        check("examples", acc.examples as f64, ">=", volume as f64, if stale { "stale minimum" } else { "minimum" }),
+        check("distinct_users", acc.user_rows.len() as f64, ">=", policy.min_distinct_users as f64, "minimum"),
+        check("max_user_share", acc.max_user_share(), "<=", policy.max_user_share, "cap"),
+        check("reward_variance", acc.reward_variance(), ">=", policy.min_reward_variance, "floor"),
+        check("accepted", acc.accepted as f64, ">=", policy.min_accepted as f64, "minimum"),
+        check("rejected", acc.rejected as f64, ">=", policy.min_rejected as f64, "minimum"),
+        check("rating_disagreement", noise, "<=", policy.max_rating_disagreement, "ceiling"),
+        check("since_last_request_ms", since_last, ">=", policy.cooldown_ms as f64, "cooldown"),
+        check("runs_today", today as f64, "<", policy.max_runs_per_day as f64, "budget"),
     ]
 }
 
@@ -374,30 +374,30 @@ mod tests {
         Policy { min_examples: 1_000, min_accepted: 100, min_rejected: 100, ..Policy::default() }
     }
 
-    fn failing(gates: &[GateResult]) -> Vec<&str> {
-        gates.iter().filter(|g| !g.passed).map(|g| g.gate.as_str()).collect()
+    fn failing(checks: &[CheckResult]) -> Vec<&str> {
+        checks.iter().filter(|g| !g.passed).map(|g| g.check.as_str()).collect()
     }
 
     #[test]
     fn fires_only_once_the_volume_threshold_is_crossed() {
         let mut acc = Accumulated::default();
         acc.add(&shard("s1", 600, 40, 300, 0), "base");
-        let gates = evaluate(&policy(), &acc, &RequestHistory::default(), 1_000);
-        assert_eq!(failing(&gates), vec!["examples"]);
-        assert_eq!(gates[0].message, "examples 600 < minimum 1000 (fails)");
+        let checks = evaluate(&policy(), &acc, &RequestHistory::default(), 1_000);
+        assert_eq!(failing(&checks), vec!["examples"]);
+        assert_eq!(checks[0].message, "examples 600 < minimum 1000 (fails)");
         acc.add(&shard("s2", 600, 40, 300, 10), "base");
         assert!(failing(&evaluate(&policy(), &acc, &RequestHistory::default(), 1_000)).is_empty());
     }
 
     #[test]
-    fn each_gate_refuses_with_its_numbers() {
+    fn each_check_refuses_with_its_numbers() {
         let now = 10 * 86_400_000;
         // One heavy user: 2 users share 1,200 rows.
         let mut acc = Accumulated::default();
         acc.add(&shard("s", 1_200, 2, 600, now), "base");
-        let gates = evaluate(&policy(), &acc, &RequestHistory::default(), now);
-        assert_eq!(failing(&gates), vec!["distinct_users", "max_user_share"]);
-        let share = gates.iter().find(|g| g.gate == "max_user_share").unwrap();
+        let checks = evaluate(&policy(), &acc, &RequestHistory::default(), now);
+        assert_eq!(failing(&checks), vec!["distinct_users", "max_user_share"]);
+        let share = checks.iter().find(|g| g.check == "max_user_share").unwrap();
         assert_eq!((share.observed, share.threshold), (0.5, 0.10));
         // All accepted: no variance, no negative outcome.
         let mut acc = Accumulated::default();
@@ -412,9 +412,9 @@ mod tests {
         noisy.stats.rating_outcome_disagreements = 100;
         let mut acc = Accumulated::default();
         acc.add(&noisy, "base");
-        let gates = evaluate(&policy(), &acc, &RequestHistory::default(), now);
-        assert_eq!(failing(&gates), vec!["rating_disagreement"]);
-        assert_eq!(gates[6].message, "rating_disagreement 0.5 > ceiling 0.3 (fails)");
+        let checks = evaluate(&policy(), &acc, &RequestHistory::default(), now);
+        assert_eq!(failing(&checks), vec!["rating_disagreement"]);
+        assert_eq!(checks[6].message, "rating_disagreement 0.5 > ceiling 0.3 (fails)");
         // Cooldown and daily budget.
         let mut acc = Accumulated::default();
         acc.add(&shard("s", 1_200, 40, 600, now), "base");
@@ -426,7 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_data_lowers_the_volume_bar_but_not_the_other_gates() {
+    fn stale_data_lowers_the_volume_bar_but_not_the_other_checks() {
         let p = Policy { stale_min_examples: 200, ..policy() };
         let mut acc = Accumulated::default();
         acc.add(&shard("s", 400, 40, 200, 0), "base");

@@ -1,6 +1,6 @@
 //! The trigger service: reads `shards` (and the live adapters of
 //! `model-registry`) from the beginning, accumulates manifests per (tenant,
-//! base model) since the last train request, evaluates the policy's gates
+//! base model) since the last train request, evaluates the policy's checks
 //! and publishes a `train-requests` record when they all hold, and a
 //! `trigger-decisions` record whenever the outcome of an evaluation changes.
 //!
@@ -62,15 +62,15 @@ struct PairLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GateLabels {
-    gate: String,
+struct CheckLabels {
+    check: String,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Metrics {
     requests: Counter,
     decisions: Counter,
-    gate_failures: Family<GateLabels, Counter>,
+    check_failures: Family<CheckLabels, Counter>,
     pending_examples: Family<PairLabels, Gauge>,
 }
 
@@ -80,7 +80,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("trigger");
         r.register("train_requests", "Train requests published", m.requests.clone());
         r.register("decisions", "Trigger decisions published", m.decisions.clone());
-        r.register("gate_failures", "Failed gates in published decisions", m.gate_failures.clone());
+        r.register("check_failures", "Failed signal checks in published decisions", m.check_failures.clone());
         r.register("pending_examples", "Examples accumulated since the last request", m.pending_examples.clone());
         m
     }
@@ -178,10 +178,10 @@ pub fn decide(
     }
     let policy = policies.of(tenant, base_model);
     let history = state.history.get(&key).cloned().unwrap_or_default();
-    let mut gates = evaluate(policy, acc, &history, now);
+    let mut checks = evaluate(policy, acc, &history, now);
     let canaries = f64::from(u8::from(state.canary.contains(&key)));
-    gates.push(crate::policy::gate("canary_running", canaries, "<", 1.0, "limit"));
-    let fired = gates.iter().all(|g| g.passed);
+    checks.push(crate::policy::check("canary_running", canaries, "<", 1.0, "limit"));
+    let fired = checks.iter().all(|g| g.passed);
     let mut shard_ids = acc.shard_ids.clone();
     shard_ids.sort();
     let request = fired.then(|| {
@@ -218,7 +218,7 @@ pub fn decide(
             created_at: now,
         }
     });
-    let failing: Vec<&str> = gates.iter().filter(|g| !g.passed).map(|g| g.gate.as_str()).collect();
+    let failing: Vec<&str> = checks.iter().filter(|g| !g.passed).map(|g| g.check.as_str()).collect();
     let mut parts = vec![tenant, base_model, policy.version.as_str()];
     parts.extend(shard_ids.iter().map(String::as_str));
     parts.push("|");
@@ -232,7 +232,7 @@ pub fn decide(
         train_request_id: request.as_ref().map(|r| r.request_id.clone()),
         policy_version: policy.version.clone(),
         shard_ids,
-        gates,
+        checks,
     };
     Some((decision, request))
 }
@@ -318,9 +318,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
                     if state.last_decision.get(&key) == Some(&decision.decision_id) {
                         continue;
                     }
-                    for g in decision.gates.iter().filter(|g| !g.passed) {
-                        metrics.gate_failures.get_or_create(&GateLabels { gate: g.gate.clone() }).inc();
-                        tracing::info!(tenant = %key.0, base_model = %key.1, gate = %g.gate, "{}", g.message);
+                    for g in decision.checks.iter().filter(|g| !g.passed) {
+                        metrics.check_failures.get_or_create(&CheckLabels { check: g.check.clone() }).inc();
+                        tracing::info!(tenant = %key.0, base_model = %key.1, check = %g.check, "{}", g.message);
                     }
                     publisher.publish(Topic::TriggerDecisions, &decision).await?;
                     metrics.decisions.inc();
