@@ -40,7 +40,4 @@ pub enum ConsoleError {
     /// Reading the trainer's `/metrics` failed (shown on the Training page).
     #[error("{0}")]
     Scrape(String),
-    /// A worker task panicked.
-    #[error("worker {0} ended abnormally")]
-    Worker(String),
 }

@@ -22,7 +22,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
 use flywheel_core::kafka::KafkaArgs;
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, blocking_worker};
+use flywheel_core::runtime::{CommonArgs, Readiness, ServiceHarness, blocking_worker, join_all};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -519,9 +519,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
     let topics = config.common.topics.load()?;
     let policies = flywheel_gate::service::Policies::load_or_default(config.release_policy.as_deref())?;
     let token = load_token(&config)?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("console", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("caught_up", false);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -529,8 +529,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
     let addr = listener
         .local_addr()
         .map_err(|source| ConsoleError::Io { context: "reading the console address".into(), source })?;
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
 
     let view = Arc::new(RwLock::new(View {
         trainers: config
@@ -551,59 +549,63 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
         throughput: [topics.name(Topic::Interactions), topics.name(Topic::Rewards)],
     });
 
-    let mut tasks: JoinSet<Result<(), ConsoleError>> = JoinSet::new();
-    {
-        let (kafka, view, readiness, metrics) = (config.common.kafka.clone(), view.clone(), readiness, metrics.clone());
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            blocking_worker(&token, move |stop| follow(&kafka, &names, &view, &readiness, &metrics, &stop))
-                .await
-                .map_err(|e| ConsoleError::Worker(format!("follower: {e}")))?
-        });
-    }
-    {
-        let (kafka, view, metrics) = (config.common.kafka.clone(), view.clone(), metrics.clone());
-        let every = Duration::from_millis(config.probe_every_ms.max(200));
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            blocking_worker(&token, move |stop| probe(&kafka, &all_topics, &groups, &view, &metrics, every, &stop))
-                .await
-                .map_err(|e| ConsoleError::Worker(format!("probe: {e}")))?
-        });
-    }
-    if !config.trainer_metrics_urls.is_empty() {
-        let (targets, view, stop) = (config.trainer_metrics_urls.clone(), view.clone(), shutdown.clone());
-        let every = Duration::from_millis(config.probe_every_ms.max(200));
-        tasks.spawn(async move {
-            crate::trainer::poll(targets, view, every, stop).await;
-            Ok(())
-        });
-    }
-    {
-        let app = router(state);
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .map_err(|source| ConsoleError::Io { context: "serving the console".into(), source })
-        });
-    }
-    tracing::info!(url = %format!("http://{addr}/"), auth = config.token.is_some() || config.token_file.is_some(), "console listening");
+    harness
+        .run(shutdown, move |stop| async move {
+            let mut tasks: JoinSet<Result<(), ConsoleError>> = JoinSet::new();
+            {
+                let (kafka, view, readiness, metrics) = (config.common.kafka.clone(), view.clone(), readiness, metrics.clone());
+                let token = stop.clone();
+                tasks.spawn(async move {
+                    blocking_worker(&token, move |stop| follow(&kafka, &names, &view, &readiness, &metrics, &stop))
+                        .await
+                        .map_err(|e| flywheel_core::Error::panicked("the console follower", e))?
+                });
+            }
+            {
+                let (kafka, view, metrics) = (config.common.kafka.clone(), view.clone(), metrics.clone());
+                let every = Duration::from_millis(config.probe_every_ms.max(200));
+                let token = stop.clone();
+                tasks.spawn(async move {
+                    blocking_worker(&token, move |stop| probe(&kafka, &all_topics, &groups, &view, &metrics, every, &stop))
+                        .await
+                        .map_err(|e| flywheel_core::Error::panicked("the console probe", e))?
+                });
+            }
+            if !config.trainer_metrics_urls.is_empty() {
+                let (targets, view, stop) = (config.trainer_metrics_urls.clone(), view.clone(), stop.clone());
+                let every = Duration::from_millis(config.probe_every_ms.max(200));
+                tasks.spawn(async move {
+                    crate::trainer::poll(targets, view, every, stop).await;
+                    Ok(())
+                });
+            }
+            {
+                let app = router(state);
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                        .map_err(|source| ConsoleError::Io { context: "serving the console".into(), source })
+                });
+            }
+            tracing::info!(url = %format!("http://{addr}/"), auth = config.token.is_some() || config.token_file.is_some(), "console listening");
 
-    // Run until shutdown, or until a task ends (an error: none ends by itself).
-    let failed = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        Some(done) = tasks.join_next() => Some(done),
-    };
-    shutdown.cancel();
-    let drained = flywheel_core::runtime::drain(tasks, config.common.service.drain_timeout()).await;
-    let _ = ops.task.await;
-    match failed {
-        Some(Ok(Err(e))) => Err(e),
-        Some(Err(join)) => Err(ConsoleError::Worker(join.to_string())),
-        _ => drained,
-    }
+            // Until shutdown, or until a task ends (an error: none ends by
+            // itself); then every task stops (the harness bounds the wait).
+            let first = tokio::select! {
+                _ = stop.cancelled() => None,
+                Some(done) = tasks.join_next() => Some(done),
+            };
+            stop.cancel();
+            let rest = join_all(tasks).await;
+            match first {
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(join)) => Err(flywheel_core::Error::panicked("a console task", join).into()),
+                _ => rest,
+            }
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -167,16 +167,7 @@ where
         tokio::select! {
             next = tasks.join_next() => match next {
                 None => break,
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => {
-                    tracing::error!(error = %e, "task failed");
-                    first_error.get_or_insert(e);
-                }
-                Some(Err(join)) => {
-                    let e = Error::panicked("a service task", join);
-                    tracing::error!(error = %e, "task ended abnormally");
-                    first_error.get_or_insert(E::from(e));
-                }
+                Some(ended) => keep_first_error(ended, &mut first_error),
             },
             _ = &mut deadline => {
                 let remaining = tasks.len();
@@ -188,6 +179,35 @@ where
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Waits for every task to end; returns the first error (a panicked task is
+/// [`Error::Panicked`]). Bound the wait from outside (a worker of a
+/// [`ServiceHarness`] is, by the drain timeout).
+pub async fn join_all<E>(mut tasks: JoinSet<std::result::Result<(), E>>) -> std::result::Result<(), E>
+where
+    E: std::fmt::Display + From<Error> + 'static,
+{
+    let mut first_error = None;
+    while let Some(ended) = tasks.join_next().await {
+        keep_first_error(ended, &mut first_error);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn keep_first_error<E>(
+    ended: std::result::Result<std::result::Result<(), E>, tokio::task::JoinError>,
+    first: &mut Option<E>,
+) where
+    E: std::fmt::Display + From<Error>,
+{
+    let error = match ended {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(join) => E::from(Error::panicked("a service task", join)),
+    };
+    tracing::error!(error = %error, "task failed");
+    first.get_or_insert(error);
 }
 
 /// Runs a blocking loop on the blocking pool. The loop gets a child of

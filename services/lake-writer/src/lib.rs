@@ -27,13 +27,27 @@ pub enum WriterError {
     /// Bad configuration.
     #[error("configuration error: {0}")]
     Config(String),
-    /// Publishing manifests or dead letters failed.
-    #[error("kafka: {context}: {detail}")]
+    /// A Kafka client call failed (flushing the producer).
+    #[error("kafka: {context}: {source}")]
     Kafka {
         /// What was being done.
         context: &'static str,
-        /// The client's message.
-        detail: String,
+        /// The client error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The broker refused or timed out outputs (manifests, dead letters):
+    /// the writer stops so that a restart publishes them again.
+    #[error("outputs not acknowledged: {0}")]
+    Undelivered(String),
+    /// The publication marker could not be written as JSON.
+    #[error("{context}: {source}")]
+    Json {
+        /// What was being written.
+        context: &'static str,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -44,7 +58,9 @@ impl WriterError {
             WriterError::Core(e) => e.reason_code(),
             WriterError::Lake(e) => e.reason_code(),
             WriterError::Config(_) => "config",
-            WriterError::Kafka { .. } => "kafka_publish",
+            WriterError::Kafka { .. } => "kafka",
+            WriterError::Undelivered(_) => "kafka_undelivered",
+            WriterError::Json { .. } => "state_json",
         }
     }
 }

@@ -348,22 +348,22 @@ impl Writer {
     }
 
     fn send(&self, topic: &str, key: &str, value: &[u8]) -> Result<(), WriterError> {
-        send_blocking(&self.producer, topic, key, value)
-            .map_err(|e| WriterError::Kafka { context: "producing", detail: e.to_string() })
+        Ok(send_blocking(&self.producer, topic, key, value)?)
     }
 
     fn flush_producer(&self) -> Result<TopicOffsets, WriterError> {
         self.producer
             .flush(Duration::from_secs(30))
-            .map_err(|e| WriterError::Kafka { context: "flushing the producer", detail: e.to_string() })?;
+            .map_err(|source| WriterError::Kafka { context: "flushing the producer", source })?;
         if let Some(e) = self.producer.context().first_error() {
-            return Err(WriterError::Kafka { context: "outputs not acknowledged", detail: e.to_string() });
+            return Err(WriterError::Undelivered(e));
         }
         Ok(self.producer.context().ends_over(&self.startup_ends))
     }
 
     fn write_marker(&self, prefix: &str, marker: &PublishedMarker) -> Result<(), WriterError> {
-        let bytes = serde_json::to_vec(marker).map_err(|e| WriterError::Config(e.to_string()))?;
+        let bytes = serde_json::to_vec(marker)
+            .map_err(|source| WriterError::Json { context: "writing the publication marker", source })?;
         Ok(self.storage.put(&marker_path(prefix), &bytes)?)
     }
 
