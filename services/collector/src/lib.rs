@@ -15,8 +15,8 @@
 //! and bodies each have a deadline (see [`serve`]).
 
 pub mod privacy;
-pub mod route;
-pub mod serve;
+pub(crate) mod route;
+pub(crate) mod serve;
 pub mod validate;
 
 use std::collections::{HashMap, HashSet};

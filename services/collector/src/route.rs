@@ -20,13 +20,13 @@ use crate::CollectorError;
 
 /// Latest registry entry per (tenant, base model).
 #[derive(Debug, Clone, Default)]
-pub struct RegistryView {
+pub(crate) struct RegistryView {
     entries: Arc<RwLock<HashMap<(String, String), RegistryEntry>>>,
 }
 
 impl RegistryView {
     /// Keeps `entry` if it is newer (by revision) than what is held.
-    pub fn apply(&self, entry: RegistryEntry) {
+    pub(crate) fn apply(&self, entry: RegistryEntry) {
         let key = (entry.tenant.clone(), entry.base_model.clone());
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.get(&key).is_none_or(|held| held.revision < entry.revision) {
@@ -35,7 +35,7 @@ impl RegistryView {
     }
 
     /// The entry for a tenant and base model, if any.
-    pub fn get(&self, tenant: &str, base_model: &str) -> Option<RegistryEntry> {
+    pub(crate) fn get(&self, tenant: &str, base_model: &str) -> Option<RegistryEntry> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries.get(&(tenant.to_string(), base_model.to_string())).cloned()
     }
@@ -43,7 +43,7 @@ impl RegistryView {
 
 /// The answer of `GET /v1/route`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RouteDecision {
+pub(crate) struct RouteDecision {
     /// Base model to serve.
     pub model_id: String,
     /// Adapter to apply, or null for the base model alone.
@@ -60,7 +60,7 @@ pub struct RouteDecision {
 /// A user's stable position in [0, 1) for one experiment: the first 8 bytes
 /// of SHA-256(salt, pseudonymous user id). Changing the salt (the canary's
 /// adapter version) re-draws the split for the next experiment.
-pub fn bucket(salt: &str, pseudonymous_user_id: &str) -> f64 {
+pub(crate) fn bucket(salt: &str, pseudonymous_user_id: &str) -> f64 {
     let digest =
         Sha256::new().chain_update(salt.as_bytes()).chain_update([0]).chain_update(pseudonymous_user_id).finalize();
     let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
@@ -68,7 +68,7 @@ pub fn bucket(salt: &str, pseudonymous_user_id: &str) -> f64 {
 }
 
 /// Decides what to serve from an optional registry entry.
-pub fn decide(entry: Option<&RegistryEntry>, base_model: &str, pseudonymous_user_id: &str) -> RouteDecision {
+pub(crate) fn decide(entry: Option<&RegistryEntry>, base_model: &str, pseudonymous_user_id: &str) -> RouteDecision {
     let Some(entry) = entry else {
         return RouteDecision {
             model_id: base_model.to_string(),
@@ -99,7 +99,7 @@ pub fn decide(entry: Option<&RegistryEntry>, base_model: &str, pseudonymous_user
 /// Follows the registry topic from the beginning into `view`; marks the
 /// `registry` readiness check once it has caught up with the end offsets seen
 /// at start. Runs on a blocking thread until `shutdown`.
-pub fn follow_registry(
+pub(crate) fn follow_registry(
     kafka: &KafkaArgs,
     topic: &str,
     view: RegistryView,

@@ -26,7 +26,7 @@ use crate::PhaseLabels;
 
 /// Connection limits of the public API.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     /// Most connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers.

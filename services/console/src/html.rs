@@ -15,11 +15,11 @@ use crate::text::{duration, esc, num, p_value, query, utc};
 use crate::view::{Episode, PairView, TestSettings, View, WindowStats};
 
 /// Windows per version drawn in the charts (the newest; the table counts all).
-pub const CHART_WINDOWS: usize = 600;
+pub(crate) const CHART_WINDOWS: usize = 600;
 
 /// What a page needs besides the view.
 #[derive(Debug, Clone, Copy)]
-pub struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     /// How often the page asks whether it is stale.
     pub refresh_ms: u64,
     /// The release policies (window length, α and τ of the gate's tests).
@@ -124,7 +124,7 @@ fn layout(title: &str, live: Live, view: &View, ctx: &Ctx<'_>, pair: Option<(&st
 }
 
 /// The overview: every (tenant, base model) with its serving state.
-pub fn index(view: &View, ctx: &Ctx<'_>) -> String {
+pub(crate) fn index(view: &View, ctx: &Ctx<'_>) -> String {
     let mut b = String::new();
     if view.pairs.is_empty() {
         b.push_str(r#"<p class="empty">No registry entries, metrics, decisions or candidates yet.</p>"#);
@@ -167,7 +167,7 @@ pub fn index(view: &View, ctx: &Ctx<'_>) -> String {
 }
 
 /// The models page of one pair; `None` when nothing is known about it.
-pub fn models(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option<String> {
+pub(crate) fn models(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option<String> {
     let p = view.pairs.get(&(tenant.to_string(), model.to_string()))?;
     let settings = ctx.settings(tenant, model);
     let mut b = String::new();
@@ -414,7 +414,7 @@ fn canary(b: &mut String, e: &Episode, s: &TestSettings) {
 
 /// A decision statistic, short: integers whole, others to four places (or
 /// three significant digits when tiny). The exact value is in the title.
-pub fn short_number(v: f64) -> String {
+pub(crate) fn short_number(v: f64) -> String {
     if !v.is_finite() {
         format!("{v}")
     } else if v.fract() == 0.0 && v.abs() < 1e15 {
@@ -469,7 +469,7 @@ fn history(b: &mut String, p: &PairView, tenant: &str, model: &str) {
 }
 
 /// The lineage of one adapter: candidate → train request → shards → offsets.
-pub fn lineage(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str, adapter: &str) -> Option<String> {
+pub(crate) fn lineage(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str, adapter: &str) -> Option<String> {
     let p = view.pairs.get(&(tenant.to_string(), model.to_string()))?;
     let mut b = String::new();
     let decisions: Vec<_> = p.release_history().into_iter().filter(|d| d.decision.adapter_version == adapter).collect();
@@ -581,7 +581,7 @@ fn request_lineage(b: &mut String, view: &View, r: &TrainRequest) {
 }
 
 /// The training page of one pair: the trigger's decision, requests, candidates.
-pub fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option<String> {
+pub(crate) fn training(view: &View, ctx: &Ctx<'_>, tenant: &str, model: &str) -> Option<String> {
     let p = view.pairs.get(&(tenant.to_string(), model.to_string()))?;
     let mut b = String::new();
     b.push_str(r#"<section id="trigger"><h2>The trigger's latest decision</h2>"#);
@@ -794,7 +794,7 @@ fn candidates(b: &mut String, p: &PairView, tenant: &str, model: &str) {
 
 /// Shows dead-letter bytes safely: a known record as its JSON form, other
 /// bytes as text with control characters spelled out. The caller escapes.
-pub fn show_bytes(bytes: &[u8]) -> String {
+pub(crate) fn show_bytes(bytes: &[u8]) -> String {
     if let Ok((kind, json)) = flywheel_core::Codec::global().decode_to_json(bytes) {
         let pretty = serde_json::to_string_pretty(&json).unwrap_or_default();
         return format!("{kind} record:\n{pretty}");
@@ -816,7 +816,7 @@ fn hex_preview(bytes: &[u8]) -> String {
 }
 
 /// The pipeline page: throughput, lag, rows landed, dead letters.
-pub fn pipeline(view: &View, ctx: &Ctx<'_>) -> String {
+pub(crate) fn pipeline(view: &View, ctx: &Ctx<'_>) -> String {
     let mut b = String::new();
     let [interactions, rewards] = ctx.throughput_topics;
     let _ = write!(
@@ -952,7 +952,7 @@ fn dead_letters(b: &mut String, view: &View) {
 }
 
 /// A small page for errors (unknown pair, missing token).
-pub fn message(title: &str, text: &str) -> String {
+pub(crate) fn message(title: &str, text: &str) -> String {
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · Flywheel console</title><link rel="stylesheet" href="/static/console.css"></head><body><header><nav><a class="brand" href="/">Flywheel console</a></nav></header><main><h1>{}</h1><p>{}</p></main></body></html>"#,
         esc(title),

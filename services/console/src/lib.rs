@@ -10,12 +10,12 @@
 //! - [`trainer`]: the trainer's `/metrics`, scraped for a running job's progress;
 //! - [`service`]: the Kafka follower, the offset probe and the HTTP server.
 
-pub mod html;
-pub mod service;
-pub mod svg;
-pub mod text;
-pub mod trainer;
-pub mod view;
+pub(crate) mod html;
+pub(crate) mod service;
+pub(crate) mod svg;
+pub(crate) mod text;
+pub(crate) mod trainer;
+pub(crate) mod view;
 
 pub use service::{Config, run};
 

@@ -11,7 +11,8 @@ use std::fmt::Write;
 use crate::text::{clock, day_clock, esc};
 
 /// Series colours (Okabe–Ito, readable by colour-blind people).
-pub const PALETTE: [&str; 8] = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#7f7f7f", "#000000"];
+pub(crate) const PALETTE: [&str; 8] =
+    ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#7f7f7f", "#000000"];
 
 const W: f64 = 900.0;
 const H: f64 = 260.0;
@@ -22,7 +23,7 @@ const BOTTOM: f64 = 30.0;
 
 /// One data point; `x` is epoch milliseconds.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Point {
+pub(crate) struct Point {
     /// Time (epoch ms).
     pub x: f64,
     /// Value.
@@ -35,7 +36,7 @@ pub struct Point {
 
 /// A named line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Series {
+pub(crate) struct Series {
     /// Legend label.
     pub label: String,
     /// Points in x order.
@@ -44,7 +45,7 @@ pub struct Series {
 
 /// How the y axis maps values.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Scale {
+pub(crate) enum Scale {
     /// Linear between the data's (or the given) bounds.
     Linear,
     /// Log10 from `floor` (values below are drawn at it) to 1: p-values.
@@ -56,7 +57,7 @@ pub enum Scale {
 
 /// A time-series chart.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Chart {
+pub(crate) struct Chart {
     /// Accessible name (`aria-label`).
     pub title: String,
     /// Y scale.
@@ -106,7 +107,7 @@ fn decimals_for(step: f64) -> usize {
 }
 
 /// Draws a time-series chart. Points with a non-finite value are left out.
-pub fn line_chart(c: &Chart) -> String {
+pub(crate) fn line_chart(c: &Chart) -> String {
     let finite = |p: &&Point| p.x.is_finite() && p.y.is_finite();
     let points: Vec<&Point> = c.series.iter().flat_map(|s| s.points.iter()).filter(finite).collect();
     let n_points = points.len();
@@ -313,7 +314,7 @@ fn legend<'a>(out: &mut String, labels: impl Iterator<Item = &'a str>) {
 
 /// Grouped bars: one group per category (x labels), one bar per series in
 /// each. `values[s][c]` is series `s` in category `c`.
-pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>)]) -> String {
+pub(crate) fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>)]) -> String {
     let n_points: usize = series.iter().map(|s| s.1.iter().filter(|v| v.is_finite()).count()).sum();
     let mut out = String::new();
     let _ = write!(

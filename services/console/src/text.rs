@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 /// Escapes text for HTML element content and quoted attribute values
 /// (`&`, `<`, `>`, `"`, `'`), so a record's `<script>` is shown as text.
-pub fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -23,7 +23,7 @@ pub fn esc(s: &str) -> String {
 
 /// Percent-encodes a query-string value (everything but RFC 3986's
 /// unreserved characters).
-pub fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -36,13 +36,13 @@ pub fn enc(s: &str) -> String {
 }
 
 /// A query string of `pairs`, encoded and then HTML-escaped for an `href`.
-pub fn query(path: &str, pairs: &[(&str, &str)]) -> String {
+pub(crate) fn query(path: &str, pairs: &[(&str, &str)]) -> String {
     let q: Vec<String> = pairs.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
     esc(&format!("{path}?{}", q.join("&")))
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of epoch milliseconds.
-pub fn utc(ms: i64) -> String {
+pub(crate) fn utc(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (y, mo, d) = flywheel_core::civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
@@ -50,7 +50,7 @@ pub fn utc(ms: i64) -> String {
 }
 
 /// `HH:MM` (UTC), or `HH:MM:SS` when `seconds`.
-pub fn clock(ms: i64, seconds: bool) -> String {
+pub(crate) fn clock(ms: i64, seconds: bool) -> String {
     let s = ms.div_euclid(1000).rem_euclid(86_400);
     if seconds {
         format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -60,13 +60,13 @@ pub fn clock(ms: i64, seconds: bool) -> String {
 }
 
 /// `MM-DD HH:MM` (UTC).
-pub fn day_clock(ms: i64) -> String {
+pub(crate) fn day_clock(ms: i64) -> String {
     let (_, mo, d) = flywheel_core::civil_from_days(ms.div_euclid(86_400_000));
     format!("{mo:02}-{d:02} {}", clock(ms, false))
 }
 
 /// A number with `decimals` places, `—` when absent or not finite.
-pub fn num(x: Option<f64>, decimals: usize) -> String {
+pub(crate) fn num(x: Option<f64>, decimals: usize) -> String {
     match x {
         Some(x) if x.is_finite() => format!("{x:.decimals$}"),
         _ => "—".into(),
@@ -74,7 +74,7 @@ pub fn num(x: Option<f64>, decimals: usize) -> String {
 }
 
 /// A p-value: four decimals, or scientific notation below 0.0001.
-pub fn p_value(p: f64) -> String {
+pub(crate) fn p_value(p: f64) -> String {
     if !p.is_finite() {
         "—".into()
     } else if p != 0.0 && p < 1e-4 {
@@ -85,7 +85,7 @@ pub fn p_value(p: f64) -> String {
 }
 
 /// A duration in ms, human-sized (`45 s`, `12 min`, `3.5 h`).
-pub fn duration(ms: i64) -> String {
+pub(crate) fn duration(ms: i64) -> String {
     let s = ms as f64 / 1000.0;
     if s < 120.0 {
         format!("{s:.0} s")

@@ -17,17 +17,17 @@ use crate::ConsoleError;
 use crate::view::View;
 
 /// The gauges the trainer registers (`services/trainer/src/service.rs`); none has labels.
-pub const BUSY: &str = "trainer_busy";
+pub(crate) const BUSY: &str = "trainer_busy";
 /// Steps done in the running (or last) job.
-pub const STEP: &str = "trainer_job_step";
+pub(crate) const STEP: &str = "trainer_job_step";
 /// Steps in the running (or last) job.
-pub const STEPS: &str = "trainer_job_steps";
+pub(crate) const STEPS: &str = "trainer_job_steps";
 /// Loss of the last training step.
-pub const LOSS: &str = "trainer_job_loss";
+pub(crate) const LOSS: &str = "trainer_job_loss";
 /// Training throughput of the running job.
-pub const TOKENS_PER_SECOND: &str = "trainer_job_tokens_per_second";
+pub(crate) const TOKENS_PER_SECOND: &str = "trainer_job_tokens_per_second";
 /// Estimated seconds left in the running job.
-pub const ETA_SECONDS: &str = "trainer_job_eta_seconds";
+pub(crate) const ETA_SECONDS: &str = "trainer_job_eta_seconds";
 
 /// A scrape answer larger than this is refused (the trainer's is ~2 KiB).
 const MAX_BODY: usize = 1 << 20;
@@ -35,7 +35,7 @@ const MAX_BODY: usize = 1 << 20;
 /// What one scrape said. A gauge missing from the answer, or not finite
 /// (NaN before a first step), is `None`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// A job is running.
     pub busy: bool,
     /// Steps done in the running (or last) job.
@@ -54,7 +54,7 @@ pub struct Progress {
 /// lines (`# HELP`, `# TYPE`, `# EOF`) and other metrics are skipped; a
 /// series with labels counts under its name (the first one wins). An answer
 /// without `trainer_busy` is not a trainer's and is an error.
-pub fn parse(text: &str) -> Result<Progress, String> {
+pub(crate) fn parse(text: &str) -> Result<Progress, String> {
     let mut busy = None;
     let mut p = Progress::default();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -150,7 +150,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// GETs the target and parses its answer; gives up after `limit`.
-pub async fn scrape(target: &Target, limit: Duration) -> Result<Progress, ConsoleError> {
+pub(crate) async fn scrape(target: &Target, limit: Duration) -> Result<Progress, ConsoleError> {
     let failed = |why: String| ConsoleError::Scrape(why);
     let exchange = async {
         let addr = tokio::net::lookup_host(&target.authority)
@@ -189,7 +189,7 @@ pub async fn scrape(target: &Target, limit: Duration) -> Result<Progress, Consol
 
 /// Scrapes every target every `every` into `view` until `stop`; a failed
 /// scrape is shown, never fatal.
-pub async fn poll(targets: Vec<Target>, view: Arc<RwLock<View>>, every: Duration, stop: CancellationToken) {
+pub(crate) async fn poll(targets: Vec<Target>, view: Arc<RwLock<View>>, every: Duration, stop: CancellationToken) {
     let limit = every.clamp(Duration::from_millis(500), Duration::from_secs(3));
     loop {
         for (i, target) in targets.iter().enumerate() {

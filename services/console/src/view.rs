@@ -14,19 +14,19 @@ use flywheel_core::topics::Topic;
 use flywheel_gate::sequential::{Moments, msprt};
 
 /// Trigger decisions kept per (tenant, base model), newest last.
-pub const KEEP_DECISIONS: usize = 50;
+pub(crate) const KEEP_DECISIONS: usize = 50;
 /// Metrics windows kept per (tenant, base model); the oldest go first.
-pub const KEEP_WINDOWS: usize = 100_000;
+pub(crate) const KEEP_WINDOWS: usize = 100_000;
 /// Dead-letter samples kept per (service, reason).
-pub const SAMPLES_PER_REASON: usize = 3;
+pub(crate) const SAMPLES_PER_REASON: usize = 3;
 /// Bytes of a dead letter's key and value kept for its sample.
-pub const SAMPLE_BYTES: usize = 4096;
+pub(crate) const SAMPLE_BYTES: usize = 4096;
 /// Offset probes kept for rates (at the default 5 s, ten minutes).
-pub const KEEP_PROBES: usize = 120;
+pub(crate) const KEEP_PROBES: usize = 120;
 
 /// The topics the console follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Source {
+pub(crate) enum Source {
     /// `model-registry`.
     Registry,
     /// `reward-metrics`.
@@ -45,7 +45,7 @@ pub enum Source {
 
 impl Source {
     /// Every followed topic.
-    pub const ALL: [Source; 7] = [
+    pub(crate) const ALL: [Source; 7] = [
         Source::Registry,
         Source::Metrics,
         Source::Decisions,
@@ -56,7 +56,7 @@ impl Source {
     ];
 
     /// The logical topic.
-    pub fn topic(self) -> Topic {
+    pub(crate) fn topic(self) -> Topic {
         match self {
             Source::Registry => Topic::ModelRegistry,
             Source::Metrics => Topic::RewardMetrics,
@@ -71,7 +71,7 @@ impl Source {
 
 /// A decoded record of one of the followed topics.
 #[derive(Debug, Clone)]
-pub enum Record {
+pub(crate) enum Record {
     /// A registry revision.
     Registry(RegistryEntry),
     /// A metrics window and when it was published (the Kafka record's
@@ -91,7 +91,11 @@ pub enum Record {
 
 impl Record {
     /// Decodes a record read from `source`, published at `timestamp`.
-    pub fn decode(source: Source, bytes: &[u8], timestamp: Option<EpochMillis>) -> flywheel_core::Result<Record> {
+    pub(crate) fn decode(
+        source: Source,
+        bytes: &[u8],
+        timestamp: Option<EpochMillis>,
+    ) -> flywheel_core::Result<Record> {
         use flywheel_core::codec::decode;
         Ok(match source {
             Source::Registry => Record::Registry(decode(bytes)?),
@@ -106,13 +110,13 @@ impl Record {
 }
 
 /// (tenant, base model).
-pub type PairKey = (String, String);
+pub(crate) type PairKey = (String, String);
 
 /// One metrics record's identity, as the rewarder defines it (every field of
 /// its `metrics_record_id`), ordered so one version's windows of one length
 /// are a contiguous range in start order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct WindowId {
+pub(crate) struct WindowId {
     /// Adapter version (`None`: the base model).
     pub adapter: Option<String>,
     /// Window length.
@@ -131,7 +135,7 @@ pub struct WindowId {
 
 /// The sufficient statistics the console reads from a metrics window.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct WindowStats {
+pub(crate) struct WindowStats {
     /// Suggestions shown.
     pub shown: i64,
     /// Accepted.
@@ -148,7 +152,7 @@ impl WindowStats {
     }
 
     /// Adds another window's statistics.
-    pub fn add(&mut self, o: &WindowStats) {
+    pub(crate) fn add(&mut self, o: &WindowStats) {
         self.shown += o.shown;
         self.accepted += o.accepted;
         self.reward_sum += o.reward_sum;
@@ -156,22 +160,22 @@ impl WindowStats {
     }
 
     /// Accepted / shown.
-    pub fn accept_rate(&self) -> Option<f64> {
+    pub(crate) fn accept_rate(&self) -> Option<f64> {
         (self.shown > 0).then(|| self.accepted as f64 / self.shown as f64)
     }
 
     /// Wilson 95 % interval of the accept rate.
-    pub fn accept_rate_95(&self) -> Option<(f64, f64)> {
+    pub(crate) fn accept_rate_95(&self) -> Option<(f64, f64)> {
         wilson_interval(self.accepted.max(0) as u64, self.shown.max(0) as u64, Z_95)
     }
 
     /// Mean reward per shown suggestion.
-    pub fn mean_reward(&self) -> Option<f64> {
+    pub(crate) fn mean_reward(&self) -> Option<f64> {
         (self.shown > 0).then(|| self.reward_sum / self.shown as f64)
     }
 
     /// Normal 95 % interval of the mean reward (needs two suggestions).
-    pub fn mean_reward_95(&self) -> Option<(f64, f64)> {
+    pub(crate) fn mean_reward_95(&self) -> Option<(f64, f64)> {
         let m = self.moments();
         let mean = self.mean_reward()?;
         (self.shown > 1).then(|| {
@@ -181,14 +185,14 @@ impl WindowStats {
     }
 
     /// The reward moments (the gate's test input).
-    pub fn moments(&self) -> Moments {
+    pub(crate) fn moments(&self) -> Moments {
         Moments { n: self.shown as f64, sum: self.reward_sum, sum_sq: self.reward_sum_sq }
     }
 }
 
 /// A metrics record as kept: its statistics and when it was published.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Window {
+pub(crate) struct Window {
     /// Sufficient statistics.
     pub stats: WindowStats,
     /// The Kafka record's timestamp (the earliest, if replayed).
@@ -198,7 +202,7 @@ pub struct Window {
 /// One version's windows of one length added up over partitions, arms and
 /// surfaces.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     /// Window start.
     pub start: EpochMillis,
     /// Window end (exclusive).
@@ -209,7 +213,7 @@ pub struct Bucket {
 
 /// Everything known about one (tenant, base model).
 #[derive(Debug, Default)]
-pub struct PairView {
+pub(crate) struct PairView {
     /// The registry entry with the highest revision.
     pub registry: Option<RegistryEntry>,
     /// The live adapter of every revision read (compaction may have removed some).
@@ -226,7 +230,7 @@ pub struct PairView {
 
 /// One release decision with the revision it produced.
 #[derive(Debug, Clone, Copy)]
-pub struct Decided<'a> {
+pub(crate) struct Decided<'a> {
     /// Registry revision.
     pub revision: i64,
     /// The decision.
@@ -235,7 +239,7 @@ pub struct Decided<'a> {
 
 /// One look at a canary: the gate's test over every window read so far.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CanaryLook {
+pub(crate) struct CanaryLook {
     /// When the newest window included was published (its window end if
     /// the record carried no timestamp).
     pub at: EpochMillis,
@@ -251,7 +255,7 @@ pub struct CanaryLook {
 
 /// A p-value the gate recorded in a decision.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RecordedLook {
+pub(crate) struct RecordedLook {
     /// Decision time.
     pub at: EpochMillis,
     /// The decision's action.
@@ -264,7 +268,7 @@ pub struct RecordedLook {
 
 /// One canary from its start to its end (or now).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Episode {
+pub(crate) struct Episode {
     /// The canary's adapter.
     pub adapter: String,
     /// The live adapter it was compared with (`Some(None)`: the base model;
@@ -284,7 +288,7 @@ pub struct Episode {
 
 /// The gate's test settings the console needs to redraw a canary.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TestSettings {
+pub(crate) struct TestSettings {
     /// Window length the gate reads.
     pub window_ms: i64,
     /// Level.
@@ -342,7 +346,7 @@ impl PairView {
 
     /// Served versions with metrics: the base model (`None`) first, then
     /// adapters in the order they were first served.
-    pub fn versions(&self) -> Vec<Option<String>> {
+    pub(crate) fn versions(&self) -> Vec<Option<String>> {
         let mut first: Vec<(Option<String>, EpochMillis)> = Vec::new();
         for k in self.windows.keys() {
             match first.last_mut() {
@@ -355,7 +359,7 @@ impl PairView {
     }
 
     /// Window lengths present.
-    pub fn window_lengths(&self) -> Vec<i64> {
+    pub(crate) fn window_lengths(&self) -> Vec<i64> {
         let mut lens: Vec<i64> = self.windows.keys().map(|k| k.len_ms).collect();
         lens.sort_unstable();
         lens.dedup();
@@ -364,13 +368,13 @@ impl PairView {
 
     /// The window length to chart: `preferred` (the gate's) when present,
     /// else the shortest.
-    pub fn chart_window_ms(&self, preferred: i64) -> Option<i64> {
+    pub(crate) fn chart_window_ms(&self, preferred: i64) -> Option<i64> {
         let lens = self.window_lengths();
         if lens.contains(&preferred) { Some(preferred) } else { lens.first().copied() }
     }
 
     /// One version's windows of `len_ms`, added up per window, in time order.
-    pub fn buckets(&self, adapter: &Option<String>, len_ms: i64) -> Vec<Bucket> {
+    pub(crate) fn buckets(&self, adapter: &Option<String>, len_ms: i64) -> Vec<Bucket> {
         let mut out: Vec<Bucket> = Vec::new();
         for (k, w) in self.windows.iter().filter(|(k, _)| &k.adapter == adapter && k.len_ms == len_ms) {
             match out.last_mut() {
@@ -382,7 +386,7 @@ impl PairView {
     }
 
     /// One version's totals over its windows of `len_ms`.
-    pub fn totals(&self, adapter: &Option<String>, len_ms: i64) -> (WindowStats, usize) {
+    pub(crate) fn totals(&self, adapter: &Option<String>, len_ms: i64) -> (WindowStats, usize) {
         let buckets = self.buckets(adapter, len_ms);
         let mut total = WindowStats::default();
         buckets.iter().for_each(|b| total.add(&b.stats));
@@ -390,7 +394,7 @@ impl PairView {
     }
 
     /// Release decisions, oldest first, each with the revision it produced.
-    pub fn release_history(&self) -> Vec<Decided<'_>> {
+    pub(crate) fn release_history(&self) -> Vec<Decided<'_>> {
         let Some(e) = &self.registry else { return Vec::new() };
         let first = e.revision - e.history.len() as i64 + 1;
         e.history.iter().enumerate().map(|(i, d)| Decided { revision: first + i as i64, decision: d }).collect()
@@ -422,7 +426,7 @@ impl PairView {
     /// Every canary in the release history, newest first, with the gate's
     /// always-valid tests recomputed after each metrics window (the looks the
     /// gate took) and the p-values it recorded.
-    pub fn canary_episodes(&self, settings: &TestSettings) -> Vec<Episode> {
+    pub(crate) fn canary_episodes(&self, settings: &TestSettings) -> Vec<Episode> {
         let history = self.release_history();
         let mut out = Vec::new();
         for (i, start) in history.iter().enumerate() {
@@ -513,7 +517,7 @@ impl PairView {
     }
 
     /// The newest trigger decision.
-    pub fn latest_decision(&self) -> Option<&TriggerDecision> {
+    pub(crate) fn latest_decision(&self) -> Option<&TriggerDecision> {
         self.decisions.iter().max_by_key(|d| d.evaluated_at)
     }
 }
@@ -524,7 +528,7 @@ fn bernoulli(s: &WindowStats) -> Moments {
 
 /// Dead letters of one (service, reason code).
 #[derive(Debug, Default)]
-pub struct ReasonView {
+pub(crate) struct ReasonView {
     /// Dead letters read.
     pub count: u64,
     /// The newest few, original bytes cut to [`SAMPLE_BYTES`].
@@ -535,7 +539,7 @@ pub struct ReasonView {
 
 /// One consumer group's position on one topic, per partition.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GroupLag {
+pub(crate) struct GroupLag {
     /// Consumer group.
     pub group: String,
     /// Topic name.
@@ -544,16 +548,9 @@ pub struct GroupLag {
     pub partitions: BTreeMap<i32, (i64, Option<i64>)>,
 }
 
-impl GroupLag {
-    /// Records behind the end over every partition with a committed offset.
-    pub fn total(&self) -> i64 {
-        self.partitions.values().filter_map(|(end, c)| c.map(|c| (end - c).max(0))).sum()
-    }
-}
-
 /// What the offset probe saw.
 #[derive(Debug, Default)]
-pub struct ProbeView {
+pub(crate) struct ProbeView {
     /// Wall-clock time and total end offset per topic name, oldest first.
     pub history: VecDeque<(EpochMillis, BTreeMap<String, i64>)>,
     /// Consumer-group positions of the last probe.
@@ -565,7 +562,7 @@ pub struct ProbeView {
 impl ProbeView {
     /// Records per second appended to `topic` over the probes of the last
     /// `span_ms` (at least two probes needed).
-    pub fn rate(&self, topic: &str, span_ms: i64) -> Option<f64> {
+    pub(crate) fn rate(&self, topic: &str, span_ms: i64) -> Option<f64> {
         let (last_at, last) = self.history.back()?;
         let (first_at, first) = self.history.iter().find(|(at, _)| last_at - at <= span_ms)?;
         let dt = (last_at - first_at) as f64 / 1000.0;
@@ -574,14 +571,14 @@ impl ProbeView {
     }
 
     /// Total records in `topic` at the last probe.
-    pub fn end(&self, topic: &str) -> Option<i64> {
+    pub(crate) fn end(&self, topic: &str) -> Option<i64> {
         self.history.back().and_then(|(_, ends)| ends.get(topic).copied())
     }
 }
 
 /// The whole view.
 #[derive(Debug, Default)]
-pub struct View {
+pub(crate) struct View {
     /// Records applied that changed the view (pages poll this).
     pub changes: u64,
     /// Offset probes taken (the pipeline page also polls this).
@@ -609,7 +606,7 @@ pub struct View {
 /// A trainer's `/metrics` and its last scrape: when, and the progress or
 /// why it failed (`None` before the first).
 #[derive(Debug, Clone, PartialEq)]
-pub struct TrainerScrape {
+pub(crate) struct TrainerScrape {
     /// The URL scraped.
     pub url: String,
     /// The last scrape.
@@ -619,7 +616,7 @@ pub struct TrainerScrape {
 impl View {
     /// Applies one record read from `source`; `None` is a record that did
     /// not decode. Returns whether the view changed.
-    pub fn apply(&mut self, source: Source, record: Option<Record>) -> bool {
+    pub(crate) fn apply(&mut self, source: Source, record: Option<Record>) -> bool {
         *self.read.entry(source).or_default() += 1;
         let Some(record) = record else {
             *self.undecodable.entry(source).or_default() += 1;
@@ -689,7 +686,7 @@ impl View {
 
     /// Records an offset probe: the total end offset per topic name and the
     /// groups' positions.
-    pub fn probed(&mut self, at: EpochMillis, ends: BTreeMap<String, i64>, lag: Vec<GroupLag>) {
+    pub(crate) fn probed(&mut self, at: EpochMillis, ends: BTreeMap<String, i64>, lag: Vec<GroupLag>) {
         self.probe.history.push_back((at, ends));
         while self.probe.history.len() > KEEP_PROBES {
             self.probe.history.pop_front();
@@ -701,7 +698,7 @@ impl View {
 
     /// Records a failed probe (a page changes only when the broker first
     /// becomes unreachable, not on every failed probe).
-    pub fn probe_failed(&mut self, at: EpochMillis, error: String) {
+    pub(crate) fn probe_failed(&mut self, at: EpochMillis, error: String) {
         if self.probe.error.is_none() {
             self.probes += 1;
         }
@@ -710,7 +707,12 @@ impl View {
 
     /// Records a scrape of the `i`th trainer (a page changes only when the
     /// progress or the failure differs from the last scrape's).
-    pub fn trainer_scraped(&mut self, i: usize, at: EpochMillis, result: Result<crate::trainer::Progress, String>) {
+    pub(crate) fn trainer_scraped(
+        &mut self,
+        i: usize,
+        at: EpochMillis,
+        result: Result<crate::trainer::Progress, String>,
+    ) {
         let Some(t) = self.trainers.get_mut(i) else { return };
         if t.last.as_ref().is_none_or(|(_, held)| *held != result) {
             self.trainer_changes += 1;
@@ -719,7 +721,7 @@ impl View {
     }
 
     /// Rows and shards landed per (hour of commit, tenant).
-    pub fn rows_per_hour(&self) -> BTreeMap<(EpochMillis, String), (i64, usize)> {
+    pub(crate) fn rows_per_hour(&self) -> BTreeMap<(EpochMillis, String), (i64, usize)> {
         let mut out: BTreeMap<(EpochMillis, String), (i64, usize)> = BTreeMap::new();
         for s in self.shards.values() {
             let hour = s.committed_at.div_euclid(3_600_000) * 3_600_000;
@@ -731,7 +733,7 @@ impl View {
     }
 
     /// Dead letters read.
-    pub fn dead_letter_total(&self) -> u64 {
+    pub(crate) fn dead_letter_total(&self) -> u64 {
         self.dead_letters.values().map(|r| r.count).sum()
     }
 }
@@ -995,12 +997,6 @@ pub(crate) mod tests {
         assert_eq!(v.probe.rate("interactions", 60_000), Some(20.0));
         assert_eq!(v.probe.rate("interactions", 5_000), Some(30.0));
         assert_eq!(v.probe.end("interactions"), Some(300));
-        let lag = GroupLag {
-            group: "g".into(),
-            topic: "interactions".into(),
-            partitions: BTreeMap::from([(0, (100, Some(90))), (1, (50, None)), (2, (7, Some(7)))]),
-        };
-        assert_eq!(lag.total(), 10);
     }
 
     #[test]

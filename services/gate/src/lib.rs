@@ -10,7 +10,7 @@
 pub use service::{Config, run};
 
 pub mod policy;
-pub mod release;
+pub(crate) mod release;
 pub mod sequential;
 pub mod service;
 

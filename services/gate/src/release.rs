@@ -21,7 +21,7 @@ use crate::sequential::{Moments, msprt};
 
 /// Decisions kept in a registry entry's history (oldest dropped first), so
 /// the compacted record stays small.
-pub const HISTORY_LIMIT: usize = 200;
+pub(crate) const HISTORY_LIMIT: usize = 200;
 
 type Pair = (String, String);
 /// (tenant, model, adapter version).
@@ -36,13 +36,13 @@ type WindowKey = (i64, i64, i32, i64, String, String);
 /// Metrics windows per (tenant, model, adapter), deduplicated by window,
 /// source partition and emission offset.
 #[derive(Debug, Default)]
-pub struct MetricsStore {
+pub(crate) struct MetricsStore {
     windows: HashMap<Version, BTreeMap<WindowKey, RewardMetrics>>,
 }
 
 impl MetricsStore {
     /// Keeps a window record; false when it was already held.
-    pub fn add(&mut self, m: RewardMetrics) -> bool {
+    pub(crate) fn add(&mut self, m: RewardMetrics) -> bool {
         let key = (m.tenant.clone(), m.model_id.clone(), m.adapter_version.clone());
         let at = (
             m.window_start,
@@ -57,7 +57,7 @@ impl MetricsStore {
 
     /// Sum of the windows of length `window_ms` starting at or after `since`
     /// for one served version (`adapter` `None` = the base model).
-    pub fn arm(&self, tenant: &str, model: &str, adapter: Option<&str>, since: i64, window_ms: i64) -> ArmStats {
+    pub(crate) fn arm(&self, tenant: &str, model: &str, adapter: Option<&str>, since: i64, window_ms: i64) -> ArmStats {
         let key = (tenant.to_string(), model.to_string(), adapter.map(str::to_string));
         let mut stats = ArmStats::default();
         let from = (since, i64::MIN, i32::MIN, i64::MIN, String::new(), String::new());
@@ -72,7 +72,7 @@ impl MetricsStore {
 
 /// One arm's totals over a canary.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ArmStats {
+pub(crate) struct ArmStats {
     /// Suggestions shown.
     pub shown: i64,
     /// Accepted.
@@ -111,34 +111,34 @@ impl ArmStats {
     }
 
     /// Accepted / shown.
-    pub fn accept_rate(&self) -> f64 {
+    pub(crate) fn accept_rate(&self) -> f64 {
         Self::ratio(self.accepted as f64, self.shown as f64)
     }
 
     /// Mean reward per shown suggestion.
-    pub fn mean_reward(&self) -> f64 {
+    pub(crate) fn mean_reward(&self) -> f64 {
         Self::ratio(self.reward_sum, self.shown as f64)
     }
 
     /// Suggestions per user-window (the suggestion rate).
-    pub fn suggestion_rate(&self) -> f64 {
+    pub(crate) fn suggestion_rate(&self) -> f64 {
         Self::ratio(self.shown as f64, self.user_windows as f64)
     }
 
     /// Mean completion length in chars.
-    pub fn completion_length(&self) -> f64 {
+    pub(crate) fn completion_length(&self) -> f64 {
         Self::ratio(self.completion_chars as f64, self.shown as f64)
     }
 
     /// Mean normalised rating.
-    pub fn mean_rating(&self) -> f64 {
+    pub(crate) fn mean_rating(&self) -> f64 {
         Self::ratio(self.rating_sum, self.rated as f64)
     }
 }
 
 /// The gate's whole state, rebuilt from the topics on start.
 #[derive(Debug, Default)]
-pub struct GateState {
+pub(crate) struct GateState {
     /// Latest registry entry per (tenant, base model).
     pub entries: HashMap<Pair, RegistryEntry>,
     /// Candidates not yet decided, in arrival order.
@@ -161,7 +161,7 @@ fn decided(entry: Option<&RegistryEntry>, adapter_version: &str) -> bool {
 
 impl GateState {
     /// Applies an entry read from the registry (newer revisions win).
-    pub fn registry(&mut self, entry: RegistryEntry) {
+    pub(crate) fn registry(&mut self, entry: RegistryEntry) {
         let key = (entry.tenant.clone(), entry.base_model.clone());
         if self.entries.get(&key).is_none_or(|held| held.revision < entry.revision) {
             if let Some(q) = self.queued.get_mut(&key) {
@@ -172,7 +172,7 @@ impl GateState {
     }
 
     /// Queues a candidate unless it was decided or is queued already.
-    pub fn candidate(&mut self, c: ModelCandidate) {
+    pub(crate) fn candidate(&mut self, c: ModelCandidate) {
         let key = (c.tenant.clone(), c.base_model.clone());
         let canary = self.entries.get(&key).and_then(|e| e.canary.as_ref());
         if decided(self.entries.get(&key), &c.adapter_version)
@@ -188,7 +188,7 @@ impl GateState {
 
     /// Every decision due at `now`: the new registry entries, already
     /// applied to the state. `policy` gives each pair's policy.
-    pub fn step<'p>(
+    pub(crate) fn step<'p>(
         &mut self,
         policy: impl Fn(&str, &str) -> &'p ReleasePolicy,
         now: EpochMillis,
@@ -220,7 +220,7 @@ impl GateState {
 }
 
 /// The offline gate: `CanaryStarted` or `Rejected`, with the numbers.
-pub fn offline(
+pub(crate) fn offline(
     c: &ModelCandidate,
     entry: Option<&RegistryEntry>,
     p: &ReleasePolicy,
@@ -288,7 +288,7 @@ pub fn offline(
 }
 
 /// Reads the running canary: a decision when one is due.
-pub fn judge_canary(
+pub(crate) fn judge_canary(
     entry: &RegistryEntry,
     metrics: &MetricsStore,
     p: &ReleasePolicy,

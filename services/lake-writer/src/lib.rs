@@ -9,7 +9,7 @@
 //! - [`service`]: config, metrics and the consume loop that does the I/O.
 
 mod partition;
-pub mod service;
+pub(crate) mod service;
 
 pub use service::{Config, run};
 

@@ -276,7 +276,7 @@ struct Writer {
 }
 
 /// The dead letter of a rejected record.
-pub fn dead_letter_of(r: &Rejected, failed_at: i64) -> DeadLetter {
+pub(crate) fn dead_letter_of(r: &Rejected, failed_at: i64) -> DeadLetter {
     DeadLetter {
         service: "lake-writer".into(),
         reason_code: r.reason_code.clone(),
@@ -290,7 +290,7 @@ pub fn dead_letter_of(r: &Rejected, failed_at: i64) -> DeadLetter {
 
 /// The manifest of a committed file, rebuilt from the file itself (used when
 /// a crash lost the manifest computed at commit time).
-pub fn manifest_from_file(
+pub(crate) fn manifest_from_file(
     storage: &dyn Storage,
     commit: &Commit,
     path: &str,
