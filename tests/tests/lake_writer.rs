@@ -143,6 +143,9 @@ async fn produce_batch(s: &Setup, rng: &mut Rng, from: u64, n: u64, sent: &mut S
     }
 }
 
+/// The writers' drain timeout: a writer asked to stop must be gone by then.
+const DRAIN_TIMEOUT_SECS: u64 = 30;
+
 fn spawn_writer(s: &Setup) -> Reaped {
     spawn_writer_on(s, "127.0.0.1:0")
 }
@@ -170,6 +173,8 @@ fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
         "700",
         "--roll-idle-ms",
         "300",
+        "--drain-timeout-secs",
+        &DRAIN_TIMEOUT_SECS.to_string(),
         "--log-filter",
         &std::env::var("LAKE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
     ]
@@ -215,8 +220,9 @@ async fn kill_9_at_random_points_on_a_real_s3_server_leaves_exactly_one_row_per_
     kill_9_rounds(s).await;
 }
 
-/// Rounds of writers killed with SIGKILL while rewards arrive, then the
-/// checks of the module's header.
+/// Rounds of writers killed with SIGKILL while rewards arrive (two rounds
+/// stop them with SIGTERM instead, which must end them cleanly within the
+/// drain timeout, buffers committed), then the checks of the module's header.
 async fn kill_9_rounds(s: Setup) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("seed {seed}");
@@ -232,6 +238,23 @@ async fn kill_9_rounds(s: Setup) {
         // writing that follows.
         let wait = 3_000 + rng.below(5_000);
         tokio::time::sleep(Duration::from_millis(wait)).await;
+        if round % 3 == 2 {
+            let signalled = Instant::now();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
+                    "round {round}: the writer still runs {DRAIN_TIMEOUT_SECS} s after SIGTERM"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert!(status.success(), "round {round}: exit on SIGTERM while busy: {status}");
+            eprintln!("round {round}: stopped by SIGTERM after {wait} ms, in {:?}", signalled.elapsed());
+            continue;
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         eprintln!("round {round}: killed after {wait} ms");
