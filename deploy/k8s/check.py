@@ -185,6 +185,29 @@ def check_container(owner: str, container: dict, configmaps: dict[str, dict]) ->
             fail(f"{owner}: whole-Secret environment only from {sorted(SECRET_ENV_SOURCES)}: {source}")
 
 
+def check_grace(owner: str, pod: dict, configmaps: dict[str, dict]) -> None:
+    """A service drains for FLYWHEEL_DRAIN_TIMEOUT_SECS after SIGTERM, then
+    waits up to 1 s for busy threads: the pod's grace period must cover both,
+    or the kubelet's SIGKILL cuts the drain short."""
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    for container in pod.get("containers", []):
+        command = container.get("command", []) + container.get("args", [])
+        if not command or "FLYWHEEL_DRAIN_TIMEOUT_SECS" not in help_of(os.path.basename(command[0]))[0]:
+            continue
+        drain = 30  # the binaries' default
+        for source in container.get("envFrom", []):
+            data = configmaps.get(source.get("configMapRef", {}).get("name"), {}).get("data", {})
+            drain = int(data.get("FLYWHEEL_DRAIN_TIMEOUT_SECS", drain))
+        for var in container.get("env", []):
+            if var["name"] == "FLYWHEEL_DRAIN_TIMEOUT_SECS" and "value" in var:
+                drain = int(var["value"])
+        if grace < drain + 2:
+            fail(
+                f"{owner}: terminationGracePeriodSeconds {grace} does not cover the drain timeout "
+                f"({drain} s) plus 2 s: raise it or lower FLYWHEEL_DRAIN_TIMEOUT_SECS"
+            )
+
+
 # --- topics ------------------------------------------------------------------
 
 
@@ -416,6 +439,8 @@ def main() -> int:
             if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet") and pod:
                 for container in pod.get("containers", []) + pod.get("initContainers", []):
                     check_container(f"{overlay}: {name_of(doc)}", container, configmaps)
+                if doc["kind"] == "Deployment":
+                    check_grace(f"{overlay}: {name_of(doc)}", pod, configmaps)
         if overlay != "strimzi":
             check_keda(overlay, docs, configmaps)
         print(f"  ok   {overlay}: {len(docs)} resources rendered ({builtin} built-in, {custom} custom) and checked")
