@@ -1,6 +1,6 @@
 //! The core library's error type.
 
-use crate::codec::RecordKind;
+use crate::kind::RecordKind;
 
 /// Result alias for the core library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,6 +1,7 @@
 //! Flywheel core: the one small library every service shares.
 //!
 //! - [`records`]: the record types on every topic (mirroring `schemas/*.avsc`);
+//! - [`kind`]: the record kinds and their schema files;
 //! - [`codec`]: Avro single-object encoding with writer→reader schema resolution;
 //! - [`topics`]: the topic map and per-deployment overrides;
 //! - [`kafka`]: librdkafka configuration (pass-through, secrets masked) and topic creation;
@@ -11,6 +12,7 @@
 pub mod codec;
 pub mod error;
 pub mod kafka;
+pub mod kind;
 pub mod policy;
 pub mod records;
 pub mod rng;
