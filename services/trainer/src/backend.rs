@@ -2,7 +2,7 @@
 //! adapter being trained and its optimiser state, so a device backend keeps
 //! all three resident and only the batch crosses the bus. [`CpuBackend`]
 //! runs the batched CPU engine ([`crate::cpu`]), itself checked against the
-//! one-sequence f32 reference ([`crate::grad`]).
+//! one-sequence f32 reference (`grad`).
 
 use crate::TrainerError;
 use crate::cpu::engine::CpuModel;
@@ -134,7 +134,7 @@ impl Backend for CpuBackend {
 
 /// The backend for `device` (`precision`: how the CPU stores the base): a
 /// clear error when this build or machine cannot provide it.
-pub fn open_backend(
+pub(crate) fn open_backend(
     device: Device,
     model: &Model,
     precision: PrecisionChoice,

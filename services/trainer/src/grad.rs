@@ -9,9 +9,11 @@
 use std::collections::BTreeMap;
 
 use crate::TrainerError;
+use crate::arch::projection_name;
 use crate::linalg::{matmul, matmul_t, matmul_tn};
 use crate::lora::LoraAdapter;
-use crate::model::{Model, Trace, projection_name, silu, unapply_rope};
+use crate::model::ops::{silu, unapply_rope};
+use crate::model::{Model, Trace};
 
 /// Gradients per adapted (layer, projection): (dA, dB), shaped like A and B.
 pub type LoraGrads = BTreeMap<(usize, String), (Vec<f32>, Vec<f32>)>;
@@ -163,7 +165,9 @@ pub fn trace_completion(
 }
 
 /// `log π(tokens[prompt_len..] | tokens[..prompt_len])` under the adapted
-/// model, and the gradient of `coef` times it with respect to the adapter.
+/// model, and the gradient of `coef` times it with respect to the adapter:
+/// the unbatched reference the tests hold the engine and finite differences to.
+#[cfg(test)]
 pub fn completion_logprob_grad(
     model: &Model,
     lora: &LoraAdapter,

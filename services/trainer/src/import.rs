@@ -12,7 +12,7 @@
 //! What the conversion has to undo: GGUF lists dimensions innermost first
 //! (`ne[]`), so a shape is reversed; llama.cpp's converter interleaves the
 //! rows of each q/k head (its RoPE rotates adjacent pairs, HF's rotates
-//! halves), which [`unpermute_rows`] reverses; a file without an `output`
+//! halves), which `unpermute_rows` reverses; a file without an `output`
 //! tensor ties the LM head to the embeddings.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value as Json, json};
 
 use crate::TrainerError;
+use crate::arch::LlamaConfig;
 use crate::gguf::{GgufFile, Header, Value};
-use crate::model::{LlamaConfig, Model};
+use crate::model::Model;
 
 /// Precision of the written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -274,7 +275,7 @@ fn hf_tensor(name: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)
 /// Reverses llama.cpp's q/k row order: within each head of `head_dim` rows
 /// it stores row `2i + j` where HF has row `j·head_dim/2 + i` (j ∈ {0, 1}).
 /// In numpy terms: `w.reshape(heads, head_dim/2, 2, cols).swapaxes(1, 2)`.
-pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, TrainerError> {
+pub(crate) fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, TrainerError> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) || w.len() != rows * cols {
         return Err(TrainerError::Format(format!(
             "cannot split {rows} rows of {cols} into {heads} heads of even width"
@@ -636,7 +637,10 @@ pub fn import_gguf(file: &Path, out: &Path, dtype: WeightDtype) -> Result<Import
     let weights = out.join("model.safetensors");
     let partial = out.join("model.safetensors.partial");
     let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    safetensors::serialize_to_file(views, metadata, &partial).map_err(|e| TrainerError::io(&partial, e))?;
+    safetensors::serialize_to_file(views, metadata, &partial).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => TrainerError::io(&partial, io),
+        other => TrainerError::malformed(&partial, other),
+    })?;
     std::fs::rename(&partial, &weights).map_err(|e| TrainerError::io(&weights, e))?;
 
     let id = |key: &str| meta.count(key).map(|v| v.map(|n| n as u64));
@@ -667,7 +671,7 @@ pub fn import_gguf(file: &Path, out: &Path, dtype: WeightDtype) -> Result<Import
     // Read back what was written: the tokenizer through HF `tokenizers`,
     // the model through the trainer's own loader's config check.
     let path = out.join("tokenizer.json");
-    let loaded = tokenizers::Tokenizer::from_file(&path).map_err(|e| invalid(&path, e))?;
+    let loaded = tokenizers::Tokenizer::from_file(&path).map_err(|e| TrainerError::malformed(&path, e))?;
     if loaded.get_vocab_size(true) != tokenizer.vocab {
         return Err(invalid(
             &path,
@@ -680,7 +684,7 @@ pub fn import_gguf(file: &Path, out: &Path, dtype: WeightDtype) -> Result<Import
     let reread: LlamaConfig = serde_json::from_slice(
         &std::fs::read(out.join("config.json")).map_err(|e| TrainerError::io(&out.join("config.json"), e))?,
     )
-    .map_err(|e| invalid(&out.join("config.json"), e))?;
+    .map_err(|e| TrainerError::malformed(&out.join("config.json"), e))?;
     reread.check()?;
 
     Ok(ImportReport {

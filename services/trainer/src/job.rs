@@ -29,7 +29,7 @@ use crate::optim::learning_rate;
 use crate::tokenize::TextTokenizer;
 
 /// Version of the training code, part of every adapter version.
-pub const CODE_VERSION: &str = concat!("flywheel-trainer/", env!("CARGO_PKG_VERSION"));
+pub(crate) const CODE_VERSION: &str = concat!("flywheel-trainer/", env!("CARGO_PKG_VERSION"));
 
 /// Where models and adapters live, limits and device: the flags of the
 /// trainer service and of `flywheel train`.
@@ -195,7 +195,7 @@ pub fn examples_of(
 }
 
 /// Whether `suggestion_id` is held out under `salt` and `fraction`.
-pub fn held_out(salt: &str, suggestion_id: &str, fraction: f64) -> bool {
+pub(crate) fn held_out(salt: &str, suggestion_id: &str, fraction: f64) -> bool {
     let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{salt}\\0{suggestion_id}").as_bytes());
     let x = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
     x < fraction
@@ -303,7 +303,7 @@ pub fn train_steps_with(
 
 /// [`train_steps_with`] that stops before the next step once `stop()` is
 /// true ([`TrainerError::Cancelled`]): how a shutdown ends a long job.
-pub fn train_steps_until(
+pub(crate) fn train_steps_until(
     backend: &mut dyn Backend,
     train: &[Example],
     o: &TrainingObjective,
@@ -386,7 +386,7 @@ pub fn run_job(
 
 /// [`run_job`] that gives up before the next training step once `stop()` is
 /// true ([`TrainerError::Cancelled`]; nothing is written).
-pub fn run_job_until(
+pub(crate) fn run_job_until(
     req: &TrainRequest,
     settings: &JobSettings,
     runtime: &tokio::runtime::Handle,

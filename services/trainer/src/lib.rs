@@ -2,8 +2,9 @@
 //!
 //! - [`backend`]: where training runs (the CPU reference; CUDA beside it);
 //! - [`cpu`]: the batched CPU engine (packed f32/bf16 weights, our GEMM kernels);
+//! - `arch`: the decoder's shape (`config.json`) and projection names;
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
-//! - [`grad`]: the manual backward pass to the LoRA parameters;
+//! - `grad`: the manual backward pass to the LoRA parameters;
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
@@ -18,16 +19,17 @@
 
 pub use service::{Config, run};
 
+pub(crate) mod arch;
 pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gguf;
-pub mod grad;
+pub(crate) mod grad;
 pub mod import;
 pub mod job;
 pub mod kernels;
-pub mod linalg;
+pub(crate) mod linalg;
 pub mod lora;
 pub mod model;
 pub mod objective;
@@ -44,14 +46,26 @@ pub enum TrainerError {
     #[error(transparent)]
     Core(#[from] flywheel_core::Error),
     /// A file could not be read or written.
-    #[error("{path}: {detail}")]
+    #[error("{path}: {source}")]
     Io {
         /// File.
         path: String,
-        /// OS error.
-        detail: String,
+        /// The OS error, kept so callers can see its kind.
+        #[source]
+        source: std::io::Error,
     },
-    /// A file is not what it should be (missing tensor, wrong shape, bad JSON).
+    /// A file that its format's library (safetensors, JSON, tokenizers)
+    /// rejected on reading or writing; the library's error is the source.
+    #[error("invalid model or adapter: {path}: {source}")]
+    Malformed {
+        /// File.
+        path: String,
+        /// The library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file is not what it should be (missing tensor, wrong shape, a value
+    /// out of range) by the trainer's own checks.
     #[error("invalid model or adapter: {0}")]
     Format(String),
     /// A model feature this trainer does not implement.
@@ -89,15 +103,27 @@ impl TrainerError {
             TrainerError::Lake(e) => e.reason_code(),
             TrainerError::Shard { code, .. } => code,
             TrainerError::Io { .. } => "io",
-            TrainerError::Format(_) => "invalid_model_or_data",
+            TrainerError::Format(_) | TrainerError::Malformed { .. } => "invalid_model_or_data",
             TrainerError::Unsupported(_) => "unsupported",
             TrainerError::Cancelled { .. } => "cancelled",
         }
     }
 
     /// An I/O error on `path`.
-    pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> TrainerError {
-        TrainerError::Io { path: path.display().to_string(), detail: e.to_string() }
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> TrainerError {
+        TrainerError::Io { path: path.display().to_string(), source }
+    }
+
+    /// A format library's error on `path`; an I/O error it boxed stays
+    /// [`TrainerError::Io`], so a missing file is not reported as a bad one.
+    pub(crate) fn malformed(
+        path: &std::path::Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> TrainerError {
+        match source.into().downcast::<std::io::Error>() {
+            Ok(io) => TrainerError::io(path, *io),
+            Err(source) => TrainerError::Malformed { path: path.display().to_string(), source },
+        }
     }
 }
 
@@ -107,7 +133,10 @@ pub use flywheel_core::rng::SplitMix;
 
 /// Writes f32 tensors `(name, values, shape)` as a safetensors file with the
 /// `{"format": "pt"}` metadata transformers requires.
-pub fn write_safetensors(path: &std::path::Path, tensors: &[(String, &[f32], Vec<usize>)]) -> Result<(), TrainerError> {
+pub(crate) fn write_safetensors(
+    path: &std::path::Path,
+    tensors: &[(String, &[f32], Vec<usize>)],
+) -> Result<(), TrainerError> {
     let bytes: Vec<Vec<u8>> =
         tensors.iter().map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors

@@ -7,12 +7,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LlamaConfig, PROJECTIONS, projection_name};
+use crate::arch::{LlamaConfig, PROJECTIONS, projection_dims, projection_name};
 use crate::{SplitMix, TrainerError, write_safetensors};
 
 /// `adapter_config.json`, with the fields PEFT and vLLM check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeftConfig {
+pub(crate) struct PeftConfig {
     /// Always `LORA`.
     pub peft_type: String,
     /// Always `CAUSAL_LM`.
@@ -55,18 +55,6 @@ pub struct LoraAdapter {
     pub weights: BTreeMap<(usize, String), (Vec<f32>, Vec<f32>)>,
 }
 
-fn dims(config: &LlamaConfig, module: &str) -> (usize, usize) {
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
-    match module {
-        "q_proj" => (h, q),
-        "k_proj" | "v_proj" => (h, kv),
-        "o_proj" => (q, h),
-        "gate_proj" | "up_proj" => (h, i),
-        _ => (i, h),
-    }
-}
-
 fn peft_name(layer: usize, module: &str, which: &str) -> String {
     format!("base_model.model.{}.{which}.weight", projection_name(layer, module))
 }
@@ -94,7 +82,7 @@ impl LoraAdapter {
         let mut weights = BTreeMap::new();
         for layer in 0..config.num_hidden_layers {
             for module in targets {
-                let (inp, out) = dims(config, module);
+                let (inp, out) = projection_dims(config, module);
                 let bound = 1.0 / (inp as f32).sqrt();
                 let a = (0..rank * inp).map(|_| rng.uniform(bound)).collect();
                 weights.insert((layer, module.to_string()), (a, vec![0.0; out * rank]));
@@ -136,7 +124,7 @@ impl LoraAdapter {
         std::fs::write(&path, json).map_err(|e| TrainerError::io(&path, e))?;
         let mut tensors: Vec<(String, &[f32], Vec<usize>)> = Vec::new();
         for ((layer, module), (a, b)) in &self.weights {
-            let (inp, out) = dims(config, module);
+            let (inp, out) = projection_dims(config, module);
             tensors.push((peft_name(*layer, module, "lora_A"), a, vec![self.rank, inp]));
             tensors.push((peft_name(*layer, module, "lora_B"), b, vec![out, self.rank]));
         }
@@ -147,15 +135,13 @@ impl LoraAdapter {
     pub fn load_peft(dir: &Path, config: &LlamaConfig) -> Result<Self, TrainerError> {
         let path = dir.join("adapter_config.json");
         let text = std::fs::read(&path).map_err(|e| TrainerError::io(&path, e))?;
-        let peft: PeftConfig =
-            serde_json::from_slice(&text).map_err(|e| TrainerError::Format(format!("{}: {e}", path.display())))?;
+        let peft: PeftConfig = serde_json::from_slice(&text).map_err(|e| TrainerError::malformed(&path, e))?;
         if peft.peft_type != "LORA" || peft.use_dora || peft.bias != "none" {
             return Err(TrainerError::Unsupported(format!("adapter {} is not a plain LoRA", dir.display())));
         }
         let path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&path).map_err(|e| TrainerError::io(&path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| TrainerError::Format(format!("{}: {e}", path.display())))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainerError::malformed(&path, e))?;
         let read = |name: &str, shape: Vec<usize>| -> Result<Vec<f32>, TrainerError> {
             let t = st.tensor(name).map_err(|_| TrainerError::Format(format!("adapter lacks {name}")))?;
             if t.shape() != shape.as_slice() || t.dtype() != safetensors::Dtype::F32 {
@@ -170,7 +156,7 @@ impl LoraAdapter {
         let mut weights = BTreeMap::new();
         for layer in 0..config.num_hidden_layers {
             for module in &peft.target_modules {
-                let (inp, out) = dims(config, module);
+                let (inp, out) = projection_dims(config, module);
                 let a = read(&peft_name(layer, module, "lora_A"), vec![peft.r, inp])?;
                 let b = read(&peft_name(layer, module, "lora_B"), vec![out, peft.r])?;
                 weights.insert((layer, module.clone()), (a, b));

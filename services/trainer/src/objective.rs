@@ -1,5 +1,5 @@
 //! Training objectives, each reduced to a coefficient on
-//! `∇ log π(completion | prompt)` per example (see [`crate::grad`]); only
+//! `∇ log π(completion | prompt)` per example (see `grad`); only
 //! completion tokens carry loss, the prompt is context.
 //!
 //! - REINFORCE with a batch-mean baseline: `L = −(r − b)·log π`; with logged
@@ -67,14 +67,14 @@ fn sigmoid(x: f64) -> f64 {
 }
 
 /// `log π(completion | prompt)` under `lora` (or the base when `None`).
-pub fn completion_logprob(model: &Model, lora: Option<&LoraAdapter>, ex: &Example) -> Result<f64, TrainerError> {
+pub(crate) fn completion_logprob(model: &Model, lora: Option<&LoraAdapter>, ex: &Example) -> Result<f64, TrainerError> {
     let logits = model.forward(&ex.tokens, lora)?;
     Ok(completion_logprob_of(&logits, model.config.vocab_size, &ex.tokens, ex.prompt_len))
 }
 
 impl Objective {
     /// Whether the objective needs `log π_ref` (the base without LoRA).
-    pub fn needs_reference(&self) -> bool {
+    pub(crate) fn needs_reference(&self) -> bool {
         match self {
             Objective::Kto { .. } => true,
             Objective::Reinforce { kl_coef, .. } => *kl_coef > 0.0,
@@ -84,7 +84,7 @@ impl Objective {
 
     /// Per example of `batch`: its loss and `d loss / d log π`, from the
     /// policy's and the reference's completion log-probabilities (the
-    /// reference is ignored unless [`Objective::needs_reference`]).
+    /// reference is ignored unless `Objective::needs_reference`).
     pub fn terms(&self, batch: &[Example], policy: &[f64], reference: &[f64]) -> Vec<(f64, f64)> {
         let n = batch.len() as f64;
         let mut terms: Vec<(f64, f64)> = Vec::with_capacity(batch.len());
@@ -203,7 +203,7 @@ pub fn implicit_reward_accuracy(model: &Model, lora: &LoraAdapter, holdout: &[Ex
 
 /// The share of (accepted, rejected) pairs whose implicit rewards are
 /// ordered right (ties count half); `None` without both kinds.
-pub fn pairwise_accuracy(accepted: &[f64], rejected: &[f64]) -> Option<f64> {
+pub(crate) fn pairwise_accuracy(accepted: &[f64], rejected: &[f64]) -> Option<f64> {
     if accepted.is_empty() || rejected.is_empty() {
         return None;
     }

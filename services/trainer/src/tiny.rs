@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::model::{LlamaConfig, Model, Tensor};
+use crate::arch::LlamaConfig;
+use crate::model::{Model, Tensor};
 use crate::{SplitMix, TrainerError, write_safetensors};
 
 /// The tiny model's shape: 2 layers, width 64, 4 query and 2 key/value heads

@@ -33,8 +33,7 @@ impl TextTokenizer {
         if !path.exists() {
             return Err(TrainerError::Format(format!("{} is missing (HF tokenizer file)", path.display())));
         }
-        let inner =
-            Tokenizer::from_file(&path).map_err(|e| TrainerError::Format(format!("{}: {e}", path.display())))?;
+        let inner = Tokenizer::from_file(&path).map_err(|e| TrainerError::malformed(&path, e))?;
         let vocab_size = inner.get_vocab_size(true);
         if vocab_size > model_vocab {
             return Err(TrainerError::Format(format!(
@@ -45,8 +44,8 @@ impl TextTokenizer {
         let config = dir.join("tokenizer_config.json");
         let chat_template = match std::fs::read(&config) {
             Ok(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| TrainerError::Format(format!("{}: {e}", config.display())))?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| TrainerError::malformed(&config, e))?;
                 v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
             }
             Err(_) => None,
@@ -115,7 +114,7 @@ fn byte_char(b: u8) -> char {
 /// Writes `dir/tokenizer.json`: byte-level BPE with no merges, so every
 /// byte of UTF-8 text is one token and token id = byte value (the tiny
 /// model's 256-row vocabulary). Both HF `tokenizers` and transformers load it.
-pub fn write_byte_tokenizer(dir: &Path) -> Result<(), TrainerError> {
+pub(crate) fn write_byte_tokenizer(dir: &Path) -> Result<(), TrainerError> {
     let vocab: tokenizers::models::bpe::Vocab = (0..=255u8).map(|b| (byte_char(b).to_string(), u32::from(b))).collect();
     let bpe =
         BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(|e| TrainerError::Format(e.to_string()))?;
@@ -131,7 +130,7 @@ pub fn write_byte_tokenizer(dir: &Path) -> Result<(), TrainerError> {
         .build()
         .map_err(|e| TrainerError::Format(e.to_string()))?;
     let path = dir.join("tokenizer.json");
-    Tokenizer::from(tokenizer).save(&path, true).map_err(|e| TrainerError::io(&path, e))
+    Tokenizer::from(tokenizer).save(&path, true).map_err(|e| TrainerError::malformed(&path, e))
 }
 
 #[cfg(test)]

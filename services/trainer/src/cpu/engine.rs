@@ -4,7 +4,7 @@
 //! sequence): each projection is one GEMM over all of them, attention and
 //! RoPE positions stay per sequence, and the LM head runs only on the rows
 //! whose next token is scored (the completion). The math is the reference's
-//! ([`crate::model`], [`crate::grad`]), checked against it in the tests.
+//! ([`crate::model`], `grad`), checked against it in the tests.
 
 use std::collections::BTreeMap;
 
@@ -13,9 +13,11 @@ use rayon::prelude::*;
 use super::gemm::{MatA, PackedB, Precision, gemm};
 use super::simd;
 use crate::TrainerError;
+use crate::arch::{LlamaConfig, PROJECTIONS, projection_name};
 use crate::grad::LoraGrads;
 use crate::lora::LoraAdapter;
-use crate::model::{LlamaConfig, Model, PROJECTIONS, projection_name, rope_tables};
+use crate::model::Model;
+use crate::model::ops::rope_tables;
 use crate::objective::{Example, Objective};
 
 /// A frozen weight `W [out × in]` packed for both products training needs:

@@ -6,8 +6,8 @@
 //! with AVX512_BF16 a bf16 dot product (`vdpbf16ps`: two products and an f32
 //! sum per lane) does twice the work of an f32 FMA per instruction and halves
 //! the bytes read; no well-kept Rust GEMM crate has that kernel. The layout is
-//! the classic one: `B` in panels of [`NR`] columns, `A` packed per call in
-//! blocks of [`MR`] rows, a register-resident `MR × NR` tile of sums.
+//! the classic one: `B` in panels of `NR` columns, `A` packed per call in
+//! blocks of `MR` rows, a register-resident `MR × NR` tile of sums.
 //!
 //! Determinism: each element of `C` is summed over `k` in one fixed order by
 //! one thread, whatever the number of threads (work is split over rows or
@@ -27,9 +27,9 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 /// Columns of `C` per micro-tile (two 16-lane vectors).
-pub const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Rows of `C` per micro-tile.
-pub const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// `k` per cache block, in elements: the `MR`-row sliver of `A` and the
 /// `KC × NR` panel of `B` stay in L1 while a tile is summed.
 const KC: usize = 384;
@@ -126,7 +126,7 @@ fn auto_precision() -> Precision {
 
 /// The CPUID vendor string ("GenuineIntel", "AuthenticAMD", …).
 #[cfg(target_arch = "x86_64")]
-pub fn cpu_vendor() -> String {
+pub(crate) fn cpu_vendor() -> String {
     let r = std::arch::x86_64::__cpuid(0);
     let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
     String::from_utf8_lossy(&bytes).into_owned()
@@ -134,7 +134,7 @@ pub fn cpu_vendor() -> String {
 
 /// The CPUID vendor string (empty off x86-64).
 #[cfg(not(target_arch = "x86_64"))]
-pub fn cpu_vendor() -> String {
+pub(crate) fn cpu_vendor() -> String {
     String::new()
 }
 
@@ -172,7 +172,7 @@ pub fn kernel_times() -> Option<(f64, f64)> {
 
 /// f32 → bf16 bits, rounding to nearest even (as `vcvtneps2bf16` does);
 /// NaN stays NaN.
-pub fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
@@ -182,7 +182,7 @@ pub fn bf16_bits(x: f32) -> u16 {
 }
 
 /// bf16 bits → f32 (exact).
-pub fn bf16_to_f32(bits: u16) -> f32 {
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 

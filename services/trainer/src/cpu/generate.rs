@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::engine::{CpuModel, rms_norm_rows, rope_rows, swiglu};
 use super::simd;
 use crate::lora::LoraAdapter;
-use crate::model::rope_tables;
+use crate::model::ops::rope_tables;
 use crate::{SplitMix, TrainerError};
 
 /// How tokens are drawn.
@@ -317,8 +317,8 @@ fn draw(logits: &[f32], s: Sampling, allowed: Option<&[bool]>, rng: &mut SplitMi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::PROJECTIONS;
     use crate::cpu::gemm::Precision;
-    use crate::model::PROJECTIONS;
     use crate::tiny::tiny_model;
 
     fn trained_adapter(model: &crate::model::Model, seed: u64) -> LoraAdapter {

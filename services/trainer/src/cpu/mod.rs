@@ -1,6 +1,6 @@
 //! The CPU training engine: the whole batch in one pass.
 //!
-//! The reference path ([`crate::model`], [`crate::grad`]) runs one sequence at
+//! The reference path ([`crate::model`], `grad`) runs one sequence at
 //! a time in f32 and is what gradients are finite-difference checked on. This
 //! engine computes the same quantities for a batch packed into one matrix of
 //! rows (every GEMM has `M` = all tokens of the batch, attention stays within
@@ -11,9 +11,9 @@
 //! - [`generate`]: batched decoding with a key/value cache, an adapter per request;
 //! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
 //! - [`engine`]: the packed model, its batched forward and backward passes;
-//! - [`simd`]: element-wise passes (SwiGLU, softmax rows) vectorised at run time.
+//! - `simd`: element-wise passes (SwiGLU, softmax rows) vectorised at run time.
 
 pub mod engine;
 pub mod gemm;
 pub mod generate;
-pub mod simd;
+pub(crate) mod simd;
