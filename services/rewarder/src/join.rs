@@ -105,7 +105,7 @@ struct OpenSuggestion {
 /// Everything a partition's join remembers; serialisable so it can be
 /// checkpointed and restored on another instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct JoinState {
+pub(crate) struct JoinState {
     open: HashMap<String, OpenSuggestion>,
     by_deadline: BTreeSet<(EpochMillis, String)>,
     /// Closed suggestions by [`id_fingerprint`]: a million of them per
@@ -139,7 +139,7 @@ fn id_fingerprint(suggestion_id: &str) -> u64 {
 }
 
 /// Deterministic reward id.
-pub fn reward_id(tenant: &str, suggestion_id: &str, reward_fn_version: &str) -> String {
+pub(crate) fn reward_id(tenant: &str, suggestion_id: &str, reward_fn_version: &str) -> String {
     let digest = Sha256::new()
         .chain_update(tenant)
         .chain_update([0])
@@ -154,7 +154,7 @@ impl JoinState {
     /// Rewrites the JSON of a state checkpointed before closed suggestions
     /// were kept as fingerprints (ids as strings) into the current form; a
     /// current state is returned unchanged. `None` when it is neither.
-    pub fn migrate_json(mut state: serde_json::Value) -> Option<serde_json::Value> {
+    pub(crate) fn migrate_json(mut state: serde_json::Value) -> Option<serde_json::Value> {
         use serde_json::Value;
         let legacy = state["closed_by_deadline"]
             .as_array()
@@ -187,7 +187,7 @@ impl PartitionJoiner {
     }
 
     /// A joiner resuming from a checkpointed state.
-    pub fn restore(
+    pub(crate) fn restore(
         topic: &str,
         partition: i32,
         config: JoinConfig,
@@ -198,12 +198,12 @@ impl PartitionJoiner {
     }
 
     /// The state, for checkpoints.
-    pub fn state(&self) -> &JoinState {
+    pub(crate) fn state(&self) -> &JoinState {
         &self.state
     }
 
     /// The reward function version in use.
-    pub fn reward_fn_version(&self) -> &str {
+    pub(crate) fn reward_fn_version(&self) -> &str {
         &self.reward_fn.version
     }
 
@@ -215,11 +215,6 @@ impl PartitionJoiner {
     /// Suggestions currently open.
     pub fn open_suggestions(&self) -> usize {
         self.state.open.len()
-    }
-
-    /// The partition's event-time watermark: the largest event time seen.
-    pub fn watermark(&self) -> EpochMillis {
-        self.state.max_event_time
     }
 
     fn window_end(&self, start: EpochMillis) -> EpochMillis {

@@ -17,25 +17,25 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct RewardFunction {
     /// Version recorded in every reward; change it whenever any weight changes.
-    pub version: String,
+    pub(crate) version: String,
     /// Primary outcome terms.
     #[serde(default)]
-    pub outcome: OutcomeWeights,
+    pub(crate) outcome: OutcomeWeights,
     /// Discount for accepted suggestions that were heavily edited afterwards.
     #[serde(default)]
-    pub edit: EditPenalty,
+    pub(crate) edit: EditPenalty,
     /// Weight of an explicit rating mapped to [−1, 1].
     #[serde(default = "default_rating_weight")]
-    pub rating_weight: f64,
+    pub(crate) rating_weight: f64,
     /// Terms per follow-up action (summed over all follow-ups of the suggestion).
     #[serde(default)]
-    pub follow_up: FollowUpWeights,
+    pub(crate) follow_up: FollowUpWeights,
     /// Optional bonus for fast acceptance: `weight · 2^(−t / half_life_ms)`.
     #[serde(default)]
-    pub time_to_accept: Option<TimeToAccept>,
+    pub(crate) time_to_accept: Option<TimeToAccept>,
     /// Terms for task completion.
     #[serde(default)]
-    pub task: TaskWeights,
+    pub(crate) task: TaskWeights,
 }
 
 fn default_rating_weight() -> f64 {
@@ -45,15 +45,15 @@ fn default_rating_weight() -> f64 {
 /// Primary outcome terms.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OutcomeWeights {
+pub(crate) struct OutcomeWeights {
     /// Accepted.
-    pub accepted: f64,
+    pub(crate) accepted: f64,
     /// Explicitly rejected.
-    pub rejected: f64,
+    pub(crate) rejected: f64,
     /// Dismissed without a decision (an implicit, weaker rejection).
-    pub dismissed: f64,
+    pub(crate) dismissed: f64,
     /// No response within the window.
-    pub ignored: f64,
+    pub(crate) ignored: f64,
 }
 
 impl Default for OutcomeWeights {
@@ -67,11 +67,11 @@ impl Default for OutcomeWeights {
 /// so small touch-ups cost nothing and a full rewrite costs `weight`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct EditPenalty {
+pub(crate) struct EditPenalty {
     /// Penalty of a complete rewrite.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// Edit ratio below which there is no penalty.
-    pub free_ratio: f64,
+    pub(crate) free_ratio: f64,
 }
 
 impl Default for EditPenalty {
@@ -83,19 +83,19 @@ impl Default for EditPenalty {
 /// Terms per follow-up action.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct FollowUpWeights {
+pub(crate) struct FollowUpWeights {
     /// Asked for another suggestion.
-    pub regenerate: f64,
+    pub(crate) regenerate: f64,
     /// Undid the suggestion.
-    pub undo: f64,
+    pub(crate) undo: f64,
     /// Copied it.
-    pub copy: f64,
+    pub(crate) copy: f64,
     /// Complained.
-    pub complaint: f64,
+    pub(crate) complaint: f64,
     /// Thanked.
-    pub thanks: f64,
+    pub(crate) thanks: f64,
     /// Anything else.
-    pub other: f64,
+    pub(crate) other: f64,
 }
 
 impl Default for FollowUpWeights {
@@ -120,21 +120,21 @@ impl FollowUpWeights {
 /// Fast-acceptance bonus.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TimeToAccept {
+pub(crate) struct TimeToAccept {
     /// Bonus for an instant acceptance.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// Delay at which the bonus has halved.
-    pub half_life_ms: f64,
+    pub(crate) half_life_ms: f64,
 }
 
 /// Task completion terms.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TaskWeights {
+pub(crate) struct TaskWeights {
     /// Task completed successfully (or without a success flag).
-    pub success: f64,
+    pub(crate) success: f64,
     /// Task completed and reported failed.
-    pub failure: f64,
+    pub(crate) failure: f64,
 }
 
 impl Default for TaskWeights {
@@ -192,7 +192,7 @@ impl RewardFunction {
     }
 
     /// Rejects configurations that cannot produce sensible rewards.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.version.trim().is_empty() {
             return Err("version must not be empty".into());
         }
@@ -221,7 +221,7 @@ impl RewardFunction {
     }
 
     /// The reward components of one suggestion.
-    pub fn components(&self, outcome: Outcome, signals: &RewardSignals, completion: &str) -> RewardComponents {
+    pub(crate) fn components(&self, outcome: Outcome, signals: &RewardSignals, completion: &str) -> RewardComponents {
         let outcome_term = match outcome {
             Outcome::Accepted => self.outcome.accepted,
             Outcome::Rejected => self.outcome.rejected,
@@ -255,7 +255,7 @@ impl RewardFunction {
 
 /// Character-level Levenshtein distance, used when a product sends the final
 /// text but not the distance.
-pub fn edit_distance(a: &str, b: &str) -> i64 {
+pub(crate) fn edit_distance(a: &str, b: &str) -> i64 {
     strsim::levenshtein(a, b) as i64
 }
 

@@ -27,339 +27,51 @@
 //! on a thread of its own while the partition is paused: the poll loop goes
 //! on serving the other partitions and the group, so a long read-back never
 //! makes the consumer miss `max.poll.interval.ms` and drop out of its group.
+//!
+//! Around it: `checkpoint` (format and storage), `partition` (the Kafka-free
+//! per-partition decisions), and the config, error and metrics modules.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{
     ClientRole, DeliveryTracker, GroupWatch, KafkaArgs, TopicOffsets, read_back, stall_after, topic_ends,
 };
-use flywheel_core::records::{DeadLetter, Interaction, Reward, RewardMetrics, SourcePosition};
-use flywheel_core::runtime::{CommonArgs, ServiceHarness};
+use flywheel_core::records::{DeadLetter, Interaction, SourcePosition};
+use flywheel_core::runtime::ServiceHarness;
 use flywheel_core::topics::Topic;
-use flywheel_lake::store::{LocalStore, Storage, open_storage};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::join::{Emitted, JoinConfig, JoinState, PartitionJoiner};
+use crate::checkpoint::{Checkpoint, Checkpoints};
+// Tools and tests open the checkpoints a service wrote by this path.
+pub use crate::checkpoint::open_checkpoint_storage;
+use crate::config::Config;
+use crate::error::RewarderError;
+use crate::join::{Emitted, JoinConfig, PartitionJoiner};
+use crate::metrics::Metrics;
+use crate::partition::{
+    EMITTED_AT_HEADER, PartitionWork, Resumes, SOURCE_HEADER, Source, Topics, due_for_checkpoint, output_id,
+    output_id_for, place_unplaced, skips_to_carry,
+};
 use crate::reward_fn::RewardFunction;
 use crate::window_metrics::metrics_record_id;
-
-/// The rewarder's errors.
-#[derive(Debug, thiserror::Error)]
-pub enum RewarderError {
-    /// From the core library.
-    #[error(transparent)]
-    Core(#[from] flywheel_core::Error),
-    /// Bad configuration.
-    #[error("configuration error: {0}")]
-    Config(String),
-    /// A checkpoint could not be read or written.
-    #[error("checkpoint {path}: {detail}")]
-    Checkpoint {
-        /// The checkpoint (file or object URL) or its storage.
-        path: String,
-        /// What failed.
-        detail: String,
-    },
-    /// The broker did not acknowledge outputs; the service stops so a restart
-    /// resumes from the last checkpoint.
-    #[error("outputs not acknowledged: {0}")]
-    Delivery(String),
-}
-
-/// Rewarder configuration; every flag has an environment variable.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "flywheel-rewarder", version, about = "Turns interaction events into rewards")]
-pub struct Config {
-    /// Service, Kafka and topic flags every service has.
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// Consumer group; instances in one group share the partitions.
-    #[arg(long = "group-id", env = "FLYWHEEL_REWARDER_GROUP_ID", default_value = "flywheel-rewarder")]
-    pub group_id: String,
-    /// Reward function TOML; the built-in Cursor-style defaults when absent.
-    #[arg(long = "reward-function", env = "FLYWHEEL_REWARD_FUNCTION")]
-    pub reward_function: Option<PathBuf>,
-    /// Event-time window after a suggestion is shown in which signals count.
-    #[arg(long = "outcome-window-ms", env = "FLYWHEEL_REWARDER_OUTCOME_WINDOW_MS", default_value_t = 600_000)]
-    pub outcome_window_ms: i64,
-    /// Extra event-time wait for out-of-order events.
-    #[arg(long = "allowed-lateness-ms", env = "FLYWHEEL_REWARDER_ALLOWED_LATENESS_MS", default_value_t = 60_000)]
-    pub allowed_lateness_ms: i64,
-    /// Most open suggestions per partition before the oldest are closed early.
-    #[arg(long = "max-open-suggestions", env = "FLYWHEEL_REWARDER_MAX_OPEN_SUGGESTIONS", default_value_t = 1_000_000)]
-    pub max_open_suggestions: usize,
-    /// Directory for checkpoints, when no --checkpoint-store is given. Every
-    /// instance that may take over a partition must see it (one host, or a
-    /// shared volume).
-    #[arg(long = "checkpoint-dir", env = "FLYWHEEL_REWARDER_CHECKPOINT_DIR", default_value = ".flywheel/rewarder")]
-    pub checkpoint_dir: PathBuf,
-    /// Keep checkpoints in this store instead of --checkpoint-dir, so an
-    /// instance on any host can take over any partition. Opened like the lake
-    /// writer's --lake-root: `s3://bucket/prefix`, `gs://…`, `az://…`
-    /// (credentials and endpoint from the object_store environment
-    /// variables), `file:///dir`, or `memory://name` (in this
-    /// process only: instances of one process that name it share it).
-    #[arg(long = "checkpoint-store", env = "FLYWHEEL_REWARDER_CHECKPOINT_STORE")]
-    pub checkpoint_store: Option<String>,
-    /// Checkpoint after this many records of a partition. Each checkpoint
-    /// waits for every output to be acknowledged, so this trades throughput
-    /// (BENCHMARKS.md) against how much a restart replays.
-    #[arg(
-        long = "checkpoint-every-records",
-        env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_RECORDS",
-        default_value_t = 50_000
-    )]
-    pub checkpoint_every_records: u64,
-    /// Checkpoint at least this often (milliseconds) while records flow.
-    #[arg(long = "checkpoint-every-ms", env = "FLYWHEEL_REWARDER_CHECKPOINT_EVERY_MS", default_value_t = 5_000)]
-    pub checkpoint_every_ms: u64,
-    /// Off by default. When set, a partition that received no record for this
-    /// many milliseconds has its watermark advanced to wall-clock time minus
-    /// this delay, so quiet partitions still close windows. The trade-off:
-    /// outputs then depend on when records arrived, so a replay after a crash
-    /// may close windows at other points (rewards are still never duplicated:
-    /// read-back skips by id).
-    #[arg(long = "idle-advance-after-ms", env = "FLYWHEEL_REWARDER_IDLE_ADVANCE_AFTER_MS")]
-    pub idle_advance_after_ms: Option<u64>,
-    /// Lengths (milliseconds) of the tumbling event-time windows of the
-    /// rolling metrics, comma-separated; published to `reward-metrics` and
-    /// exposed on /metrics.
-    #[arg(
-        long = "metrics-windows-ms",
-        env = "FLYWHEEL_REWARDER_METRICS_WINDOWS_MS",
-        value_delimiter = ',',
-        default_value = "60000,3600000"
-    )]
-    pub metrics_windows_ms: Vec<i64>,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: String,
-}
-
-/// Labels of the per-version window gauges.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabels {
-    tenant: String,
-    model_id: String,
-    adapter_version: String,
-    experiment_arm: String,
-    surface: String,
-    window: String,
-}
-
-type FloatGauge = Gauge<f64, AtomicU64>;
-
-/// Gauges of the latest published window per version and window length,
-/// merged over this instance's partitions.
-#[derive(Debug, Clone, Default)]
-struct WindowGauges {
-    window_end: Family<VersionLabels, FloatGauge>,
-    shown: Family<VersionLabels, FloatGauge>,
-    accept_rate: Family<VersionLabels, FloatGauge>,
-    accept_rate_low: Family<VersionLabels, FloatGauge>,
-    accept_rate_high: Family<VersionLabels, FloatGauge>,
-    mean_reward: Family<VersionLabels, FloatGauge>,
-    mean_edit_distance: Family<VersionLabels, FloatGauge>,
-    time_to_accept_p50: Family<VersionLabels, FloatGauge>,
-    latest: Arc<Mutex<HashMap<VersionLabels, RewardMetrics>>>,
-}
-
-impl WindowGauges {
-    fn register(&self, r: &mut Registry) {
-        let families = [
-            (
-                "window_end_seconds",
-                "End of the latest published metrics window (event time, Unix seconds)",
-                &self.window_end,
-            ),
-            ("window_shown", "Suggestions shown in the latest window", &self.shown),
-            ("window_accept_rate", "Accepted / shown in the latest window", &self.accept_rate),
-            (
-                "window_accept_rate_wilson_low",
-                "Lower end of the Wilson 95% interval of the accept rate",
-                &self.accept_rate_low,
-            ),
-            (
-                "window_accept_rate_wilson_high",
-                "Upper end of the Wilson 95% interval of the accept rate",
-                &self.accept_rate_high,
-            ),
-            ("window_mean_reward", "Mean reward per shown suggestion in the latest window", &self.mean_reward),
-            (
-                "window_mean_edit_distance",
-                "Mean edit distance after accept in the latest window (characters)",
-                &self.mean_edit_distance,
-            ),
-            (
-                "window_time_to_accept_p50_seconds",
-                "Exact median time to accept in the latest window",
-                &self.time_to_accept_p50,
-            ),
-        ];
-        for (name, help, family) in families {
-            r.register(name, help, family.clone());
-        }
-    }
-
-    /// Folds a published record in: a newer window replaces the shown one, the
-    /// same window (another partition, or a late delta) is added to it.
-    fn observe(&self, m: &RewardMetrics) {
-        let labels = VersionLabels {
-            tenant: m.tenant.clone(),
-            model_id: m.model_id.clone(),
-            adapter_version: m.adapter_version.clone().unwrap_or_default(),
-            experiment_arm: m.experiment_arm.clone().unwrap_or_default(),
-            surface: m.surface.clone().unwrap_or_default(),
-            window: format!("{}s", (m.window_end - m.window_start) / 1000),
-        };
-        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        let shown = match latest.get_mut(&labels) {
-            Some(cur) if cur.window_start == m.window_start => {
-                cur.absorb(m);
-                cur.clone()
-            }
-            Some(cur) if cur.window_start > m.window_start => return,
-            _ => {
-                latest.insert(labels.clone(), m.clone());
-                m.clone()
-            }
-        };
-        drop(latest);
-        let set = |f: &Family<VersionLabels, FloatGauge>, v: Option<f64>| {
-            f.get_or_create(&labels).set(v.unwrap_or(f64::NAN));
-        };
-        set(&self.window_end, Some(shown.window_end as f64 / 1000.0));
-        set(&self.shown, Some(shown.shown as f64));
-        set(&self.accept_rate, shown.accept_rate());
-        let wilson = shown.accept_rate_wilson_95();
-        set(&self.accept_rate_low, wilson.map(|w| w.0));
-        set(&self.accept_rate_high, wilson.map(|w| w.1));
-        set(&self.mean_reward, shown.mean_reward());
-        set(&self.mean_edit_distance, shown.mean_edit_distance());
-        set(&self.time_to_accept_p50, shown.p50_time_to_accept_ms().map(|t| t as f64 / 1000.0));
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Metrics {
-    records: Family<ResultLabels, Counter>,
-    open: Gauge,
-    checkpoints: Counter,
-    windows_published: Counter,
-    windows: WindowGauges,
-}
-
-impl Metrics {
-    fn register(registry: &mut Registry) -> Metrics {
-        let m = Metrics {
-            records: Family::default(),
-            open: Gauge::default(),
-            checkpoints: Counter::default(),
-            windows_published: Counter::default(),
-            windows: WindowGauges::default(),
-        };
-        let r = registry.sub_registry_with_prefix("rewarder");
-        r.register("records", "Input records by result", m.records.clone());
-        r.register("open_suggestions", "Suggestions waiting for their window to close", m.open.clone());
-        r.register("checkpoints", "Checkpoints written", m.checkpoints.clone());
-        r.register("metrics_windows_published", "Reward metrics records published", m.windows_published.clone());
-        m.windows.register(r);
-        m
-    }
-
-    fn count(&self, result: &str, n: u64) {
-        if n > 0 {
-            self.records.get_or_create(&ResultLabels { result: result.into() }).inc_by(n);
-        }
-    }
-}
-
-/// What a checkpoint file holds.
-#[derive(Debug, Serialize, Deserialize)]
-struct Checkpoint {
-    next_offset: i64,
-    reward_fn_version: String,
-    /// Output topic → partition → end offset when the checkpoint was taken.
-    output_ends: TopicOffsets,
-    state: JoinState,
-    /// Outputs a previous owner wrote after an earlier checkpoint that the
-    /// replay had not regenerated yet when this one was taken: they lie before
-    /// `output_ends`, so the next owner's read-back cannot find them. Each
-    /// with the input offset whose processing emits it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    skip: Vec<(String, i64)>,
-}
-
-/// Kafka header on every output: `<input topic>/<partition>/<offset>` of the
-/// input record it derives from (a late event's or orphan's own record, the
-/// record that closed a reward or a metrics window). Late events carry no
-/// lineage in their body, so this is how a read-back tells which partition
-/// wrote them, and which of several copies of one event it is.
-pub const SOURCE_HEADER: &str = "flywheel-source";
-
-/// Kafka header on every output: the input offset whose processing emitted
-/// it. A replay regenerates the output while processing that offset.
-pub const EMITTED_AT_HEADER: &str = "flywheel-emitted-at";
-
-/// Where an output came from: its input partition, the input record it
-/// derives from, and the offset whose processing emitted it.
-#[derive(Debug, Clone, Copy)]
-struct Source {
-    partition: i32,
-    record: i64,
-    emitted_at: i64,
-}
-
-struct PartitionWork {
-    joiner: PartitionJoiner,
-    next_offset: i64,
-    since_checkpoint: u64,
-    last_record_at: Instant,
-    /// Outputs already written by a previous run after the checkpoint, with
-    /// the input offset whose processing emits each.
-    already_written: HashMap<String, i64>,
-}
-
-struct Topics {
-    input: String,
-    rewards: String,
-    late: String,
-    dead: String,
-    metrics: String,
-}
 
 /// Everything the poll loop and the rebalance callback share.
 struct Core {
     topics: Topics,
     join: JoinConfig,
     reward_fn: RewardFunction,
-    /// Where checkpoints live; paths below it are [`checkpoint_path`]s.
-    checkpoints: Arc<dyn Storage>,
-    group_id: String,
+    checkpoints: Checkpoints,
     producer: ThreadedProducer<DeliveryTracker>,
     partitions: Mutex<HashMap<i32, PartitionWork>>,
-    /// Partitions being resumed on a thread: the attempt's number and the
-    /// first offset to fetch again once resumed.
-    resuming: Mutex<HashMap<i32, (u64, i64)>>,
+    resuming: Mutex<Resumes>,
     metrics: Metrics,
     kafka: KafkaArgs,
     /// End offsets of the output topics when this process started.
@@ -384,13 +96,13 @@ impl ConsumerContext for RebalanceContext {
             if let Err(e) = self.core.checkpoint(&revoked, Some(consumer)) {
                 // The next owner resumes from the previous checkpoint and
                 // skips what this instance already wrote: nothing is lost.
-                tracing::error!(error = %e, "checkpoint on revoke failed");
+                tracing::error!(error = %e, reason = e.reason_code(), "checkpoint on revoke failed");
             }
             let mut parts = self.core.partitions.lock().unwrap_or_else(|p| p.into_inner());
             let mut resuming = self.core.resuming.lock().unwrap_or_else(|p| p.into_inner());
             for p in revoked {
                 parts.remove(&p);
-                resuming.remove(&p); // a resume still running is discarded when it ends
+                resuming.revoke(p);
             }
         }
     }
@@ -416,22 +128,16 @@ fn start_resume(
     consumer: &BaseConsumer<RebalanceContext>,
     partition: i32,
     offset: i64,
-    attempts: &mut u64,
     done: &std::sync::mpsc::Sender<Resumed>,
 ) {
-    let mut resuming = core.resuming.lock().unwrap_or_else(|p| p.into_inner());
-    if resuming.contains_key(&partition) {
-        return; // its records come again after the seek
-    }
-    *attempts += 1;
-    resuming.insert(partition, (*attempts, offset));
-    drop(resuming);
+    let started = core.resuming.lock().unwrap_or_else(|p| p.into_inner()).start(partition, offset);
+    let Some(attempt) = started else { return }; // its records come again after the seek
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&core.topics.input, partition);
     if let Err(e) = consumer.pause(&tpl) {
         tracing::warn!(partition, error = %e, "pausing a partition while it resumes failed");
     }
-    let (core, done, attempt) = (core.clone(), done.clone(), *attempts);
+    let (core, done) = (core.clone(), done.clone());
     std::thread::spawn(move || {
         let _ = done.send((partition, attempt, core.resume(partition)));
     });
@@ -445,11 +151,7 @@ fn finish_resume(
     (partition, attempt, work): Resumed,
 ) -> Result<(), RewarderError> {
     let mut resuming = core.resuming.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((current, offset)) = resuming.get(&partition).copied() else { return Ok(()) };
-    if current != attempt {
-        return Ok(()); // revoked and assigned again meanwhile: a newer resume runs
-    }
-    resuming.remove(&partition);
+    let Some(offset) = resuming.finish(partition, attempt) else { return Ok(()) };
     core.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, work?);
     drop(resuming);
     let topic = &core.topics.input;
@@ -462,43 +164,6 @@ fn finish_resume(
         tracing::warn!(partition, error = %e, "resuming a paused partition failed");
     }
     Ok(())
-}
-
-/// A partition's checkpoint, relative to the checkpoint storage:
-/// `<group>/<input topic>/<partition>.json` (the layout of the directory
-/// store before object stores were supported, so existing checkpoints load).
-pub fn checkpoint_path(group_id: &str, topic: &str, partition: i32) -> String {
-    format!("{group_id}/{topic}/{partition}.json")
-}
-
-/// Opens the checkpoint storage `config` names: `--checkpoint-store` when
-/// given, else the local `--checkpoint-dir` (created if missing). Storage
-/// calls block on `runtime`: make them from blocking threads.
-pub fn open_checkpoint_storage(
-    config: &Config,
-    runtime: tokio::runtime::Handle,
-) -> Result<Arc<dyn Storage>, RewarderError> {
-    let fail = |at: &str, e: flywheel_lake::LakeError| RewarderError::Checkpoint {
-        path: at.to_string(),
-        detail: e.to_string(),
-    };
-    let Some(url) = &config.checkpoint_store else {
-        let dir = &config.checkpoint_dir;
-        return Ok(Arc::new(LocalStore::open(dir).map_err(|e| fail(&dir.display().to_string(), e))?));
-    };
-    if url.starts_with("memory://") {
-        // One in-memory store per URL and process, so that several instances
-        // in one process (tests, trials) can hand partitions to each other.
-        static MEMORY: OnceLock<Mutex<HashMap<String, Arc<dyn Storage>>>> = OnceLock::new();
-        let mut stores = MEMORY.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(store) = stores.get(url) {
-            return Ok(store.clone());
-        }
-        let store = open_storage(url, runtime).map_err(|e| fail(url, e))?;
-        stores.insert(url.clone(), store.clone());
-        return Ok(store);
-    }
-    open_storage(url, runtime).map_err(|e| fail(url, e))
 }
 
 impl Core {
@@ -514,21 +179,18 @@ impl Core {
         which: &[i32],
         consumer: Option<&BaseConsumer<RebalanceContext>>,
     ) -> Result<(), RewarderError> {
-        self.producer.flush(Duration::from_secs(30)).map_err(|e| RewarderError::Delivery(e.to_string()))?;
+        self.producer
+            .flush(Duration::from_secs(30))
+            .map_err(RewarderError::delivery("flushing before a checkpoint"))?;
         if let Some(first) = self.producer.context().first_error() {
-            return Err(RewarderError::Delivery(first));
+            return Err(RewarderError::Undelivered(first));
         }
         let ends = self.output_ends();
         let mut parts = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         let mut offsets = TopicPartitionList::new();
         for p in which {
             let Some(work) = parts.get_mut(p) else { continue };
-            if self.deterministic {
-                let next = work.next_offset;
-                work.already_written.retain(|_, emitted_at| *emitted_at >= next);
-            }
-            let mut skip: Vec<(String, i64)> = work.already_written.iter().map(|(id, o)| (id.clone(), *o)).collect();
-            skip.sort();
+            let skip = skips_to_carry(&mut work.already_written, work.next_offset, self.deterministic);
             let checkpoint = Checkpoint {
                 next_offset: work.next_offset,
                 reward_fn_version: work.joiner.reward_fn_version().to_string(),
@@ -536,7 +198,7 @@ impl Core {
                 state: work.joiner.state().clone(),
                 skip,
             };
-            self.write_checkpoint(*p, &checkpoint)?;
+            self.checkpoints.write(*p, &checkpoint)?;
             work.since_checkpoint = 0;
             self.metrics.checkpoints.inc();
             let _ = offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(work.next_offset));
@@ -554,13 +216,7 @@ impl Core {
     /// Loads a partition's checkpoint (or starts empty) and collects what a
     /// previous run already wrote after it.
     fn resume(&self, partition: i32) -> Result<PartitionWork, RewarderError> {
-        let path = checkpoint_path(&self.group_id, &self.topics.input, partition);
-        let fail = |detail: String| RewarderError::Checkpoint { path: self.checkpoint_url(&path), detail };
-        let checkpoint: Option<Checkpoint> = match self.checkpoints.get(&path).map_err(|e| fail(e.to_string()))? {
-            Some(bytes) => Some(parse_checkpoint(&bytes).map_err(|e| fail(e.to_string()))?),
-            None => None,
-        };
-        let Some(cp) = checkpoint else {
+        let Some(cp) = self.checkpoints.read(partition)? else {
             // Every owner writes a partition's first checkpoint before any
             // output of it, so a partition without one has no outputs to read
             // back. Writing it now keeps that true for the next owner.
@@ -572,7 +228,7 @@ impl Core {
                 state: joiner.state().clone(),
                 skip: Vec::new(),
             };
-            self.write_checkpoint(partition, &initial)?;
+            self.checkpoints.write(partition, &initial)?;
             tracing::info!(partition, "no checkpoint; starting from the beginning of the partition");
             return Ok(PartitionWork {
                 joiner,
@@ -623,66 +279,27 @@ impl Core {
         let topics =
             [&self.topics.rewards, &self.topics.late, &self.topics.dead, &self.topics.metrics].map(String::as_str);
         let (mut seen, mut unplaced) = (HashMap::new(), Vec::new());
-        read_back(&self.kafka, "flywheel-rewarder-readback", &topics, ends, Duration::from_secs(60), |msg| match self
-            .output_id_for(msg.topic(), msg, partition)
-        {
-            Some((id, Some(at))) => _ = seen.insert(id, at),
-            Some((id, None)) => unplaced.push(id),
-            None => {}
+        read_back(&self.kafka, "flywheel-rewarder-readback", &topics, ends, Duration::from_secs(60), |msg| {
+            let Some(payload) = msg.payload() else { return };
+            let header = |name: &str| {
+                let value = msg.headers()?.iter().find(|h| h.key == name)?.value?;
+                std::str::from_utf8(value).ok()
+            };
+            let (source, emitted_at) = (header(SOURCE_HEADER), header(EMITTED_AT_HEADER));
+            match output_id_for(&self.topics, partition, msg.topic(), payload, source, emitted_at) {
+                Some((id, Some(at))) => _ = seen.insert(id, at),
+                Some((id, None)) => unplaced.push(id),
+                None => {}
+            }
         })?;
-        // Late events and dead letters of releases before the source header
-        // say neither partition nor emitting offset: kept as skips until the
-        // replay passes the furthest offset known to have emitted an output.
-        let horizon = seen.values().copied().max().unwrap_or(i64::MAX);
-        for id in unplaced {
-            seen.entry(id).or_insert(horizon);
-        }
+        place_unplaced(&mut seen, unplaced);
         Ok(seen)
-    }
-
-    /// The id of an output record if it was produced for input `partition`,
-    /// and the input offset that emitted it when known.
-    fn output_id_for(&self, topic: &str, msg: &BorrowedMessage<'_>, partition: i32) -> Option<(String, Option<i64>)> {
-        let payload = msg.payload()?;
-        let header = |name: &str| {
-            let value = msg.headers()?.iter().find(|h| h.key == name)?.value?;
-            std::str::from_utf8(value).ok().map(str::to_string)
-        };
-        let source = header(SOURCE_HEADER).and_then(|v| {
-            let (rest, offset) = v.rsplit_once('/')?;
-            let (input, p) = rest.rsplit_once('/')?;
-            Some((input.to_string(), p.parse::<i32>().ok()?, offset.parse::<i64>().ok()?))
-        });
-        if let Some((input, p, _)) = &source
-            && (*input != self.topics.input || *p != partition)
-        {
-            return None;
-        }
-        let emitted_at = header(EMITTED_AT_HEADER).and_then(|v| v.parse::<i64>().ok());
-        if topic == self.topics.rewards {
-            let r: Reward = decode(payload).ok()?;
-            (r.lineage.topic == self.topics.input && r.lineage.partition == partition)
-                .then(|| (format!("r:{}", r.reward_id), Some(r.lineage.last_offset)))
-        } else if topic == self.topics.late {
-            let e: Interaction = decode(payload).ok()?;
-            // Several copies of one event can each be late: the input offset
-            // tells them apart (releases before the header: the event id).
-            let id = source.map_or_else(|| format!("l:{}", e.event_id), |(_, _, record)| format!("l:@{record}"));
-            Some((id, emitted_at))
-        } else if topic == self.topics.metrics {
-            let m: RewardMetrics = decode(payload).ok()?;
-            (m.source_partition == partition).then(|| (metrics_record_id(&m), Some(m.emitted_at_offset)))
-        } else {
-            let d: DeadLetter = decode(payload).ok()?;
-            (d.service == "rewarder" && d.source.topic == self.topics.input && d.source.partition == partition)
-                .then(|| (format!("d:{}", d.source.offset), emitted_at))
-        }
     }
 
     /// Sends one output tagged with where it came from ([`SOURCE_HEADER`],
     /// [`EMITTED_AT_HEADER`]), waiting while the producer's queue is full.
     fn send(&self, topic: &str, key: &str, value: &[u8], source: Source) -> Result<(), RewarderError> {
-        let tag = format!("{}/{}/{}", self.topics.input, source.partition, source.record);
+        let tag = source.tag(&self.topics.input);
         let at = source.emitted_at.to_string();
         let headers = OwnedHeaders::new()
             .insert(Header { key: SOURCE_HEADER, value: Some(&tag) })
@@ -695,7 +312,7 @@ impl Core {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err((e, _)) => return Err(RewarderError::Delivery(format!("producing to {topic}: {e}"))),
+                Err((e, _)) => return Err(RewarderError::delivery(format!("producing to {topic}"))(e)),
             }
         }
     }
@@ -740,7 +357,7 @@ impl Core {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 self.metrics.count("malformed", 1);
-                if work.already_written.remove(&format!("d:{offset}")).is_none() {
+                if work.already_written.remove(&output_id::dead_letter(offset)).is_none() {
                     let reason = e.to_string();
                     self.dead_letter(partition, offset, offset, e.reason_code(), reason, msg.key(), msg.payload())?;
                 }
@@ -748,7 +365,7 @@ impl Core {
             }
             None => {
                 self.metrics.count("malformed", 1);
-                if work.already_written.remove(&format!("d:{offset}")).is_none() {
+                if work.already_written.remove(&output_id::dead_letter(offset)).is_none() {
                     let reason = "record has no value".to_string();
                     self.dead_letter(partition, offset, offset, "empty_value", reason, msg.key(), None)?;
                 }
@@ -778,16 +395,19 @@ impl Core {
             match emitted {
                 Emitted::Reward(r) => {
                     self.metrics.count("reward", 1);
-                    if work.already_written.remove(&format!("r:{}", r.reward_id)).is_none() {
+                    if work.already_written.remove(&output_id::reward(&r.reward_id)).is_none() {
                         let from = source(r.lineage.last_offset);
                         self.send(&self.topics.rewards, &r.suggestion_id, &encode(r.as_ref())?, from)?;
                     }
                 }
                 Emitted::Late { offset: o, event } => {
                     self.metrics.count("late", 1);
-                    let written = work.already_written.remove(&format!("l:@{o}"));
+                    let written = work.already_written.remove(&output_id::late(o));
                     // A predecessor of the release before the source header named it by event id.
-                    if written.or_else(|| work.already_written.remove(&format!("l:{}", event.event_id))).is_none() {
+                    if written
+                        .or_else(|| work.already_written.remove(&output_id::late_by_event(&event.event_id)))
+                        .is_none()
+                    {
                         self.send(&self.topics.late, &event.suggestion_id, &encode(event.as_ref())?, source(o))?;
                     }
                 }
@@ -802,7 +422,7 @@ impl Core {
                 }
                 Emitted::Orphan { offset: o, event } => {
                     self.metrics.count("orphan", 1);
-                    if work.already_written.remove(&format!("d:{o}")).is_none() {
+                    if work.already_written.remove(&output_id::dead_letter(o)).is_none() {
                         let bytes = encode(event.as_ref())?;
                         let reason = format!(
                             "no suggestion_shown for suggestion {} within its window; event {} dropped from rewards",
@@ -845,51 +465,14 @@ impl Core {
     }
 }
 
-/// Parses a checkpoint, migrating the join state of older releases.
-fn parse_checkpoint(bytes: &[u8]) -> Result<Checkpoint, serde_json::Error> {
-    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
-    if let Some(state) = value.get_mut("state").map(serde_json::Value::take)
-        && let Some(migrated) = JoinState::migrate_json(state)
-    {
-        value["state"] = migrated;
-    }
-    serde_json::from_value(value)
-}
-
-impl Core {
-    /// Where a checkpoint path lies, for messages.
-    fn checkpoint_url(&self, path: &str) -> String {
-        format!("{}/{path}", self.checkpoints.url().trim_end_matches('/'))
-    }
-
-    /// Writes a partition's checkpoint whole or not at all: the storage's
-    /// `put` is a temp file, fsync, rename and directory fsync on local disk,
-    /// and a single PUT of the whole object on an object store, so a reader
-    /// (the next owner, after any crash) sees the previous checkpoint or this
-    /// one, never part of one.
-    fn write_checkpoint(&self, partition: i32, checkpoint: &Checkpoint) -> Result<(), RewarderError> {
-        let path = checkpoint_path(&self.group_id, &self.topics.input, partition);
-        let fail = |detail: String| RewarderError::Checkpoint { path: self.checkpoint_url(&path), detail };
-        let bytes = serde_json::to_vec(checkpoint).map_err(|e| fail(e.to_string()))?;
-        self.checkpoints.put(&path, &bytes).map_err(|e| fail(e.to_string()))
-    }
-}
-
 /// Runs the rewarder until `shutdown`, then checkpoints and exits.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RewarderError> {
     let topics_config = config.common.topics.load()?;
     let reward_fn = match &config.reward_function {
-        Some(p) => RewardFunction::load(p).map_err(|e| RewarderError::Config(e.to_string()))?,
+        Some(p) => RewardFunction::load(p)?,
         None => RewardFunction::default(),
     };
-    if config.outcome_window_ms <= 0 || config.allowed_lateness_ms < 0 || config.max_open_suggestions == 0 {
-        return Err(RewarderError::Config(
-            "outcome window must be > 0, lateness >= 0 and max open suggestions >= 1".into(),
-        ));
-    }
-    if let Some(bad) = config.metrics_windows_ms.iter().find(|w| **w < 1000) {
-        return Err(RewarderError::Config(format!("metrics window {bad} ms is shorter than one second")));
-    }
+    config.validate()?;
     let mut harness = ServiceHarness::new("rewarder", &config.common.service);
     let metrics = Metrics::register(harness.registry());
     let readiness = harness.readiness();
@@ -902,7 +485,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     let runtime = tokio::runtime::Handle::current();
     harness
         .run_blocking(shutdown, move |loop_shutdown| -> Result<(), RewarderError> {
-            let checkpoints = open_checkpoint_storage(&config, runtime)?;
+            let storage = open_checkpoint_storage(&config, runtime)?;
+            let checkpoints = Checkpoints::new(storage, &config.group_id, &input);
             let producer = config.common.kafka.tracked_producer()?;
             let outputs = [Topic::Rewards, Topic::InteractionsLate, Topic::DeadLetters, Topic::RewardMetrics]
                 .map(|t| topics_config.name(t));
@@ -925,10 +509,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
                 },
                 reward_fn,
                 checkpoints,
-                group_id: config.group_id.clone(),
                 producer,
                 partitions: Mutex::new(HashMap::new()),
-                resuming: Mutex::new(HashMap::new()),
+                resuming: Mutex::default(),
                 metrics,
                 kafka: config.common.kafka.clone(),
                 startup_ends,
@@ -954,7 +537,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             let every = Duration::from_millis(config.checkpoint_every_ms.max(100));
             let mut last_checkpoint = Instant::now();
             let (resumed_tx, resumed) = std::sync::mpsc::channel::<Resumed>();
-            let mut attempts = 0u64;
             while !loop_shutdown.is_cancelled() {
                 while let Ok(done) = resumed.try_recv() {
                     finish_resume(&core, &consumer, done)?;
@@ -964,14 +546,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
                     match result {
                         Ok(msg) => {
                             if !core.handle(&msg)? {
-                                start_resume(
-                                    &core,
-                                    &consumer,
-                                    msg.partition(),
-                                    msg.offset(),
-                                    &mut attempts,
-                                    &resumed_tx,
-                                );
+                                start_resume(&core, &consumer, msg.partition(), msg.offset(), &resumed_tx);
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "consume error"),
@@ -981,14 +556,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
                     core.advance_idle(idle)?;
                 }
                 watch.tick(&consumer);
-                let due: Vec<i32> = {
+                let due = {
                     let parts = core.partitions.lock().unwrap_or_else(|p| p.into_inner());
-                    let time_due = last_checkpoint.elapsed() >= every;
-                    parts
-                        .iter()
-                        .filter(|(_, w)| w.since_checkpoint >= every_records || (time_due && w.since_checkpoint > 0))
-                        .map(|(p, _)| *p)
-                        .collect()
+                    let counts = parts.iter().map(|(p, w)| (*p, w.since_checkpoint));
+                    due_for_checkpoint(counts, every_records, last_checkpoint.elapsed() >= every)
                 };
                 if !due.is_empty() {
                     core.checkpoint(&due, Some(&consumer))?;
@@ -1002,52 +573,4 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             Ok(())
         })
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoints_of_the_release_before_fingerprinted_ids_still_load() {
-        // Written by the rewarder before closed suggestion ids became fingerprints.
-        let legacy = br#"{"next_offset":24,"reward_fn_version":"cursor-default-v1","output_ends":{"rewards":{"0":0,"1":1}},"state":{"open":{},"by_deadline":[],"closed":{"sugg-000042":1795424700000},"closed_by_deadline":[[1795424700000,"sugg-000042"]],"max_event_time":1795433720945,"counters":{"duplicates":0,"late":16,"orphans":0,"closed_early":0,"rewards":1}}}"#;
-        let cp = parse_checkpoint(legacy).unwrap();
-        assert_eq!(cp.next_offset, 24);
-        let state = serde_json::to_value(&cp.state).unwrap();
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(b"sugg-000042");
-        let fingerprint = u64::from_be_bytes(digest[..8].try_into().unwrap());
-        assert_eq!(state["closed"][fingerprint.to_string()], serde_json::json!(1_795_424_700_000_i64));
-        assert_eq!(state["closed_by_deadline"][0][1], serde_json::json!(fingerprint));
-        // A current checkpoint round-trips unchanged.
-        let current = serde_json::to_vec(&cp).unwrap();
-        assert_eq!(serde_json::to_value(parse_checkpoint(&current).unwrap().state).unwrap(), state);
-    }
-
-    fn config(args: &[&str]) -> Config {
-        Config::try_parse_from(std::iter::once("flywheel-rewarder").chain(args.iter().copied())).unwrap()
-    }
-
-    #[test]
-    fn checkpoint_storage_is_the_directory_by_default_and_a_store_when_named() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = checkpoint_path("group", "interactions", 3);
-        assert_eq!(path, "group/interactions/3.json");
-        // The directory store keeps the layout of earlier releases.
-        let local = config(&["--checkpoint-dir", dir.path().to_str().unwrap()]);
-        open_checkpoint_storage(&local, runtime.handle().clone()).unwrap().put(&path, b"{}").unwrap();
-        assert_eq!(std::fs::read(dir.path().join("group/interactions/3.json")).unwrap(), b"{}");
-        // A file:// URL is the same local store (fsync and rename).
-        let url = format!("file://{}", dir.path().display());
-        let store = open_checkpoint_storage(&config(&["--checkpoint-store", &url]), runtime.handle().clone()).unwrap();
-        assert_eq!(store.get(&path).unwrap().as_deref(), Some(&b"{}"[..]));
-        // memory:// is one store per URL in a process: two instances share it.
-        let a = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://a"]), runtime.handle().clone());
-        let again = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://a"]), runtime.handle().clone());
-        let other = open_checkpoint_storage(&config(&["--checkpoint-store", "memory://b"]), runtime.handle().clone());
-        a.unwrap().put(&path, b"1").unwrap();
-        assert_eq!(again.unwrap().get(&path).unwrap().as_deref(), Some(&b"1"[..]));
-        assert_eq!(other.unwrap().get(&path).unwrap(), None);
-    }
 }

@@ -29,7 +29,7 @@ struct WindowKey {
 
 /// One window's running statistics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OpenWindow {
+pub(crate) struct OpenWindow {
     due: EpochMillis,
     metrics: RewardMetrics,
     users: HashSet<String>,
@@ -61,7 +61,7 @@ fn write_version(out: &mut String, parts: [&str; 5]) {
 /// checkpoint stores them as a list (JSON maps need string keys).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(from = "Vec<OpenWindow>", into = "Vec<OpenWindow>")]
-pub struct WindowedMetrics {
+pub(crate) struct WindowedMetrics {
     open: BTreeMap<WindowKey, OpenWindow>,
     versions: Vec<String>,
     version_ids: HashMap<String, u32>,
@@ -90,7 +90,7 @@ impl From<WindowedMetrics> for Vec<OpenWindow> {
 
 impl WindowedMetrics {
     /// Windows not yet published.
-    pub fn open_windows(&self) -> usize {
+    pub(crate) fn open_windows(&self) -> usize {
         self.open.len()
     }
 
@@ -107,7 +107,7 @@ impl WindowedMetrics {
     /// Adds `reward` to its window of each length in `windows_ms`. `wait` is
     /// how long after a shown time its suggestion may still close (outcome
     /// window + lateness).
-    pub fn add(&mut self, reward: &Reward, windows_ms: &[i64], wait: i64) {
+    pub(crate) fn add(&mut self, reward: &Reward, windows_ms: &[i64], wait: i64) {
         let mut scratch = std::mem::take(&mut self.scratch);
         write_version(
             &mut scratch,
@@ -166,7 +166,7 @@ impl WindowedMetrics {
     /// Removes and returns every window due at `watermark`, stamped with where
     /// it was published, in an order that depends only on the windows (not on
     /// interning order, which a restore changes).
-    pub fn take_due(
+    pub(crate) fn take_due(
         &mut self,
         watermark: EpochMillis,
         reward_fn_version: &str,
