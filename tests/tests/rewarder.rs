@@ -323,15 +323,32 @@ fn assert_exactly(expected: &BTreeMap<String, Reward>, got: &[Reward]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_gives_exactly_the_uninterrupted_rewards() {
-    kill_9_mid_stream(Checkpoints::Directory).await;
+    stopped_mid_stream(Checkpoints::Directory, Stop::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_with_checkpoints_in_an_object_store_url_gives_exactly_the_uninterrupted_rewards() {
-    kill_9_mid_stream(Checkpoints::FileUrl).await;
+    stopped_mid_stream(Checkpoints::FileUrl, Stop::Kill).await;
 }
 
-async fn kill_9_mid_stream(checkpoints: Checkpoints) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_exits_within_the_drain_timeout_and_a_restart_gives_exactly_the_uninterrupted_rewards() {
+    stopped_mid_stream(Checkpoints::Directory, Stop::Term).await;
+}
+
+/// How the first rewarder is stopped while it works.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL: no warning.
+    Kill,
+    /// SIGTERM: it must exit cleanly within its drain timeout.
+    Term,
+}
+
+/// The first rewarder's drain timeout.
+const DRAIN_TIMEOUT_SECS: u64 = 30;
+
+async fn stopped_mid_stream(checkpoints: Checkpoints, stop: Stop) {
     let s = setup_with("rw-kill", checkpoints).await;
     let input = s.topics.name(Topic::Interactions);
     let first = stream(200, 0);
@@ -339,7 +356,8 @@ async fn kill_9_mid_stream(checkpoints: Checkpoints) {
     tick_all(&s.kafka, &input, 1, 200).await;
 
     let spawn = |ops: &str| {
-        let mut args = rewarder_args(&s, &[]);
+        let drain = DRAIN_TIMEOUT_SECS.to_string();
+        let mut args = rewarder_args(&s, &["--drain-timeout-secs", &drain]);
         let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
         args[at] = ops.to_string();
         Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
@@ -348,8 +366,27 @@ async fn kill_9_mid_stream(checkpoints: Checkpoints) {
     // Let it emit part of the first half, then kill it without warning.
     let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 60, 60));
     assert!(partial.len() >= 60, "rewarder produced only {} rewards", partial.len());
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    match stop {
+        Stop::Kill => {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+        Stop::Term => {
+            let signalled = Instant::now();
+            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
+                    "the rewarder still runs {DRAIN_TIMEOUT_SECS} s after SIGTERM"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert!(status.success(), "exit on SIGTERM while busy: {status}");
+        }
+    }
     // Restarted at once, while the killed member's session is still open:
     // it may be assigned only part of the topic (or nothing) at first, and
     // must rejoin once the dead member's partitions show no progress.
