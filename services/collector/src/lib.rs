@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use clap::Parser;
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, parse_properties};
-use flywheel_core::runtime::{CommonArgs, OpsServer, Readiness, drain};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness, join_all};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -814,10 +814,7 @@ pub struct Running {
     pub api_addr: SocketAddr,
     /// Where the ops endpoint listens.
     pub ops_addr: SocketAddr,
-    tasks: JoinSet<Result<(), CollectorError>>,
-    producer: ProducerSlot,
-    drain_timeout: Duration,
-    shutdown: CancellationToken,
+    service: tokio::task::JoinHandle<Result<(), CollectorError>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -827,28 +824,11 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    /// Waits until shutdown, then drains requests, flushes the producer and
-    /// stops background tasks.
-    pub async fn wait(mut self) -> Result<(), CollectorError> {
-        // Serve until shutdown, or until a task ends on its own (a failure);
-        // only then does the drain timeout start counting.
-        let early = tokio::select! {
-            _ = self.shutdown.cancelled() => None,
-            Some(done) = self.tasks.join_next() => Some(done),
-        };
-        self.shutdown.cancel();
-        let mut result = drain(self.tasks, self.drain_timeout).await;
-        match early {
-            Some(Ok(Err(e))) => result = Err(e),
-            Some(Err(join)) => tracing::error!(error = %join, "a collector task panicked"),
-            _ => {}
-        }
-        let producer = self.producer.get();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::warn!(error = %e, "producer flush at shutdown failed");
-        }
-        result
+    /// Waits until the collector stopped: after shutdown, its requests
+    /// drained and its producer flushed (within the drain timeout), or after a
+    /// task failed.
+    pub async fn wait(self) -> Result<(), CollectorError> {
+        self.service.await.map_err(|join| flywheel_core::Error::panicked("the collector", join))?
     }
 }
 
@@ -873,9 +853,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         return Err(CollectorError::Config("header and body read timeouts must be at least 1 ms".into()));
     }
 
-    let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::default();
+    let mut harness = ServiceHarness::new("collector", &config.common.service);
+    let metrics = Metrics::register(harness.registry());
+    let readiness = harness.readiness();
     readiness.set("broker", false);
     let view = RegistryView::default();
     let state = AppState {
@@ -897,11 +877,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         metrics: metrics.clone(),
     };
 
-    let mut tasks: JoinSet<Result<(), CollectorError>> = JoinSet::new();
-    let ops =
-        OpsServer::start(config.common.service.ops_listen, readiness.clone(), registry, None, shutdown.clone()).await?;
-    tasks.spawn(async move { ops.task.await.unwrap_or(Ok(())).map_err(CollectorError::from) });
-
+    let ops_addr = harness.bind_ops().await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| flywheel_core::Error::io(format!("binding API listener {}", config.listen), e))?;
@@ -915,54 +891,61 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         max_connections: config.max_connections,
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
     };
-    let (connections, api_shutdown) = (metrics.connections.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        serve::serve(listener, app, limits, connections, api_shutdown).await;
-        Ok(())
-    });
-
-    // Readiness of the broker: metadata answers within a few seconds.
-    let probe = producer.clone();
-    let (probe_ready, probe_shutdown) = (readiness.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        while !probe_shutdown.is_cancelled() {
-            let p = probe.get();
-            let ok =
-                tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, Duration::from_secs(3)).is_ok())
-                    .await
-                    .unwrap_or(false);
-            probe_ready.set("broker", ok);
-            tokio::select! {
-                _ = probe_shutdown.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
+    let topic = topics.name(Topic::Interactions);
+    tracing::info!(%api_addr, %ops_addr, %topic, max_event_bytes, "collector started");
+    let registry_topic = topics.name(Topic::ModelRegistry);
+    let kafka = config.common.kafka.clone();
+    let service = tokio::spawn(harness.run(shutdown, move |stop| async move {
+        let mut tasks: JoinSet<Result<(), CollectorError>> = JoinSet::new();
+        let (connections, api_stop) = (metrics.connections.clone(), stop.clone());
+        tasks.spawn(async move {
+            serve::serve(listener, app, limits, connections, api_stop).await;
+            Ok(())
+        });
+        // Readiness of the broker: metadata answers within a few seconds.
+        let (probe, probe_ready, probe_stop) = (producer.clone(), readiness.clone(), stop.clone());
+        tasks.spawn(async move {
+            while !probe_stop.is_cancelled() {
+                let p = probe.get();
+                let ok = tokio::task::spawn_blocking(move || {
+                    p.client().fetch_metadata(None, Duration::from_secs(3)).is_ok()
+                })
+                .await
+                .unwrap_or(false);
+                probe_ready.set("broker", ok);
+                tokio::select! {
+                    _ = probe_stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })) => {}
+                }
             }
+            Ok(())
+        });
+        let follow_stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::task::spawn_blocking(move || follow_registry(&kafka, &registry_topic, view, readiness, follow_stop))
+                .await
+                .unwrap_or(Ok(()))
+        });
+        // Serve until shutdown or until a task ends on its own (a failure);
+        // then requests drain, and only then is the producer flushed, so every
+        // accepted event is on the broker before the process exits.
+        let early = tokio::select! {
+            _ = stop.cancelled() => None,
+            Some(done) = tasks.join_next() => Some(done),
+        };
+        stop.cancel();
+        let rest = join_all(tasks).await;
+        let p = producer.get();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await {
+            tracing::warn!(error = %e, "producer flush at shutdown failed");
         }
-        Ok(())
-    });
-
-    let (kafka, registry_topic, follow_shutdown) =
-        (config.common.kafka.clone(), topics.name(Topic::ModelRegistry), shutdown.clone());
-    tasks.spawn(async move {
-        tokio::task::spawn_blocking(move || follow_registry(&kafka, &registry_topic, view, readiness, follow_shutdown))
-            .await
-            .unwrap_or(Ok(()))
-    });
-
-    tracing::info!(
-        %api_addr,
-        ops_addr = %ops.local_addr,
-        topic = %topics.name(Topic::Interactions),
-        max_event_bytes,
-        "collector started"
-    );
-    Ok(Running {
-        api_addr,
-        ops_addr: ops.local_addr,
-        tasks,
-        producer,
-        drain_timeout: config.common.service.drain_timeout(),
-        shutdown,
-    })
+        match early {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(join)) => Err(flywheel_core::Error::panicked("a collector task", join).into()),
+            _ => rest,
+        }
+    }));
+    Ok(Running { api_addr, ops_addr, service })
 }
 
 /// Runs the collector until `shutdown` is cancelled, then drains.

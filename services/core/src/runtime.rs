@@ -252,6 +252,7 @@ pub struct ServiceHarness {
     registry: Registry,
     readiness: Readiness,
     routes: Option<Router>,
+    ops_listener: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for ServiceHarness {
@@ -265,7 +266,14 @@ impl ServiceHarness {
     pub fn new(name: &'static str, args: &ServiceArgs) -> ServiceHarness {
         let readiness = Readiness::default();
         readiness.set(DRAINING, true);
-        ServiceHarness { name, args: args.clone(), registry: Registry::default(), readiness, routes: None }
+        ServiceHarness {
+            name,
+            args: args.clone(),
+            registry: Registry::default(),
+            readiness,
+            routes: None,
+            ops_listener: None,
+        }
     }
 
     /// The registry `/metrics` serves; register the service's metrics here.
@@ -284,6 +292,16 @@ impl ServiceHarness {
         self
     }
 
+    /// Binds the ops endpoint now (it is served once [`ServiceHarness::run`]
+    /// starts) and returns its address: for embedders that must know it
+    /// before the service runs (`--ops-listen` port 0 in tests).
+    pub async fn bind_ops(&mut self) -> Result<SocketAddr> {
+        let listener = OpsServer::bind(self.args.ops_listen).await?;
+        let addr = listener.local_addr().map_err(|e| Error::io("reading ops endpoint address", e))?;
+        self.ops_listener = Some(listener);
+        Ok(addr)
+    }
+
     /// Serves the ops endpoint and runs `worker` (given a token cancelled at
     /// shutdown) until it ends, or until shutdown plus the drain timeout.
     pub async fn run<E, W, Fut>(self, shutdown: CancellationToken, worker: W) -> std::result::Result<(), E>
@@ -292,9 +310,13 @@ impl ServiceHarness {
         W: FnOnce(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
     {
-        let ServiceHarness { name, args, registry, readiness, routes } = self;
+        let ServiceHarness { name, args, registry, readiness, routes, ops_listener } = self;
         let ops_shutdown = CancellationToken::new();
-        let ops = OpsServer::start(args.ops_listen, readiness.clone(), registry, routes, ops_shutdown.clone()).await?;
+        let listener = match ops_listener {
+            Some(listener) => listener,
+            None => OpsServer::bind(args.ops_listen).await?,
+        };
+        let ops = OpsServer::serve(listener, readiness.clone(), registry, routes, ops_shutdown.clone())?;
         let mut tasks = JoinSet::new();
         tasks.spawn(worker(shutdown.child_token()));
         let result = tokio::select! {
@@ -382,9 +404,22 @@ impl OpsServer {
         extra: Option<Router>,
         shutdown: CancellationToken,
     ) -> Result<OpsServer> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::io(format!("binding ops endpoint {addr}"), e))?;
+        OpsServer::serve(OpsServer::bind(addr).await?, readiness, registry, extra, shutdown)
+    }
+
+    /// Binds the ops endpoint's listener (serve it with [`OpsServer::serve`]).
+    pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding ops endpoint {addr}"), e))
+    }
+
+    /// [`OpsServer::start`] on a listener bound already.
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        readiness: Readiness,
+        registry: Registry,
+        extra: Option<Router>,
+        shutdown: CancellationToken,
+    ) -> Result<OpsServer> {
         let local_addr = listener.local_addr().map_err(|e| Error::io("reading ops endpoint address", e))?;
         let state = OpsState { readiness, registry: Arc::new(registry) };
         let mut app = Router::new()
