@@ -2,10 +2,11 @@
 //! graceful shutdown and the operations endpoint (`/healthz`, `/readyz`,
 //! `/metrics`).
 //!
-//! A service's `main` parses its config, calls [`init_tracing`], creates a
-//! token with [`shutdown_on_signals`] and hands both to its `lib::run`, which
-//! serves [`OpsServer`] and drains its tasks with [`drain`] when the token is
-//! cancelled.
+//! A service's `main` ([`service_main!`](crate::service_main)) parses its
+//! config, calls [`init_tracing`], creates a token with
+//! [`shutdown_on_signals`] and hands both to its `lib::run`, which runs its
+//! worker on a [`ServiceHarness`]: the ops endpoint, and a drain bounded by
+//! `--drain-timeout-secs` when the token is cancelled.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -394,25 +395,14 @@ pub struct OpsServer {
 }
 
 impl OpsServer {
-    /// Binds `addr` and serves `/healthz` (liveness: 200 while the process
-    /// runs), `/readyz` and `/metrics` (Prometheus text format) until
-    /// `shutdown` is cancelled. `extra` routes (a service's own API) are merged in.
-    pub async fn start(
-        addr: SocketAddr,
-        readiness: Readiness,
-        registry: Registry,
-        extra: Option<Router>,
-        shutdown: CancellationToken,
-    ) -> Result<OpsServer> {
-        OpsServer::serve(OpsServer::bind(addr).await?, readiness, registry, extra, shutdown)
-    }
-
     /// Binds the ops endpoint's listener (serve it with [`OpsServer::serve`]).
     pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding ops endpoint {addr}"), e))
     }
 
-    /// [`OpsServer::start`] on a listener bound already.
+    /// Serves `/healthz` (liveness: 200 while the process runs), `/readyz`
+    /// and `/metrics` (Prometheus text format) on `listener` until `shutdown`
+    /// is cancelled. `extra` routes (a service's own API) are merged in.
     pub fn serve(
         listener: tokio::net::TcpListener,
         readiness: Readiness,
