@@ -790,14 +790,14 @@ impl TrainerOps {
         let mut registry = Default::default();
         let (metrics, _) = flywheel_trainer::service::Metrics::register(&mut registry);
         let stop = tokio_util::sync::CancellationToken::new();
-        let ops = flywheel_core::runtime::OpsServer::start(
-            "127.0.0.1:0".parse().unwrap(),
+        let listener = flywheel_core::runtime::OpsServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let ops = flywheel_core::runtime::OpsServer::serve(
+            listener,
             flywheel_core::runtime::Readiness::default(),
             registry,
             None,
             stop.clone(),
         )
-        .await
         .expect("the trainer's ops server");
         TrainerOps { metrics, addr: ops.local_addr, stop, task: ops.task }
     }
