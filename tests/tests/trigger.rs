@@ -166,19 +166,10 @@ async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard(
         args.extend(["--drain-timeout-secs".to_string(), DRAIN_TIMEOUT_SECS.to_string()]);
         Reaped(std::process::Command::new(workspace_binary("flywheel-trigger")).args(&args[1..]).spawn().unwrap())
     };
-    let ids: Vec<String> = (0..120).map(|i| format!("t{i:03}")).collect();
-    let mut trigger = spawn();
-    // Two shards per request (600 examples each, 1000 needed): requests go
-    // out while shards arrive. Signal once some requests are out.
-    let (before, after) = ids.split_at(80);
-    for chunk in before.chunks(4) {
-        produce(&s, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    }
-    tokio::task::block_in_place(|| wait_until(60, || Some(()).filter(|_| requests(&s).len() >= 3)));
-    let signalled = Instant::now();
-    signal(trigger.id(), "TERM");
-    let status = tokio::task::block_in_place(|| {
-        loop {
+    let stop_within_drain = |mut trigger: Reaped| {
+        let signalled = Instant::now();
+        signal(trigger.id(), "TERM");
+        let status = loop {
             if let Some(status) = trigger.try_wait().unwrap() {
                 break status;
             }
@@ -187,13 +178,30 @@ async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard(
                 "still running after the drain timeout"
             );
             std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the trigger did not exit cleanly on SIGTERM: {status}");
+    };
+    let ids: Vec<String> = (0..120).map(|i| format!("t{i:03}")).collect();
+    let mut trigger = spawn();
+    // Two shards per request (600 examples each, 1000 needed), streamed in
+    // pairs: requests go out while shards arrive. The signal comes once
+    // some requests are out, the stream goes on while the trigger is down.
+    let stream = Setup { topics: s.topics.clone(), args: s.args.clone() };
+    let streamed = ids.clone();
+    let streaming = tokio::spawn(async move {
+        for pair in streamed.chunks(2) {
+            produce(&stream, &pair.iter().map(String::as_str).collect::<Vec<_>>()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    assert!(status.success(), "the trigger did not exit cleanly on SIGTERM: {status}");
-    // More shards while it is down, then a new instance.
-    for chunk in after.chunks(4) {
-        produce(&s, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    }
+    tokio::task::block_in_place(|| wait_until(60, || Some(()).filter(|_| requests(&s).len() >= 3)));
+    eprintln!(
+        "signalled with {} requests out, shards still arriving: {}",
+        requests(&s).len(),
+        !streaming.is_finished()
+    );
+    tokio::task::block_in_place(|| stop_within_drain(trigger));
+    streaming.await.unwrap();
     trigger = spawn();
     let made = tokio::task::block_in_place(|| {
         wait_until(90, || {
@@ -208,6 +216,5 @@ async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard(
     used.dedup();
     assert_eq!(used.len(), total, "a shard was used by two requests");
     assert_eq!(used, ids, "every shard is in a request");
-    signal(trigger.id(), "TERM");
-    assert!(tokio::task::block_in_place(|| trigger.wait()).unwrap().success());
+    tokio::task::block_in_place(|| stop_within_drain(trigger));
 }

@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use clap::Parser;
 use flywheel_core::codec::encode;
 use flywheel_core::kafka::{ClientRole, parse_properties};
-use flywheel_core::runtime::{CommonArgs, ServiceHarness, join_all};
+use flywheel_core::runtime::{CommonArgs, ServiceHarness, drain};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -894,7 +894,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let topic = topics.name(Topic::Interactions);
     tracing::info!(%api_addr, %ops_addr, %topic, max_event_bytes, "collector started");
     let registry_topic = topics.name(Topic::ModelRegistry);
-    let kafka = config.common.kafka.clone();
+    let (kafka, drain_timeout) = (config.common.kafka.clone(), config.common.service.drain_timeout());
     let service = tokio::spawn(harness.run(shutdown, move |stop| async move {
         let mut tasks: JoinSet<Result<(), CollectorError>> = JoinSet::new();
         let (connections, api_stop) = (metrics.connections.clone(), stop.clone());
@@ -924,7 +924,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tasks.spawn(async move {
             tokio::task::spawn_blocking(move || follow_registry(&kafka, &registry_topic, view, readiness, follow_stop))
                 .await
-                .unwrap_or(Ok(()))
+                .map_err(|e| flywheel_core::Error::panicked("the collector's registry follower", e))?
         });
         // Serve until shutdown or until a task ends on its own (a failure);
         // then requests drain, and only then is the producer flushed, so every
@@ -934,7 +934,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             Some(done) = tasks.join_next() => Some(done),
         };
         stop.cancel();
-        let rest = join_all(tasks).await;
+        // Bounded also when a task failed by itself (no SIGTERM, so no
+        // harness drain): a stalled HTTP client cannot keep it alive.
+        let rest = drain(tasks, drain_timeout).await;
         let p = producer.get();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await {
             tracing::warn!(error = %e, "producer flush at shutdown failed");

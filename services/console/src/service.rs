@@ -22,7 +22,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
 use flywheel_core::kafka::KafkaArgs;
-use flywheel_core::runtime::{CommonArgs, Readiness, ServiceHarness, blocking_worker, join_all};
+use flywheel_core::runtime::{CommonArgs, Readiness, ServiceHarness, blocking_worker, drain};
 use flywheel_core::topics::Topic;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -549,6 +549,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
         throughput: [topics.name(Topic::Interactions), topics.name(Topic::Rewards)],
     });
 
+    let drain_timeout = config.common.service.drain_timeout();
     harness
         .run(shutdown, move |stop| async move {
             let mut tasks: JoinSet<Result<(), ConsoleError>> = JoinSet::new();
@@ -598,7 +599,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cons
                 Some(done) = tasks.join_next() => Some(done),
             };
             stop.cancel();
-            let rest = join_all(tasks).await;
+            // Bounded also when a task failed by itself (no SIGTERM, so no
+            // harness drain): a stalled HTTP client cannot keep it alive.
+            let rest = drain(tasks, drain_timeout).await;
             match first {
                 Some(Ok(Err(e))) => Err(e),
                 Some(Err(join)) => Err(flywheel_core::Error::panicked("a console task", join).into()),

@@ -182,20 +182,6 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
-/// Waits for every task to end; returns the first error (a panicked task is
-/// [`Error::Panicked`]). Bound the wait from outside (a worker of a
-/// [`ServiceHarness`] is, by the drain timeout).
-pub async fn join_all<E>(mut tasks: JoinSet<std::result::Result<(), E>>) -> std::result::Result<(), E>
-where
-    E: std::fmt::Display + From<Error> + 'static,
-{
-    let mut first_error = None;
-    while let Some(ended) = tasks.join_next().await {
-        keep_first_error(ended, &mut first_error);
-    }
-    first_error.map_or(Ok(()), Err)
-}
-
 fn keep_first_error<E>(
     ended: std::result::Result<std::result::Result<(), E>, tokio::task::JoinError>,
     first: &mut Option<E>,
@@ -337,7 +323,8 @@ impl ServiceHarness {
             Err(e) => tracing::error!(service = name, error = %e, "stopped with an error"),
         }
         ops_shutdown.cancel();
-        let _ = ops.task.await;
+        // A scraper holding a connection open must not keep the process alive.
+        let _ = tokio::time::timeout(Duration::from_secs(2), ops.task).await;
         result
     }
 
@@ -455,10 +442,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn args(drain_timeout_secs: u64) -> ServiceArgs {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         ServiceArgs {
             log: LogArgs { log_format: LogFormat::Text, log_filter: "info".into() },
-            ops_listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             drain_timeout_secs,
         }
     }
@@ -478,12 +464,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_ends_at_cancellation_drains_cleanly_and_readiness_says_draining_meanwhile() {
-        let args = args(10);
-        let addr = args.ops_listen;
         let shutdown = CancellationToken::new();
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-        let harness = ServiceHarness::new("test", &args);
+        let mut harness = ServiceHarness::new("test", &args(10));
+        let addr = harness.bind_ops().await.unwrap();
         let running = tokio::spawn(harness.run(shutdown.clone(), move |stop| async move {
             stop.cancelled().await;
             // Still working after cancellation: the drain in progress.
@@ -491,16 +476,7 @@ mod tests {
             let _ = release_rx.await;
             Ok::<(), Error>(())
         }));
-        let ready = within(10, async {
-            loop {
-                if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-                    let _ = s.shutdown().await;
-                    break get(addr, "/readyz").await;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let ready = within(10, get(addr, "/readyz")).await;
         assert!(ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200"), "{ready}");
         shutdown.cancel();
         within(10, stopping_rx).await.unwrap();

@@ -124,14 +124,14 @@ async fn consume(
     let requests = topics.name(Topic::TrainRequests);
     // Requests already trained: their candidates are on the topic.
     let (kafka, candidates_topic) = (config.common.kafka.clone(), topics.name(Topic::ModelCandidates));
-    let mut done: HashSet<String> = tokio::task::spawn_blocking(move || {
+    let reading = tokio::task::spawn_blocking(move || {
         read_topic::<ModelCandidate>(&kafka, "flywheel-trainer-candidates", &candidates_topic, Duration::from_secs(60))
-    })
-    .await
-    .map_err(|e| flywheel_core::Error::panicked("reading candidates", e))??
-    .into_iter()
-    .map(|c| c.request_id)
-    .collect();
+    });
+    let candidates = tokio::select! {
+        read = reading => read.map_err(|e| flywheel_core::Error::panicked("reading candidates", e))??,
+        _ = stop.cancelled() => return Ok(()), // stopped while starting: nothing was consumed
+    };
+    let mut done: HashSet<String> = candidates.into_iter().map(|c| c.request_id).collect();
     readiness.set("recovered", true);
     tracing::info!(trained = done.len(), "recovered trained requests from the candidates topic");
 

@@ -251,11 +251,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Trig
             // Every request ever made: used shards and the request history.
             let mut state = TriggerState::default();
             let (kafka, requests_topic) = (config.common.kafka.clone(), topics.name(Topic::TrainRequests));
-            let made: Vec<TrainRequest> = tokio::task::spawn_blocking(move || {
+            let reading = tokio::task::spawn_blocking(move || {
                 read_topic(&kafka, "flywheel-trigger-requests", &requests_topic, Duration::from_secs(60))
-            })
-            .await
-            .map_err(|e| flywheel_core::Error::panicked("reading train requests", e))??;
+            });
+            let made: Vec<TrainRequest> = tokio::select! {
+                read = reading => read.map_err(|e| flywheel_core::Error::panicked("reading train requests", e))??,
+                _ = stop.cancelled() => return Ok(()), // stopped while starting: nothing was decided
+            };
             for r in &made {
                 state.request_made(r);
             }
