@@ -448,9 +448,7 @@ impl Publisher {
     /// Encodes `record`, keys it and sends it to `topic`; refuses a record of
     /// another kind than the topic carries.
     pub async fn publish<R: crate::AvroRecord>(&self, topic: crate::topics::Topic, record: &R) -> Result<()> {
-        if topic.record_kind() != R::KIND {
-            return Err(Error::WrongKind { expected: topic.record_kind(), found: R::KIND });
-        }
+        topic.check_kind::<R>()?;
         let bytes = crate::codec::encode(record)?;
         let key = topic.key_of(record)?;
         let name = self.topics.name(topic);
