@@ -364,6 +364,20 @@ print(json.dumps([[v if isinstance(v, (int, float)) or v is None else str(v) for
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// SIGTERM to `child`, then its exit status; panics if it still runs after
+/// `secs` (a service's drain timeout: it must be gone by then).
+pub fn terminate_within(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    signal(child.id(), "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("reaping") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "pid {} still runs {secs} s after SIGTERM", child.id());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sends `signal` (`STOP`, `TERM`, `KILL`, ...) to process `pid`.
 pub fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();

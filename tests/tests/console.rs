@@ -392,15 +392,7 @@ impl Console {
 
     /// SIGTERM, then the exit status (at most `secs`).
     fn terminate(&mut self, secs: u64) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the console did not exit within {secs} s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        flywheel_tests::terminate_within(&mut self.child, secs)
     }
 }
 

@@ -188,7 +188,7 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
 /// candidate, decides nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_nothing_twice() {
-    use flywheel_tests::{Reaped, metric, ops_get, signal, workspace_binary};
+    use flywheel_tests::{Reaped, metric, ops_get, terminate_within, workspace_binary};
     use std::time::Instant;
     const DRAIN_TIMEOUT_SECS: u64 = 30;
     let wanted = [Topic::ModelCandidates, Topic::RewardMetrics, Topic::ModelRegistry];
@@ -198,7 +198,7 @@ async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_no
     let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
     let s = Setup { topics, args, producer };
     let spawn = || {
-        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ops = flywheel_devkit::free_local_addr().unwrap();
         let mut args = s.args.clone();
         let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
         args[at] = ops.to_string();
@@ -206,18 +206,7 @@ async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_no
         (Reaped(std::process::Command::new(workspace_binary("flywheel-gate")).args(&args[1..]).spawn().unwrap()), ops)
     };
     let stop = |mut gate: Reaped| {
-        let signalled = Instant::now();
-        signal(gate.id(), "TERM");
-        let status = loop {
-            if let Some(status) = gate.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
-                "still running after the drain timeout"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = terminate_within(&mut gate, DRAIN_TIMEOUT_SECS);
         assert!(status.success(), "the gate did not exit cleanly on SIGTERM: {status}");
     };
     let (gate, _) = spawn();

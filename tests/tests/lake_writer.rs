@@ -240,17 +240,8 @@ async fn kill_9_rounds(s: Setup) {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if round % 3 == 2 {
             let signalled = Instant::now();
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(
-                    signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
-                    "round {round}: the writer still runs {DRAIN_TIMEOUT_SECS} s after SIGTERM"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
+            let status =
+                tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut child, DRAIN_TIMEOUT_SECS));
             assert!(status.success(), "round {round}: exit on SIGTERM while busy: {status}");
             eprintln!("round {round}: stopped by SIGTERM after {wait} ms, in {:?}", signalled.elapsed());
             continue;

@@ -372,18 +372,8 @@ async fn stopped_mid_stream(checkpoints: Checkpoints, stop: Stop) {
             child.wait().unwrap();
         }
         Stop::Term => {
-            let signalled = Instant::now();
-            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(
-                    signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
-                    "the rewarder still runs {DRAIN_TIMEOUT_SECS} s after SIGTERM"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
+            let status =
+                tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut child, DRAIN_TIMEOUT_SECS));
             assert!(status.success(), "exit on SIGTERM while busy: {status}");
         }
     }

@@ -265,7 +265,9 @@ async fn sigterm_mid_job_exits_within_the_drain_timeout_and_the_request_stays_pe
     use flywheel_core::kafka::ClientRole;
     use flywheel_core::records::{DeadLetter, ModelCandidate};
     use flywheel_core::topics::Topic;
-    use flywheel_tests::{Reaped, metric, ops_get, read_all, service_args, signal, test_topics, unique_topic};
+    use flywheel_tests::{
+        Reaped, metric, ops_get, read_all, service_args, terminate_within, test_topics, unique_topic,
+    };
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::time::{Duration, Instant};
 
@@ -284,7 +286,7 @@ async fn sigterm_mid_job_exits_within_the_drain_timeout_and_the_request_stays_pe
 
     let group = unique_topic("trainer-term-group");
     let spawn = || {
-        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ops = flywheel_devkit::free_local_addr().unwrap();
         let (models, adapters) = (models.display().to_string(), dir.path().join("adapters").display().to_string());
         let drain = DRAIN_TIMEOUT_SECS.to_string();
         let extra = [
@@ -318,18 +320,7 @@ async fn sigterm_mid_job_exits_within_the_drain_timeout_and_the_request_stays_pe
         }
     };
     let stop_within_drain = |mut child: Reaped| {
-        let signalled = Instant::now();
-        signal(child.id(), "TERM");
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
-                "still running {DRAIN_TIMEOUT_SECS} s after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = terminate_within(&mut child, DRAIN_TIMEOUT_SECS);
         assert!(status.success(), "the trainer did not exit cleanly on SIGTERM: {status}");
     };
 

@@ -150,8 +150,7 @@ async fn fires_once_per_threshold_crossing_explains_refusals_and_survives_restar
 /// shard is in exactly one train request (none lost, none used twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard() {
-    use flywheel_tests::{Reaped, signal, workspace_binary};
-    use std::time::Instant;
+    use flywheel_tests::{Reaped, terminate_within, workspace_binary};
     const DRAIN_TIMEOUT_SECS: u64 = 30;
     let s = setup().await;
     // The day's run budget would stop it after four requests.
@@ -167,18 +166,7 @@ async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard(
         Reaped(std::process::Command::new(workspace_binary("flywheel-trigger")).args(&args[1..]).spawn().unwrap())
     };
     let stop_within_drain = |mut trigger: Reaped| {
-        let signalled = Instant::now();
-        signal(trigger.id(), "TERM");
-        let status = loop {
-            if let Some(status) = trigger.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                signalled.elapsed() < Duration::from_secs(DRAIN_TIMEOUT_SECS),
-                "still running after the drain timeout"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = terminate_within(&mut trigger, DRAIN_TIMEOUT_SECS);
         assert!(status.success(), "the trigger did not exit cleanly on SIGTERM: {status}");
     };
     let ids: Vec<String> = (0..120).map(|i| format!("t{i:03}")).collect();

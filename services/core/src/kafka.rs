@@ -309,7 +309,7 @@ pub fn topic_ends(args: &KafkaArgs, reader: &str, topics: &[&str]) -> Result<Top
 /// Assigns every partition of `topics` from the beginning and returns the
 /// end offset of each non-empty partition: the history a service that keeps
 /// its state in topics reads before it acts (see [`caught_up`]).
-pub fn assign_from_beginning<C: ConsumerContext>(
+fn assign_from_beginning<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topics: &[&str],
 ) -> Result<std::collections::HashMap<(String, i32), i64>> {
@@ -329,7 +329,7 @@ pub fn assign_from_beginning<C: ConsumerContext>(
 
 /// Marks `msg` read in the history left by [`assign_from_beginning`];
 /// true once all of it has been read.
-pub fn caught_up(remaining: &mut std::collections::HashMap<(String, i32), i64>, msg: &BorrowedMessage<'_>) -> bool {
+fn caught_up(remaining: &mut std::collections::HashMap<(String, i32), i64>, msg: &BorrowedMessage<'_>) -> bool {
     let at = (msg.topic().to_string(), msg.partition());
     if remaining.get(&at).is_some_and(|end| msg.offset() + 1 >= *end) {
         remaining.remove(&at);
@@ -342,7 +342,7 @@ pub fn caught_up(remaining: &mut std::collections::HashMap<(String, i32), i64>, 
 /// (then `None`). Loops built on it have an await point every turn, so they
 /// end when their task is dropped (runtime shutdown) and not only when their
 /// token is cancelled, and they run on any runtime flavour.
-pub async fn poll_async<'a, C: ConsumerContext>(
+async fn poll_async<'a, C: ConsumerContext>(
     consumer: &'a BaseConsumer<C>,
     idle: Duration,
 ) -> Option<rdkafka::error::KafkaResult<BorrowedMessage<'a>>> {
@@ -396,7 +396,7 @@ impl TopicFollower {
     }
 
     /// The next record, or `None` after waiting `idle` with nothing to read
-    /// (see [`poll_async`]: the wait is an async sleep). Consume errors are
+    /// (the wait is an async sleep, so the loop ends with its task). Consume errors are
     /// logged and read as `None`.
     pub async fn next(&mut self, idle: Duration) -> Option<Followed> {
         let followed = match poll_async(&self.consumer, idle).await? {
