@@ -103,8 +103,19 @@ pub struct TestTopics {
     pub topics: flywheel_core::topics::TopicsConfig,
     /// `topics.toml` for `--topics-config`.
     pub file: PathBuf,
-    /// A fresh directory of this test (holds the file).
+    /// A fresh directory of this test (holds the file): removed when the
+    /// test passes, kept (and named on stderr) when it fails.
     pub dir: PathBuf,
+}
+
+impl Drop for TestTopics {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the failed test's directory for inspection: {}", self.dir.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("could not remove the test directory {}: {e}", self.dir.display());
+        }
+    }
 }
 
 /// Creates `wanted` under a unique prefix, with `partitions` overriding one

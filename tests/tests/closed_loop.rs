@@ -57,31 +57,6 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     assert!(canary > control, "accept rate {control:.3} (base) -> {canary:.3} (promoted): {}", promoted.reason);
     let live = entry.live.clone().expect("a live adapter");
     assert_eq!(live.adapter_version, promoted.adapter_version);
-    // The gate promoted on mean reward. Its accept rate must be measurably
-    // higher too: the gate's own always-valid test, on every suggestion the
-    // rewarder counted for each version over the whole run.
-    let (mut base, mut adapted) = ((0, 0), (0, 0));
-    for (_, _, m) in read_all::<RewardMetrics>(&kafka, &topics.name(Topic::RewardMetrics)) {
-        if m.window_end - m.window_start != 10_000 {
-            continue; // `flywheel up` has the rewarder publish 10 s windows only
-        }
-        let arm = match m.adapter_version.as_deref() {
-            None => &mut base,
-            Some(v) if v == live.adapter_version => &mut adapted,
-            Some(_) => continue,
-        };
-        *arm = (arm.0 + m.accepted, arm.1 + m.shown);
-    }
-    let policy = flywheel_gate::policy::ReleasePolicy::default();
-    let look =
-        msprt(&Moments::bernoulli(adapted.0, adapted.1), &Moments::bernoulli(base.0, base.1), policy.accept_rate_tau);
-    assert!(
-        look.difference > 0.0 && look.significant(policy.alpha),
-        "accept rate base {base:?} vs promoted {adapted:?} (accepted, shown): difference {:.3}, p = {:.4}",
-        look.difference,
-        look.p_value
-    );
-
     // Lineage: adapter -> candidate -> train request -> shards -> events.
     let candidates: Vec<ModelCandidate> =
         read_all(&kafka, &topics.name(Topic::ModelCandidates)).into_iter().map(|r| r.2).collect();
@@ -146,6 +121,44 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
         if e.canary.is_none() && trained && decided { e.live } else { None }
     };
     let live = tokio::task::block_in_place(|| wait_until(420, settled));
+    // The gate promoted on mean reward. The live adapter's accept rate must
+    // be measurably higher than the base's too: the gate's own always-valid
+    // test, on every suggestion the rewarder counted for each version. A
+    // promotion can come after the minimum of 150 suggestions per arm, too
+    // few for this second test to have power, so the restarted system
+    // serves the live adapter until it has shown 1,000.
+    const MIN_SHOWN_LIVE: i64 = 1_000;
+    let accept_counts = || {
+        let (mut base, mut adapted) = ((0, 0), (0, 0));
+        for (_, _, m) in read_all::<RewardMetrics>(&kafka, &topics.name(Topic::RewardMetrics)) {
+            if m.window_end - m.window_start != 10_000 {
+                continue; // `flywheel up` has the rewarder publish 10 s windows only
+            }
+            let arm = match m.adapter_version.as_deref() {
+                None => &mut base,
+                Some(v) if v == live.adapter_version => &mut adapted,
+                Some(_) => continue,
+            };
+            *arm = (arm.0 + m.accepted, arm.1 + m.shown);
+        }
+        (base, adapted)
+    };
+    let (base, adapted) = tokio::task::block_in_place(|| {
+        wait_until(300, || Some(accept_counts()).filter(|(_, a)| a.1 >= MIN_SHOWN_LIVE))
+    });
+    let policy = flywheel_gate::policy::ReleasePolicy::default();
+    let look =
+        msprt(&Moments::bernoulli(adapted.0, adapted.1), &Moments::bernoulli(base.0, base.1), policy.accept_rate_tau);
+    assert!(
+        look.difference > 0.0 && look.significant(policy.alpha),
+        "accept rate base {base:?} vs live {adapted:?} (accepted, shown): difference {:.3}, p = {:.4}",
+        look.difference,
+        look.p_value
+    );
+    eprintln!(
+        "accept rate base {base:?} vs live {adapted:?}: difference {:.3}, p = {:.2e}",
+        look.difference, look.p_value
+    );
     let adapter = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
     let mut backend = CpuBackend::new(&model, PrecisionChoice::F32, adapter, 0.0).unwrap();
     let mut objective = request.objective.clone(); // the demo's REINFORCE settings

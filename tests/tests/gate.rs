@@ -99,9 +99,8 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
         .unwrap();
     let policy = policy.display().to_string();
     let args = service_args("flywheel-gate", &test, &["--policy", &policy, "--evaluate-every-ms", "300"]);
-    let TestTopics { kafka, topics, .. } = test;
-    let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
-    let s = Setup { topics, args, producer };
+    let producer = test.kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let s = Setup { topics: test.topics.clone(), args, producer };
     let (stop, task) = s.start();
 
     // A good candidate from the base: canary at the policy's share.
@@ -194,9 +193,8 @@ async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_no
     let wanted = [Topic::ModelCandidates, Topic::RewardMetrics, Topic::ModelRegistry];
     let test = test_topics("gate-term", &wanted, None).await;
     let args = service_args("flywheel-gate", &test, &["--evaluate-every-ms", "300"]);
-    let TestTopics { kafka, topics, .. } = test;
-    let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
-    let s = Setup { topics, args, producer };
+    let producer = test.kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let s = Setup { topics: test.topics.clone(), args, producer };
     let spawn = || {
         let ops = flywheel_devkit::free_local_addr().unwrap();
         let mut args = s.args.clone();
