@@ -142,8 +142,13 @@ lint: ## Clippy on every target with warnings as errors, and on the trainer's CU
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p flywheel-trainer --features cuda --all-targets --locked -- -D warnings
 
+# Peak test data in TMPDIR during `make test` (measured: see README).
+TEST_DISK_GIB := 3
 test: setup fmt-check lint kernels-check deploy-check ## Everything CI runs: setup, format check, clippy, unit and integration tests on the real broker
 	$(CARGO) build --workspace --bins --locked
+	@tmp="$${TMPDIR:-/tmp}"; free=$$(df -Pk "$$tmp" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	echo "free disk for test data in $$tmp: $$free GiB"; \
+	if [ "$$free" -lt $(TEST_DISK_GIB) ]; then echo "warning: under $(TEST_DISK_GIB) GiB free in $$tmp; tests that import the real model or write lakes fail with 'No space left on device' when it runs out" >&2; fi
 	$(CARGO) nextest run --workspace --locked
 
 # The long chaos run; a short one (about 45 s of load) is part of `make

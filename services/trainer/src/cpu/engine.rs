@@ -296,6 +296,7 @@ impl CpuModel {
     }
 
     fn packed(model: &Model, precision: Precision, trainable: bool) -> Result<CpuModel, TrainerError> {
+        super::alloc::keep_freed_memory();
         let c = &model.config;
         let d = Dims::of(c);
         let w = |name: &str| -> Result<&[f32], TrainerError> {

@@ -11,8 +11,10 @@
 //! - [`generate`]: batched decoding with a key/value cache, an adapter per request;
 //! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
 //! - [`engine`]: the packed model, its batched forward and backward passes;
-//! - `simd`: element-wise passes (SwiGLU, softmax rows) vectorised at run time.
+//! - `simd`: element-wise passes (SwiGLU, softmax rows) vectorised at run time;
+//! - `alloc`: keeps the steps' freed buffers in the heap (glibc settings).
 
+mod alloc;
 pub mod engine;
 pub mod gemm;
 pub mod generate;
