@@ -10,7 +10,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{TestTopics, kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
+use flywheel_tests::{kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 

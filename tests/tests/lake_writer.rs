@@ -22,8 +22,8 @@ use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake::compact::{CompactOptions, compact};
 use flywheel_lake::store::{Storage, open_storage_with};
 use flywheel_tests::{
-    Reaped, S3Server, delta_query, duckdb, lake_runtime, metric, ops_get, read_all, test_topics, unique_topic,
-    with_lake_at, workspace_binary, workspace_root,
+    Reaped, S3Server, TestTopics, delta_query, duckdb, lake_runtime, metric, ops_get, read_all, test_topics,
+    unique_topic, with_lake_at, workspace_binary, workspace_root,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -40,6 +40,8 @@ struct Setup {
     env: Vec<(String, String)>,
     group: String,
     s3: Option<S3Server>,
+    /// Keeps the test's directory (topics file, local lake) while it runs.
+    _test: TestTopics,
 }
 
 impl Setup {
@@ -71,7 +73,16 @@ async fn setup(label: &str, s3: bool) -> Setup {
     } else {
         (t.dir.join("lake").display().to_string(), Vec::new(), None)
     };
-    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env, group, s3 }
+    Setup {
+        kafka: t.kafka.clone(),
+        topics: t.topics.clone(),
+        topics_file: t.file.clone(),
+        lake,
+        env,
+        group,
+        s3,
+        _test: t,
+    }
 }
 
 /// A small deterministic generator (xorshift), seeded per run and printed.
@@ -403,7 +414,16 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
         test_topics("lake-idle", &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, 1))).await;
     let group = unique_topic("lake-idle-group");
     let lake = t.dir.join("lake").display().to_string();
-    let s = Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env: Vec::new(), group, s3: None };
+    let s = Setup {
+        kafka: t.kafka.clone(),
+        topics: t.topics.clone(),
+        topics_file: t.file.clone(),
+        lake,
+        env: Vec::new(),
+        group,
+        s3: None,
+        _test: t,
+    };
     let addr = || flywheel_devkit::free_local_addr().unwrap();
     let (a_ops, b_ops) = (addr(), addr());
     let a = spawn_writer_on(&s, &a_ops.to_string());

@@ -21,7 +21,7 @@ use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
-use flywheel_tests::{Reaped, read_all, test_topics, unique_topic, workspace_binary};
+use flywheel_tests::{Reaped, TestTopics, read_all, test_topics, unique_topic, workspace_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,8 @@ struct Setup {
     checkpoints: PathBuf,
     /// `--checkpoint-store` URL; the `checkpoints` directory when `None`.
     store: Option<String>,
+    /// Keeps the test's directory (topics file, checkpoints) while it runs.
+    _test: TestTopics,
 }
 
 /// Where the instances of a test keep their checkpoints.
@@ -67,11 +69,12 @@ async fn setup_with(label: &str, checkpoints: Checkpoints) -> Setup {
     };
     Setup {
         group,
-        kafka: t.kafka,
-        topics: t.topics,
-        topics_file: t.file,
+        kafka: t.kafka.clone(),
+        topics: t.topics.clone(),
+        topics_file: t.file.clone(),
         checkpoints: t.dir.join("checkpoints"),
         store,
+        _test: t,
     }
 }
 
