@@ -436,7 +436,7 @@ def main() -> int:
                 builtin += 1
             spec = doc.get("spec", {})
             pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec")
-            if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet") and pod:
+            if doc["kind"] in ("Deployment", "Job", "CronJob", "StatefulSet", "DaemonSet") and pod:
                 for container in pod.get("containers", []) + pod.get("initContainers", []):
                     check_container(f"{overlay}: {name_of(doc)}", container, configmaps)
                 if doc["kind"] == "Deployment":

@@ -35,7 +35,8 @@ struct Collector {
     kafka: KafkaArgs,
     shutdown: CancellationToken,
     running: Option<Running>,
-    _dir: PathBuf,
+    /// Holds the topics file; removed with the collector.
+    _dir: tempfile::TempDir,
 }
 
 impl Collector {
@@ -44,9 +45,8 @@ impl Collector {
         let topics = TopicsConfig { prefix: prefix.clone(), ..TopicsConfig::default() };
         let specs = [topics.spec(Topic::Interactions), topics.spec(Topic::ModelRegistry)];
         create_topics(&kafka, &specs, Duration::from_secs(30)).await.unwrap();
-        let dir = std::env::temp_dir().join(unique_topic("collector-cfg"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let topics_file = dir.join("topics.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let topics_file = dir.path().join("topics.toml");
         std::fs::write(&topics_file, format!("prefix = \"{prefix}\"\n")).unwrap();
         let mut args: Vec<String> = vec![
             "flywheel-collector".into(),
@@ -510,8 +510,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly() {
     )
     .await
     .unwrap();
-    let dir = std::env::temp_dir().join(unique_topic("term-cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let dir = config_dir.path();
     std::fs::write(dir.join("topics.toml"), format!("prefix = \"{}\"\n", topics.prefix)).unwrap();
     let api = free_local_addr().unwrap();
     let mut child = std::process::Command::new(workspace_binary("flywheel-collector"))
