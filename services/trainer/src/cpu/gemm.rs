@@ -33,6 +33,10 @@ pub(crate) const MR: usize = 12;
 /// `k` per cache block, in elements: the `MR`-row sliver of `A` and the
 /// `KC × NR` panel of `B` stay in L1 while a tile is summed.
 const KC: usize = 384;
+/// Panels of `B` per column group: the group's block of `C` (a thread's rows
+/// × `NC_PANELS · NR` columns) stays in L2 while every `k` block adds to it,
+/// instead of all of `C` being re-read from farther away once per `k` block.
+const NC_PANELS: usize = 8;
 /// Products smaller than this many multiply-adds run on one thread.
 const PARALLEL_WORK: usize = 1 << 21;
 
@@ -486,17 +490,19 @@ fn gemm_rows(
                         (&a.data[(r0 + blk * MR) * a.ld + k0..], a.ld, 1)
                     }
                 };
-                for k0 in (0..k).step_by(KC) {
-                    let kc = KC.min(k - k0);
-                    let acc = accumulate || k0 > 0;
-                    for p in p0..p1 {
-                        let cols = NR.min(b.n - p * NR);
-                        let panel = &bp[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
-                        for blk in 0..blocks {
-                            let tile_rows = MR.min(rows - blk * MR);
-                            let (sliver, rs, ks) = source(blk, k0);
-                            let off = blk * MR * ldc + (p * NR - col0);
-                            tile_f32(isa, kc, (sliver, rs, ks), panel, &mut c[off..], ldc, tile_rows, cols, acc);
+                for g in (p0..p1).step_by(NC_PANELS) {
+                    for k0 in (0..k).step_by(KC) {
+                        let kc = KC.min(k - k0);
+                        let acc = accumulate || k0 > 0;
+                        for p in g..(g + NC_PANELS).min(p1) {
+                            let cols = NR.min(b.n - p * NR);
+                            let panel = &bp[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                            for blk in 0..blocks {
+                                let tile_rows = MR.min(rows - blk * MR);
+                                let (sliver, rs, ks) = source(blk, k0);
+                                let off = blk * MR * ldc + (p * NR - col0);
+                                tile_f32(isa, kc, (sliver, rs, ks), panel, &mut c[off..], ldc, tile_rows, cols, acc);
+                            }
                         }
                     }
                 }
