@@ -161,8 +161,13 @@ fn spawn_writer(s: &Setup) -> Reaped {
     spawn_writer_on(s, "127.0.0.1:0")
 }
 
-/// A writer with its ops endpoint on `ops`.
+/// A writer with its ops endpoint on `ops`, committing small files often.
 fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
+    spawn_writer_rolling(s, ops, ["60", "700", "300"])
+}
+
+/// A writer whose files roll at `[max rows, max age ms, idle ms]`.
+fn spawn_writer_rolling(s: &Setup, ops: &str, roll: [&str; 3]) -> Reaped {
     let args = [
         "--kafka-brokers",
         &s.kafka.brokers,
@@ -179,11 +184,11 @@ fn spawn_writer_on(s: &Setup, ops: &str) -> Reaped {
         "--lake-root",
         &s.lake,
         "--roll-max-rows",
-        "60",
+        roll[0],
         "--roll-max-age-ms",
-        "700",
+        roll[1],
         "--roll-idle-ms",
-        "300",
+        roll[2],
         "--drain-timeout-secs",
         &DRAIN_TIMEOUT_SECS.to_string(),
         "--log-filter",
@@ -406,6 +411,39 @@ async fn kill_9_rounds(s: Setup) {
     assert!(steps >= 2 && merged_in > steps, "{steps} merges of {merged_in} files");
     assert_eq!(delta_both(&s, sql), expected, "after compaction");
     eprintln!("compaction: {steps} merges of {merged_in} files, both readers exact between every two");
+}
+
+/// SIGTERM commits what is buffered before the writer exits: with roll
+/// limits it never reaches, the writer holds every record uncommitted when
+/// signalled, and the lake holds them all once it has exited, with no
+/// other writer started (no replay involved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_commits_every_buffered_record_before_the_writer_exits() {
+    let s = setup("lake-drain", false).await;
+    let ops = flywheel_devkit::free_local_addr().unwrap();
+    let mut child = spawn_writer_rolling(&s, &ops.to_string(), ["1000000", "3600000", "3600000"]);
+    let mut sent = Sent::default();
+    produce_batch(&s, &mut Rng(7), 0, 200, &mut sent).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = ops_get(ops, "/metrics").await;
+        let buffered = metric(&body, "lake_writer_buffered_records").unwrap_or(0.0);
+        if buffered as usize == sent.records {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{buffered} of {} records buffered after 60 s", sent.records);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let topic = s.topics.name(Topic::Rewards);
+    let committed = |p| s.with_lake(|lake| lake.committed_offset(&topic, p).unwrap());
+    assert!((0..PARTITIONS).all(|p| committed(p).is_none()), "the writer committed before it was signalled");
+    let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut child, DRAIN_TIMEOUT_SECS));
+    assert!(status.success(), "exit on SIGTERM: {status}");
+    let rows = delta_both(&s, "select reward_id from TABLE order by reward_id");
+    let ids: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(ids, sent.valid.keys().map(String::as_str).collect::<Vec<_>>(), "the lake after the drain");
+    let dead = read_all::<DeadLetter>(&s.kafka, &s.topics.name(Topic::DeadLetters));
+    assert_eq!(dead.len(), sent.rejected, "each rejected record is dead-lettered once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

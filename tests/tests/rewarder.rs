@@ -339,6 +339,61 @@ async fn sigterm_mid_stream_exits_within_the_drain_timeout_and_a_restart_gives_e
     stopped_mid_stream(Checkpoints::Directory, Stop::Term).await;
 }
 
+/// SIGTERM writes a final checkpoint: with periodic checkpoints off, a
+/// rewarder that has read everything and is then signalled leaves its
+/// successor nothing to re-read. A consumer reads in offset order, so once
+/// the successor has processed the new records, any re-read would show in
+/// its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_so_the_successor_rereads_nothing() {
+    const NEVER: u64 = 1_000_000_000;
+    let s = setup_with("rw-drain", Checkpoints::Directory).await;
+    let input = s.topics.name(Topic::Interactions);
+    produce(&s.kafka, &input, &stream(100, 0)).await;
+    tick_all(&s.kafka, &input, 1, 100).await;
+    let total = read_all::<Interaction>(&s.kafka, &input).len();
+    let spawn = |ops: std::net::SocketAddr| {
+        let mut args = rewarder_args_checkpointing(&s, NEVER, NEVER, &["--drain-timeout-secs", "30"]);
+        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
+        args[at] = ops.to_string();
+        Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
+    };
+    let exposed = |ops| async move { flywheel_tests::ops_get(ops, "/metrics").await.1 };
+    let processed = |body: &str| flywheel_tests::metric(body, "rewarder_records_total{result=\"processed\"}");
+    let wait_for = |ops, what: &'static str, done: Box<dyn Fn(&str) -> bool + Send>| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let body = exposed(ops).await;
+            if done(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{what} not seen in 60 s:\n{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let first_ops = flywheel_devkit::free_local_addr().unwrap();
+    let mut first = spawn(first_ops);
+    let read_everything = Box::new(move |b: &str| processed(b) == Some(total as f64));
+    wait_for(first_ops, "the first rewarder reading every record", read_everything).await;
+    let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut first, DRAIN_TIMEOUT_SECS));
+    assert!(status.success(), "exit on SIGTERM: {status}");
+
+    let second_ops = flywheel_devkit::free_local_addr().unwrap();
+    let mut second = spawn(second_ops);
+    let assigned = format!("rewarder_assigned_partitions {PARTITIONS}");
+    wait_for(second_ops, "the successor holding every partition", Box::new(move |b: &str| b.contains(&assigned))).await;
+    tick_all(&s.kafka, &input, 2, 100).await;
+    let new = PARTITIONS as f64;
+    let read_new = Box::new(move |b: &str| processed(b).is_some_and(|n| n >= new));
+    let body = wait_for(second_ops, "the successor reading the new records", read_new).await;
+    assert_eq!(processed(&body), Some(new), "the successor re-read records checkpointed at SIGTERM");
+    let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut second, DRAIN_TIMEOUT_SECS));
+    assert!(status.success(), "exit on SIGTERM: {status}");
+    let rewards = read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards));
+    let ids: std::collections::BTreeSet<&str> = rewards.iter().map(|(_, _, r)| r.reward_id.as_str()).collect();
+    assert_eq!(ids.len(), rewards.len(), "a reward was published twice");
+}
+
 /// How the first rewarder is stopped while it works.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Stop {
