@@ -1,14 +1,14 @@
 //! The trainer: LoRA post-training of Llama-family models from lake shards.
 //!
 //! - [`backend`]: where training runs (the CPU reference; CUDA beside it);
-//! - [`cpu`]: the batched CPU engine (packed f32/bf16 weights, our GEMM kernels);
+//! - [`cpu`]: the batched CPU engine (packed f32/bf16 weights, our GEMM kernels)
+//!   and batched generation with a KV cache (the simulated product's serving side);
 //! - `arch`: the decoder's shape (`config.json`) and projection names;
 //! - [`model`]: the HF checkpoint format and the CPU forward pass;
 //! - `grad`: the manual backward pass to the LoRA parameters;
 //! - [`objective`]: REINFORCE (+ PPO clip, KL), KTO and reward-weighted SFT;
 //! - [`optim`]: AdamW, gradient clipping, warm-up + cosine schedule;
 //! - [`lora`]: adapters, their PEFT file format and initialisation;
-//! - [`sample`]: sampling completions (the simulated product's serving side);
 //! - [`tiny`]: a deterministic tiny checkpoint for tests and the demo;
 //! - [`tokenize`]: the model's `tokenizer.json` (HF `tokenizers`);
 //! - [`gguf`]: reading GGUF files (llama.cpp's format) and dequantising them;
@@ -34,7 +34,6 @@ pub mod lora;
 pub mod model;
 pub mod objective;
 pub mod optim;
-pub mod sample;
 pub mod service;
 pub mod tiny;
 pub mod tokenize;
