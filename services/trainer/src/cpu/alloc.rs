@@ -4,9 +4,10 @@
 //! step, several of them megabytes (logits, the MLP's hidden rows). glibc
 //! serves blocks above its mmap threshold with fresh `mmap`s and trims the
 //! heap top after large frees, so each step faulted in and zeroed those
-//! pages again: `clear_page_erms` took about 10 % of a step at the ~110M
-//! shape (`perf`, BENCHMARKS.md). Raising both thresholds once makes the
-//! steady state reuse the heap. Peak memory is unchanged (the buffers were
+//! pages again (`clear_page_erms` was about 10 % of a `perf record` of the
+//! ~110M training bench, set-up included). Raising both thresholds once
+//! makes the steady state reuse the heap: 2–5 % more tokens/s
+//! (BENCHMARKS.md). Peak memory is unchanged (the buffers were
 //! live at the peak anyway); the resident size stays at that peak between
 //! steps instead of dropping.
 
