@@ -1,5 +1,8 @@
 //! GFLOP/s of the CPU GEMM kernels at the trainer's shapes (f32 and bf16),
 //! single product, medians of repeated runs. `gemm_bench [M K N]`.
+//! `GEMM_BENCH_COLD=1` writes 512 MiB before each run, so `B` comes from
+//! memory as a training step's frozen weights do (each is used once per
+//! pass), not from the cache of the previous run.
 
 #![allow(clippy::print_stdout)]
 
@@ -18,6 +21,7 @@ fn main() {
     if let Some((f, b)) = flywheel_trainer::cpu::gemm::kernel_times() {
         println!("micro-kernels, same work: f32 {:.3} ms, bf16 {:.3} ms", f * 1e3, b * 1e3);
     }
+    let mut evict = std::env::var_os("GEMM_BENCH_COLD").map(|_| vec![0u8; 512 << 20]);
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
@@ -25,7 +29,10 @@ fn main() {
             let packed = PackedB::from_rows(&b, k, n, n, precision);
             let mut c = vec![0.0f32; m * n];
             let mut times = Vec::new();
-            for _ in 0..7 {
+            for run in 0..7 {
+                if let Some(buffer) = evict.as_mut() {
+                    buffer.iter_mut().for_each(|v| *v = v.wrapping_add(run as u8 | 1));
+                }
                 let t = Instant::now();
                 gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false);
                 times.push(t.elapsed().as_secs_f64());
