@@ -103,17 +103,29 @@ pub struct TestTopics {
     pub topics: flywheel_core::topics::TopicsConfig,
     /// `topics.toml` for `--topics-config`.
     pub file: PathBuf,
-    /// A fresh directory of this test (holds the file): removed when the
-    /// test passes, kept (and named on stderr) when it fails.
-    pub dir: PathBuf,
+    /// A fresh directory of this test (holds the file).
+    pub dir: TestDir,
 }
 
-impl Drop for TestTopics {
+/// A test's directory: removed when it is dropped after the test passed,
+/// kept (and named on stderr) when the test fails. Hold it as long as
+/// services read files in it.
+#[derive(Debug)]
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("kept the failed test's directory for inspection: {}", self.dir.display());
-        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("could not remove the test directory {}: {e}", self.dir.display());
+            eprintln!("kept the failed test's directory for inspection: {}", self.0.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("could not remove the test directory {}: {e}", self.0.display());
         }
     }
 }
@@ -146,7 +158,7 @@ pub async fn test_topics_on(
     std::fs::create_dir_all(&dir).expect("creating the test directory");
     let file = dir.join("topics.toml");
     std::fs::write(&file, text).expect("writing topics.toml");
-    TestTopics { kafka, topics, file, dir }
+    TestTopics { kafka, topics, file, dir: TestDir(dir) }
 }
 
 /// Creates a fresh topic with `partitions` partitions and returns its name.
@@ -398,6 +410,20 @@ pub fn signal(pid: u32, signal: &str) {
 /// The value of an unlabelled sample `name` in a Prometheus text exposition.
 pub fn metric(exposed: &str, name: &str) -> Option<f64> {
     exposed.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `addr`'s `/metrics` until `done` holds for the exposition and
+/// returns it; panics naming `what` after `secs`.
+pub async fn metrics_when(addr: std::net::SocketAddr, secs: u64, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (_, exposed) = ops_get(addr, "/metrics").await;
+        if done(&exposed) {
+            return exposed;
+        }
+        assert!(Instant::now() < deadline, "{what}: not seen in {secs} s:\n{exposed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `GET path` on a service's ops endpoint: (status, body); status 0 when it does not answer.

@@ -36,7 +36,7 @@ fn sha256(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_back() {
     let test = test_topics("loop", &Topic::ALL, None).await;
-    let (kafka, topics, dir) = (test.kafka.clone(), test.topics.clone(), test.dir.clone());
+    let (kafka, topics, dir) = (test.kafka.clone(), test.topics.clone(), test.dir.to_path_buf());
     let work = dir.join("work");
     let registry = || -> Vec<RegistryEntry> {
         read_all::<RegistryEntry>(&kafka, &topics.name(Topic::ModelRegistry)).into_iter().map(|r| r.2).collect()

@@ -10,7 +10,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ModelCandidate, RegistryEntry, ReleaseAction, RewardMetrics};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
+use flywheel_tests::{TestTopics, kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -99,8 +99,9 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
         .unwrap();
     let policy = policy.display().to_string();
     let args = service_args("flywheel-gate", &test, &["--policy", &policy, "--evaluate-every-ms", "300"]);
-    let producer = test.kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
-    let s = Setup { topics: test.topics.clone(), args, producer };
+    let TestTopics { kafka, topics, .. } = test;
+    let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let s = Setup { topics, args, producer };
     let (stop, task) = s.start();
 
     // A good candidate from the base: canary at the policy's share.
@@ -187,14 +188,14 @@ async fn canaries_are_promoted_or_rolled_back_on_their_metrics_and_restarts_deci
 /// candidate, decides nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_nothing_twice() {
-    use flywheel_tests::{Reaped, metric, ops_get, terminate_within, workspace_binary};
-    use std::time::Instant;
+    use flywheel_tests::{Reaped, metric, metrics_when, terminate_within, workspace_binary};
     const DRAIN_TIMEOUT_SECS: u64 = 30;
     let wanted = [Topic::ModelCandidates, Topic::RewardMetrics, Topic::ModelRegistry];
     let test = test_topics("gate-term", &wanted, None).await;
     let args = service_args("flywheel-gate", &test, &["--evaluate-every-ms", "300"]);
-    let producer = test.kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
-    let s = Setup { topics: test.topics.clone(), args, producer };
+    let TestTopics { kafka, topics, .. } = test;
+    let producer = kafka.client_config(&ClientRole::Producer).unwrap().create().unwrap();
+    let s = Setup { topics, args, producer };
     let spawn = || {
         let ops = flywheel_devkit::free_local_addr().unwrap();
         let mut args = s.args.clone();
@@ -216,15 +217,8 @@ async fn sigterm_exits_within_the_drain_timeout_and_the_next_instance_decides_no
     let (gate, ops) = spawn();
     s.send(Topic::ModelCandidates, "acme/tiny", &candidate("a1", None, 0.8)).await;
     // Both copies of a1 read (the history and the replay)...
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, exposed) = ops_get(ops, "/metrics").await;
-        if metric(&exposed, "gate_candidates_total").unwrap_or_default() >= 2.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gate did not read both candidates: {exposed}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let both = |exposed: &str| metric(exposed, "gate_candidates_total").unwrap_or_default() >= 2.0;
+    metrics_when(ops, 60, "the gate reading both candidates", both).await;
     // ...and its turn of the loop ends before the drain does.
     tokio::task::block_in_place(|| stop(gate));
     assert_eq!(s.registry().len(), 1, "the replayed candidate was decided again");

@@ -22,7 +22,7 @@ use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake::compact::{CompactOptions, compact};
 use flywheel_lake::store::{Storage, open_storage_with};
 use flywheel_tests::{
-    Reaped, S3Server, TestTopics, delta_query, duckdb, lake_runtime, metric, ops_get, read_all, test_topics,
+    Reaped, S3Server, TestDir, delta_query, duckdb, lake_runtime, metric, metrics_when, ops_get, read_all, test_topics,
     unique_topic, with_lake_at, workspace_binary, workspace_root,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -40,8 +40,8 @@ struct Setup {
     env: Vec<(String, String)>,
     group: String,
     s3: Option<S3Server>,
-    /// Keeps the test's directory (topics file, local lake) while it runs.
-    _test: TestTopics,
+    /// Holds the topics file and a local lake.
+    _dir: TestDir,
 }
 
 impl Setup {
@@ -73,16 +73,7 @@ async fn setup(label: &str, s3: bool) -> Setup {
     } else {
         (t.dir.join("lake").display().to_string(), Vec::new(), None)
     };
-    Setup {
-        kafka: t.kafka.clone(),
-        topics: t.topics.clone(),
-        topics_file: t.file.clone(),
-        lake,
-        env,
-        group,
-        s3,
-        _test: t,
-    }
+    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env, group, s3, _dir: t.dir }
 }
 
 /// A small deterministic generator (xorshift), seeded per run and printed.
@@ -424,16 +415,8 @@ async fn sigterm_commits_every_buffered_record_before_the_writer_exits() {
     let mut child = spawn_writer_rolling(&s, &ops.to_string(), ["1000000", "3600000", "3600000"]);
     let mut sent = Sent::default();
     produce_batch(&s, &mut Rng(7), 0, 200, &mut sent).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = ops_get(ops, "/metrics").await;
-        let buffered = metric(&body, "lake_writer_buffered_records").unwrap_or(0.0);
-        if buffered as usize == sent.records {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{buffered} of {} records buffered after 60 s", sent.records);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let all_buffered = |exposed: &str| metric(exposed, "lake_writer_buffered_records") == Some(sent.records as f64);
+    metrics_when(ops, 60, &format!("all {} records buffered", sent.records), all_buffered).await;
     let topic = s.topics.name(Topic::Rewards);
     let committed = |p| s.with_lake(|lake| lake.committed_offset(&topic, p).unwrap());
     assert!((0..PARTITIONS).all(|p| committed(p).is_none()), "the writer committed before it was signalled");
@@ -453,14 +436,14 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     let group = unique_topic("lake-idle-group");
     let lake = t.dir.join("lake").display().to_string();
     let s = Setup {
-        kafka: t.kafka.clone(),
-        topics: t.topics.clone(),
-        topics_file: t.file.clone(),
+        kafka: t.kafka,
+        topics: t.topics,
+        topics_file: t.file,
         lake,
         env: Vec::new(),
         group,
         s3: None,
-        _test: t,
+        _dir: t.dir,
     };
     let addr = || flywheel_devkit::free_local_addr().unwrap();
     let (a_ops, b_ops) = (addr(), addr());

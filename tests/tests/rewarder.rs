@@ -21,7 +21,7 @@ use flywheel_rewarder::join::{Emitted, JoinConfig, PartitionJoiner};
 use flywheel_rewarder::reward_fn::RewardFunction;
 use flywheel_rewarder::window_metrics::metrics_record_id;
 use flywheel_tests::metrics_oracle::{assert_published_match, published, recompute};
-use flywheel_tests::{Reaped, TestTopics, read_all, test_topics, unique_topic, workspace_binary};
+use flywheel_tests::{Reaped, TestDir, metrics_when, read_all, test_topics, unique_topic, workspace_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +37,8 @@ struct Setup {
     checkpoints: PathBuf,
     /// `--checkpoint-store` URL; the `checkpoints` directory when `None`.
     store: Option<String>,
-    /// Keeps the test's directory (topics file, checkpoints) while it runs.
-    _test: TestTopics,
+    /// Holds the topics file and the checkpoints.
+    _dir: TestDir,
 }
 
 /// Where the instances of a test keep their checkpoints.
@@ -69,12 +69,12 @@ async fn setup_with(label: &str, checkpoints: Checkpoints) -> Setup {
     };
     Setup {
         group,
-        kafka: t.kafka.clone(),
-        topics: t.topics.clone(),
-        topics_file: t.file.clone(),
+        kafka: t.kafka,
+        topics: t.topics,
+        topics_file: t.file,
         checkpoints: t.dir.join("checkpoints"),
         store,
-        _test: t,
+        _dir: t.dir,
     }
 }
 
@@ -353,45 +353,39 @@ async fn sigterm_checkpoints_so_the_successor_rereads_nothing() {
     tick_all(&s.kafka, &input, 1, 100).await;
     let total = read_all::<Interaction>(&s.kafka, &input).len();
     let spawn = |ops: std::net::SocketAddr| {
-        let mut args = rewarder_args_checkpointing(&s, NEVER, NEVER, &["--drain-timeout-secs", "30"]);
-        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
-        args[at] = ops.to_string();
-        Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
+        let drain = DRAIN_TIMEOUT_SECS.to_string();
+        spawn_rewarder(rewarder_args_checkpointing(&s, NEVER, NEVER, &["--drain-timeout-secs", &drain]), ops)
     };
-    let exposed = |ops| async move { flywheel_tests::ops_get(ops, "/metrics").await.1 };
     let processed = |body: &str| flywheel_tests::metric(body, "rewarder_records_total{result=\"processed\"}");
-    let wait_for = |ops, what: &'static str, done: Box<dyn Fn(&str) -> bool + Send>| async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let body = exposed(ops).await;
-            if done(&body) {
-                return body;
-            }
-            assert!(Instant::now() < deadline, "{what} not seen in 60 s:\n{body}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
     let first_ops = flywheel_devkit::free_local_addr().unwrap();
     let mut first = spawn(first_ops);
-    let read_everything = Box::new(move |b: &str| processed(b) == Some(total as f64));
-    wait_for(first_ops, "the first rewarder reading every record", read_everything).await;
+    let read_everything = |b: &str| processed(b) == Some(total as f64);
+    metrics_when(first_ops, 60, "the first rewarder reading every record", read_everything).await;
     let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut first, DRAIN_TIMEOUT_SECS));
     assert!(status.success(), "exit on SIGTERM: {status}");
 
     let second_ops = flywheel_devkit::free_local_addr().unwrap();
     let mut second = spawn(second_ops);
     let assigned = format!("rewarder_assigned_partitions {PARTITIONS}");
-    wait_for(second_ops, "the successor holding every partition", Box::new(move |b: &str| b.contains(&assigned))).await;
+    metrics_when(second_ops, 60, "the successor holding every partition", |b| b.contains(&assigned)).await;
     tick_all(&s.kafka, &input, 2, 100).await;
     let new = PARTITIONS as f64;
-    let read_new = Box::new(move |b: &str| processed(b).is_some_and(|n| n >= new));
-    let body = wait_for(second_ops, "the successor reading the new records", read_new).await;
+    let read_new = |b: &str| processed(b).is_some_and(|n| n >= new);
+    let body = metrics_when(second_ops, 60, "the successor reading the new records", read_new).await;
     assert_eq!(processed(&body), Some(new), "the successor re-read records checkpointed at SIGTERM");
     let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut second, DRAIN_TIMEOUT_SECS));
     assert!(status.success(), "exit on SIGTERM: {status}");
     let rewards = read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards));
     let ids: std::collections::BTreeSet<&str> = rewards.iter().map(|(_, _, r)| r.reward_id.as_str()).collect();
     assert_eq!(ids.len(), rewards.len(), "a reward was published twice");
+}
+
+/// The rewarder binary with `args` (from [`rewarder_args`]) and its ops
+/// endpoint on `ops`.
+fn spawn_rewarder(mut args: Vec<String>, ops: std::net::SocketAddr) -> Reaped {
+    let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
+    args[at] = ops.to_string();
+    Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
 }
 
 /// How the first rewarder is stopped while it works.
@@ -413,14 +407,11 @@ async fn stopped_mid_stream(checkpoints: Checkpoints, stop: Stop) {
     produce(&s.kafka, &input, &first).await;
     tick_all(&s.kafka, &input, 1, 200).await;
 
-    let spawn = |ops: &str| {
+    let spawn = |ops: std::net::SocketAddr| {
         let drain = DRAIN_TIMEOUT_SECS.to_string();
-        let mut args = rewarder_args(&s, &["--drain-timeout-secs", &drain]);
-        let at = args.iter().position(|a| a == "--ops-listen").unwrap() + 1;
-        args[at] = ops.to_string();
-        Reaped(std::process::Command::new(workspace_binary("flywheel-rewarder")).args(&args[1..]).spawn().unwrap())
+        spawn_rewarder(rewarder_args(&s, &["--drain-timeout-secs", &drain]), ops)
     };
-    let mut child = spawn("127.0.0.1:0");
+    let mut child = spawn(flywheel_devkit::free_local_addr().unwrap());
     // Let it emit part of the first half, then kill it without warning.
     let partial = tokio::task::block_in_place(|| wait_for_rewards(&s, 60, 60));
     assert!(partial.len() >= 60, "rewarder produced only {} rewards", partial.len());
@@ -439,7 +430,7 @@ async fn stopped_mid_stream(checkpoints: Checkpoints, stop: Stop) {
     // it may be assigned only part of the topic (or nothing) at first, and
     // must rejoin once the dead member's partitions show no progress.
     let ops = flywheel_devkit::free_local_addr().unwrap();
-    let mut child = spawn(&ops.to_string());
+    let mut child = spawn(ops);
     let second = stream(150, 200);
     produce(&s.kafka, &input, &second).await;
     tick_all(&s.kafka, &input, 2, 350).await;

@@ -11,7 +11,7 @@ use flywheel_core::codec::encode;
 use flywheel_core::kafka::ClientRole;
 use flywheel_core::records::{ShardManifest, ShardVersionStats, TrainRequest, TriggerDecision};
 use flywheel_core::topics::{Topic, TopicsConfig};
-use flywheel_tests::{TestTopics, kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
+use flywheel_tests::{TestDir, kafka_args, read_all, service_args, test_topics, wait_until, workspace_root};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -49,8 +49,8 @@ fn manifest(id: &str) -> ShardManifest {
 struct Setup {
     topics: TopicsConfig,
     args: Vec<String>,
-    /// Keeps the test's directory (policy, topics file) while it runs.
-    _test: Arc<TestTopics>,
+    /// Holds the policy and the topics file.
+    _dir: Arc<TestDir>,
 }
 
 async fn setup() -> Setup {
@@ -64,7 +64,7 @@ async fn setup() -> Setup {
     .unwrap();
     let policy = policy.display().to_string();
     let args = service_args("flywheel-trigger", &test, &["--policy", &policy, "--evaluate-every-ms", "300"]);
-    Setup { topics: test.topics.clone(), args, _test: Arc::new(test) }
+    Setup { topics: test.topics, args, _dir: Arc::new(test.dir) }
 }
 
 async fn produce(s: &Setup, ids: &[&str]) {
@@ -176,7 +176,7 @@ async fn sigterm_while_firing_exits_within_the_drain_timeout_and_loses_no_shard(
     // Two shards per request (600 examples each, 1000 needed), streamed in
     // pairs: requests go out while shards arrive. The signal comes once
     // some requests are out, the stream goes on while the trigger is down.
-    let stream = Setup { topics: s.topics.clone(), args: s.args.clone(), _test: s._test.clone() };
+    let stream = Setup { topics: s.topics.clone(), args: s.args.clone(), _dir: s._dir.clone() };
     let streamed = ids.clone();
     let streaming = tokio::spawn(async move {
         for pair in streamed.chunks(2) {
