@@ -201,9 +201,9 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
     let got = candidates();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].request_id, "req-good");
-    // "cpu" (f32 base) or "cpu-bf16", as `--cpu-precision auto` chose for this CPU.
+    // "cpu" (f32 base), "cpu-bf16" or "cpu-bf16-weights", as `--cpu-precision auto` chose for this CPU.
     assert_eq!(got[0].steps, 5);
-    assert!(["cpu", "cpu-bf16"].contains(&got[0].device.as_str()), "{}", got[0].device);
+    assert!(["cpu", "cpu-bf16", "cpu-bf16-weights"].contains(&got[0].device.as_str()), "{}", got[0].device);
     let letters = dead();
     assert_eq!(letters.len(), 1);
     assert_eq!((letters[0].service.as_str(), letters[0].reason_code.as_str()), ("trainer", "shard_hash_mismatch"));
@@ -220,8 +220,8 @@ async fn the_service_publishes_one_candidate_per_request_and_dead_letters_bad_on
 }
 
 /// `flywheel train` in separate processes (the rayon pool's size is read
-/// once per process): 1 and 2 threads give the same adapter bytes, in f32
-/// and in bf16.
+/// once per process): 1 and 2 threads give the same adapter bytes, in f32,
+/// in bf16 and with bf16-stored weights.
 #[test]
 fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
     let (dir, models, shards) = fixture();
@@ -245,7 +245,7 @@ fn flywheel_train_gives_the_same_adapter_bytes_on_one_and_two_threads() {
         assert!(uri.starts_with(&adapters.display().to_string()), "{uri}");
         (candidate, std::fs::read(std::path::Path::new(&uri).join("adapter_model.safetensors")).unwrap())
     };
-    for precision in ["f32", "bf16"] {
+    for precision in ["f32", "bf16", "bf16-weights"] {
         let (one, one_bytes) = run("1", precision);
         let (two, two_bytes) = run("2", precision);
         assert_eq!(one["steps"], 6);

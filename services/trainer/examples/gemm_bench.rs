@@ -25,7 +25,7 @@ fn main() {
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
-        for precision in [Precision::F32, Precision::Bf16] {
+        for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
             let packed = PackedB::from_rows(&b, k, n, n, precision);
             let mut c = vec![0.0f32; m * n];
             let mut times = Vec::new();

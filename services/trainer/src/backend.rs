@@ -104,6 +104,7 @@ impl Backend for CpuBackend {
         match self.model.precision() {
             Precision::F32 => "cpu",
             Precision::Bf16 => "cpu-bf16",
+            Precision::Bf16Weights => "cpu-bf16-weights",
         }
     }
 
@@ -162,6 +163,8 @@ mod tests {
         assert!(e.contains("--device cuda") && e.contains("--device cpu"), "{e}");
         assert_eq!(open_backend(Device::Cpu, &model, f32, lora.clone(), 0.0).unwrap().device(), "cpu");
         let bf16 = PrecisionChoice::Bf16;
-        assert_eq!(open_backend(Device::Cpu, &model, bf16, lora, 0.0).unwrap().device(), "cpu-bf16");
+        assert_eq!(open_backend(Device::Cpu, &model, bf16, lora.clone(), 0.0).unwrap().device(), "cpu-bf16");
+        let weights = PrecisionChoice::Bf16Weights;
+        assert_eq!(open_backend(Device::Cpu, &model, weights, lora, 0.0).unwrap().device(), "cpu-bf16-weights");
     }
 }

@@ -885,16 +885,32 @@ mod tests {
         (a - b).abs() <= abs + rel * b.abs()
     }
 
+    /// `model` with every matrix the engine packs rounded to bf16 (norms and
+    /// biases stay f32, as the engine keeps them).
+    fn bf16_rounded(model: &Model) -> Model {
+        let mut tensors = model.tensors().clone();
+        for (name, t) in &mut tensors {
+            if name.ends_with(".weight") && t.shape.len() == 2 {
+                t.data.iter_mut().for_each(|v| *v = crate::cpu::gemm::round_bf16(*v));
+            }
+        }
+        Model::from_tensors(model.config.clone(), tensors).unwrap()
+    }
+
     #[test]
     fn f32_engine_matches_the_reference_in_logprobs_and_every_gradient() {
         // The tiny model has q/k/v biases and an untied head; a tied GQA
-        // shape checks the other branches.
+        // shape checks the other branches. bf16-stored weights are exact
+        // bf16 values multiplied in f32: the same sums as the f32 reference
+        // on a model whose matrices were rounded to bf16 first.
         let mut tied = tiny_config();
         tied.tie_word_embeddings = true;
         tied.num_key_value_heads = Some(1);
-        for model in [tiny_model(5).unwrap(), random_model(tied, false, 6).unwrap()] {
+        let models = [tiny_model(5).unwrap(), random_model(tied, false, 6).unwrap()];
+        for (given, precision) in models.iter().flat_map(|m| [(m, Precision::F32), (m, Precision::Bf16Weights)]) {
+            let engine = CpuModel::new(given, precision).unwrap();
+            let model = if precision == Precision::F32 { given.clone() } else { bf16_rounded(given) };
             let lora = adapter(&model);
-            let engine = CpuModel::new(&model, Precision::F32).unwrap();
             let batch = examples(model.config.vocab_size as u32);
             let packed = PackedBatch::of(&batch).unwrap();
             let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
@@ -904,7 +920,7 @@ mod tests {
             for (s, (ex, coef)) in batch.iter().zip(coefs).enumerate() {
                 let (lp, g) = completion_logprob_grad(&model, &lora, &ex.tokens, ex.prompt_len, coef).unwrap();
                 let got = fwd.logps[s];
-                assert!(close(got, lp, 1e-5, 1e-5), "logp {got} vs {lp}");
+                assert!(close(got, lp, 1e-5, 1e-5), "{precision:?}: logp {got} vs {lp}");
                 for (k, (a, b)) in g {
                     let e = want.entry(k).or_insert_with(|| (vec![0.0; a.len()], vec![0.0; b.len()]));
                     e.0.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
@@ -916,7 +932,8 @@ mod tests {
                 let (ga, gb) = &grads[k];
                 let scale = wa.iter().chain(wb).fold(0.0f32, |m, v| m.max(v.abs())) as f64;
                 for (g, w) in ga.iter().chain(gb).zip(wa.iter().chain(wb)) {
-                    assert!(close(f64::from(*g), f64::from(*w), 1e-3, 1e-5 * scale.max(1e-3)), "{k:?}: {g} vs {w}");
+                    let tol = 1e-5 * scale.max(1e-3);
+                    assert!(close(f64::from(*g), f64::from(*w), 1e-3, tol), "{precision:?} {k:?}: {g} vs {w}");
                 }
             }
         }
@@ -967,7 +984,7 @@ mod tests {
         let lora = adapter(&model);
         let batch = examples(256);
         let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: None };
-        for precision in [Precision::F32, Precision::Bf16] {
+        for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
             let engine = CpuModel::new(&model, precision).unwrap();
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

@@ -39,6 +39,8 @@ const KC: usize = 384;
 const NC_PANELS: usize = 8;
 /// Products smaller than this many multiply-adds run on one thread.
 const PARALLEL_WORK: usize = 1 << 21;
+/// Bytes per cache line.
+const LINE: usize = 64;
 
 /// How the frozen weights (and the activations multiplied with them) are
 /// stored: f32, or bf16 with f32 sums.
@@ -49,6 +51,9 @@ pub enum Precision {
     F32,
     /// bf16 weights, activations rounded to bf16 on packing, f32 sums.
     Bf16,
+    /// bf16 weights widened to f32 inside the f32 kernel: half the bytes of
+    /// f32 weights at the f32 FMA rate, activations and sums in f32.
+    Bf16Weights,
 }
 
 /// The instruction set the kernels use on this machine.
@@ -99,15 +104,18 @@ fn best_isa() -> Isa {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PrecisionChoice {
     /// bf16 on CPUs whose bf16 dot products do twice the work of their f32
-    /// FMAs (AMD Zen 4 and later with AVX512_BF16), else f32 (Intel Xeons
-    /// without AMX run `vdpbf16ps` at about half their FMA rate; see
-    /// [`kernel_times`] and BENCHMARKS.md).
+    /// FMAs (AMD Zen 4 and later with AVX512_BF16); bf16-stored weights with
+    /// f32 arithmetic on other AVX-512 CPUs (Intel Xeons without AMX run
+    /// `vdpbf16ps` at about half their FMA rate; see [`kernel_times`] and
+    /// BENCHMARKS.md); f32 without AVX-512.
     #[default]
     Auto,
     /// f32 weights (the reference precision).
     F32,
     /// bf16 weights, f32 sums.
     Bf16,
+    /// bf16-stored weights, f32 activations and arithmetic.
+    Bf16Weights,
 }
 
 impl PrecisionChoice {
@@ -116,16 +124,23 @@ impl PrecisionChoice {
         match self {
             PrecisionChoice::F32 => Precision::F32,
             PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Bf16Weights => Precision::Bf16Weights,
             PrecisionChoice::Auto => auto_precision(),
         }
     }
 }
 
-/// bf16 on AMD CPUs with AVX512_BF16, f32 elsewhere. Decided from the CPU's
-/// identity, not by timing, so the same machine always trains the same way
-/// (a timed choice could differ between an optimised and a debug build).
+/// bf16 on AMD CPUs with AVX512_BF16, bf16-stored weights on other AVX-512
+/// CPUs (as fast as f32 there, in 30 % less memory), f32 elsewhere (the
+/// portable kernel widens bf16 slowly). Decided from the CPU's identity, not
+/// by timing, so the same machine always trains the same way (a timed choice
+/// could differ between an optimised and a debug build).
 fn auto_precision() -> Precision {
-    if Isa::detect() == Isa::Avx512Bf16 && cpu_vendor() == "AuthenticAMD" { Precision::Bf16 } else { Precision::F32 }
+    match Isa::detect() {
+        Isa::Avx512Bf16 if cpu_vendor() == "AuthenticAMD" => Precision::Bf16,
+        Isa::Avx512Bf16 | Isa::Avx512 => Precision::Bf16Weights,
+        Isa::Portable => Precision::F32,
+    }
 }
 
 /// The CPUID vendor string ("GenuineIntel", "AuthenticAMD", …).
@@ -164,7 +179,18 @@ pub fn kernel_times() -> Option<(f64, f64)> {
                 if bf16 {
                     tile_bf16(isa, kc / 2, &a16, &b16, &mut c, NR, MR, NR, false);
                 } else {
-                    tile_f32(isa, kc, (&a32, 1, MR), &b32, &mut c, NR, MR, NR, false);
+                    tile_f32(
+                        isa,
+                        kc,
+                        (&a32, 1, MR),
+                        PanelRef::F32(&b32),
+                        (std::ptr::null(), 0),
+                        &mut c,
+                        NR,
+                        MR,
+                        NR,
+                        false,
+                    );
                 }
             }
             best = best.min(t.elapsed().as_secs_f64());
@@ -203,6 +229,27 @@ enum Panels {
     /// Per panel, `⌈k/2⌉` pairs of rows, each `NR` columns × 2 (the two
     /// rows' values side by side, as `vdpbf16ps` reads them).
     Bf16(Vec<u16>),
+    /// Panel-major like `F32`, a row of `NR` columns in `NR / 2` words:
+    /// word `j` holds column `j`'s bf16 bits low and column `j + NR / 2`'s
+    /// high, so one shift and one mask widen a row to two f32 vectors.
+    Bf16Wide(Vec<u32>),
+}
+
+/// One `k` block of one panel of an f32-kernel operand.
+#[derive(Debug, Clone, Copy)]
+enum PanelRef<'a> {
+    F32(&'a [f32]),
+    Bf16Wide(&'a [u32]),
+}
+
+impl PanelRef<'_> {
+    /// Start address and length in bytes (for prefetching).
+    fn span(self) -> (*const u8, usize) {
+        match self {
+            PanelRef::F32(d) => (d.as_ptr().cast(), std::mem::size_of_val(d)),
+            PanelRef::Bf16Wide(d) => (d.as_ptr().cast(), std::mem::size_of_val(d)),
+        }
+    }
 }
 
 /// A `B` operand `[k × n]` packed in column panels.
@@ -274,6 +321,21 @@ impl PackedB {
                 }
                 Panels::Bf16(data)
             }
+            Precision::Bf16Weights => {
+                const HALF: usize = NR / 2;
+                let mut data = vec![0u32; count * k * HALF];
+                let one = |(p, panel): (usize, &mut [u32])| {
+                    fill(m, k, n, ld, transposed, p, |kk, j, v| {
+                        panel[kk * HALF + j % HALF] |= u32::from(bf16_bits(v)) << (16 * (j / HALF))
+                    })
+                };
+                if parallel {
+                    data.par_chunks_mut((k * HALF).max(1)).enumerate().for_each(one);
+                } else {
+                    data.chunks_mut((k * HALF).max(1)).enumerate().for_each(one);
+                }
+                Panels::Bf16Wide(data)
+            }
         };
         PackedB { k, n, panels }
     }
@@ -306,6 +368,7 @@ impl PackedB {
         match self.panels {
             Panels::F32(_) => Precision::F32,
             Panels::Bf16(_) => Precision::Bf16,
+            Panels::Bf16Wide(_) => Precision::Bf16Weights,
         }
     }
 
@@ -317,6 +380,7 @@ impl PackedB {
             *o = match &self.panels {
                 Panels::F32(d) => d[p * self.k * NR + r * NR + j],
                 Panels::Bf16(d) => bf16_to_f32(d[p * self.k.div_ceil(2) * NR * 2 + (r / 2) * NR * 2 + j * 2 + r % 2]),
+                Panels::Bf16Wide(d) => wide_value(d[p * self.k * NR / 2 + r * NR / 2 + j % (NR / 2)], j),
             };
         }
     }
@@ -330,6 +394,7 @@ impl PackedB {
             *o = match &self.panels {
                 Panels::F32(d) => d[p * self.k * NR + r * NR + j],
                 Panels::Bf16(d) => bf16_to_f32(d[p * self.k.div_ceil(2) * NR * 2 + (r / 2) * NR * 2 + j * 2 + r % 2]),
+                Panels::Bf16Wide(d) => wide_value(d[p * self.k * NR / 2 + r * NR / 2 + j % (NR / 2)], j),
             };
         }
     }
@@ -339,8 +404,28 @@ impl PackedB {
         match &self.panels {
             Panels::F32(d) => d.len() * 4,
             Panels::Bf16(d) => d.len() * 2,
+            Panels::Bf16Wide(d) => d.len() * 4,
         }
     }
+
+    /// Panel `p`'s steps `k0..k0 + kc`, for the f32 kernel (`None` for
+    /// bf16 dot-product panels).
+    fn f32_panel(&self, p: usize, k0: usize, kc: usize) -> Option<PanelRef<'_>> {
+        let k = self.k;
+        match &self.panels {
+            Panels::F32(d) => Some(PanelRef::F32(&d[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR])),
+            Panels::Bf16Wide(d) => {
+                let half = NR / 2;
+                Some(PanelRef::Bf16Wide(&d[p * k * half + k0 * half..p * k * half + (k0 + kc) * half]))
+            }
+            Panels::Bf16(_) => None,
+        }
+    }
+}
+
+/// Column `j` (of its panel) of a `Bf16Wide` word.
+fn wide_value(word: u32, j: usize) -> f32 {
+    bf16_to_f32((word >> (16 * ((j % NR) / (NR / 2)))) as u16)
 }
 
 /// How `A` is read: `A[i][kk] = a[i * ld + kk]`, or transposed,
@@ -469,7 +554,7 @@ fn gemm_rows(
         let mut scratch = scratch.borrow_mut();
         let isa = Isa::detect();
         match &b.panels {
-            Panels::F32(bp) => {
+            Panels::F32(_) | Panels::Bf16Wide(_) => {
                 // f32 `A` is read in place (its rows, or its transpose's,
                 // are already contiguous runs); only a last partial block of
                 // rows is copied, zero-padded, so tiles never read past `A`.
@@ -490,20 +575,32 @@ fn gemm_rows(
                         (&a.data[(r0 + blk * MR) * a.ld + k0..], a.ld, 1)
                     }
                 };
-                for g in (p0..p1).step_by(NC_PANELS) {
-                    for k0 in (0..k).step_by(KC) {
-                        let kc = KC.min(k - k0);
-                        let acc = accumulate || k0 > 0;
-                        for p in g..(g + NC_PANELS).min(p1) {
-                            let cols = NR.min(b.n - p * NR);
-                            let panel = &bp[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
-                            for blk in 0..blocks {
-                                let tile_rows = MR.min(rows - blk * MR);
-                                let (sliver, rs, ks) = source(blk, k0);
-                                let off = blk * MR * ldc + (p * NR - col0);
-                                tile_f32(isa, kc, (sliver, rs, ks), panel, &mut c[off..], ldc, tile_rows, cols, acc);
-                            }
-                        }
+                // The panel blocks in the order the loops below visit them.
+                let order = (p0..p1).step_by(NC_PANELS).flat_map(|g| {
+                    (0..k).step_by(KC).flat_map(move |k0| (g..(g + NC_PANELS).min(p1)).map(move |p| (p, k0)))
+                });
+                let panel_at = |(p, k0): (usize, usize)| b.f32_panel(p, k0, KC.min(k - k0));
+                let mut next = order.clone().skip(1);
+                for (p, k0) in order {
+                    let kc = KC.min(k - k0);
+                    let acc = accumulate || k0 > 0;
+                    let cols = NR.min(b.n - p * NR);
+                    let Some(panel) = panel_at((p, k0)) else { unreachable!("f32 kernel on a bf16 dot-product panel") };
+                    // The tiles of this panel block fetch the next block
+                    // into the cache a share each: a block's first tile
+                    // would otherwise wait on memory for all of it (the
+                    // frozen weights are read once per pass).
+                    let (ahead, ahead_len) =
+                        next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
+                    let share = ahead_len.div_ceil(LINE * blocks);
+                    for blk in 0..blocks {
+                        let tile_rows = MR.min(rows - blk * MR);
+                        let (sliver, rs, ks) = source(blk, k0);
+                        let off = blk * MR * ldc + (p * NR - col0);
+                        let first = (blk * share).min(ahead_len.div_ceil(LINE));
+                        let lines = ((blk + 1) * share).min(ahead_len.div_ceil(LINE)) - first;
+                        let fetch = (ahead.wrapping_add(first * LINE), lines);
+                        tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                     }
                 }
             }
@@ -563,7 +660,8 @@ fn tile_f32(
     isa: Isa,
     kc: usize,
     a: (&[f32], usize, usize),
-    b: &[f32],
+    b: PanelRef<'_>,
+    fetch: (*const u8, usize),
     c: &mut [f32],
     ldc: usize,
     rows: usize,
@@ -572,22 +670,65 @@ fn tile_f32(
 ) {
     let (a, rs, ks) = a;
     assert!(kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * ks, "A sliver shorter than {MR} x {kc}");
-    assert!(b.len() >= kc * NR && rows <= MR && cols <= NR);
+    let (_, bytes) = b.span();
+    assert!(bytes >= kc * NR * 2 * if matches!(b, PanelRef::F32(_)) { 2 } else { 1 });
+    assert!(rows <= MR && cols <= NR);
     assert!(rows == 0 || c.len() >= (rows - 1) * ldc + cols);
-    match isa {
+    match (isa, b) {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
+        (Isa::Avx512 | Isa::Avx512Bf16, PanelRef::F32(b)) => {
             // SAFETY: the CPU has AVX-512F (detected); the asserts above
             // bound every read of `a` and `b` and every write of `c`.
-            unsafe { avx512::tile_f32(kc, a.as_ptr(), rs, ks, b.as_ptr(), c.as_mut_ptr(), ldc, rows, cols, accumulate) }
+            unsafe {
+                avx512::tile_f32::<false>(
+                    kc,
+                    a.as_ptr(),
+                    rs,
+                    ks,
+                    b.as_ptr().cast(),
+                    fetch,
+                    c.as_mut_ptr(),
+                    ldc,
+                    rows,
+                    cols,
+                    accumulate,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512 | Isa::Avx512Bf16, PanelRef::Bf16Wide(b)) => {
+            // SAFETY: as above; `b` holds `kc · NR / 2` words.
+            unsafe {
+                avx512::tile_f32::<true>(
+                    kc,
+                    a.as_ptr(),
+                    rs,
+                    ks,
+                    b.as_ptr().cast(),
+                    fetch,
+                    c.as_mut_ptr(),
+                    ldc,
+                    rows,
+                    cols,
+                    accumulate,
+                )
+            }
         }
         _ => {
             let mut acc = [[0.0f32; NR]; MR];
+            let mut brow = [0.0f32; NR];
             for kk in 0..kc {
-                let brow = &b[kk * NR..(kk + 1) * NR];
+                match b {
+                    PanelRef::F32(d) => brow.copy_from_slice(&d[kk * NR..(kk + 1) * NR]),
+                    PanelRef::Bf16Wide(d) => {
+                        for (j, v) in brow.iter_mut().enumerate() {
+                            *v = wide_value(d[kk * NR / 2 + j % (NR / 2)], j);
+                        }
+                    }
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let av = a[i * rs + kk * ks];
-                    for (s, bv) in row.iter_mut().zip(brow) {
+                    for (s, bv) in row.iter_mut().zip(&brow) {
                         *s = av.mul_add(*bv, *s);
                     }
                 }
@@ -652,7 +793,7 @@ fn store(acc: &[[f32; NR]; MR], c: &mut [f32], ldc: usize, rows: usize, cols: us
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{LINE, MR, NR};
 
     /// Masks of the two 16-lane halves of a tile row with `cols` columns.
     fn masks(cols: usize) -> (__mmask16, __mmask16) {
@@ -690,17 +831,23 @@ mod avx512 {
         }
     }
 
+    /// `b` is f32 rows of `NR` values, or (`WIDE`) rows of `NR / 2` words
+    /// of two bf16 values, widened here. Also asks for `fetch.1` cache lines
+    /// from `fetch.0` on to be brought into L2, one per step of `k`
+    /// (prefetching reads nothing and never faults, whatever the address).
+    ///
     /// # Safety
     /// AVX-512F; `a` holds element `(i, kk)` at `i·rs + kk·ks` for every
-    /// `i < MR`, `kk < kc`; `b` holds `kc · NR` values; `c` as in `write`.
+    /// `i < MR`, `kk < kc`; `b` holds `kc` rows; `c` as in `write`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_f32(
+    pub(super) unsafe fn tile_f32<const WIDE: bool>(
         kc: usize,
         a: *const f32,
         rs: usize,
         ks: usize,
-        b: *const f32,
+        b: *const u8,
+        fetch: (*const u8, usize),
         c: *mut f32,
         ldc: usize,
         rows: usize,
@@ -713,12 +860,21 @@ mod avx512 {
             // SAFETY: row i < MR starts inside `a` (the caller's bound).
             *r = unsafe { a.add(i * rs) };
         }
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
         for kk in 0..kc {
+            if kk < fetch.1 {
+                _mm_prefetch::<_MM_HINT_T1>(fetch.0.wrapping_add(kk * LINE).cast());
+            }
             // SAFETY: kk < kc and i < MR, so these reads stay inside `a`
             // (`(MR - 1)·rs + (kc - 1)·ks` is in bounds) and `b`.
             unsafe {
-                let b0 = _mm512_loadu_ps(b.add(kk * NR));
-                let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+                let (b0, b1) = if WIDE {
+                    let w = _mm512_loadu_si512(b.add(kk * NR * 2).cast());
+                    (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)), _mm512_castsi512_ps(_mm512_and_si512(w, high)))
+                } else {
+                    let row = b.add(kk * NR * 4).cast::<f32>();
+                    (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)))
+                };
                 for (pair, row) in acc.iter_mut().zip(&rows_at) {
                     let av = _mm512_set1_ps(*row.add(kk * ks));
                     pair[0] = _mm512_fmadd_ps(av, b0, pair[0]);
@@ -775,15 +931,21 @@ mod tests {
         (0..n).map(|_| rng.uniform(1.0)).collect()
     }
 
-    /// f64 sums of f32 (or bf16-rounded) inputs: the independent reference.
-    fn reference(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, round: bool) -> Vec<f64> {
-        let r = |x: f32| f64::from(if round { round_bf16(x) } else { x });
+    /// f64 sums of f32 inputs, each operand bf16-rounded first where
+    /// `precision` rounds it: the independent reference.
+    fn reference(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, precision: Precision) -> Vec<f64> {
+        let (round_a, round_b) = match precision {
+            Precision::F32 => (false, false),
+            Precision::Bf16 => (true, true),
+            Precision::Bf16Weights => (false, true),
+        };
+        let r = |x: f32, round: bool| f64::from(if round { round_bf16(x) } else { x });
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
             for kk in 0..k {
-                let av = r(a[i * k + kk]);
+                let av = r(a[i * k + kk], round_a);
                 for j in 0..n {
-                    c[i * n + j] += av * r(b[kk * n + j]);
+                    c[i * n + j] += av * r(b[kk * n + j], round_b);
                 }
             }
         }
@@ -805,9 +967,9 @@ mod tests {
     fn products_match_a_float64_reference_at_awkward_shapes() {
         for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 385, 33), (12, 64, 32), (40, 1000, 70), (3, 2, 100)] {
             let (a, b) = (random(m * k, 1 + m as u64), random(k * n, 2 + n as u64));
-            for precision in [Precision::F32, Precision::Bf16] {
-                let round = precision == Precision::Bf16;
-                let want = reference(&a, m, k, &b, n, round);
+            for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+                let round = precision != Precision::F32;
+                let want = reference(&a, m, k, &b, n, precision);
                 let packed = PackedB::from_rows(&b, k, n, n, precision);
                 let mut c = vec![f32::NAN; m * n];
                 gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false);
@@ -829,7 +991,7 @@ mod tests {
         let (m, k, n) = (7, 9, 11);
         let a = random(m * k, 3);
         let b = random(k * n, 4);
-        let want = reference(&a, m, k, &b, n, false);
+        let want = reference(&a, m, k, &b, n, Precision::F32);
         // A given as its transpose [k × m], B as its transpose [n × k], both
         // inside wider rows.
         let mut at = vec![0.0f32; k * (m + 2)];
@@ -861,10 +1023,44 @@ mod tests {
     }
 
     #[test]
+    fn rows_and_columns_read_back_from_every_storage() {
+        // 45 columns: a full panel (both halves of a bf16 word) and a part.
+        let (k, n) = (5, 45);
+        let b = random(k * n, 11);
+        for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+            let value = |x: f32| if precision == Precision::F32 { x } else { round_bf16(x) };
+            for packed in [PackedB::from_rows(&b, k, n, n, precision), {
+                let mut bt = vec![0.0f32; n * k];
+                for kk in 0..k {
+                    for j in 0..n {
+                        bt[j * k + kk] = b[kk * n + j];
+                    }
+                }
+                PackedB::from_transposed(&bt, n, k, k, precision)
+            }] {
+                let mut row = vec![0.0f32; n];
+                for r in 0..k {
+                    packed.row(r, &mut row);
+                    assert_eq!(
+                        row,
+                        b[r * n..(r + 1) * n].iter().map(|x| value(*x)).collect::<Vec<_>>(),
+                        "{precision:?}"
+                    );
+                }
+                let mut column = vec![0.0f32; k];
+                for c in 0..n {
+                    packed.column(c, &mut column);
+                    assert_eq!(column, (0..k).map(|kk| value(b[kk * n + c])).collect::<Vec<_>>(), "{precision:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn results_are_bit_identical_across_thread_counts_and_split_directions() {
         for &(m, k, n) in &[(300, 500, 200), (4, 700, 900)] {
             let (a, b) = (random(m * k, 5), random(k * n, 6));
-            for precision in [Precision::F32, Precision::Bf16] {
+            for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
                 let packed = PackedB::from_rows(&b, k, n, n, precision);
                 let run = |threads: usize| {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -888,8 +1084,18 @@ mod tests {
         let b = random(kc * NR, 8);
         let mut fast = vec![0.0f32; rows * cols];
         let mut slow = vec![0.0f32; rows * cols];
-        tile_f32(Isa::detect(), kc, (&a, 1, MR), &b, &mut fast, cols, rows, cols, false);
-        tile_f32(Isa::Portable, kc, (&a, 1, MR), &b, &mut slow, cols, rows, cols, false);
+        let fetch = (b.as_ptr().cast(), 3);
+        tile_f32(Isa::detect(), kc, (&a, 1, MR), PanelRef::F32(&b), fetch, &mut fast, cols, rows, cols, false);
+        tile_f32(Isa::Portable, kc, (&a, 1, MR), PanelRef::F32(&b), fetch, &mut slow, cols, rows, cols, false);
+        for (x, y) in fast.iter().zip(&slow) {
+            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+        let words: Vec<u32> = random(kc * NR / 2, 10)
+            .iter()
+            .map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-2.0 * v)) << 16))
+            .collect();
+        tile_f32(Isa::detect(), kc, (&a, 1, MR), PanelRef::Bf16Wide(&words), fetch, &mut fast, cols, rows, cols, false);
+        tile_f32(Isa::Portable, kc, (&a, 1, MR), PanelRef::Bf16Wide(&words), fetch, &mut slow, cols, rows, cols, false);
         for (x, y) in fast.iter().zip(&slow) {
             assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
         }
