@@ -1,6 +1,8 @@
 //! The CPU trainer's matrix products: `C (+)= A · B` with `A` an f32
 //! activation matrix and `B` packed once (frozen weights) or per call
-//! (adapters, attention), in f32 or in bf16 with f32 sums.
+//! (adapters, attention), in f32, in bf16 with f32 sums, or stored in bf16
+//! and widened to f32 inside the f32 kernel (half the bytes of a pass over
+//! the weights at the f32 FMA rate, for CPUs whose bf16 dot products are slow).
 //!
 //! Why our own kernel: the frozen base is the bulk of the work, and on CPUs
 //! with AVX512_BF16 a bf16 dot product (`vdpbf16ps`: two products and an f32
