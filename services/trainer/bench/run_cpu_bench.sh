@@ -2,8 +2,8 @@
 # The CPU trainer and server against PyTorch on the same cores, in one run,
 # alternating the two so both see the same machine: training steps (LoRA
 # r=16 on all seven projections, REINFORCE, AdamW) at the ~110M Llama and
-# SmolLM2-135M shapes, ours in f32 and bf16 and PyTorch + PEFT in fp32 and
-# bf16; then batched generation on the real model (ours vs transformers
+# SmolLM2-135M shapes, ours with bf16-stored weights, f32 and bf16 and
+# PyTorch + PEFT in fp32 and bf16; then batched generation on the real model (ours vs transformers
 # `generate`), then the transformers + PEFT log-probability parity check.
 # Each configuration runs in its own process (peak RSS is per process).
 # Usage: run_cpu_bench.sh BIN_DIR PYTHON MODEL_DIR [STEPS]
@@ -21,10 +21,11 @@ echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), 
 for shape in ${SHAPES:-medium smollm2}; do
   echo "== training step, $shape"
   for round in 1 2; do
-    "$bin/train_bench" "$shape" f32 "$steps"
+    "$bin/train_bench" "$shape" bf16-weights "$steps"
     "$python" "$here/peft_cpu_bench.py" "$shape" bf16 "$steps" 2>/dev/null
-    "$bin/train_bench" "$shape" bf16 "$steps"
+    "$bin/train_bench" "$shape" f32 "$steps"
     "$python" "$here/peft_cpu_bench.py" "$shape" fp32 "$steps" 2>/dev/null
+    "$bin/train_bench" "$shape" bf16 "$steps"
   done
 done
 echo "== batched generation on $model"

@@ -6,9 +6,10 @@
 //! `bench/run_cpu_bench.sh` (`make bench`).
 //!
 //! Usage: `train_bench SHAPE ENGINE STEPS`, SHAPE = tiny | medium | smollm2,
-//! ENGINE = reference (one sequence at a time, f32) | f32 | bf16 | bf16w (bf16-stored weights, f32 arithmetic) (the batched
-//! engine). Prints one JSON line; peak memory is the process's maximum RSS,
-//! so run one configuration per process.
+//! ENGINE = reference (one sequence at a time, f32) | f32 | bf16 |
+//! bf16-weights (stored in bf16, f32 arithmetic) (the batched engine).
+//! Prints one JSON line; peak memory is the process's maximum RSS, so run
+//! one configuration per process.
 
 #![allow(clippy::print_stdout)]
 
@@ -90,8 +91,8 @@ fn main() {
         "reference" => None,
         "f32" => Some(CpuModel::new(&model, Precision::F32).unwrap()),
         "bf16" => Some(CpuModel::new(&model, Precision::Bf16).unwrap()),
-        "bf16w" => Some(CpuModel::new(&model, Precision::Bf16Weights).unwrap()),
-        other => panic!("unknown engine {other} (reference, f32, bf16, bf16w)"),
+        "bf16-weights" => Some(CpuModel::new(&model, Precision::Bf16Weights).unwrap()),
+        other => panic!("unknown engine {other} (reference, f32, bf16, bf16-weights)"),
     };
     let model = if packed.is_some() { None } else { Some(model) };
     let mut opt = AdamW::new(0.0);
