@@ -48,7 +48,8 @@ pub struct JobSettings {
     #[arg(long, env = "FLYWHEEL_TRAINER_DEVICE", value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// How the CPU stores the frozen base: `auto` takes bf16 where this
-    /// CPU's bf16 dot products are clearly faster than f32 FMAs, else f32.
+    /// CPU's bf16 dot products are clearly faster than f32 FMAs, bf16-stored
+    /// weights multiplied in f32 on other AVX-512 CPUs, else f32.
     #[arg(long = "cpu-precision", env = "FLYWHEEL_TRAINER_CPU_PRECISION", value_enum, default_value_t = PrecisionChoice::Auto)]
     pub cpu_precision: PrecisionChoice,
 }
