@@ -2,6 +2,10 @@
 //! gradient clipping, and a linear warm-up then cosine learning-rate
 //! schedule. Deterministic: no randomness, fixed iteration order.
 
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
 use crate::grad::LoraGrads;
 use crate::lora::LoraAdapter;
 
@@ -61,30 +65,44 @@ impl AdamW {
         }
     }
 
-    /// One update of `lora` with `grads` at learning rate `lr`.
+    /// One update of `lora` with `grads` at learning rate `lr`. Tensors are
+    /// updated in parallel: every element's update depends on that element
+    /// alone, so the result is the same on any number of threads.
     pub fn update(&mut self, lora: &mut LoraAdapter, grads: &LoraGrads, lr: f64) {
         self.step += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
+        let (b1, b2, eps, decay) = (self.beta1, self.beta2, self.eps, self.weight_decay);
         let c1 = 1.0 - b1.powi(self.step as i32);
         let c2 = 1.0 - b2.powi(self.step as i32);
         for (key, (ga, gb)) in grads {
-            let Some((wa, wb)) = lora.weights.get_mut(key) else { continue };
-            let (ma, mb) =
-                self.moments.entry(key.clone()).or_insert_with(|| (vec![0.0; ga.len()], vec![0.0; gb.len()]));
-            let (va, vb) =
-                self.squares.entry(key.clone()).or_insert_with(|| (vec![0.0; ga.len()], vec![0.0; gb.len()]));
-            for (w, g, m, v) in [(wa, ga, ma, va), (wb, gb, mb, vb)] {
-                for i in 0..w.len() {
-                    let gi = f64::from(g[i]);
-                    let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
-                    let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
-                    m[i] = mi as f32;
-                    v[i] = vi as f32;
-                    let update = (mi / c1) / ((vi / c2).sqrt() + self.eps) + self.weight_decay * f64::from(w[i]);
-                    w[i] = (f64::from(w[i]) - lr * update) as f32;
-                }
+            if lora.weights.contains_key(key) {
+                let zeros = || (vec![0.0; ga.len()], vec![0.0; gb.len()]);
+                self.moments.entry(key.clone()).or_insert_with(zeros);
+                self.squares.entry(key.clone()).or_insert_with(zeros);
             }
         }
+        let mut moments: HashMap<_, _> = self.moments.iter_mut().collect();
+        let mut squares: HashMap<_, _> = self.squares.iter_mut().collect();
+        let mut tensors = Vec::with_capacity(grads.len() * 2);
+        for (key, (wa, wb)) in &mut lora.weights {
+            let (Some((ga, gb)), Some((ma, mb)), Some((va, vb))) =
+                (grads.get(key), moments.remove(key), squares.remove(key))
+            else {
+                continue;
+            };
+            tensors.push((wa, ga, ma, va));
+            tensors.push((wb, gb, mb, vb));
+        }
+        tensors.into_par_iter().for_each(|(w, g, m, v)| {
+            for i in 0..w.len() {
+                let gi = f64::from(g[i]);
+                let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
+                let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
+                m[i] = mi as f32;
+                v[i] = vi as f32;
+                let update = (mi / c1) / ((vi / c2).sqrt() + eps) + decay * f64::from(w[i]);
+                w[i] = (f64::from(w[i]) - lr * update) as f32;
+            }
+        });
     }
 }
 
