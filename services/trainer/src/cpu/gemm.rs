@@ -294,49 +294,39 @@ impl PackedB {
                 }
             }
         }
-        let parallel = k * n >= 1 << 16;
+        /// `count` zeroed panels of `len` values, each filled by
+        /// `put(panel, kk, j, value)` for its every element of `B`; on the
+        /// pool for large matrices.
+        fn panels<T: Copy + Default + Send>(
+            (m, k, n, ld, transposed): (&[f32], usize, usize, usize, bool),
+            count: usize,
+            len: usize,
+            put: impl Fn(&mut [T], usize, usize, f32) + Sync,
+        ) -> Vec<T> {
+            let mut data = vec![T::default(); count * len];
+            let one = |(p, panel): (usize, &mut [T])| fill(m, k, n, ld, transposed, p, |kk, j, v| put(panel, kk, j, v));
+            if k * n >= 1 << 16 {
+                data.par_chunks_mut(len.max(1)).enumerate().for_each(one);
+            } else {
+                data.chunks_mut(len.max(1)).enumerate().for_each(one);
+            }
+            data
+        }
+        let source = (m, k, n, ld, transposed);
         let panels = match precision {
             Precision::F32 => {
-                let mut data = vec![0.0f32; count * k * NR];
-                let one = |(p, panel): (usize, &mut [f32])| {
-                    fill(m, k, n, ld, transposed, p, |kk, j, v| panel[kk * NR + j] = v)
-                };
-                if parallel {
-                    data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(one);
-                } else {
-                    data.chunks_mut((k * NR).max(1)).enumerate().for_each(one);
-                }
-                Panels::F32(data)
+                Panels::F32(panels(source, count, k * NR, |panel: &mut [f32], kk, j, v| panel[kk * NR + j] = v))
             }
             Precision::Bf16 => {
-                let pairs = k.div_ceil(2);
-                let mut data = vec![0u16; count * pairs * NR * 2];
-                let one = |(p, panel): (usize, &mut [u16])| {
-                    fill(m, k, n, ld, transposed, p, |kk, j, v| {
-                        panel[(kk / 2) * NR * 2 + j * 2 + kk % 2] = bf16_bits(v)
-                    })
-                };
-                if parallel {
-                    data.par_chunks_mut((pairs * NR * 2).max(1)).enumerate().for_each(one);
-                } else {
-                    data.chunks_mut((pairs * NR * 2).max(1)).enumerate().for_each(one);
-                }
-                Panels::Bf16(data)
+                Panels::Bf16(panels(source, count, k.div_ceil(2) * NR * 2, |panel: &mut [u16], kk, j, v| {
+                    panel[(kk / 2) * NR * 2 + j * 2 + kk % 2] = bf16_bits(v)
+                }))
             }
             Precision::Bf16Weights => {
                 const HALF: usize = NR / 2;
-                let mut data = vec![0u32; count * k * HALF];
-                let one = |(p, panel): (usize, &mut [u32])| {
-                    fill(m, k, n, ld, transposed, p, |kk, j, v| {
-                        panel[kk * HALF + j % HALF] |= u32::from(bf16_bits(v)) << (16 * (j / HALF))
-                    })
-                };
-                if parallel {
-                    data.par_chunks_mut((k * HALF).max(1)).enumerate().for_each(one);
-                } else {
-                    data.chunks_mut((k * HALF).max(1)).enumerate().for_each(one);
-                }
-                Panels::Bf16Wide(data)
+                Panels::Bf16Wide(panels(source, count, k * HALF, |panel: &mut [u32], kk, j, v| {
+                    panel[kk * HALF + j % HALF] |= u32::from(bf16_bits(v)) << (16 * (j / HALF))
+                }))
             }
         };
         PackedB { k, n, panels }
@@ -594,13 +584,14 @@ fn gemm_rows(
                     // frozen weights are read once per pass).
                     let (ahead, ahead_len) =
                         next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
-                    let share = ahead_len.div_ceil(LINE * blocks);
+                    let ahead_lines = ahead_len.div_ceil(LINE);
+                    let share = ahead_lines.div_ceil(blocks);
                     for blk in 0..blocks {
                         let tile_rows = MR.min(rows - blk * MR);
                         let (sliver, rs, ks) = source(blk, k0);
                         let off = blk * MR * ldc + (p * NR - col0);
-                        let first = (blk * share).min(ahead_len.div_ceil(LINE));
-                        let lines = ((blk + 1) * share).min(ahead_len.div_ceil(LINE)) - first;
+                        let first = (blk * share).min(ahead_lines);
+                        let lines = ((blk + 1) * share).min(ahead_lines) - first;
                         let fetch = (ahead.wrapping_add(first * LINE), lines);
                         tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                     }
@@ -672,49 +663,24 @@ fn tile_f32(
 ) {
     let (a, rs, ks) = a;
     assert!(kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * ks, "A sliver shorter than {MR} x {kc}");
-    let (_, bytes) = b.span();
-    assert!(bytes >= kc * NR * 2 * if matches!(b, PanelRef::F32(_)) { 2 } else { 1 });
+    let row_bytes = match b {
+        PanelRef::F32(_) => NR * 4,
+        PanelRef::Bf16Wide(_) => NR * 2,
+    };
+    assert!(b.span().1 >= kc * row_bytes, "B panel shorter than {kc} rows");
     assert!(rows <= MR && cols <= NR);
     assert!(rows == 0 || c.len() >= (rows - 1) * ldc + cols);
     match (isa, b) {
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512 | Isa::Avx512Bf16, PanelRef::F32(b)) => {
+        (Isa::Avx512 | Isa::Avx512Bf16, _) => {
+            let kernel = match b {
+                PanelRef::F32(_) => avx512::tile_f32::<false>,
+                PanelRef::Bf16Wide(_) => avx512::tile_f32::<true>,
+            };
             // SAFETY: the CPU has AVX-512F (detected); the asserts above
-            // bound every read of `a` and `b` and every write of `c`.
-            unsafe {
-                avx512::tile_f32::<false>(
-                    kc,
-                    a.as_ptr(),
-                    rs,
-                    ks,
-                    b.as_ptr().cast(),
-                    fetch,
-                    c.as_mut_ptr(),
-                    ldc,
-                    rows,
-                    cols,
-                    accumulate,
-                )
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512 | Isa::Avx512Bf16, PanelRef::Bf16Wide(b)) => {
-            // SAFETY: as above; `b` holds `kc · NR / 2` words.
-            unsafe {
-                avx512::tile_f32::<true>(
-                    kc,
-                    a.as_ptr(),
-                    rs,
-                    ks,
-                    b.as_ptr().cast(),
-                    fetch,
-                    c.as_mut_ptr(),
-                    ldc,
-                    rows,
-                    cols,
-                    accumulate,
-                )
-            }
+            // bound every read of `a` and `b` (`kc` rows of either layout)
+            // and every write of `c`.
+            unsafe { kernel(kc, a.as_ptr(), rs, ks, b.span().0, fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate) }
         }
         _ => {
             let mut acc = [[0.0f32; NR]; MR];
