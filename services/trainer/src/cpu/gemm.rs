@@ -179,7 +179,7 @@ pub fn kernel_times() -> Option<(f64, f64)> {
             let t = std::time::Instant::now();
             for _ in 0..200 {
                 if bf16 {
-                    tile_bf16(isa, kc / 2, &a16, &b16, &mut c, NR, MR, NR, false);
+                    tile_bf16(isa, kc / 2, (&a16, kc / 2), &b16, (std::ptr::null(), 0), &mut c, NR, MR, NR, false);
                 } else {
                     tile_f32(
                         isa,
@@ -202,12 +202,16 @@ pub fn kernel_times() -> Option<(f64, f64)> {
     Some((time(false), time(true)))
 }
 
-/// f32 → bf16 bits, rounding to nearest even (as `vcvtneps2bf16` does);
-/// NaN stays NaN.
+/// f32 → bf16 bits as `vcvtneps2bf16` converts: to nearest even, NaN stays
+/// NaN, subnormals become zeros of their sign (so the SIMD and the portable
+/// packing agree bit for bit).
 pub(crate) fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return ((bits >> 16) & 0x8000) as u16;
     }
     let rounding = 0x7fff + ((bits >> 16) & 1);
     (bits.wrapping_add(rounding) >> 16) as u16
@@ -578,53 +582,101 @@ fn gemm_rows(
                     let acc = accumulate || k0 > 0;
                     let cols = NR.min(b.n - p * NR);
                     let Some(panel) = panel_at((p, k0)) else { unreachable!("f32 kernel on a bf16 dot-product panel") };
-                    // The tiles of this panel block fetch the next block
-                    // into the cache a share each: a block's first tile
-                    // would otherwise wait on memory for all of it (the
-                    // frozen weights are read once per pass).
-                    let (ahead, ahead_len) =
-                        next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
-                    let ahead_lines = ahead_len.div_ceil(LINE);
-                    let share = ahead_lines.div_ceil(blocks);
+                    let ahead = next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
                     for blk in 0..blocks {
                         let tile_rows = MR.min(rows - blk * MR);
                         let (sliver, rs, ks) = source(blk, k0);
                         let off = blk * MR * ldc + (p * NR - col0);
-                        let first = (blk * share).min(ahead_lines);
-                        let lines = ((blk + 1) * share).min(ahead_lines) - first;
-                        let fetch = (ahead.wrapping_add(first * LINE), lines);
+                        let fetch = fetch_share(ahead, blk, blocks);
                         tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                     }
                 }
             }
             Panels::Bf16(bp) => {
+                // `A` rounded to bf16 once per call, row-major in pairs of
+                // steps (as `vdpbf16ps` reads them), rows padded with zeros
+                // to whole blocks; every word is written, so the scratch is
+                // never cleared.
                 let pairs = k.div_ceil(2);
+                let len = blocks * MR * pairs;
                 let packed = &mut scratch.pairs;
-                packed.clear();
-                packed.resize(blocks * pairs * MR, 0);
-                pack_a(a, r0, rows, k, |blk, kk, i, v| {
-                    let slot = &mut packed[blk * pairs * MR + (kk / 2) * MR + i];
-                    *slot |= u32::from(bf16_bits(v)) << (16 * (kk % 2));
-                });
+                if packed.len() < len {
+                    packed.resize(len, 0);
+                }
+                let packed = &mut packed[..len];
+                pack_a_bf16(isa, a, r0, rows, k, packed);
                 let kcp = KC / 2;
-                for q0 in (0..pairs).step_by(kcp) {
+                let order = (p0..p1).step_by(NC_PANELS).flat_map(|g| {
+                    (0..pairs).step_by(kcp).flat_map(move |q0| (g..(g + NC_PANELS).min(p1)).map(move |p| (p, q0)))
+                });
+                let panel_at = |(p, q0): (usize, usize)| {
+                    let base = p * pairs * NR * 2;
+                    &bp[base + q0 * NR * 2..base + (q0 + kcp.min(pairs - q0)) * NR * 2]
+                };
+                let mut next = order.clone().skip(1);
+                for (p, q0) in order {
                     let qc = kcp.min(pairs - q0);
                     let acc = accumulate || q0 > 0;
-                    for p in p0..p1 {
-                        let cols = NR.min(b.n - p * NR);
-                        let base = p * pairs * NR * 2;
-                        let panel = &bp[base + q0 * NR * 2..base + (q0 + qc) * NR * 2];
-                        for blk in 0..blocks {
-                            let tile_rows = MR.min(rows - blk * MR);
-                            let sliver = &packed[blk * pairs * MR + q0 * MR..blk * pairs * MR + (q0 + qc) * MR];
-                            let off = blk * MR * ldc + (p * NR - col0);
-                            tile_bf16(isa, qc, sliver, panel, &mut c[off..], ldc, tile_rows, cols, acc);
-                        }
+                    let cols = NR.min(b.n - p * NR);
+                    let panel = panel_at((p, q0));
+                    let ahead = next
+                        .next()
+                        .map(panel_at)
+                        .map_or((std::ptr::null(), 0), |d| (d.as_ptr().cast::<u8>(), std::mem::size_of_val(d)));
+                    for blk in 0..blocks {
+                        let tile_rows = MR.min(rows - blk * MR);
+                        let sliver = (&packed[blk * MR * pairs + q0..], pairs);
+                        let off = blk * MR * ldc + (p * NR - col0);
+                        let fetch = fetch_share(ahead, blk, blocks);
+                        tile_bf16(isa, qc, sliver, panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                     }
                 }
             }
         }
     });
+}
+
+/// Tile `blk`'s share (of `blocks`) of the cache lines of `ahead`, the next
+/// panel block: the tiles of one block prefetch the next between them, so
+/// the next block's first tile does not wait on memory for all of it (the
+/// frozen weights are read once per pass).
+fn fetch_share(ahead: (*const u8, usize), blk: usize, blocks: usize) -> (*const u8, usize) {
+    let lines = ahead.1.div_ceil(LINE);
+    let share = lines.div_ceil(blocks);
+    let first = (blk * share).min(lines);
+    let count = ((blk + 1) * share).min(lines) - first;
+    (ahead.0.wrapping_add(first * LINE), count)
+}
+
+/// Rows `r0..r0 + rows` of `A` rounded to bf16 into `out`: row `i` holds
+/// `⌈k/2⌉` words, word `q` steps `2q` (low half) and `2q + 1` (high; zero
+/// past `k`); rows past `rows` are zeros.
+fn pack_a_bf16(isa: Isa, a: MatA<'_>, r0: usize, rows: usize, k: usize, out: &mut [u32]) {
+    let pairs = k.div_ceil(2);
+    for (r, dst) in out.chunks_mut(pairs).enumerate() {
+        if r >= rows {
+            dst.fill(0);
+        } else if a.transposed {
+            let at = |kk: usize| if kk < k { bf16_bits(a.data[kk * a.ld + r0 + r]) } else { 0 };
+            for (q, d) in dst.iter_mut().enumerate() {
+                *d = u32::from(at(2 * q)) | (u32::from(at(2 * q + 1)) << 16);
+            }
+        } else {
+            let src = &a.data[(r0 + r) * a.ld..(r0 + r) * a.ld + k];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected);
+                // `dst` holds `⌈src.len() / 2⌉` words.
+                Isa::Avx512Bf16 => unsafe { avx512::to_bf16_pairs(src.as_ptr(), src.len(), dst.as_mut_ptr()) },
+                _ => {
+                    for (d, two) in dst.iter_mut().zip(src.chunks(2)) {
+                        let high = two.get(1).map_or(0, |v| bf16_bits(*v));
+                        *d = u32::from(bf16_bits(two[0])) | (u32::from(high) << 16);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Visits rows `r0..r0 + rows` of `A` as `put(block, kk, row in block, value)`,
@@ -706,34 +758,39 @@ fn tile_f32(
     }
 }
 
-/// One `MR × NR` tile over `kc` pairs of steps, bf16 products, f32 sums.
+/// One `MR × NR` tile over `kc` pairs of steps, bf16 products, f32 sums;
+/// `a` is `(words, row stride)`: row `i`'s pair `q` at `i · rs + q`.
 #[allow(clippy::too_many_arguments)]
 fn tile_bf16(
     isa: Isa,
     kc: usize,
-    a: &[u32],
+    a: (&[u32], usize),
     b: &[u16],
+    fetch: (*const u8, usize),
     c: &mut [f32],
     ldc: usize,
     rows: usize,
     cols: usize,
     accumulate: bool,
 ) {
-    assert!(a.len() >= kc * MR && b.len() >= kc * NR * 2 && rows <= MR && cols <= NR);
+    let (a, rs) = a;
+    assert!(kc > 0 && a.len() >= (MR - 1) * rs + kc && b.len() >= kc * NR * 2 && rows <= MR && cols <= NR);
     assert!(rows == 0 || c.len() >= (rows - 1) * ldc + cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => {
             // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected); the
             // asserts above bound every access.
-            unsafe { avx512::tile_bf16(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, rows, cols, accumulate) }
+            unsafe {
+                avx512::tile_bf16(kc, a.as_ptr(), rs, b.as_ptr(), fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate)
+            }
         }
         _ => {
             let mut acc = [[0.0f32; NR]; MR];
             for q in 0..kc {
                 let brow = &b[q * NR * 2..(q + 1) * NR * 2];
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair = a[q * MR + i];
+                    let pair = a[i * rs + q];
                     let (a0, a1) = (bf16_to_f32(pair as u16), bf16_to_f32((pair >> 16) as u16));
                     for (j, s) in row.iter_mut().enumerate() {
                         let (b0, b1) = (bf16_to_f32(brow[2 * j]), bf16_to_f32(brow[2 * j + 1]));
@@ -854,15 +911,20 @@ mod avx512 {
         unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
     }
 
+    /// `a` holds row `i`'s pair `q` at `i · rs + q`; `fetch` as in
+    /// `tile_f32`.
+    ///
     /// # Safety
-    /// AVX-512F and AVX512_BF16; `a` holds `kc · MR` pairs, `b` `kc · NR · 2`
-    /// values, `c` as in `write`.
+    /// AVX-512F and AVX512_BF16; `a` holds `(MR - 1) · rs + kc` words, `b`
+    /// `kc · NR · 2` values, `c` as in `write`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn tile_bf16(
         kc: usize,
         a: *const u32,
+        rs: usize,
         b: *const u16,
+        fetch: (*const u8, usize),
         c: *mut f32,
         ldc: usize,
         rows: usize,
@@ -870,15 +932,22 @@ mod avx512 {
         accumulate: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut rows_at = [a; MR];
+        for (i, r) in rows_at.iter_mut().enumerate() {
+            // SAFETY: row i < MR starts inside `a` (the caller's bound).
+            *r = unsafe { a.add(i * rs) };
+        }
         for q in 0..kc {
+            if q < fetch.1 {
+                _mm_prefetch::<_MM_HINT_T1>(fetch.0.wrapping_add(q * LINE).cast());
+            }
             // SAFETY: q < kc, so these reads stay inside `a` and `b`; the
             // casts reinterpret 32 bf16 values as the vector type that holds them.
             unsafe {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR * 2).cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR * 2 + 32).cast()));
-                let aq = a.add(q * MR);
-                for (i, pair) in acc.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
+                for (pair, row) in acc.iter_mut().zip(&rows_at) {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*row.add(q) as i32));
                     pair[0] = _mm512_dpbf16_ps(pair[0], av, b0);
                     pair[1] = _mm512_dpbf16_ps(pair[1], av, b1);
                 }
@@ -886,6 +955,35 @@ mod avx512 {
         }
         // SAFETY: forwarded from this function's contract.
         unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+    }
+
+    /// `n` floats from `src` rounded to bf16 (`vcvtne2ps2bf16`: to nearest
+    /// even, subnormals flushed, as `bf16_bits`) into `⌈n/2⌉` words at
+    /// `dst`, step `2q` in word `q`'s low half.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512_BF16; `src` holds `n` floats, `dst` `⌈n/2⌉` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn to_bf16_pairs(src: *const f32, n: usize, dst: *mut u32) {
+        let mut i = 0;
+        while i < n {
+            let left = n - i;
+            let (m0, m1) = masks(left.min(32));
+            // SAFETY: the masked loads read only the `left` floats past
+            // `i`, the masked store only the `⌈left/2⌉` words past `i / 2`
+            // (`i` is even); converting picks step `2q` for the low half
+            // of word `q` because the low 16 results come from the second
+            // operand.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(m0, src.add(i));
+                let hi = _mm512_maskz_loadu_ps(m1, src.add(i + 16));
+                let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let count = left.min(32).div_ceil(2);
+                let store = if count >= 16 { 0xffff } else { (1u32 << count) as u16 - 1 };
+                _mm512_mask_storeu_epi32(dst.add(i / 2).cast(), store, words);
+            }
+            i += 32;
+        }
     }
 }
 
@@ -929,6 +1027,49 @@ mod tests {
         assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(bf16_to_f32(bf16_bits(f32::INFINITY)), f32::INFINITY);
+        // Subnormals flush to a zero of their sign, as the instruction does.
+        assert_eq!(bf16_bits(f32::from_bits(0x0000_8001)), 0x0000);
+        assert_eq!(bf16_bits(-f32::from_bits(0x007f_ffff)), 0x8000);
+        assert_eq!(bf16_bits(f32::MIN_POSITIVE), 0x0080);
+    }
+
+    #[test]
+    fn activations_round_to_bf16_alike_on_every_kernel() {
+        // Every length up to three vectors, and values that exercise ties,
+        // subnormals, NaN and infinities; packed by this machine's kernel
+        // and by the portable loop, in both layouts of `A`.
+        let mut values = random(97, 12);
+        values[3] = f32::from_bits(0x3f80_8000);
+        values[4] = f32::from_bits(0x3f81_8000);
+        values[5] = f32::from_bits(0x0000_1234);
+        values[6] = -f32::from_bits(0x0040_0000);
+        values[7] = f32::NAN;
+        values[8] = f32::NEG_INFINITY;
+        for k in 1..values.len() {
+            let rows = 2;
+            let data: Vec<f32> = values[..k].iter().chain(values[..k].iter().rev()).copied().collect();
+            let pairs = k.div_ceil(2);
+            let want: Vec<u32> = (0..MR * pairs)
+                .map(|w| {
+                    let (r, q) = (w / pairs, w % pairs);
+                    let at = |kk: usize| if r < rows && kk < k { bf16_bits(data[r * k + kk]) } else { 0 };
+                    u32::from(at(2 * q)) | (u32::from(at(2 * q + 1)) << 16)
+                })
+                .collect();
+            let mut transposed = vec![0.0f32; k * rows];
+            for r in 0..rows {
+                for kk in 0..k {
+                    transposed[kk * rows + r] = data[r * k + kk];
+                }
+            }
+            for isa in [Isa::detect(), Isa::Portable] {
+                for a in [MatA::rows(&data, k), MatA::transposed(&transposed, rows)] {
+                    let mut out = vec![u32::MAX; MR * pairs];
+                    pack_a_bf16(isa, a, 0, rows, k, &mut out);
+                    assert_eq!(out, want, "k {k}, {isa:?}, transposed {}", a.transposed);
+                }
+            }
+        }
     }
 
     #[test]
@@ -1069,8 +1210,8 @@ mod tests {
         }
         let pa: Vec<u32> = a.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-v)) << 16)).collect();
         let pb: Vec<u16> = random(kc * NR * 2, 9).iter().map(|v| bf16_bits(*v)).collect();
-        tile_bf16(Isa::detect(), kc, &pa, &pb, &mut fast, cols, rows, cols, false);
-        tile_bf16(Isa::Portable, kc, &pa, &pb, &mut slow, cols, rows, cols, false);
+        tile_bf16(Isa::detect(), kc, (&pa, kc), &pb, fetch, &mut fast, cols, rows, cols, false);
+        tile_bf16(Isa::Portable, kc, (&pa, kc), &pb, fetch, &mut slow, cols, rows, cols, false);
         for (x, y) in fast.iter().zip(&slow) {
             assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
         }
