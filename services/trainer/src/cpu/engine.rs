@@ -6,14 +6,12 @@
 //! whose next token is scored (the completion). The math is the reference's
 //! ([`crate::model`], `grad`), checked against it in the tests.
 
-use std::collections::BTreeMap;
-
 use rayon::prelude::*;
 
-use super::gemm::{MatA, PackedB, Precision, gemm};
+use super::gemm::{MatA, PackedB, Precision, gemm, gemm_plus};
 use super::simd;
 use crate::TrainerError;
-use crate::arch::{LlamaConfig, PROJECTIONS, projection_name};
+use crate::arch::{LlamaConfig, projection_name};
 use crate::grad::LoraGrads;
 use crate::lora::LoraAdapter;
 use crate::model::Model;
@@ -42,16 +40,23 @@ impl PackedWeight {
         }
     }
 
-    /// `y [rows × out] (+)= x [rows × in] · Wᵀ`.
-    pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) {
-        gemm(MatA::rows(x, self.inp), rows, &self.fwd, y, self.out, accumulate);
+    /// `y [rows × out] = x [rows × in] · Wᵀ (+ a LoRA term `t · L`)`.
+    pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32], lora: Option<(&[f32], &PackedB)>) {
+        Self::product(MatA::rows(x, self.inp), rows, &self.fwd, y, self.out, lora);
     }
 
-    /// `dx [rows × in] (+)= dy [rows × out] · W`. Only on weights packed for
-    /// training ([`CpuModel::backward`] checks).
-    pub fn backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], accumulate: bool) {
+    /// `dx [rows × in] = dy [rows × out] · W (+ a LoRA term `g · L`)`. Only
+    /// on weights packed for training ([`CpuModel::backward`] checks).
+    pub fn backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], lora: Option<(&[f32], &PackedB)>) {
         let bwd = self.bwd.as_ref().expect("a weight packed for training");
-        gemm(MatA::rows(dy, self.out), rows, bwd, dx, self.inp, accumulate);
+        Self::product(MatA::rows(dy, self.out), rows, bwd, dx, self.inp, lora);
+    }
+
+    fn product(a: MatA<'_>, rows: usize, b: &PackedB, c: &mut [f32], ldc: usize, lora: Option<(&[f32], &PackedB)>) {
+        match lora {
+            Some((t, l)) => gemm_plus(a, rows, b, c, ldc, false, (MatA::rows(t, l.k()), l)),
+            None => gemm(a, rows, b, c, ldc, false),
+        }
     }
 
     /// Row `r` of `W` (an embedding lookup when `W` is a tied LM head).
@@ -216,8 +221,51 @@ struct LayerTrace {
     attn: Vec<f32>,
     x_mid: Vec<f32>,
     gate_up: Vec<f32>,
-    /// `x · Aᵀ` per adapted projection.
-    lora_t: BTreeMap<&'static str, Vec<f32>>,
+    /// `x · Aᵀ` of each group's adapted projections, side by side
+    /// (`[rows × Σ r]`, in [`GROUPS`] order).
+    lora_t: [Vec<f32>; 4],
+}
+
+/// The projections of a layer that read the same input, in the order their
+/// adapters are stacked: one product computes `x · Aᵀ` for all of them,
+/// one `dA`, one `dx`, and the input is packed once for all.
+const GROUPS: [&[&str]; 4] = [&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]];
+
+/// An adapted projection: where its output lives and its adapter.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Adapted<'a> {
+    pub(super) name: &'static str,
+    pub(super) slot: Slot,
+    /// `A [r × in]`.
+    pub(super) a: &'a [f32],
+    /// `B [out × r]`.
+    pub(super) b: &'a [f32],
+    pub(super) scale: f32,
+}
+
+impl Adapted<'_> {
+    fn rank(&self) -> usize {
+        self.a.len() / self.slot.inp
+    }
+
+    /// `scale · B`.
+    fn scaled_b(&self) -> Vec<f32> {
+        self.b.iter().map(|v| v * self.scale).collect()
+    }
+}
+
+/// The projections among `modules` of layer `l` that `lora` adapts.
+pub(super) fn adapted_of<'a>(
+    lora: Option<&'a LoraAdapter>,
+    d: &Dims,
+    l: usize,
+    modules: &[&'static str],
+) -> Vec<Adapted<'a>> {
+    let Some(lora) = lora else { return Vec::new() };
+    modules
+        .iter()
+        .filter_map(|m| lora.get(l, m).map(|(a, b, scale)| Adapted { name: m, slot: d.slot(m), a, b, scale }))
+        .collect()
 }
 
 /// A forward pass over a batch.
@@ -379,31 +427,39 @@ impl CpuModel {
         Ok(x)
     }
 
-    /// `y[:, slot] += scale · (x · Aᵀ) · Bᵀ` for an adapted projection;
-    /// returns `x · Aᵀ`.
+    /// The LoRA terms of a group's product (`width` columns) at input
+    /// `x [rows × in]`: `t`, every adapted projection's `x · Aᵀ` side by
+    /// side, and `L`, their `scale · Bᵀ` placed block-diagonally (`t`'s
+    /// columns of a projection times its columns of the product), so that
+    /// the product adds `t · L`. `None` when nothing in the group is adapted.
     pub(super) fn lora_forward(
         x: &[f32],
         rows: usize,
-        slot: Slot,
-        ab: (&[f32], &[f32], f32),
-        y: &mut [f32],
-        ldy: usize,
-    ) -> Vec<f32> {
-        let (a, b, scale) = ab;
-        let r = a.len() / slot.inp;
-        let mut t = vec![0.0f32; rows * r];
+        group: &[Adapted<'_>],
+        width: usize,
+    ) -> Option<(Vec<f32>, PackedB)> {
+        let inp = group.first()?.slot.inp;
+        let ranks: usize = group.iter().map(Adapted::rank).sum();
+        let stacked: Vec<f32> = group.iter().flat_map(|m| m.a.iter().copied()).collect();
+        let mut t = vec![0.0f32; rows * ranks];
         gemm(
-            MatA::rows(x, slot.inp),
+            MatA::rows(x, inp),
             rows,
-            &PackedB::from_transposed(a, r, slot.inp, slot.inp, Precision::F32),
+            &PackedB::from_transposed(&stacked, ranks, inp, inp, Precision::F32),
             &mut t,
-            r,
+            ranks,
             false,
         );
-        let scaled: Vec<f32> = t.iter().map(|v| v * scale).collect();
-        let bt = PackedB::from_transposed(b, slot.out, r, r, Precision::F32);
-        gemm(MatA::rows(&scaled, r), rows, &bt, &mut y[slot.col..], ldy, true);
-        t
+        let mut l = vec![0.0f32; ranks * width];
+        let mut row = 0;
+        for m in group {
+            for j in 0..m.rank() {
+                let dst = &mut l[(row + j) * width + m.slot.col..(row + j) * width + m.slot.col + m.slot.out];
+                dst.iter_mut().zip(m.b.iter().skip(j).step_by(m.rank())).for_each(|(d, b)| *d = m.scale * b);
+            }
+            row += m.rank();
+        }
+        Some((t, PackedB::from_rows(&l, ranks, width, width, Precision::F32)))
     }
 
     /// Runs the batch forward; keeps what the backward pass needs when
@@ -424,49 +480,38 @@ impl CpuModel {
         let (cos, sin) = rope_tables(max_t, d.hd, c.rope_theta);
         let mut x = self.embed_rows(&batch.tokens)?;
         let mut traces = Vec::new();
-        let adapted = |l: usize, m: &str| lora.and_then(|a| a.get(l, m));
         for (l, layer) in self.layers.iter().enumerate() {
             let mut tr = LayerTrace::default();
             let normed1 = rms_norm_rows(&x, d.h, &layer.norm1, c.rms_norm_eps);
             let width = d.qkv();
             let mut qkv = vec![0.0f32; n * width];
-            layer.qkv.forward(&normed1, n, &mut qkv, false);
+            let lora_qkv = Self::lora_forward(&normed1, n, &adapted_of(lora, &d, l, GROUPS[0]), width);
+            layer.qkv.forward(&normed1, n, &mut qkv, lora_qkv.as_ref().map(|(t, l)| (t.as_slice(), l)));
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
-            for m in ["q_proj", "k_proj", "v_proj"] {
-                if let Some(ab) = adapted(l, m) {
-                    let t = Self::lora_forward(&normed1, n, d.slot(m), ab, &mut qkv, width);
-                    tr.lora_t.insert(static_name(m), t);
-                }
-            }
+            tr.lora_t[0] = lora_qkv.map(|(t, _)| t).unwrap_or_default();
             drop(normed1);
             rope_rows(&mut qkv, &d, &batch.positions, &cos, &sin, 1.0);
             let (attn, probs) = self.attention(batch, &qkv);
             let mut o = vec![0.0f32; n * d.h];
-            layer.o.forward(&attn, n, &mut o, false);
-            if let Some(ab) = adapted(l, "o_proj") {
-                tr.lora_t.insert("o_proj", Self::lora_forward(&attn, n, d.slot("o_proj"), ab, &mut o, d.h));
-            }
+            let lora_o = Self::lora_forward(&attn, n, &adapted_of(lora, &d, l, GROUPS[1]), d.h);
+            layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            tr.lora_t[1] = lora_o.map(|(t, _)| t).unwrap_or_default();
             let x_in = if traced { Some(x.clone()) } else { None };
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = vec![0.0f32; n * 2 * d.i];
-            layer.gate_up.forward(&normed2, n, &mut gu, false);
-            for m in ["gate_proj", "up_proj"] {
-                if let Some(ab) = adapted(l, m) {
-                    let t = Self::lora_forward(&normed2, n, d.slot(m), ab, &mut gu, 2 * d.i);
-                    tr.lora_t.insert(static_name(m), t);
-                }
-            }
+            let lora_gu = Self::lora_forward(&normed2, n, &adapted_of(lora, &d, l, GROUPS[2]), 2 * d.i);
+            layer.gate_up.forward(&normed2, n, &mut gu, lora_gu.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            tr.lora_t[2] = lora_gu.map(|(t, _)| t).unwrap_or_default();
             drop(normed2);
             let act = swiglu(&gu, n, d.i);
             let x_mid = if traced { Some(x.clone()) } else { None };
             // `o`'s buffer is reused for the down projection.
-            layer.down.forward(&act, n, &mut o, false);
-            if let Some(ab) = adapted(l, "down_proj") {
-                tr.lora_t.insert("down_proj", Self::lora_forward(&act, n, d.slot("down_proj"), ab, &mut o, d.h));
-            }
+            let lora_down = Self::lora_forward(&act, n, &adapted_of(lora, &d, l, GROUPS[3]), d.h);
+            layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            tr.lora_t[3] = lora_down.map(|(t, _)| t).unwrap_or_default();
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             if traced {
                 tr.x_in = x_in.unwrap_or_default();
@@ -486,7 +531,7 @@ impl CpuModel {
             dst.copy_from_slice(&normed[r * d.h..(r + 1) * d.h]);
         });
         let mut logits = vec![0.0f32; rows * d.vocab];
-        self.head.forward(&hs, rows, &mut logits, false);
+        self.head.forward(&hs, rows, &mut logits, None);
         let lse: Vec<f64> = logits.par_chunks(d.vocab).map(simd::log_sum_exp).collect();
         let mut logps = vec![0.0f64; batch.sequences()];
         for ((row, l), (_, target, s)) in logits.chunks(d.vocab).zip(&lse).zip(&batch.scored) {
@@ -622,55 +667,93 @@ impl CpuModel {
         dqkv
     }
 
-    /// Backward of an adapted projection at input `x`: adds `dx` and the
-    /// adapter's gradients.
+    /// The LoRA terms of a group's input gradient from the product's
+    /// output gradient `dy` (`ldy` wide): `g`, every adapted projection's
+    /// `dy · scale · B` side by side, and `L`, their `A`s stacked, so that
+    /// the backward product adds `g · L`. `None` when nothing is adapted.
+    fn lora_input_grad(dy: &[f32], rows: usize, group: &[Adapted<'_>], ldy: usize) -> Option<(Vec<f32>, PackedB)> {
+        let inp = group.first()?.slot.inp;
+        let ranks: usize = group.iter().map(Adapted::rank).sum();
+        let mut g = vec![0.0f32; rows * ranks];
+        let mut col = 0;
+        for m in group {
+            let (r, out) = (m.rank(), m.slot.out);
+            let b = PackedB::from_rows(&m.scaled_b(), out, r, r, Precision::F32);
+            gemm(MatA::rows(&dy[m.slot.col..], ldy), rows, &b, &mut g[col..], ranks, false);
+            col += r;
+        }
+        let stacked: Vec<f32> = group.iter().flat_map(|m| m.a.iter().copied()).collect();
+        Some((g, PackedB::from_rows(&stacked, ranks, inp, inp, Precision::F32)))
+    }
+
+    /// The backward of one group's product `w` at input `x`: `dx` (when
+    /// wanted) of the base and the LoRA terms in one product, and each
+    /// adapted projection's gradients.
     #[allow(clippy::too_many_arguments)]
-    fn lora_backward(
+    fn group_backward(
+        w: &PackedWeight,
         x: &[f32],
         rows: usize,
-        slot: Slot,
-        ab: (&[f32], &[f32], f32),
+        group: &[Adapted<'_>],
         t: &[f32],
         dy: &[f32],
-        ldy: usize,
         dx: Option<&mut [f32]>,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let (a, b, scale) = ab;
-        let r = a.len() / slot.inp;
-        let dy = &dy[slot.col..];
-        let mut g = vec![0.0f32; rows * r];
-        gemm(MatA::rows(dy, ldy), rows, &PackedB::from_rows(b, slot.out, r, r, Precision::F32), &mut g, r, false);
-        g.iter_mut().for_each(|v| *v *= scale);
+    ) -> Vec<(&'static str, (Vec<f32>, Vec<f32>))> {
+        let lora = Self::lora_input_grad(dy, rows, group, w.out);
         if let Some(dx) = dx {
-            gemm(
-                MatA::rows(&g, r),
-                rows,
-                &PackedB::from_rows(a, r, slot.inp, slot.inp, Precision::F32),
-                dx,
-                slot.inp,
-                true,
-            );
+            w.backward(dy, rows, dx, lora.as_ref().map(|(g, l)| (g.as_slice(), l)));
         }
-        let mut da = vec![0.0f32; r * slot.inp];
+        match lora {
+            Some((g, _)) => Self::lora_grads(x, rows, group, (t, &g), dy, w.out),
+            None => Vec::new(),
+        }
+    }
+
+    /// Each adapted projection's gradients (`dA`, `dB`) at input `x`, from
+    /// the forward's `t` and the backward's `g` (side by side, group order)
+    /// and the product's output gradient `dy`.
+    fn lora_grads(
+        x: &[f32],
+        rows: usize,
+        group: &[Adapted<'_>],
+        (t, g): (&[f32], &[f32]),
+        dy: &[f32],
+        ldy: usize,
+    ) -> Vec<(&'static str, (Vec<f32>, Vec<f32>))> {
+        let Some(first) = group.first() else { return Vec::new() };
+        let inp = first.slot.inp;
+        let ranks: usize = group.iter().map(Adapted::rank).sum();
+        // dAᵀ = xᵀ · g: `x` read in place and only the narrow `g` packed
+        // (`dA = gᵀ · x` would pack all of `x` for a product of `Σ r` rows).
+        let mut dat = vec![0.0f32; inp * ranks];
         gemm(
-            MatA::transposed(&g, r),
-            r,
-            &PackedB::from_rows(x, rows, slot.inp, slot.inp, Precision::F32),
-            &mut da,
-            slot.inp,
+            MatA::transposed(x, inp),
+            inp,
+            &PackedB::from_rows(g, rows, ranks, ranks, Precision::F32),
+            &mut dat,
+            ranks,
             false,
         );
-        let mut db = vec![0.0f32; slot.out * r];
-        gemm(
-            MatA::transposed(dy, ldy),
-            slot.out,
-            &PackedB::from_rows(t, rows, r, r, Precision::F32),
-            &mut db,
-            r,
-            false,
-        );
-        db.iter_mut().for_each(|v| *v *= scale);
-        (da, db)
+        let mut col = 0;
+        group
+            .iter()
+            .map(|m| {
+                let (r, out) = (m.rank(), m.slot.out);
+                let mut db = vec![0.0f32; out * r];
+                gemm(
+                    MatA::transposed(&dy[m.slot.col..], ldy),
+                    out,
+                    &PackedB::from_rows(&t[col..], rows, r, ranks, Precision::F32),
+                    &mut db,
+                    r,
+                    false,
+                );
+                db.iter_mut().for_each(|v| *v *= m.scale);
+                let da = (col..col + r).flat_map(|j| dat.iter().skip(j).step_by(ranks).copied()).collect();
+                col += r;
+                (m.name, (da, db))
+            })
+            .collect()
     }
 
     /// The gradient of `Σ_s coefs[s] · log π(completion_s | prompt_s)` with
@@ -702,7 +785,7 @@ impl CpuModel {
         });
         let rows = batch.scored.len();
         let mut dhs = vec![0.0f32; rows * d.h];
-        self.head.backward(&dlogits, rows, &mut dhs, false);
+        self.head.backward(&dlogits, rows, &mut dhs, None);
         drop(dlogits);
         let mut dnormed = vec![0.0f32; n * d.h];
         for (src, (r, _, _)) in dhs.chunks(d.h).zip(&batch.scored) {
@@ -711,24 +794,18 @@ impl CpuModel {
         let mut dx = vec![0.0f32; n * d.h];
         rms_norm_backward_into(&fwd.x_final, d.h, &self.norm, c.rms_norm_eps, &dnormed, &mut dx);
         let mut grads = LoraGrads::new();
-        let mut record = |l: usize, m: &str, g: (Vec<f32>, Vec<f32>)| {
-            grads.insert((l, m.to_string()), g);
+        let mut record = |l: usize, gs: Vec<(&'static str, (Vec<f32>, Vec<f32>))>| {
+            for (m, g) in gs {
+                grads.insert((l, m.to_string()), g);
+            }
         };
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let tr = &fwd.layers[l];
-            let adapted = |m: &str| lora.get(l, m);
+            let group = |g: usize| adapted_of(Some(lora), &d, l, GROUPS[g]);
             // MLP: x_out = x_mid + down(silu(gate) · up).
             let act = swiglu(&tr.gate_up, n, d.i);
             let mut dact = vec![0.0f32; n * d.i];
-            layer.down.backward(&dx, n, &mut dact, false);
-            if let Some(ab) = adapted("down_proj") {
-                let t = &tr.lora_t["down_proj"];
-                record(
-                    l,
-                    "down_proj",
-                    Self::lora_backward(&act, n, d.slot("down_proj"), ab, t, &dx, d.h, Some(&mut dact)),
-                );
-            }
+            record(l, Self::group_backward(&layer.down, &act, n, &group(3), &tr.lora_t[3], &dx, Some(&mut dact)));
             drop(act);
             let mut dgu = vec![0.0f32; n * 2 * d.i];
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
@@ -741,27 +818,16 @@ impl CpuModel {
             drop(dact);
             let normed2 = rms_norm_rows(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps);
             let mut dn2 = vec![0.0f32; n * d.h];
-            layer.gate_up.backward(&dgu, n, &mut dn2, false);
-            for m in ["gate_proj", "up_proj"] {
-                if let Some(ab) = adapted(m) {
-                    let t = &tr.lora_t[m];
-                    record(l, m, Self::lora_backward(&normed2, n, d.slot(m), ab, t, &dgu, 2 * d.i, Some(&mut dn2)));
-                }
-            }
+            record(
+                l,
+                Self::group_backward(&layer.gate_up, &normed2, n, &group(2), &tr.lora_t[2], &dgu, Some(&mut dn2)),
+            );
             drop((dgu, normed2));
             rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, &dn2, &mut dx);
             drop(dn2);
             // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
             let mut dattn = vec![0.0f32; n * d.q];
-            layer.o.backward(&dx, n, &mut dattn, false);
-            if let Some(ab) = adapted("o_proj") {
-                let t = &tr.lora_t["o_proj"];
-                record(
-                    l,
-                    "o_proj",
-                    Self::lora_backward(&tr.attn, n, d.slot("o_proj"), ab, t, &dx, d.h, Some(&mut dattn)),
-                );
-            }
+            record(l, Self::group_backward(&layer.o, &tr.attn, n, &group(1), &tr.lora_t[1], &dx, Some(&mut dattn)));
             let mut dqkv = self.attention_backward(batch, tr, &dattn);
             drop(dattn);
             rope_rows(&mut dqkv, &d, &batch.positions, &cos, &sin, -1.0);
@@ -769,16 +835,8 @@ impl CpuModel {
             // The first layer's input gradient feeds nothing (embeddings are frozen).
             let needs_dx = l > 0;
             let mut dn1 = vec![0.0f32; if needs_dx { n * d.h } else { 0 }];
-            if needs_dx {
-                layer.qkv.backward(&dqkv, n, &mut dn1, false);
-            }
-            for m in ["q_proj", "k_proj", "v_proj"] {
-                if let Some(ab) = adapted(m) {
-                    let t = &tr.lora_t[m];
-                    let target = if needs_dx { Some(dn1.as_mut_slice()) } else { None };
-                    record(l, m, Self::lora_backward(&normed1, n, d.slot(m), ab, t, &dqkv, d.qkv(), target));
-                }
-            }
+            let target = if needs_dx { Some(dn1.as_mut_slice()) } else { None };
+            record(l, Self::group_backward(&layer.qkv, &normed1, n, &group(0), &tr.lora_t[0], &dqkv, target));
             if needs_dx {
                 rms_norm_backward_into(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps, &dn1, &mut dx);
             }
@@ -844,15 +902,11 @@ impl CpuModel {
 /// Per (sequence, key/value head): dq of each query head of the group, dk, dv.
 type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
 
-/// The `'static` name of a projection (trace keys).
-fn static_name(m: &str) -> &'static str {
-    PROJECTIONS.iter().find(|p| **p == m).copied().unwrap_or("down_proj")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::SplitMix;
+    use crate::arch::PROJECTIONS;
     use crate::grad::completion_logprob_grad;
     use crate::objective::batch_loss_and_grads;
     use crate::tiny::{random_model, tiny_config, tiny_model};

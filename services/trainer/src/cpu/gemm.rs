@@ -454,6 +454,17 @@ impl<'a> MatA<'a> {
 struct Scratch {
     f32s: Vec<f32>,
     pairs: Vec<u32>,
+    /// The last partial block of a second product's `A`.
+    extra: Vec<f32>,
+}
+
+/// A second, narrow product added to `C` inside [`gemm_plus`].
+struct Extra<'a> {
+    a: MatA<'a>,
+    b: &'a PackedB,
+    /// Per panel of `b`: its rows holding any non-zero value (a
+    /// block-diagonal `b` adds each block's columns from its own rows only).
+    spans: Vec<(usize, usize)>,
 }
 
 thread_local! {
@@ -464,21 +475,72 @@ thread_local! {
 /// row stride `ldc`. Splits over rows (or, for few rows, columns) of `C`
 /// across the current rayon pool.
 pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
-    let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C smaller than {m} x {n} (ldc {ldc})");
+    gemm_with(a, m, b, c, ldc, accumulate, None);
+}
+
+/// `C (+)= A · B + A₂ · B₂` for a narrow f32 second product (a LoRA term:
+/// `A₂ [m × r]`, `B₂ [r × n]` packed in f32): each tile adds it right after
+/// its own last block of `A · B`, while the tile is still in L1, instead of
+/// a second pass over all of `C`. `B₂`'s all-zero rows are skipped per
+/// panel, so a block-diagonal `B₂` costs only its blocks. The sums are
+/// those of `gemm` followed by a `gemm` of the second product accumulating
+/// into `C`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_plus(
+    a: MatA<'_>,
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    (a2, b2): (MatA<'_>, &PackedB),
+) {
+    assert!(b2.n == b.n && b.k > 0, "the second product must have the first's columns and a non-empty first");
+    let Panels::F32(data) = &b2.panels else { panic!("the second product of gemm_plus is packed in f32") };
+    let (k2, panels) = (b2.k, b2.n.div_ceil(NR));
+    let spans = (0..panels)
+        .map(|p| {
+            let panel = &data[p * k2 * NR..(p + 1) * k2 * NR];
+            let used = |kk: &usize| panel[kk * NR..(kk + 1) * NR].iter().any(|v| *v != 0.0);
+            match (0..k2).find(used) {
+                Some(lo) => (lo, (0..k2).rev().find(used).map_or(lo, |hi| hi + 1)),
+                None => (0, 0),
+            }
+        })
+        .collect();
+    check_a(a2, m, k2);
+    gemm_with(a, m, b, c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
+}
+
+fn check_a(a: MatA<'_>, m: usize, k: usize) {
     if !a.transposed {
         assert!(k == 0 || a.data.len() >= (m - 1) * a.ld + k, "A smaller than {m} x {k}");
     } else {
         assert!(k == 0 || a.data.len() >= (k - 1) * a.ld + m, "Aᵀ smaller than {k} x {m}");
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    a: MatA<'_>,
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    extra: Option<&Extra<'_>>,
+) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C smaller than {m} x {n} (ldc {ldc})");
+    check_a(a, m, k);
     let c = &mut c[..(m - 1) * ldc + n];
     let threads = rayon::current_num_threads();
     let work = m * n * k.max(1);
     if threads <= 1 || work < PARALLEL_WORK {
-        gemm_rows(a, 0, m, b, 0, b.n.div_ceil(NR), c, ldc, accumulate);
+        gemm_rows(a, 0, m, b, 0, b.n.div_ceil(NR), c, ldc, accumulate, extra);
         return;
     }
     let blocks = m.div_ceil(MR);
@@ -488,7 +550,7 @@ pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accum
         c.par_chunks_mut(per * ldc).enumerate().for_each(|(t, chunk)| {
             let r0 = t * per;
             let rows = per.min(m - r0);
-            gemm_rows(a, r0, rows, b, 0, b.n.div_ceil(NR), chunk, ldc, accumulate);
+            gemm_rows(a, r0, rows, b, 0, b.n.div_ceil(NR), chunk, ldc, accumulate, extra);
         });
     } else {
         // Few rows: split panels into narrow column strips; each task sums
@@ -509,7 +571,7 @@ pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accum
                         part[i * width..(i + 1) * width].copy_from_slice(&c[i * ldc + c0..i * ldc + c1]);
                     }
                 }
-                gemm_rows(a, 0, m, b, p0, p1, &mut part, width, accumulate);
+                gemm_rows(a, 0, m, b, p0, p1, &mut part, width, accumulate, extra);
                 (c0, width, part)
             })
             .collect();
@@ -522,7 +584,8 @@ pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accum
 }
 
 /// Rows `r0..r0 + rows` of `A` times panels `p0..p1` of `B` into `c`, whose
-/// row 0 is `A`'s row `r0` and column 0 is panel `p0`'s first column.
+/// row 0 is `A`'s row `r0` and column 0 is panel `p0`'s first column; plus
+/// the `extra` product's rows, tile by tile.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     a: MatA<'_>,
@@ -534,6 +597,7 @@ fn gemm_rows(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
+    extra: Option<&Extra<'_>>,
 ) {
     let k = b.k;
     let blocks = rows.div_ceil(MR);
@@ -548,13 +612,38 @@ fn gemm_rows(
     }
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
+        let scratch = &mut *scratch;
         let isa = Isa::detect();
+        let full = rows / MR;
+        // Adds the extra product to tile (`p`, `blk`) of `c` at `off`.
+        let extra_tail = &mut scratch.extra;
+        if let Some(e) = extra.filter(|_| full < blocks) {
+            extra_tail.clear();
+            extra_tail.resize(e.b.k * MR, 0.0);
+            pack_a(e.a, r0 + full * MR, rows - full * MR, e.b.k, |_, kk, i, v| extra_tail[kk * MR + i] = v);
+        }
+        let extra_tail = &*extra_tail;
+        let finish = |p: usize, blk: usize, c: &mut [f32], tile_rows: usize, cols: usize| {
+            let Some(e) = extra else { return };
+            let (lo, hi) = e.spans[p];
+            if hi == lo {
+                return;
+            }
+            let sliver = if blk == full {
+                (&extra_tail[lo * MR..], 1, MR)
+            } else if e.a.transposed {
+                (&e.a.data[lo * e.a.ld + r0 + blk * MR..], 1, e.a.ld)
+            } else {
+                (&e.a.data[(r0 + blk * MR) * e.a.ld + lo..], e.a.ld, 1)
+            };
+            let Some(panel) = e.b.f32_panel(p, lo, hi - lo) else { unreachable!("checked f32 in gemm_plus") };
+            tile_f32(isa, hi - lo, sliver, panel, (std::ptr::null(), 0), c, ldc, tile_rows, cols, true);
+        };
         match &b.panels {
             Panels::F32(_) | Panels::Bf16Wide(_) => {
                 // f32 `A` is read in place (its rows, or its transpose's,
                 // are already contiguous runs); only a last partial block of
                 // rows is copied, zero-padded, so tiles never read past `A`.
-                let full = rows / MR;
                 let tail = &mut scratch.f32s;
                 tail.clear();
                 if full < blocks {
@@ -589,6 +678,9 @@ fn gemm_rows(
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
                         tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
+                        if k0 + kc == k {
+                            finish(p, blk, &mut c[off..], tile_rows, cols);
+                        }
                     }
                 }
             }
@@ -629,6 +721,9 @@ fn gemm_rows(
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
                         tile_bf16(isa, qc, sliver, panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
+                        if q0 + qc == pairs {
+                            finish(p, blk, &mut c[off..], tile_rows, cols);
+                        }
                     }
                 }
             }
@@ -1180,6 +1275,44 @@ mod tests {
                 let one = run(1);
                 assert_eq!(one, run(2), "{m}x{k}x{n} {precision:?}");
                 assert_eq!(one, run(3), "{m}x{k}x{n} {precision:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_second_product_adds_the_same_sums_as_a_second_pass() {
+        // Row splits, column splits (few rows) and a partial last block;
+        // a block-diagonal second operand (zero rows skipped per panel),
+        // read as rows and as a transpose; every storage of the first.
+        for &(m, k, n) in &[(300, 70, 200), (5, 90, 700), (13, 33, 45)] {
+            let (a, b) = (random(m * k, 21), random(k * n, 22));
+            let r = 6;
+            let t = random(m * r, 23);
+            let mut l = vec![0.0f32; r * n];
+            for (j, row) in l.chunks_mut(n).enumerate() {
+                let cols = if j < 3 { 0..n / 3 } else { n / 2..n };
+                row[cols].iter_mut().zip(random(n, 24 + j as u64)).for_each(|(v, x)| *v = x);
+            }
+            let mut tt = vec![0.0f32; r * m];
+            for i in 0..m {
+                for j in 0..r {
+                    tt[j * m + i] = t[i * r + j];
+                }
+            }
+            let second = PackedB::from_rows(&l, r, n, n, Precision::F32);
+            for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+                let first = PackedB::from_rows(&b, k, n, n, precision);
+                let mut want = vec![0.0f32; m * n];
+                gemm(MatA::rows(&a, k), m, &first, &mut want, n, false);
+                gemm(MatA::rows(&t, r), m, &second, &mut want, n, true);
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    for a2 in [MatA::rows(&t, r), MatA::transposed(&tt, m)] {
+                        let mut got = vec![f32::NAN; m * n];
+                        pool.install(|| gemm_plus(MatA::rows(&a, k), m, &first, &mut got, n, false, (a2, &second)));
+                        assert_eq!(got, want, "{m}x{k}x{n} {precision:?} {threads} threads");
+                    }
+                }
             }
         }
     }

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::engine::{CpuModel, rms_norm_rows, rope_rows, swiglu};
+use super::engine::{CpuModel, adapted_of, rms_norm_rows, rope_rows, swiglu};
+use super::gemm::{MatA, gemm};
 use super::simd;
 use crate::lora::LoraAdapter;
 use crate::model::ops::rope_tables;
@@ -170,16 +171,17 @@ impl CpuModel {
                 groups.entry(a).or_default().push(i);
             }
         }
-        let lora = |x: &[f32], l: usize, module: &str, y: &mut [f32], ldy: usize| {
+        let lora = |x: &[f32], l: usize, module: &'static str, y: &mut [f32], ldy: usize| {
             let slot = d.slot(module);
             for (a, members) in &groups {
-                let Some(ab) = adapters[*a].get(l, module) else { continue };
+                let adapted = adapted_of(Some(&adapters[*a]), &d, l, &[module]);
                 let mut xs = Vec::with_capacity(members.len() * slot.inp);
                 for &i in members {
                     xs.extend_from_slice(&x[i * slot.inp..(i + 1) * slot.inp]);
                 }
+                let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), &adapted, ldy) else { continue };
                 let mut ys = vec![0.0f32; members.len() * ldy];
-                CpuModel::lora_forward(&xs, members.len(), slot, ab, &mut ys, ldy);
+                gemm(MatA::rows(&t, l.k()), members.len(), &l, &mut ys, ldy, false);
                 for (j, &i) in members.iter().enumerate() {
                     let (dst, src) = (&mut y[i * ldy..(i + 1) * ldy], &ys[j * ldy..(j + 1) * ldy]);
                     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
@@ -191,7 +193,7 @@ impl CpuModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let normed1 = rms_norm_rows(&x, d.h, &layer.norm1, c.rms_norm_eps);
             let mut qkv = vec![0.0f32; n * width];
-            layer.qkv.forward(&normed1, n, &mut qkv, false);
+            layer.qkv.forward(&normed1, n, &mut qkv, None);
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
@@ -208,17 +210,17 @@ impl CpuModel {
             }
             let attn = self.cached_attention(rows, &qkv, caches, l);
             let mut o = vec![0.0f32; n * d.h];
-            layer.o.forward(&attn, n, &mut o, false);
+            layer.o.forward(&attn, n, &mut o, None);
             lora(&attn, l, "o_proj", &mut o, d.h);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = vec![0.0f32; n * 2 * d.i];
-            layer.gate_up.forward(&normed2, n, &mut gu, false);
+            layer.gate_up.forward(&normed2, n, &mut gu, None);
             for m in ["gate_proj", "up_proj"] {
                 lora(&normed2, l, m, &mut gu, 2 * d.i);
             }
             let act = swiglu(&gu, n, d.i);
-            layer.down.forward(&act, n, &mut o, false);
+            layer.down.forward(&act, n, &mut o, None);
             lora(&act, l, "down_proj", &mut o, d.h);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
@@ -234,7 +236,7 @@ impl CpuModel {
         }
         let hs = rms_norm_rows(&hs, d.h, &self.norm, c.rms_norm_eps);
         let mut logits = vec![0.0f32; picked.len() * d.vocab];
-        self.head.forward(&hs, picked.len(), &mut logits, false);
+        self.head.forward(&hs, picked.len(), &mut logits, None);
         Ok(picked.iter().zip(logits.chunks(d.vocab)).map(|((s, _), l)| (*s, l.to_vec())).collect())
     }
 
