@@ -92,17 +92,8 @@ impl AdamW {
             tensors.push((wa, ga, ma, va));
             tensors.push((wb, gb, mb, vb));
         }
-        tensors.into_par_iter().for_each(|(w, g, m, v)| {
-            for i in 0..w.len() {
-                let gi = f64::from(g[i]);
-                let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
-                let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-                let update = (mi / c1) / ((vi / c2).sqrt() + eps) + decay * f64::from(w[i]);
-                w[i] = (f64::from(w[i]) - lr * update) as f32;
-            }
-        });
+        let h = [b1, b2, c1, c2, eps, decay, lr];
+        tensors.into_par_iter().for_each(|(w, g, m, v)| crate::cpu::simd::adamw(w, g, m, v, h));
     }
 }
 

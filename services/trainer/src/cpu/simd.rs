@@ -116,6 +116,25 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// One AdamW step of a tensor ([`crate::optim::AdamW::update`]), element
+    /// by element in f64; `h` is `[β₁, β₂, 1 − β₁ᵗ, 1 − β₂ᵗ, ε, weight
+    /// decay, learning rate]`.
+    pub fn adamw(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f64; 7]) {
+        assert!(g.len() == w.len() && m.len() == w.len() && v.len() == w.len(), "a moment per weight");
+        let [b1, b2, c1, c2, eps, decay, lr] = h;
+        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = f64::from(*g);
+            let mi = b1 * f64::from(*m) + (1.0 - b1) * gi;
+            let vi = b2 * f64::from(*v) + (1.0 - b2) * gi * gi;
+            *m = mi as f32;
+            *v = vi as f32;
+            let update = (mi / c1) / ((vi / c2).sqrt() + eps) + decay * f64::from(*w);
+            *w = (f64::from(*w) - lr * update) as f32;
+        }
+    }
+}
+
 /// Cached keys and values of `count` positions: those of position `j` start
 /// at `j · stride + offset` in `keys` / `values`.
 #[derive(Debug, Clone, Copy)]
