@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{MatA, PackedB, Precision, gemm, gemm_plus};
+use super::gemm::{MatA, NR, PackedB, Precision, gemm, gemm_plus, gemm_window};
 use super::simd;
 use crate::TrainerError;
 use crate::arch::{LlamaConfig, projection_name};
@@ -561,15 +561,22 @@ impl CpuModel {
                 let q = &qkv[t0 * width + h * hd..];
                 let k = &qkv[t0 * width + d.q + kvh * hd..];
                 let v = &qkv[t0 * width + d.q + d.kv + kvh * hd..];
+                // Causal: a block of queries needs only the keys up to its
+                // last one (and, below, those values).
+                let keys = PackedB::from_transposed(k, t, hd, width, Precision::F32);
                 let mut p = vec![0.0f32; t * t];
-                gemm(
-                    MatA::rows(q, width),
-                    t,
-                    &PackedB::from_transposed(k, t, hd, width, Precision::F32),
-                    &mut p,
-                    t,
-                    false,
-                );
+                for (i0, i1) in causal_blocks(t) {
+                    gemm_window(
+                        MatA::rows(&q[i0 * width..], width),
+                        i1 - i0,
+                        &keys,
+                        0..hd,
+                        i1,
+                        &mut p[i0 * t..],
+                        t,
+                        false,
+                    );
+                }
                 for i in 0..t {
                     let row = &mut p[i * t..(i + 1) * t];
                     let max = row[..=i].iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
@@ -581,8 +588,11 @@ impl CpuModel {
                     row[..=i].iter_mut().for_each(|s| *s /= sum);
                     row[i + 1..].fill(0.0);
                 }
+                let values = PackedB::from_rows(v, t, hd, width, Precision::F32);
                 let mut o = vec![0.0f32; t * hd];
-                gemm(MatA::rows(&p, t), t, &PackedB::from_rows(v, t, hd, width, Precision::F32), &mut o, hd, false);
+                for (i0, i1) in causal_blocks(t) {
+                    gemm_window(MatA::rows(&p[i0 * t..], t), i1 - i0, &values, 0..i1, hd, &mut o[i0 * hd..], hd, false);
+                }
                 (p, o)
             })
             .collect();
@@ -614,12 +624,25 @@ impl CpuModel {
                 let v_t = PackedB::from_transposed(v, t, hd, width, Precision::F32);
                 let (mut dk, mut dv) = (vec![0.0f32; t * hd], vec![0.0f32; t * hd]);
                 let mut dqs = Vec::with_capacity(group);
+                // Causal: query block i0..i1 reaches keys ..i1; key block
+                // j0..j1 is reached by queries j0.. only.
                 for (j, h) in (kvh * group..(kvh + 1) * group).enumerate() {
                     let p = &tr.probs[s * d.nh + h];
                     let dout = &dattn[t0 * d.q + h * hd..];
                     let q = &tr.qkv[t0 * width + h * hd..];
                     let mut ds = vec![0.0f32; t * t];
-                    gemm(MatA::rows(dout, d.q), t, &v_t, &mut ds, t, false);
+                    for (i0, i1) in causal_blocks(t) {
+                        gemm_window(
+                            MatA::rows(&dout[i0 * d.q..], d.q),
+                            i1 - i0,
+                            &v_t,
+                            0..hd,
+                            i1,
+                            &mut ds[i0 * t..],
+                            t,
+                            false,
+                        );
+                    }
                     for i in 0..t {
                         let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
                         let weighted: f32 = prow[..=i].iter().zip(&drow[..=i]).map(|(a, b)| a * b).sum();
@@ -629,23 +652,27 @@ impl CpuModel {
                         drow[i + 1..].fill(0.0);
                     }
                     let mut dq = vec![0.0f32; t * hd];
-                    gemm(MatA::rows(&ds, t), t, &k_rows, &mut dq, hd, false);
-                    gemm(
-                        MatA::transposed(&ds, t),
-                        t,
-                        &PackedB::from_rows(q, t, hd, width, Precision::F32),
-                        &mut dk,
-                        hd,
-                        j > 0,
+                    let (q_rows, dout_rows) = (
+                        PackedB::from_rows(q, t, hd, width, Precision::F32),
+                        PackedB::from_rows(dout, t, hd, d.q, Precision::F32),
                     );
-                    gemm(
-                        MatA::transposed(p, t),
-                        t,
-                        &PackedB::from_rows(dout, t, hd, d.q, Precision::F32),
-                        &mut dv,
-                        hd,
-                        j > 0,
-                    );
+                    for (i0, i1) in causal_blocks(t) {
+                        let rows = i1 - i0;
+                        gemm_window(
+                            MatA::rows(&ds[i0 * t..], t),
+                            rows,
+                            &k_rows,
+                            0..i1,
+                            hd,
+                            &mut dq[i0 * hd..],
+                            hd,
+                            false,
+                        );
+                        let (dsk, pk) =
+                            (MatA::transposed(&ds[i0 * t + i0..], t), MatA::transposed(&p[i0 * t + i0..], t));
+                        gemm_window(dsk, rows, &q_rows, i0..t, hd, &mut dk[i0 * hd..], hd, j > 0);
+                        gemm_window(pk, rows, &dout_rows, i0..t, hd, &mut dv[i0 * hd..], hd, j > 0);
+                    }
                     dqs.push(dq);
                 }
                 (dqs, dk, dv)
@@ -897,6 +924,12 @@ impl CpuModel {
         let grads = self.backward(&batch, lora, &fwd, &coefs)?;
         Ok((loss, grads))
     }
+}
+
+/// Blocks of rows `i0..i1` of a causal `t × t` matrix: row `i` of block
+/// `i0..i1` needs columns `..i1` only; 32 rows (one panel of columns) each.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(NR).map(move |i0| (i0, (i0 + NR).min(t)))
 }
 
 /// Per (sequence, key/value head): dq of each query head of the group, dk, dv.

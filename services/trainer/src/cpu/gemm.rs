@@ -480,7 +480,42 @@ thread_local! {
 /// row stride `ldc`. Splits over rows (or, for few rows, columns) of `C`
 /// across the current rayon pool.
 pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
-    gemm_with(a, m, b, c, ldc, accumulate, None);
+    gemm_with(a, m, b, Window::all(b), c, ldc, accumulate, None);
+}
+
+/// `C[m × n] (+)= A[m × ks.len()] · B[ks, ..n]`: a window of `B`, its rows
+/// `ks` and first `n` columns, packed once for the whole matrix (causal
+/// attention multiplies growing windows of one packed operand). `A`'s
+/// column 0 meets `B`'s row `ks.start`. f32 and bf16-stored operands only
+/// (bf16 dot-product panels pair their rows).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_window(
+    a: MatA<'_>,
+    m: usize,
+    b: &PackedB,
+    ks: std::ops::Range<usize>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(ks.start <= ks.end && ks.end <= b.k && n <= b.n, "window {ks:?} x ..{n} outside {} x {}", b.k, b.n);
+    assert!(!matches!(b.panels, Panels::Bf16(_)), "a window of a bf16 dot-product operand");
+    gemm_with(a, m, b, Window { k0: ks.start, k: ks.len(), n }, c, ldc, accumulate, None);
+}
+
+/// The part of `B` a product uses: rows `k0..k0 + k`, columns `..n`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    k0: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Window {
+    fn all(b: &PackedB) -> Window {
+        Window { k0: 0, k: b.k, n: b.n }
+    }
 }
 
 /// `C (+)= A · B + A₂ · B₂` for a narrow f32 second product (a LoRA term:
@@ -514,7 +549,7 @@ pub fn gemm_plus(
         })
         .collect();
     check_a(a2, m, k2);
-    gemm_with(a, m, b, c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
+    gemm_with(a, m, b, Window::all(b), c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
 }
 
 fn check_a(a: MatA<'_>, m: usize, k: usize) {
@@ -530,12 +565,13 @@ fn gemm_with(
     a: MatA<'_>,
     m: usize,
     b: &PackedB,
+    win: Window,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
     extra: Option<&Extra<'_>>,
 ) {
-    let (k, n) = (b.k, b.n);
+    let (k, n) = (win.k, win.n);
     if m == 0 || n == 0 {
         return;
     }
@@ -545,7 +581,7 @@ fn gemm_with(
     let threads = rayon::current_num_threads();
     let work = m * n * k.max(1);
     if threads <= 1 || work < PARALLEL_WORK {
-        gemm_rows(a, 0, m, b, 0, b.n.div_ceil(NR), c, ldc, accumulate, extra);
+        gemm_rows(a, 0, m, (b, win), 0, n.div_ceil(NR), c, ldc, accumulate, extra);
         return;
     }
     let blocks = m.div_ceil(MR);
@@ -555,14 +591,14 @@ fn gemm_with(
         c.par_chunks_mut(per * ldc).enumerate().for_each(|(t, chunk)| {
             let r0 = t * per;
             let rows = per.min(m - r0);
-            gemm_rows(a, r0, rows, b, 0, b.n.div_ceil(NR), chunk, ldc, accumulate, extra);
+            gemm_rows(a, r0, rows, (b, win), 0, n.div_ceil(NR), chunk, ldc, accumulate, extra);
         });
     } else {
         // Few rows: split panels into narrow column strips; each task sums
         // into its own small buffer, then it is copied into its columns. (A
         // strip per thread would give each task rows tens of KiB apart, whose
         // tiles then collide in the same cache sets.)
-        let panels = b.n.div_ceil(NR);
+        let panels = n.div_ceil(NR);
         let per = panels.div_ceil(threads).clamp(1, 8);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
             .into_par_iter()
@@ -576,7 +612,7 @@ fn gemm_with(
                         part[i * width..(i + 1) * width].copy_from_slice(&c[i * ldc + c0..i * ldc + c1]);
                     }
                 }
-                gemm_rows(a, 0, m, b, p0, p1, &mut part, width, accumulate, extra);
+                gemm_rows(a, 0, m, (b, win), p0, p1, &mut part, width, accumulate, extra);
                 (c0, width, part)
             })
             .collect();
@@ -588,15 +624,15 @@ fn gemm_with(
     }
 }
 
-/// Rows `r0..r0 + rows` of `A` times panels `p0..p1` of `B` into `c`, whose
-/// row 0 is `A`'s row `r0` and column 0 is panel `p0`'s first column; plus
-/// the `extra` product's rows, tile by tile.
+/// Rows `r0..r0 + rows` of `A` times panels `p0..p1` of `B`'s window into
+/// `c`, whose row 0 is `A`'s row `r0` and column 0 is panel `p0`'s first
+/// column; plus the `extra` product's rows, tile by tile.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     a: MatA<'_>,
     r0: usize,
     rows: usize,
-    b: &PackedB,
+    (b, win): (&PackedB, Window),
     p0: usize,
     p1: usize,
     c: &mut [f32],
@@ -604,13 +640,13 @@ fn gemm_rows(
     accumulate: bool,
     extra: Option<&Extra<'_>>,
 ) {
-    let k = b.k;
+    let (k, n) = (win.k, win.n);
     let blocks = rows.div_ceil(MR);
     let col0 = p0 * NR;
     if k == 0 {
         if !accumulate {
             for i in 0..rows {
-                c[i * ldc..i * ldc + (p1 * NR).min(b.n) - col0].fill(0.0);
+                c[i * ldc..i * ldc + (p1 * NR).min(n) - col0].fill(0.0);
             }
         }
         return;
@@ -669,12 +705,12 @@ fn gemm_rows(
                 let order = (p0..p1).step_by(NC_PANELS).flat_map(|g| {
                     (0..k).step_by(KC).flat_map(move |k0| (g..(g + NC_PANELS).min(p1)).map(move |p| (p, k0)))
                 });
-                let panel_at = |(p, k0): (usize, usize)| b.f32_panel(p, k0, KC.min(k - k0));
+                let panel_at = |(p, k0): (usize, usize)| b.f32_panel(p, win.k0 + k0, KC.min(k - k0));
                 let mut next = order.clone().skip(1);
                 for (p, k0) in order {
                     let kc = KC.min(k - k0);
                     let acc = accumulate || k0 > 0;
-                    let cols = NR.min(b.n - p * NR);
+                    let cols = NR.min(n - p * NR);
                     let Some(panel) = panel_at((p, k0)) else { unreachable!("f32 kernel on a bf16 dot-product panel") };
                     let ahead = next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
                     for blk in 0..blocks {
@@ -714,7 +750,7 @@ fn gemm_rows(
                 for (p, q0) in order {
                     let qc = kcp.min(pairs - q0);
                     let acc = accumulate || q0 > 0;
-                    let cols = NR.min(b.n - p * NR);
+                    let cols = NR.min(n - p * NR);
                     let panel = panel_at((p, q0));
                     let ahead = next
                         .next()
@@ -1280,6 +1316,31 @@ mod tests {
                 let one = run(1);
                 assert_eq!(one, run(2), "{m}x{k}x{n} {precision:?}");
                 assert_eq!(one, run(3), "{m}x{k}x{n} {precision:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_multiplies_only_its_rows_and_columns_of_b() {
+        // Windows inside one panel, across panels and k blocks, at the edge.
+        let (k, n) = (900, 100);
+        let b = random(k * n, 31);
+        for precision in [Precision::F32, Precision::Bf16Weights] {
+            let packed = PackedB::from_rows(&b, k, n, n, precision);
+            for &(m, k0, k1, cols) in &[(7, 0, 900, 100), (30, 5, 33, 17), (300, 100, 899, 64), (2, 450, 451, 99)] {
+                let a = random(m * (k1 - k0), 32);
+                let window: Vec<f32> = (k0..k1).flat_map(|kk| b[kk * n..kk * n + cols].to_vec()).collect();
+                let want = reference(&a, m, k1 - k0, &window, cols, precision);
+                let mut c = vec![f32::NAN; m * (cols + 3)];
+                gemm_window(MatA::rows(&a, k1 - k0), m, &packed, k0..k1, cols, &mut c, cols + 3, false);
+                let tol = 1e-5 * ((k1 - k0) as f64).sqrt();
+                for i in 0..m {
+                    for j in 0..cols {
+                        let got = f64::from(c[i * (cols + 3) + j]);
+                        assert!((got - want[i * cols + j]).abs() <= tol, "{m} {k0}..{k1} {cols} {precision:?}");
+                    }
+                    assert!(c[i * (cols + 3) + cols..(i + 1) * (cols + 3)].iter().all(|v| v.is_nan()), "wrote past n");
+                }
             }
         }
     }
