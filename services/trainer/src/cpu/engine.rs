@@ -826,15 +826,20 @@ impl CpuModel {
                 grads.insert((l, m.to_string()), g);
             }
         };
+        // Every layer's gradients of the same shapes, each overwritten in
+        // full before it is read: allocated (and zeroed) once per pass.
+        let mut dact = vec![0.0f32; n * d.i];
+        let mut dgu = vec![0.0f32; n * 2 * d.i];
+        let mut dn2 = vec![0.0f32; n * d.h];
+        let mut dattn = vec![0.0f32; n * d.q];
+        let mut dn1 = vec![0.0f32; n * d.h];
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let tr = &fwd.layers[l];
             let group = |g: usize| adapted_of(Some(lora), &d, l, GROUPS[g]);
             // MLP: x_out = x_mid + down(silu(gate) · up).
             let act = swiglu(&tr.gate_up, n, d.i);
-            let mut dact = vec![0.0f32; n * d.i];
             record(l, Self::group_backward(&layer.down, &act, n, &group(3), &tr.lora_t[3], &dx, Some(&mut dact)));
             drop(act);
-            let mut dgu = vec![0.0f32; n * 2 * d.i];
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
                 |(dst, (gu, da))| {
                     let (gate, up) = gu.split_at(d.i);
@@ -842,26 +847,20 @@ impl CpuModel {
                     simd::silu_mul_backward(gate, up, da, dg, du);
                 },
             );
-            drop(dact);
             let normed2 = rms_norm_rows(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps);
-            let mut dn2 = vec![0.0f32; n * d.h];
             record(
                 l,
                 Self::group_backward(&layer.gate_up, &normed2, n, &group(2), &tr.lora_t[2], &dgu, Some(&mut dn2)),
             );
-            drop((dgu, normed2));
+            drop(normed2);
             rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, &dn2, &mut dx);
-            drop(dn2);
             // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            let mut dattn = vec![0.0f32; n * d.q];
             record(l, Self::group_backward(&layer.o, &tr.attn, n, &group(1), &tr.lora_t[1], &dx, Some(&mut dattn)));
             let mut dqkv = self.attention_backward(batch, tr, &dattn);
-            drop(dattn);
             rope_rows(&mut dqkv, &d, &batch.positions, &cos, &sin, -1.0);
             let normed1 = rms_norm_rows(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps);
             // The first layer's input gradient feeds nothing (embeddings are frozen).
             let needs_dx = l > 0;
-            let mut dn1 = vec![0.0f32; if needs_dx { n * d.h } else { 0 }];
             let target = if needs_dx { Some(dn1.as_mut_slice()) } else { None };
             record(l, Self::group_backward(&layer.qkv, &normed1, n, &group(0), &tr.lora_t[0], &dqkv, target));
             if needs_dx {
