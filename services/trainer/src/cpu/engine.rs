@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{MatA, NR, PackedB, Precision, gemm, gemm_plus, gemm_window};
+use super::pool;
 use super::simd;
 use crate::TrainerError;
 use crate::arch::{LlamaConfig, projection_name};
@@ -226,6 +227,21 @@ struct LayerTrace {
     lora_t: [Vec<f32>; 4],
 }
 
+impl Drop for LayerTrace {
+    fn drop(&mut self) {
+        let lora_t = self.lora_t.iter_mut().map(std::mem::take);
+        let probs = std::mem::take(&mut self.probs);
+        for v in [&mut self.x_in, &mut self.qkv, &mut self.attn, &mut self.x_mid, &mut self.gate_up]
+            .into_iter()
+            .map(std::mem::take)
+            .chain(lora_t)
+            .chain(probs)
+        {
+            pool::give(v);
+        }
+    }
+}
+
 /// The projections of a layer that read the same input, in the order their
 /// adapters are stacked: one product computes `x · Aᵀ` for all of them,
 /// one `dA`, one `dx`, and the input is packed once for all.
@@ -281,8 +297,15 @@ pub struct BatchForward {
     lse: Vec<f64>,
 }
 
+impl Drop for BatchForward {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.x_final));
+        pool::give(std::mem::take(&mut self.logits));
+    }
+}
+
 pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = pool::take(x.len());
     out.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, row)| {
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
         let inv = 1.0 / (mean_sq + eps as f32).sqrt();
@@ -324,7 +347,7 @@ pub(super) fn rope_rows(qkv: &mut [f32], d: &Dims, positions: &[usize], cos: &[f
 
 /// `silu(gate) · up` of every row of a fused gate/up matrix `[n × 2i]`.
 pub(super) fn swiglu(gate_up: &[f32], n: usize, i: usize) -> Vec<f32> {
-    let mut act = vec![0.0f32; n * i];
+    let mut act = pool::take(n * i);
     act.par_chunks_mut(i).zip(gate_up.par_chunks(2 * i)).for_each(|(a, g)| {
         let (gate, up) = g.split_at(i);
         simd::silu_mul(gate, up, a);
@@ -419,7 +442,7 @@ impl CpuModel {
         if let Some(bad) = tokens.iter().find(|t| **t as usize >= self.dims.vocab) {
             return Err(TrainerError::Format(format!("token {bad} outside the vocabulary of {}", self.dims.vocab)));
         }
-        let mut x = vec![0.0f32; tokens.len() * h];
+        let mut x = pool::take(tokens.len() * h);
         x.par_chunks_mut(h).zip(tokens.par_iter()).for_each(|(row, &t)| match &self.embed {
             Some(e) => e.row(t as usize, row),
             None => self.head.row(t as usize, row),
@@ -441,7 +464,7 @@ impl CpuModel {
         let inp = group.first()?.slot.inp;
         let ranks: usize = group.iter().map(Adapted::rank).sum();
         let stacked: Vec<f32> = group.iter().flat_map(|m| m.a.iter().copied()).collect();
-        let mut t = vec![0.0f32; rows * ranks];
+        let mut t = pool::take(rows * ranks);
         gemm(
             MatA::rows(x, inp),
             rows,
@@ -484,42 +507,44 @@ impl CpuModel {
             let mut tr = LayerTrace::default();
             let normed1 = rms_norm_rows(&x, d.h, &layer.norm1, c.rms_norm_eps);
             let width = d.qkv();
-            let mut qkv = vec![0.0f32; n * width];
+            let mut qkv = pool::take(n * width);
             let lora_qkv = Self::lora_forward(&normed1, n, &adapted_of(lora, &d, l, GROUPS[0]), width);
             layer.qkv.forward(&normed1, n, &mut qkv, lora_qkv.as_ref().map(|(t, l)| (t.as_slice(), l)));
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
             tr.lora_t[0] = lora_qkv.map(|(t, _)| t).unwrap_or_default();
-            drop(normed1);
+            pool::give(normed1);
             rope_rows(&mut qkv, &d, &batch.positions, &cos, &sin, 1.0);
             let (attn, probs) = self.attention(batch, &qkv);
-            let mut o = vec![0.0f32; n * d.h];
+            let mut o = pool::take(n * d.h);
             let lora_o = Self::lora_forward(&attn, n, &adapted_of(lora, &d, l, GROUPS[1]), d.h);
             layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), l)));
             tr.lora_t[1] = lora_o.map(|(t, _)| t).unwrap_or_default();
-            let x_in = if traced { Some(x.clone()) } else { None };
+            let x_in = traced.then(|| pool::copy_of(&x));
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
-            let mut gu = vec![0.0f32; n * 2 * d.i];
+            let mut gu = pool::take(n * 2 * d.i);
             let lora_gu = Self::lora_forward(&normed2, n, &adapted_of(lora, &d, l, GROUPS[2]), 2 * d.i);
             layer.gate_up.forward(&normed2, n, &mut gu, lora_gu.as_ref().map(|(t, l)| (t.as_slice(), l)));
             tr.lora_t[2] = lora_gu.map(|(t, _)| t).unwrap_or_default();
-            drop(normed2);
+            pool::give(normed2);
             let act = swiglu(&gu, n, d.i);
-            let x_mid = if traced { Some(x.clone()) } else { None };
+            let x_mid = traced.then(|| pool::copy_of(&x));
             // `o`'s buffer is reused for the down projection.
             let lora_down = Self::lora_forward(&act, n, &adapted_of(lora, &d, l, GROUPS[3]), d.h);
             layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), l)));
             tr.lora_t[3] = lora_down.map(|(t, _)| t).unwrap_or_default();
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            pool::give(o);
+            pool::give(act);
+            tr.qkv = qkv;
+            tr.probs = probs;
+            tr.attn = attn;
+            tr.gate_up = gu;
             if traced {
                 tr.x_in = x_in.unwrap_or_default();
                 tr.x_mid = x_mid.unwrap_or_default();
-                tr.qkv = qkv;
-                tr.probs = probs;
-                tr.attn = attn;
-                tr.gate_up = gu;
                 traces.push(tr);
             }
         }
@@ -530,20 +555,26 @@ impl CpuModel {
         hs.par_chunks_mut(d.h).zip(batch.scored.par_iter()).for_each(|(dst, (r, _, _))| {
             dst.copy_from_slice(&normed[r * d.h..(r + 1) * d.h]);
         });
-        let mut logits = vec![0.0f32; rows * d.vocab];
+        pool::give(normed);
+        let mut logits = pool::take(rows * d.vocab);
         self.head.forward(&hs, rows, &mut logits, None);
         let lse: Vec<f64> = logits.par_chunks(d.vocab).map(simd::log_sum_exp).collect();
         let mut logps = vec![0.0f64; batch.sequences()];
         for ((row, l), (_, target, s)) in logits.chunks(d.vocab).zip(&lse).zip(&batch.scored) {
             logps[*s] += f64::from(row[*target as usize]) - l;
         }
-        Ok(BatchForward {
-            logps,
-            layers: traces,
-            x_final: if traced { x } else { Vec::new() },
-            logits: if traced { logits } else { Vec::new() },
-            lse: if traced { lse } else { Vec::new() },
-        })
+        if !traced {
+            pool::give(x);
+            pool::give(logits);
+            return Ok(BatchForward {
+                logps,
+                layers: traces,
+                x_final: Vec::new(),
+                logits: Vec::new(),
+                lse: Vec::new(),
+            });
+        }
+        Ok(BatchForward { logps, layers: traces, x_final: x, logits, lse })
     }
 
     /// Causal attention within each sequence; returns `[rows × q]` and the
@@ -564,7 +595,7 @@ impl CpuModel {
                 // Causal: a block of queries needs only the keys up to its
                 // last one (and, below, those values).
                 let keys = PackedB::from_transposed(k, t, hd, width, Precision::F32);
-                let mut p = vec![0.0f32; t * t];
+                let mut p = pool::take(t * t);
                 for (i0, i1) in causal_blocks(t) {
                     gemm_window(
                         MatA::rows(&q[i0 * width..], width),
@@ -596,7 +627,7 @@ impl CpuModel {
                 (p, o)
             })
             .collect();
-        let mut attn = vec![0.0f32; batch.rows() * d.q];
+        let mut attn = pool::take(batch.rows() * d.q);
         let mut probs = Vec::with_capacity(tasks.len());
         for (&(s, h), (p, o)) in tasks.iter().zip(results) {
             let (t0, t) = batch.seq(s);
@@ -630,7 +661,7 @@ impl CpuModel {
                     let p = &tr.probs[s * d.nh + h];
                     let dout = &dattn[t0 * d.q + h * hd..];
                     let q = &tr.qkv[t0 * width + h * hd..];
-                    let mut ds = vec![0.0f32; t * t];
+                    let mut ds = pool::take(t * t);
                     for (i0, i1) in causal_blocks(t) {
                         gemm_window(
                             MatA::rows(&dout[i0 * d.q..], d.q),
@@ -673,12 +704,13 @@ impl CpuModel {
                         gemm_window(dsk, rows, &q_rows, i0..t, hd, &mut dk[i0 * hd..], hd, j > 0);
                         gemm_window(pk, rows, &dout_rows, i0..t, hd, &mut dv[i0 * hd..], hd, j > 0);
                     }
+                    pool::give(ds);
                     dqs.push(dq);
                 }
                 (dqs, dk, dv)
             })
             .collect();
-        let mut dqkv = vec![0.0f32; batch.rows() * width];
+        let mut dqkv = pool::take(batch.rows() * width);
         for (&(s, kvh), (dqs, dk, dv)) in tasks.iter().zip(results) {
             let (t0, t) = batch.seq(s);
             for i in 0..t {
@@ -803,7 +835,7 @@ impl CpuModel {
         }
         let (cos, sin) = rope_tables(batch.positions.iter().max().map_or(0, |p| p + 1), d.hd, c.rope_theta);
         // d(coef · log softmax[target]) / d logits = coef · (onehot − softmax).
-        let mut dlogits = vec![0.0f32; fwd.logits.len()];
+        let mut dlogits = pool::take(fwd.logits.len());
         let rows_in = fwd.logits.par_chunks(d.vocab).zip(fwd.lse.par_iter()).zip(batch.scored.par_iter());
         dlogits.par_chunks_mut(d.vocab).zip(rows_in).for_each(|(dst, ((row, lse), (_, target, s)))| {
             let coef = coefs[*s];
@@ -813,7 +845,7 @@ impl CpuModel {
         let rows = batch.scored.len();
         let mut dhs = vec![0.0f32; rows * d.h];
         self.head.backward(&dlogits, rows, &mut dhs, None);
-        drop(dlogits);
+        pool::give(dlogits);
         let mut dnormed = vec![0.0f32; n * d.h];
         for (src, (r, _, _)) in dhs.chunks(d.h).zip(&batch.scored) {
             dnormed[r * d.h..(r + 1) * d.h].copy_from_slice(src);
@@ -828,18 +860,18 @@ impl CpuModel {
         };
         // Every layer's gradients of the same shapes, each overwritten in
         // full before it is read: allocated (and zeroed) once per pass.
-        let mut dact = vec![0.0f32; n * d.i];
-        let mut dgu = vec![0.0f32; n * 2 * d.i];
-        let mut dn2 = vec![0.0f32; n * d.h];
-        let mut dattn = vec![0.0f32; n * d.q];
-        let mut dn1 = vec![0.0f32; n * d.h];
+        let mut dact = pool::take(n * d.i);
+        let mut dgu = pool::take(n * 2 * d.i);
+        let mut dn2 = pool::take(n * d.h);
+        let mut dattn = pool::take(n * d.q);
+        let mut dn1 = pool::take(n * d.h);
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let tr = &fwd.layers[l];
             let group = |g: usize| adapted_of(Some(lora), &d, l, GROUPS[g]);
             // MLP: x_out = x_mid + down(silu(gate) · up).
             let act = swiglu(&tr.gate_up, n, d.i);
             record(l, Self::group_backward(&layer.down, &act, n, &group(3), &tr.lora_t[3], &dx, Some(&mut dact)));
-            drop(act);
+            pool::give(act);
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
                 |(dst, (gu, da))| {
                     let (gate, up) = gu.split_at(d.i);
@@ -852,7 +884,7 @@ impl CpuModel {
                 l,
                 Self::group_backward(&layer.gate_up, &normed2, n, &group(2), &tr.lora_t[2], &dgu, Some(&mut dn2)),
             );
-            drop(normed2);
+            pool::give(normed2);
             rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, &dn2, &mut dx);
             // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
             record(l, Self::group_backward(&layer.o, &tr.attn, n, &group(1), &tr.lora_t[1], &dx, Some(&mut dattn)));
@@ -866,6 +898,11 @@ impl CpuModel {
             if needs_dx {
                 rms_norm_backward_into(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps, &dn1, &mut dx);
             }
+            pool::give(normed1);
+            pool::give(dqkv);
+        }
+        for v in [dact, dgu, dn2, dattn, dn1] {
+            pool::give(v);
         }
         Ok(grads)
     }
@@ -888,7 +925,7 @@ impl CpuModel {
                 end += 1;
             }
             let batch = PackedBatch::of(&examples[start..end])?;
-            out.extend(self.forward(&batch, lora, false)?.logps);
+            out.extend(std::mem::take(&mut self.forward(&batch, lora, false)?.logps));
             start = end;
         }
         Ok(out)
@@ -909,7 +946,7 @@ impl CpuModel {
         let batch = PackedBatch::of(examples)?;
         let fwd = self.forward(&batch, Some(lora), true)?;
         let reference = if objective.needs_reference() {
-            self.forward(&batch, None, false)?.logps
+            std::mem::take(&mut self.forward(&batch, None, false)?.logps)
         } else {
             vec![0.0; examples.len()]
         };

@@ -12,10 +12,12 @@
 //! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
 //! - [`engine`]: the packed model, its batched forward and backward passes;
 //! - `simd`: element-wise passes (SwiGLU, softmax rows) vectorised at run time;
-//! - `alloc`: keeps the steps' freed buffers in the heap (glibc settings).
+//! - `alloc`: keeps the steps' freed buffers in the heap (glibc settings);
+//! - `pool`: activation buffers handed from one step to the next unzeroed.
 
 mod alloc;
 pub mod engine;
 pub mod gemm;
 pub mod generate;
+mod pool;
 pub(crate) mod simd;
