@@ -270,6 +270,15 @@ impl Adapted<'_> {
     }
 }
 
+/// The `A`s of a group's adapted projections, one under the other.
+fn stacked_a(group: &[Adapted<'_>]) -> Vec<f32> {
+    let mut stacked = Vec::with_capacity(group.iter().map(|m| m.a.len()).sum());
+    for m in group {
+        stacked.extend_from_slice(m.a);
+    }
+    stacked
+}
+
 /// The projections among `modules` of layer `l` that `lora` adapts.
 pub(super) fn adapted_of<'a>(
     lora: Option<&'a LoraAdapter>,
@@ -463,7 +472,7 @@ impl CpuModel {
     ) -> Option<(Vec<f32>, PackedB)> {
         let inp = group.first()?.slot.inp;
         let ranks: usize = group.iter().map(Adapted::rank).sum();
-        let stacked: Vec<f32> = group.iter().flat_map(|m| m.a.iter().copied()).collect();
+        let stacked = stacked_a(group);
         let mut t = pool::take(rows * ranks);
         gemm(
             MatA::rows(x, inp),
@@ -741,7 +750,7 @@ impl CpuModel {
             gemm(MatA::rows(&dy[m.slot.col..], ldy), rows, &b, &mut g[col..], ranks, false);
             col += r;
         }
-        let stacked: Vec<f32> = group.iter().flat_map(|m| m.a.iter().copied()).collect();
+        let stacked = stacked_a(group);
         Some((g, PackedB::from_rows(&stacked, ranks, inp, inp, Precision::F32)))
     }
 
@@ -808,7 +817,12 @@ impl CpuModel {
                     false,
                 );
                 db.iter_mut().for_each(|v| *v *= m.scale);
-                let da = (col..col + r).flat_map(|j| dat.iter().skip(j).step_by(ranks).copied()).collect();
+                let mut da = vec![0.0f32; r * inp];
+                for (i, row) in dat.chunks_exact(ranks).enumerate() {
+                    for (j, v) in row[col..col + r].iter().enumerate() {
+                        da[j * inp + i] = *v;
+                    }
+                }
                 col += r;
                 (m.name, (da, db))
             })
