@@ -619,13 +619,7 @@ impl CpuModel {
                 }
                 for i in 0..t {
                     let row = &mut p[i * t..(i + 1) * t];
-                    let max = row[..=i].iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
-                    let mut sum = 0.0f32;
-                    for s in &mut row[..=i] {
-                        *s = (*s * scale - max).exp();
-                        sum += *s;
-                    }
-                    row[..=i].iter_mut().for_each(|s| *s /= sum);
+                    simd::softmax_scaled(&mut row[..=i], scale);
                     row[i + 1..].fill(0.0);
                 }
                 let values = PackedB::from_rows(v, t, hd, width, Precision::F32);
@@ -685,10 +679,7 @@ impl CpuModel {
                     }
                     for i in 0..t {
                         let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-                        let weighted: f32 = prow[..=i].iter().zip(&drow[..=i]).map(|(a, b)| a * b).sum();
-                        for (dv, pv) in drow[..=i].iter_mut().zip(&prow[..=i]) {
-                            *dv = pv * (*dv - weighted) * scale;
-                        }
+                        simd::softmax_backward_scaled(&prow[..=i], &mut drow[..=i], scale);
                         drow[i + 1..].fill(0.0);
                     }
                     let mut dq = vec![0.0f32; t * hd];

@@ -116,6 +116,63 @@ dispatch! {
     }
 }
 
+/// `Σ aᵢ·bᵢ` in 16 lanes, then the lanes in order (a fixed order, so the
+/// same sum with or without AVX-512).
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+dispatch! {
+    /// `row ← softmax(scale · row)` in place (attention probabilities of
+    /// one query over the keys it may see).
+    pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let chunks = row.chunks_exact(16);
+        let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
+        for c in chunks {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v * scale);
+            }
+        }
+        let max = lanes.iter().fold(rest, |a, b| a.max(*b));
+        let mut sums = [0.0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+                *v = exp(*v * scale - max);
+                *s += *v;
+            }
+        }
+        let mut tail = 0.0f32;
+        for v in chunks.into_remainder() {
+            *v = exp(*v * scale - max);
+            tail += *v;
+        }
+        let sum = sums.iter().sum::<f32>() + tail;
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+dispatch! {
+    /// Softmax backward of one attention row: `ds ← scale · p · (ds − Σ p·ds)`
+    /// for probabilities `p` and their gradient `ds`.
+    pub fn softmax_backward_scaled(p: &[f32], ds: &mut [f32], scale: f32) {
+        let weighted = dot16(p, ds);
+        for (d, pv) in ds.iter_mut().zip(p) {
+            *d = pv * (*d - weighted) * scale;
+        }
+    }
+}
+
 dispatch! {
     /// One AdamW step of a tensor ([`crate::optim::AdamW::update`]), element
     /// by element in f64; `h` is `[β₁, β₂, 1 − β₁ᵗ, 1 − β₂ᵗ, ε, weight
@@ -205,6 +262,30 @@ mod tests {
         assert_eq!(exp(-200.0), exp(-87.336_54));
         assert!(exp(88.0) > 1.6e38 && exp(88.0).is_finite());
         assert!(exp(0.0) == 1.0 && exp(-1000.0) < 1e-37 && exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn attention_softmax_and_its_backward_match_their_formulas() {
+        for n in [1usize, 5, 16, 17, 40] {
+            let row: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+            let scale = 0.125f32;
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v * scale)));
+            let total: f64 = row.iter().map(|v| (f64::from(*v * scale) - max).exp()).sum();
+            let want: Vec<f64> = row.iter().map(|v| (f64::from(*v * scale) - max).exp() / total).collect();
+            let mut got = row.clone();
+            softmax_scaled(&mut got, scale);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((f64::from(*g) - w).abs() <= 1e-6, "n {n}: {g} vs {w}");
+            }
+            let ds: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.25 - 0.5).collect();
+            let weighted: f64 = got.iter().zip(&ds).map(|(p, d)| f64::from(*p) * f64::from(*d)).sum();
+            let mut back = ds.clone();
+            softmax_backward_scaled(&got, &mut back, scale);
+            for ((b, p), d) in back.iter().zip(&got).zip(&ds) {
+                let w = f64::from(*p) * (f64::from(*d) - weighted) * f64::from(scale);
+                assert!((f64::from(*b) - w).abs() <= 1e-6, "n {n}: {b} vs {w}");
+            }
+        }
     }
 
     #[test]
