@@ -313,6 +313,24 @@ impl Drop for BatchForward {
     }
 }
 
+/// `x += delta`, on the pool; when `keep`, also returns `x` before and
+/// after (a layer's residual inputs, for the backward pass).
+fn add_residual(x: &mut [f32], delta: &[f32], width: usize, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
+    let add = |x: &mut [f32], d: &[f32]| x.iter_mut().zip(d).for_each(|(a, v)| *a += v);
+    if !keep {
+        x.par_chunks_mut(width).zip(delta.par_chunks(width)).for_each(|(x, d)| add(x, d));
+        return None;
+    }
+    let (mut before, mut after) = (pool::take(x.len()), pool::take(x.len()));
+    let kept = before.par_chunks_mut(width).zip(after.par_chunks_mut(width));
+    kept.zip(x.par_chunks_mut(width).zip(delta.par_chunks(width))).for_each(|((b, a), (x, d))| {
+        b.copy_from_slice(x);
+        add(x, d);
+        a.copy_from_slice(x);
+    });
+    Some((before, after))
+}
+
 pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
     let mut out = pool::take(x.len());
     out.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, row)| {
@@ -530,8 +548,7 @@ impl CpuModel {
             let lora_o = Self::lora_forward(&attn, n, &adapted_of(lora, &d, l, GROUPS[1]), d.h);
             layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), l)));
             tr.lora_t[1] = lora_o.map(|(t, _)| t).unwrap_or_default();
-            let x_in = traced.then(|| pool::copy_of(&x));
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let kept = add_residual(&mut x, &o, d.h, traced);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = pool::take(n * 2 * d.i);
             let lora_gu = Self::lora_forward(&normed2, n, &adapted_of(lora, &d, l, GROUPS[2]), 2 * d.i);
@@ -539,21 +556,20 @@ impl CpuModel {
             tr.lora_t[2] = lora_gu.map(|(t, _)| t).unwrap_or_default();
             pool::give(normed2);
             let act = swiglu(&gu, n, d.i);
-            let x_mid = traced.then(|| pool::copy_of(&x));
             // `o`'s buffer is reused for the down projection.
             let lora_down = Self::lora_forward(&act, n, &adapted_of(lora, &d, l, GROUPS[3]), d.h);
             layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), l)));
             tr.lora_t[3] = lora_down.map(|(t, _)| t).unwrap_or_default();
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            add_residual(&mut x, &o, d.h, false);
             pool::give(o);
             pool::give(act);
             tr.qkv = qkv;
             tr.probs = probs;
             tr.attn = attn;
             tr.gate_up = gu;
-            if traced {
-                tr.x_in = x_in.unwrap_or_default();
-                tr.x_mid = x_mid.unwrap_or_default();
+            if let Some((x_in, x_mid)) = kept {
+                tr.x_in = x_in;
+                tr.x_mid = x_mid;
                 traces.push(tr);
             }
         }

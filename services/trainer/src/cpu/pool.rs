@@ -53,13 +53,6 @@ pub(super) fn give(v: Vec<f32>) {
     }
 }
 
-/// A copy of `x` in a kept buffer.
-pub(super) fn copy_of(x: &[f32]) -> Vec<f32> {
-    let mut v = take(x.len());
-    v.copy_from_slice(x);
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
