@@ -713,15 +713,32 @@ fn gemm_rows(
                     let cols = NR.min(n - p * NR);
                     let Some(panel) = panel_at((p, k0)) else { unreachable!("f32 kernel on a bf16 dot-product panel") };
                     let ahead = next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
-                    for blk in 0..blocks {
-                        let tile_rows = MR.min(rows - blk * MR);
+                    // A panel of at most half the columns (a LoRA rank of
+                    // 16) runs two blocks of rows at once at full width.
+                    let narrow = cols <= NR / 2 && matches!(panel, PanelRef::F32(_));
+                    let mut blk = 0;
+                    while blk < blocks {
                         let (sliver, rs, ks) = source(blk, k0);
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
+                        // 24 rows whose stride is a multiple of 32 cache
+                        // lines fall into two L1 sets and evict each other
+                        // (`k` = 1,536 or 2,048): those stay one block each.
+                        let pair = narrow && blk + 1 < full && (rs == 1 || (rs * 4) % (32 * LINE) != 0);
+                        if pair && tile_f32_narrow(isa, kc, (sliver, rs, ks), panel, &mut c[off..], ldc, cols, acc) {
+                            if k0 + kc == k {
+                                finish(p, blk, &mut c[off..], MR, cols);
+                                finish(p, blk + 1, &mut c[off + MR * ldc..], MR, cols);
+                            }
+                            blk += 2;
+                            continue;
+                        }
+                        let tile_rows = MR.min(rows - blk * MR);
                         tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                         if k0 + kc == k {
                             finish(p, blk, &mut c[off..], tile_rows, cols);
                         }
+                        blk += 1;
                     }
                 }
             }
@@ -894,6 +911,40 @@ fn tile_f32(
     }
 }
 
+/// Two blocks of rows (`2 · MR`) of a panel of at most `NR / 2` columns
+/// over `kc` steps, f32: one vector of `B` per step instead of two, half of
+/// them zeros. The same sums, in the same order, as two `tile_f32`s.
+/// `false` (nothing done) where the CPU lacks AVX-512.
+#[allow(clippy::too_many_arguments)]
+fn tile_f32_narrow(
+    isa: Isa,
+    kc: usize,
+    a: (&[f32], usize, usize),
+    b: PanelRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) -> bool {
+    let (a, rs, ks) = a;
+    let PanelRef::F32(b) = b else { return false };
+    assert!(kc > 0 && a.len() > (2 * MR - 1) * rs + (kc - 1) * ks, "A sliver shorter than {} x {kc}", 2 * MR);
+    assert!(b.len() >= (kc - 1) * NR + NR / 2 && cols <= NR / 2);
+    assert!(c.len() >= (2 * MR - 1) * ldc + cols);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: the CPU has AVX-512F (detected); the asserts above
+            // bound every read of `a` and `b` and every write of `c`.
+            unsafe {
+                avx512::tile_f32_narrow(kc, a.as_ptr(), rs, ks, b.as_ptr(), c.as_mut_ptr(), ldc, cols, accumulate)
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
 /// One `MR × NR` tile over `kc` pairs of steps, bf16 products, f32 sums;
 /// `a` is `(words, row stride)`: row `i`'s pair `q` at `i · rs + q`.
 #[allow(clippy::too_many_arguments)]
@@ -1045,6 +1096,48 @@ mod avx512 {
         }
         // SAFETY: forwarded from this function's contract.
         unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+    }
+
+    /// `2 · MR` rows of `a` (as in `tile_f32`) times the first 16 columns
+    /// of `kc` rows of an f32 panel, into `cols ≤ 16` columns of `c`.
+    ///
+    /// # Safety
+    /// AVX-512F; `a` holds element `(i, kk)` at `i·rs + kk·ks` for every
+    /// `i < 2·MR`, `kk < kc`; `b` holds `kc` panel rows; `c` is valid for
+    /// `2·MR` rows of `cols` values at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_f32_narrow(
+        kc: usize,
+        a: *const f32,
+        rs: usize,
+        ks: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+        for kk in 0..kc {
+            // SAFETY: kk < kc and i < 2·MR: inside `a` and `b` (the
+            // caller's bounds).
+            unsafe {
+                let bv = _mm512_loadu_ps(b.add(kk * NR));
+                for (i, s) in acc.iter_mut().enumerate() {
+                    *s = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(i * rs + kk * ks)), bv, *s);
+                }
+            }
+        }
+        let (mask, _) = masks(cols);
+        for (i, s) in acc.iter().enumerate() {
+            // SAFETY: row i < 2·MR, and the mask covers columns < cols.
+            unsafe {
+                let p = c.add(i * ldc);
+                let v = if accumulate { _mm512_add_ps(*s, _mm512_maskz_loadu_ps(mask, p)) } else { *s };
+                _mm512_mask_storeu_ps(p, mask, v);
+            }
+        }
     }
 
     /// `a` holds row `i`'s pair `q` at `i · rs + q`; `fetch` as in
@@ -1210,7 +1303,9 @@ mod tests {
 
     #[test]
     fn products_match_a_float64_reference_at_awkward_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 385, 33), (12, 64, 32), (40, 1000, 70), (3, 2, 100)] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (5, 7, 3), (13, 385, 33), (12, 64, 32), (40, 1000, 70), (3, 2, 100), (61, 50, 16)]
+        {
             let (a, b) = (random(m * k, 1 + m as u64), random(k * n, 2 + n as u64));
             for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
                 let round = precision != Precision::F32;
@@ -1406,6 +1501,21 @@ mod tests {
         tile_f32(Isa::Portable, kc, (&a, 1, MR), PanelRef::Bf16Wide(&words), fetch, &mut slow, cols, rows, cols, false);
         for (x, y) in fast.iter().zip(&slow) {
             assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+        // Two blocks of rows of a narrow panel at once: the same bits as a
+        // tile per block.
+        let a2 = random(kc * 2 * MR, 11);
+        let (mut pair, mut single) = (vec![0.5f32; 2 * MR * cols], vec![0.5f32; 2 * MR * cols]);
+        let narrow = 13;
+        if tile_f32_narrow(Isa::detect(), kc, (&a2, 1, 2 * MR), PanelRef::F32(&b), &mut pair, cols, narrow, true) {
+            for blk in 0..2 {
+                let sliver = &a2[blk * MR..];
+                let c = &mut single[blk * MR * cols..];
+                tile_f32(Isa::detect(), kc, (sliver, 1, 2 * MR), PanelRef::F32(&b), fetch, c, cols, MR, narrow, true);
+            }
+            assert_eq!(pair, single);
+        } else {
+            assert_eq!(Isa::detect(), Isa::Portable, "the narrow kernel runs wherever AVX-512 does");
         }
         let pa: Vec<u32> = a.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-v)) << 16)).collect();
         let pb: Vec<u16> = random(kc * NR * 2, 9).iter().map(|v| bf16_bits(*v)).collect();
