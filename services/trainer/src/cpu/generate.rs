@@ -79,6 +79,10 @@ struct Row {
 impl CpuModel {
     /// Generates a completion for every request, decoding them together.
     pub fn generate(&self, requests: &[GenerateRequest<'_>]) -> Result<Vec<Generated>, TrainerError> {
+        super::engine::on_pool(|| self.generate_here(requests))
+    }
+
+    fn generate_here(&self, requests: &[GenerateRequest<'_>]) -> Result<Vec<Generated>, TrainerError> {
         let vocab = self.config.vocab_size;
         for r in requests {
             if r.prompt.is_empty() {
