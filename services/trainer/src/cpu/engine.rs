@@ -41,13 +41,15 @@ impl PackedWeight {
         }
     }
 
-    /// `y [rows × out] = x [rows × in] · Wᵀ (+ a LoRA term `t · L`)`.
+    /// `y [rows × out] = x [rows × in] · Wᵀ`, plus the LoRA term `t · L`
+    /// when given.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32], lora: Option<(&[f32], &PackedB)>) {
         Self::product(MatA::rows(x, self.inp), rows, &self.fwd, y, self.out, lora);
     }
 
-    /// `dx [rows × in] = dy [rows × out] · W (+ a LoRA term `g · L`)`. Only
-    /// on weights packed for training ([`CpuModel::backward`] checks).
+    /// `dx [rows × in] = dy [rows × out] · W`, plus the LoRA term `g · L`
+    /// when given. Only on weights packed for training
+    /// ([`CpuModel::backward`] checks).
     pub fn backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], lora: Option<(&[f32], &PackedB)>) {
         let bwd = self.bwd.as_ref().expect("a weight packed for training");
         Self::product(MatA::rows(dy, self.out), rows, bwd, dx, self.inp, lora);
@@ -773,7 +775,7 @@ impl CpuModel {
         t: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
-    ) -> Vec<(&'static str, (Vec<f32>, Vec<f32>))> {
+    ) -> Vec<ProjectionGrads> {
         let lora = Self::lora_input_grad(dy, rows, group, w.out);
         if let Some(dx) = dx {
             w.backward(dy, rows, dx, lora.as_ref().map(|(g, l)| (g.as_slice(), l)));
@@ -794,7 +796,7 @@ impl CpuModel {
         (t, g): (&[f32], &[f32]),
         dy: &[f32],
         ldy: usize,
-    ) -> Vec<(&'static str, (Vec<f32>, Vec<f32>))> {
+    ) -> Vec<ProjectionGrads> {
         let Some(first) = group.first() else { return Vec::new() };
         let inp = first.slot.inp;
         let ranks: usize = group.iter().map(Adapted::rank).sum();
@@ -874,13 +876,13 @@ impl CpuModel {
         let mut dx = vec![0.0f32; n * d.h];
         rms_norm_backward_into(&fwd.x_final, d.h, &self.norm, c.rms_norm_eps, &dnormed, &mut dx);
         let mut grads = LoraGrads::new();
-        let mut record = |l: usize, gs: Vec<(&'static str, (Vec<f32>, Vec<f32>))>| {
+        let mut record = |l: usize, gs: Vec<ProjectionGrads>| {
             for (m, g) in gs {
                 grads.insert((l, m.to_string()), g);
             }
         };
         // Every layer's gradients of the same shapes, each overwritten in
-        // full before it is read: allocated (and zeroed) once per pass.
+        // full before it is read: taken once per pass.
         let mut dact = pool::take(n * d.i);
         let mut dgu = pool::take(n * 2 * d.i);
         let mut dn2 = pool::take(n * d.h);
@@ -1015,6 +1017,9 @@ pub(super) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(NR).map(move |i0| (i0, (i0 + NR).min(t)))
 }
+
+/// An adapted projection's name and its gradients (`dA`, `dB`).
+type ProjectionGrads = (&'static str, (Vec<f32>, Vec<f32>));
 
 /// Per (sequence, key/value head): dq of each query head of the group, dk, dv.
 type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);

@@ -178,7 +178,7 @@ impl CpuModel {
         let lora = |x: &[f32], l: usize, module: &'static str, y: &mut [f32], ldy: usize| {
             let slot = d.slot(module);
             for (a, members) in &groups {
-                let adapted = adapted_of(Some(&adapters[*a]), &d, l, &[module]);
+                let adapted = adapted_of(Some(adapters[*a]), &d, l, &[module]);
                 let mut xs = Vec::with_capacity(members.len() * slot.inp);
                 for &i in members {
                     xs.extend_from_slice(&x[i * slot.inp..(i + 1) * slot.inp]);
