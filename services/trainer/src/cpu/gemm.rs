@@ -670,13 +670,7 @@ fn gemm_rows(
             if hi == lo {
                 return;
             }
-            let sliver = if blk == full {
-                (&extra_tail[lo * MR..], 1, MR)
-            } else if e.a.transposed {
-                (&e.a.data[lo * e.a.ld + r0 + blk * MR..], 1, e.a.ld)
-            } else {
-                (&e.a.data[(r0 + blk * MR) * e.a.ld + lo..], e.a.ld, 1)
-            };
+            let sliver = a_sliver(e.a, extra_tail, (r0, blk, full), lo);
             let Some(panel) = e.b.f32_panel(p, lo, hi - lo) else { unreachable!("checked f32 in gemm_plus") };
             tile_f32(isa, hi - lo, sliver, panel, (std::ptr::null(), 0), c, ldc, tile_rows, cols, true);
         };
@@ -692,15 +686,7 @@ fn gemm_rows(
                     pack_a(a, r0 + full * MR, rows - full * MR, k, |_, kk, i, v| tail[kk * MR + i] = v);
                 }
                 // (data, row stride, k stride) of block `blk` from step `k0`.
-                let source = |blk: usize, k0: usize| -> (&[f32], usize, usize) {
-                    if blk == full {
-                        (&tail[k0 * MR..], 1, MR)
-                    } else if a.transposed {
-                        (&a.data[k0 * a.ld + r0 + blk * MR..], 1, a.ld)
-                    } else {
-                        (&a.data[(r0 + blk * MR) * a.ld + k0..], a.ld, 1)
-                    }
-                };
+                let source = |blk: usize, k0: usize| a_sliver(a, tail, (r0, blk, full), k0);
                 // The panel blocks in the order the loops below visit them.
                 let order = (p0..p1).step_by(NC_PANELS).flat_map(|g| {
                     (0..k).step_by(KC).flat_map(move |k0| (g..(g + NC_PANELS).min(p1)).map(move |p| (p, k0)))
@@ -787,6 +773,24 @@ fn gemm_rows(
             }
         }
     });
+}
+
+/// Block `blk` of rows (from `A`'s row `r0`) of an f32 `A` from step `k0`
+/// on, as (data, row stride, `k` stride): read in place, except block
+/// `full` (the last, partial one), which is `tail`, its zero-padded copy.
+fn a_sliver<'a>(
+    a: MatA<'a>,
+    tail: &'a [f32],
+    (r0, blk, full): (usize, usize, usize),
+    k0: usize,
+) -> (&'a [f32], usize, usize) {
+    if blk == full {
+        (&tail[k0 * MR..], 1, MR)
+    } else if a.transposed {
+        (&a.data[k0 * a.ld + r0 + blk * MR..], 1, a.ld)
+    } else {
+        (&a.data[(r0 + blk * MR) * a.ld + k0..], a.ld, 1)
+    }
 }
 
 /// Tile `blk`'s share (of `blocks`) of the cache lines of `ahead`, the next
