@@ -209,6 +209,19 @@ impl PackedBatch {
     fn seq(&self, s: usize) -> (usize, usize) {
         (self.offsets[s], self.offsets[s + 1] - self.offsets[s])
     }
+
+    /// The rows of `m` (`width` wide, one per token), on the pool, each
+    /// with its sequence and its position there.
+    fn par_rows<'a>(
+        &'a self,
+        m: &'a mut [f32],
+        width: usize,
+    ) -> impl IndexedParallelIterator<Item = (usize, usize, &'a mut [f32])> + 'a {
+        m.par_chunks_mut(width)
+            .zip(self.positions.par_iter())
+            .enumerate()
+            .map(|(r, (row, &i))| (self.offsets.partition_point(|&o| o <= r) - 1, i, row))
+    }
 }
 
 /// What the backward pass needs of one layer's forward pass (inputs of the
@@ -336,9 +349,7 @@ fn add_residual(x: &mut [f32], delta: &[f32], width: usize, keep: bool) -> Optio
 pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
     let mut out = pool::take(x.len());
     out.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, row)| {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let inv = 1.0 / (mean_sq + eps as f32).sqrt();
-        o.iter_mut().zip(row.iter().zip(weight)).for_each(|(o, (v, w))| *o = w * (v * inv));
+        simd::rms_norm(row, weight, eps as f32, o);
     });
     out
 }
@@ -346,13 +357,7 @@ pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -
 /// Adds the RMSNorm backward of `dy` into `dx`.
 fn rms_norm_backward_into(x: &[f32], width: usize, weight: &[f32], eps: f64, dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(d, (row, drow))| {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let inv = 1.0 / (mean_sq + eps as f32).sqrt();
-        let dot: f32 = drow.iter().zip(weight).zip(row).map(|((d, w), v)| d * w * v).sum();
-        let k = inv * inv * inv * dot / width as f32;
-        for ((o, (dv, w)), v) in d.iter_mut().zip(drow.iter().zip(weight)).zip(row) {
-            *o += inv * dv * w - k * v;
-        }
+        simd::rms_norm_backward(row, weight, eps as f32, drow, d);
     });
 }
 
@@ -649,15 +654,12 @@ impl CpuModel {
             })
             .collect();
         let mut attn = pool::take(batch.rows() * d.q);
-        let mut probs = Vec::with_capacity(tasks.len());
-        for (&(s, h), (p, o)) in tasks.iter().zip(results) {
-            let (t0, t) = batch.seq(s);
-            for i in 0..t {
-                attn[(t0 + i) * d.q + h * hd..(t0 + i) * d.q + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        batch.par_rows(&mut attn, d.q).for_each(|(s, i, row)| {
+            for (h, dst) in row.chunks_exact_mut(hd).enumerate() {
+                dst.copy_from_slice(&results[s * d.nh + h].1[i * hd..(i + 1) * hd]);
             }
-            probs.push(p);
-        }
-        (attn, probs)
+        });
+        (attn, results.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Attention backward: `dqkv` (q and k before un-rotating) from `dattn`.
@@ -729,18 +731,17 @@ impl CpuModel {
             })
             .collect();
         let mut dqkv = pool::take(batch.rows() * width);
-        for (&(s, kvh), (dqs, dk, dv)) in tasks.iter().zip(results) {
-            let (t0, t) = batch.seq(s);
-            for i in 0..t {
-                let row = &mut dqkv[(t0 + i) * width..(t0 + i + 1) * width];
+        batch.par_rows(&mut dqkv, width).for_each(|(s, i, row)| {
+            let at = i * hd..(i + 1) * hd;
+            for (kvh, (dqs, dk, dv)) in results[s * d.nkv..(s + 1) * d.nkv].iter().enumerate() {
                 for (j, dq) in dqs.iter().enumerate() {
                     let h = kvh * group + j;
-                    row[h * hd..(h + 1) * hd].copy_from_slice(&dq[i * hd..(i + 1) * hd]);
+                    row[h * hd..(h + 1) * hd].copy_from_slice(&dq[at.clone()]);
                 }
-                row[d.q + kvh * hd..d.q + (kvh + 1) * hd].copy_from_slice(&dk[i * hd..(i + 1) * hd]);
-                row[d.q + d.kv + kvh * hd..d.q + d.kv + (kvh + 1) * hd].copy_from_slice(&dv[i * hd..(i + 1) * hd]);
+                row[d.q + kvh * hd..d.q + (kvh + 1) * hd].copy_from_slice(&dk[at.clone()]);
+                row[d.q + d.kv + kvh * hd..d.q + d.kv + (kvh + 1) * hd].copy_from_slice(&dv[at.clone()]);
             }
-        }
+        });
         dqkv
     }
 
