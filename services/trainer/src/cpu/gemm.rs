@@ -694,7 +694,7 @@ fn gemm_rows(
                 // or 4,096 wide activations and their gradients: 256 × 2,048
                 // × 768 took 6.1 ms, 3.8 at `k` = 2,040). Those rows are
                 // copied, per `k` block, into rows `kc` apart.
-                let copied = !a.transposed && full > 0 && (a.ld * 4) % (64 * LINE) == 0;
+                let copied = !a.transposed && full > 0 && (a.ld * 4).is_multiple_of(64 * LINE);
                 let copy = &mut scratch.blocks;
                 if copied {
                     copy.resize(full * MR * KC.min(k), 0.0);
@@ -707,7 +707,7 @@ fn gemm_rows(
                 let mut next = order.clone().skip(1);
                 for (p, k0) in order {
                     let kc = KC.min(k - k0);
-                    if copied && (p - p0) % NC_PANELS == 0 {
+                    if copied && (p - p0).is_multiple_of(NC_PANELS) {
                         // The first panel of a group at this `k` block.
                         for (i, dst) in copy.chunks_exact_mut(kc).take(full * MR).enumerate() {
                             dst.copy_from_slice(&a.data[(r0 + i) * a.ld + k0..(r0 + i) * a.ld + k0 + kc]);
