@@ -714,9 +714,12 @@ fn gemm_rows(
                         }
                     }
                     // (data, row stride, k stride) of block `blk` from step `k0`.
-                    let source = |blk: usize| match copied && blk < full {
-                        true => (&copy[blk * MR * kc..], kc, 1),
-                        false => a_sliver(a, tail, (r0, blk, full), k0),
+                    let source = |blk: usize| {
+                        if copied && blk < full {
+                            (&copy[blk * MR * kc..], kc, 1)
+                        } else {
+                            a_sliver(a, tail, (r0, blk, full), k0)
+                        }
                     };
                     let acc = accumulate || k0 > 0;
                     let cols = NR.min(n - p * NR);
