@@ -502,6 +502,16 @@ impl DedicatedBroker {
         }
     }
 
+    /// Freezes it (see [`LocalBroker::pause`]).
+    pub fn pause(&self) {
+        self.running.as_ref().expect("the dedicated broker runs").pause();
+    }
+
+    /// Lets it run again after [`DedicatedBroker::pause`].
+    pub fn resume(&self) {
+        self.running.as_ref().expect("the dedicated broker runs").resume();
+    }
+
     /// Starts it again on the same address and data (panics if it does not come up in 60 s).
     pub fn restart_now(&mut self) {
         self.stop();

@@ -516,3 +516,53 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     assert_eq!(rows[0][0].as_u64(), Some(sent.valid.len() as u64), "rows in the lake vs distinct valid rewards sent");
     assert_eq!(rows[0][1].as_u64(), Some(sent.valid.len() as u64), "a reward appears twice in the lake");
 }
+
+/// A hung broker does not hold a stopping writer past its drain timeout:
+/// with everything committed, the broker frozen (SIGSTOP) and the writer
+/// signalled, leaving the consumer group cannot complete, and the writer
+/// gives up on it and exits cleanly instead of waiting on the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_stopped_while_the_broker_hangs_exits_within_its_drain_timeout() {
+    let broker = flywheel_tests::DedicatedBroker::start("lake-hung");
+    let t = flywheel_tests::test_topics_on(
+        broker.kafka(),
+        "lake-hung",
+        &[Topic::Rewards, Topic::Shards, Topic::DeadLetters],
+        Some((Topic::Rewards, PARTITIONS)),
+    )
+    .await;
+    let s = Setup {
+        kafka: t.kafka,
+        topics: t.topics,
+        topics_file: t.file,
+        lake: t.dir.join("lake").display().to_string(),
+        env: Vec::new(),
+        group: unique_topic("lake-hung-group"),
+        s3: None,
+        _dir: t.dir,
+    };
+    let ops = flywheel_devkit::free_local_addr().unwrap();
+    let mut child = spawn_writer_on(&s, &ops.to_string());
+    let mut sent = Sent::default();
+    produce_batch(&s, &mut Rng(11), 0, 100, &mut sent).await;
+    let topic = s.topics.name(Topic::Rewards);
+    let ends: BTreeMap<i32, i64> =
+        read_all::<Reward>(&s.kafka, &topic).into_iter().fold(BTreeMap::new(), |mut e, r| {
+            let end = e.entry(r.0).or_insert(0);
+            *end = (*end).max(r.1 + 1);
+            e
+        });
+    wait_committed(&s, &ends, 120);
+    let nothing_buffered = |exposed: &str| metric(exposed, "lake_writer_buffered_records") == Some(0.0);
+    metrics_when(ops, 60, "an empty buffer after the commits", nothing_buffered).await;
+    broker.pause();
+    let signalled = Instant::now();
+    let status = tokio::task::block_in_place(|| flywheel_tests::terminate_within(&mut child, DRAIN_TIMEOUT_SECS));
+    let took = signalled.elapsed();
+    broker.resume();
+    assert!(status.success(), "exit on SIGTERM with the broker frozen: {status} after {took:?}");
+    eprintln!("stopped in {took:?} with the broker frozen");
+    let rows = delta_both(&s, "select count(*), count(distinct reward_id) from TABLE");
+    let n = serde_json::json!(sent.valid.len());
+    assert_eq!(rows, vec![vec![n.clone(), n]], "the lake after the stop");
+}

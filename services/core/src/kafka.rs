@@ -576,6 +576,42 @@ pub fn stall_after(session_timeout_ms: u32, progress_every: Duration) -> Duratio
         .saturating_add(Duration::from_secs(5))
 }
 
+/// How long a stopping member may spend leaving its consumer group: its
+/// session timeout (the coordinator drops a member that did not leave by
+/// then anyway), and at most a third of the drain timeout, which is for
+/// committing work, not for the group.
+pub fn group_leave_limit(session_timeout_ms: u32, drain_timeout: Duration) -> Duration {
+    Duration::from_millis(u64::from(session_timeout_ms)).min(drain_timeout / 3)
+}
+
+/// Closes a group member: it revokes its partitions and leaves the group,
+/// polling so that the rebalance callbacks run. rdkafka's `Drop` does the
+/// same with no time limit, so a coordinator that does not answer (a hung
+/// broker, a rebalance waiting on a dead member) would hold a stopping
+/// service past its drain timeout. After `limit` the consumer is leaked
+/// instead (the process is exiting; nothing it holds needs releasing), and
+/// `false` says the group was not left: its coordinator drops the member
+/// when the session times out.
+pub fn leave_group<C: ConsumerContext>(consumer: BaseConsumer<C>, limit: Duration) -> bool {
+    let started = std::time::Instant::now();
+    if let Err(e) = consumer.close_queue() {
+        tracing::warn!(error = %e, "leaving the consumer group failed to start");
+        std::mem::forget(consumer);
+        return false;
+    }
+    while !consumer.closed() {
+        if started.elapsed() >= limit {
+            tracing::warn!(?limit, "the consumer group was not left in time; stopping without it");
+            std::mem::forget(consumer);
+            return false;
+        }
+        // Records still delivered are not processed: whatever was not
+        // committed is read again by the next owner.
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    true
+}
+
 /// Keeps a consumer-group member from idling while partitions of its topic
 /// go unconsumed, and tells readiness and metrics what the member holds.
 ///

@@ -109,6 +109,17 @@ impl LocalBroker {
         self.process.stop(Duration::from_secs(10));
     }
 
+    /// Freezes the broker (SIGSTOP): its connections stay open and nothing
+    /// is answered, as with a hung broker. [`LocalBroker::resume`] undoes it.
+    pub fn pause(&self) {
+        self.process.signal_group("STOP");
+    }
+
+    /// Lets a paused broker run again (SIGCONT).
+    pub fn resume(&self) {
+        self.process.signal_group("CONT");
+    }
+
     /// The exit status if the broker has exited (it should not on its own).
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
         self.process.exit_status()

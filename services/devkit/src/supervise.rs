@@ -60,6 +60,12 @@ impl Supervised {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Sends `signal` (a `kill` name such as `STOP`) to the watchdog and the
+    /// child together: they share a process group.
+    pub(crate) fn signal_group(&self, signal: &str) {
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(format!("-{}", self.child.id())).status();
+    }
+
     /// SIGTERM (a graceful drain), then SIGKILL to the whole group after `grace`.
     pub(crate) fn stop(&mut self, grace: Duration) {
         if let Ok(None) = self.child.try_wait() {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{
-    ClientRole, DeliveryTracker, GroupWatch, TopicOffsets, read_back, send_blocking, stall_after, topic_ends,
+    ClientRole, DeliveryTracker, GroupWatch, TopicOffsets, group_leave_limit, leave_group, read_back, send_blocking,
+    stall_after, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, ShardManifest, SourcePosition};
 use flywheel_core::runtime::{CommonArgs, ServiceHarness};
@@ -633,6 +634,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
     // every --roll-max-age-ms while records wait, and mirrors it within a second.
     let progress_every = Duration::from_millis(config.roll_max_age_ms) + Duration::from_secs(2);
     let stall = stall_after(config.common.kafka.session_timeout_ms, progress_every);
+    let leave_limit = group_leave_limit(config.common.kafka.session_timeout_ms, config.common.service.drain_timeout());
     let mut watch = GroupWatch::new(
         &names.rewards,
         stall,
@@ -719,8 +721,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
                 writer.flush(p, "shutdown")?;
             }
             commit_group_offsets(&consumer, &writer, &mut mirrored);
-            consumer.unsubscribe();
-            tracing::info!("lake writer stopped after committing its buffers");
+            tracing::info!("lake writer committed its buffers; leaving the group");
+
+            leave_group(consumer, leave_limit);
             Ok(())
         })
         .await

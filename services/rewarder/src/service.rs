@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use flywheel_core::codec::{decode, encode};
 use flywheel_core::kafka::{
-    ClientRole, DeliveryTracker, GroupWatch, KafkaArgs, TopicOffsets, read_back, stall_after, topic_ends,
+    ClientRole, DeliveryTracker, GroupWatch, KafkaArgs, TopicOffsets, group_leave_limit, leave_group, read_back,
+    stall_after, topic_ends,
 };
 use flywheel_core::records::{DeadLetter, Interaction, SourcePosition};
 use flywheel_core::runtime::ServiceHarness;
@@ -479,6 +480,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
     readiness.set("consuming", false);
     // A partition's owner commits its group offset at every checkpoint.
     let stall = stall_after(config.common.kafka.session_timeout_ms, Duration::from_millis(config.checkpoint_every_ms));
+    let leave_limit = group_leave_limit(config.common.kafka.session_timeout_ms, config.common.service.drain_timeout());
     let input = topics_config.name(Topic::Interactions);
     let mut watch =
         GroupWatch::new(&input, stall, readiness.clone(), harness.registry().sub_registry_with_prefix("rewarder"));
@@ -568,8 +570,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rewa
             }
             let all: Vec<i32> = core.partitions.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
             core.checkpoint(&all, Some(&consumer))?;
-            consumer.unsubscribe();
-            tracing::info!("rewarder stopped after a final checkpoint");
+            tracing::info!("rewarder wrote a final checkpoint; leaving the group");
+            leave_group(consumer, leave_limit);
             Ok(())
         })
         .await
