@@ -308,6 +308,74 @@ pub(super) fn adapted_of<'a>(
         .collect()
 }
 
+/// A group's adapter operands, packed once per pass (they change only when
+/// the optimizer steps) and for every group of the model at once, on the
+/// pool: one at a time, on the thread that runs the products, they took
+/// ~9 ms of a ~110M step.
+#[derive(Debug)]
+pub(super) struct GroupPacks {
+    /// `Aᵀ` of the group's projections side by side: `t = x · Aᵀ`.
+    pub(super) down: PackedB,
+    /// `L`: each projection's `scale · Bᵀ` at its rows of `t` and its
+    /// columns of the product, zero elsewhere; the product adds `t · L`.
+    pub(super) up: PackedB,
+    /// What the backward pass needs, when packed for it.
+    backward: Option<BackwardPacks>,
+}
+
+/// A group's adapter operands for the backward pass.
+#[derive(Debug)]
+struct BackwardPacks {
+    /// Each projection's `scale · B`: `g = dy · B` at its columns of `dy`.
+    b: Vec<PackedB>,
+    /// The group's `A`s one under the other: `dx += g · A`.
+    a: PackedB,
+}
+
+impl GroupPacks {
+    /// The packs of `group`, whose product is `width` wide; `None` when
+    /// nothing in it is adapted.
+    pub(super) fn of(group: &[Adapted<'_>], width: usize, backward: bool) -> Option<GroupPacks> {
+        let inp = group.first()?.slot.inp;
+        let ranks: usize = group.iter().map(Adapted::rank).sum();
+        let stacked = stacked_a(group);
+        let down = PackedB::from_transposed(&stacked, ranks, inp, inp, Precision::F32);
+        let mut l = vec![0.0f32; ranks * width];
+        let mut row = 0;
+        for m in group {
+            for j in 0..m.rank() {
+                let dst = &mut l[(row + j) * width + m.slot.col..(row + j) * width + m.slot.col + m.slot.out];
+                dst.iter_mut().zip(m.b.iter().skip(j).step_by(m.rank())).for_each(|(d, b)| *d = m.scale * b);
+            }
+            row += m.rank();
+        }
+        let up = PackedB::from_rows(&l, ranks, width, width, Precision::F32);
+        let backward = backward.then(|| BackwardPacks {
+            b: group
+                .iter()
+                .map(|m| PackedB::from_rows(&m.scaled_b(), m.slot.out, m.rank(), m.rank(), Precision::F32))
+                .collect(),
+            a: PackedB::from_rows(&stacked, ranks, inp, inp, Precision::F32),
+        });
+        Some(GroupPacks { down, up, backward })
+    }
+
+    /// Every layer's packs (layer-major, [`GROUPS`] order).
+    fn of_model(lora: Option<&LoraAdapter>, d: &Dims, layers: usize, backward: bool) -> Vec<Option<GroupPacks>> {
+        if lora.is_none() {
+            return Vec::new();
+        }
+        let widths = [d.qkv(), d.h, 2 * d.i, d.h];
+        (0..layers * GROUPS.len())
+            .into_par_iter()
+            .map(|i| {
+                let (l, g) = (i / GROUPS.len(), i % GROUPS.len());
+                GroupPacks::of(&adapted_of(lora, d, l, GROUPS[g]), widths[g], backward)
+            })
+            .collect()
+    }
+}
+
 /// A forward pass over a batch.
 #[derive(Debug)]
 pub struct BatchForward {
@@ -319,6 +387,9 @@ pub struct BatchForward {
     logits: Vec<f32>,
     /// `log Σ exp` of each scored row.
     lse: Vec<f64>,
+    /// The adapter's operands for the backward pass (layer-major,
+    /// [`GROUPS`] order; empty unless traced with an adapter).
+    packs: Vec<Option<BackwardPacks>>,
 }
 
 impl Drop for BatchForward {
@@ -485,38 +556,19 @@ impl CpuModel {
     }
 
     /// The LoRA terms of a group's product (`width` columns) at input
-    /// `x [rows × in]`: `t`, every adapted projection's `x · Aᵀ` side by
-    /// side, and `L`, their `scale · Bᵀ` placed block-diagonally (`t`'s
-    /// columns of a projection times its columns of the product), so that
-    /// the product adds `t · L`. `None` when nothing in the group is adapted.
-    pub(super) fn lora_forward(
+    /// `t = x · Aᵀ` for `x [rows × in]`: every adapted projection of the
+    /// group side by side, with `L` ([`GroupPacks::up`]) so that the product
+    /// adds `t · L`. `None` when nothing in the group is adapted.
+    pub(super) fn lora_forward<'p>(
         x: &[f32],
         rows: usize,
-        group: &[Adapted<'_>],
-        width: usize,
-    ) -> Option<(Vec<f32>, PackedB)> {
-        let inp = group.first()?.slot.inp;
-        let ranks: usize = group.iter().map(Adapted::rank).sum();
-        let stacked = stacked_a(group);
+        packs: Option<&'p GroupPacks>,
+    ) -> Option<(Vec<f32>, &'p PackedB)> {
+        let p = packs?;
+        let ranks = p.down.n();
         let mut t = pool::take(rows * ranks);
-        gemm(
-            MatA::rows(x, inp),
-            rows,
-            &PackedB::from_transposed(&stacked, ranks, inp, inp, Precision::F32),
-            &mut t,
-            ranks,
-            false,
-        );
-        let mut l = vec![0.0f32; ranks * width];
-        let mut row = 0;
-        for m in group {
-            for j in 0..m.rank() {
-                let dst = &mut l[(row + j) * width + m.slot.col..(row + j) * width + m.slot.col + m.slot.out];
-                dst.iter_mut().zip(m.b.iter().skip(j).step_by(m.rank())).for_each(|(d, b)| *d = m.scale * b);
-            }
-            row += m.rank();
-        }
-        Some((t, PackedB::from_rows(&l, ranks, width, width, Precision::F32)))
+        gemm(MatA::rows(x, p.down.k()), rows, &p.down, &mut t, ranks, false);
+        Some((t, &p.up))
     }
 
     /// Runs the batch forward; keeps what the backward pass needs when
@@ -537,36 +589,55 @@ impl CpuModel {
         let (cos, sin) = rope_tables(max_t, d.hd, c.rope_theta);
         let mut x = self.embed_rows(&batch.tokens)?;
         let mut traces = Vec::new();
+        // Each group's packs are dropped once its product ran, but for the
+        // backward pass's part.
+        let mut packs = GroupPacks::of_model(lora, &d, self.layers.len(), traced);
+        let keep_backward = traced && !packs.is_empty();
+        let mut backward_packs = Vec::with_capacity(packs.len());
+        let mut pack = |l: usize, g: usize| packs.get_mut(l * GROUPS.len() + g).and_then(Option::take);
+        let mut used = |p: Option<GroupPacks>| {
+            if keep_backward {
+                backward_packs.push(p.and_then(|p| p.backward));
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let mut tr = LayerTrace::default();
             let normed1 = rms_norm_rows(&x, d.h, &layer.norm1, c.rms_norm_eps);
             let width = d.qkv();
             let mut qkv = pool::take(n * width);
-            let lora_qkv = Self::lora_forward(&normed1, n, &adapted_of(lora, &d, l, GROUPS[0]), width);
-            layer.qkv.forward(&normed1, n, &mut qkv, lora_qkv.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            let p0 = pack(l, 0);
+            let lora_qkv = Self::lora_forward(&normed1, n, p0.as_ref());
+            layer.qkv.forward(&normed1, n, &mut qkv, lora_qkv.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
             tr.lora_t[0] = lora_qkv.map(|(t, _)| t).unwrap_or_default();
+            used(p0);
             pool::give(normed1);
             rope_rows(&mut qkv, &d, &batch.positions, &cos, &sin, 1.0);
             let (attn, probs) = self.attention(batch, &qkv);
             let mut o = pool::take(n * d.h);
-            let lora_o = Self::lora_forward(&attn, n, &adapted_of(lora, &d, l, GROUPS[1]), d.h);
-            layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            let p1 = pack(l, 1);
+            let lora_o = Self::lora_forward(&attn, n, p1.as_ref());
+            layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             tr.lora_t[1] = lora_o.map(|(t, _)| t).unwrap_or_default();
+            used(p1);
             let kept = add_residual(&mut x, &o, d.h, traced);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = pool::take(n * 2 * d.i);
-            let lora_gu = Self::lora_forward(&normed2, n, &adapted_of(lora, &d, l, GROUPS[2]), 2 * d.i);
-            layer.gate_up.forward(&normed2, n, &mut gu, lora_gu.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            let p2 = pack(l, 2);
+            let lora_gu = Self::lora_forward(&normed2, n, p2.as_ref());
+            layer.gate_up.forward(&normed2, n, &mut gu, lora_gu.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             tr.lora_t[2] = lora_gu.map(|(t, _)| t).unwrap_or_default();
+            used(p2);
             pool::give(normed2);
             let act = swiglu(&gu, n, d.i);
             // `o`'s buffer is reused for the down projection.
-            let lora_down = Self::lora_forward(&act, n, &adapted_of(lora, &d, l, GROUPS[3]), d.h);
-            layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), l)));
+            let p3 = pack(l, 3);
+            let lora_down = Self::lora_forward(&act, n, p3.as_ref());
+            layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             tr.lora_t[3] = lora_down.map(|(t, _)| t).unwrap_or_default();
+            used(p3);
             add_residual(&mut x, &o, d.h, false);
             pool::give(o);
             pool::give(act);
@@ -604,9 +675,10 @@ impl CpuModel {
                 x_final: Vec::new(),
                 logits: Vec::new(),
                 lse: Vec::new(),
+                packs: Vec::new(),
             });
         }
-        Ok(BatchForward { logps, layers: traces, x_final: x, logits, lse })
+        Ok(BatchForward { logps, layers: traces, x_final: x, logits, lse, packs: backward_packs })
     }
 
     /// Causal attention within each sequence; returns `[rows × q]` and the
@@ -749,19 +821,22 @@ impl CpuModel {
     /// output gradient `dy` (`ldy` wide): `g`, every adapted projection's
     /// `dy · scale · B` side by side, and `L`, their `A`s stacked, so that
     /// the backward product adds `g · L`. `None` when nothing is adapted.
-    fn lora_input_grad(dy: &[f32], rows: usize, group: &[Adapted<'_>], ldy: usize) -> Option<(Vec<f32>, PackedB)> {
-        let inp = group.first()?.slot.inp;
-        let ranks: usize = group.iter().map(Adapted::rank).sum();
+    fn lora_input_grad<'p>(
+        dy: &[f32],
+        rows: usize,
+        group: &[Adapted<'_>],
+        packs: &'p BackwardPacks,
+        ldy: usize,
+    ) -> (Vec<f32>, &'p PackedB) {
+        let BackwardPacks { b: bs, a } = packs;
+        let ranks = a.k();
         let mut g = vec![0.0f32; rows * ranks];
         let mut col = 0;
-        for m in group {
-            let (r, out) = (m.rank(), m.slot.out);
-            let b = PackedB::from_rows(&m.scaled_b(), out, r, r, Precision::F32);
-            gemm(MatA::rows(&dy[m.slot.col..], ldy), rows, &b, &mut g[col..], ranks, false);
-            col += r;
+        for (m, b) in group.iter().zip(bs) {
+            gemm(MatA::rows(&dy[m.slot.col..], ldy), rows, b, &mut g[col..], ranks, false);
+            col += m.rank();
         }
-        let stacked = stacked_a(group);
-        Some((g, PackedB::from_rows(&stacked, ranks, inp, inp, Precision::F32)))
+        (g, a)
     }
 
     /// The backward of one group's product `w` at input `x`: `dx` (when
@@ -773,13 +848,14 @@ impl CpuModel {
         x: &[f32],
         rows: usize,
         group: &[Adapted<'_>],
+        packs: Option<&BackwardPacks>,
         t: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
     ) -> Vec<ProjectionGrads> {
-        let lora = Self::lora_input_grad(dy, rows, group, w.out);
+        let lora = packs.map(|p| Self::lora_input_grad(dy, rows, group, p, w.out));
         if let Some(dx) = dx {
-            w.backward(dy, rows, dx, lora.as_ref().map(|(g, l)| (g.as_slice(), l)));
+            w.backward(dy, rows, dx, lora.as_ref().map(|(g, l)| (g.as_slice(), *l)));
         }
         match lora {
             Some((g, _)) => Self::lora_grads(x, rows, group, (t, &g), dy, w.out),
@@ -827,11 +903,11 @@ impl CpuModel {
                     false,
                 );
                 db.iter_mut().for_each(|v| *v *= m.scale);
+                // Column by column of `dat`, so `da` is written in order (its
+                // rows are `inp` apart: 8 KiB for the down projection).
                 let mut da = vec![0.0f32; r * inp];
-                for (i, row) in dat.chunks_exact(ranks).enumerate() {
-                    for (j, v) in row[col..col + r].iter().enumerate() {
-                        da[j * inp + i] = *v;
-                    }
+                for (j, dst) in da.chunks_exact_mut(inp).enumerate() {
+                    dst.iter_mut().zip(dat.iter().skip(col + j).step_by(ranks)).for_each(|(d, v)| *d = *v);
                 }
                 col += r;
                 (m.name, (da, db))
@@ -854,8 +930,11 @@ impl CpuModel {
         if !self.trainable {
             return Err(TrainerError::Unsupported("this model was packed for serving only".into()));
         }
-        if fwd.layers.len() != self.layers.len() || coefs.len() != batch.sequences() {
-            return Err(TrainerError::Format("backward needs a traced forward pass of the same batch".into()));
+        let packed = fwd.packs.len() == self.layers.len() * GROUPS.len();
+        if fwd.layers.len() != self.layers.len() || !packed || coefs.len() != batch.sequences() {
+            return Err(TrainerError::Format(
+                "backward needs a traced forward pass of the same batch with the adapter".into(),
+            ));
         }
         let (cos, sin) = rope_tables(batch.positions.iter().max().map_or(0, |p| p + 1), d.hd, c.rope_theta);
         // d(coef · log softmax[target]) / d logits = coef · (onehot − softmax).
@@ -892,9 +971,13 @@ impl CpuModel {
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let tr = &fwd.layers[l];
             let group = |g: usize| adapted_of(Some(lora), &d, l, GROUPS[g]);
+            let pack = |g: usize| fwd.packs.get(l * GROUPS.len() + g).and_then(Option::as_ref);
             // MLP: x_out = x_mid + down(silu(gate) · up).
             let act = swiglu(&tr.gate_up, n, d.i);
-            record(l, Self::group_backward(&layer.down, &act, n, &group(3), &tr.lora_t[3], &dx, Some(&mut dact)));
+            record(
+                l,
+                Self::group_backward(&layer.down, &act, n, &group(3), pack(3), &tr.lora_t[3], &dx, Some(&mut dact)),
+            );
             pool::give(act);
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
                 |(dst, (gu, da))| {
@@ -906,19 +989,31 @@ impl CpuModel {
             let normed2 = rms_norm_rows(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps);
             record(
                 l,
-                Self::group_backward(&layer.gate_up, &normed2, n, &group(2), &tr.lora_t[2], &dgu, Some(&mut dn2)),
+                Self::group_backward(
+                    &layer.gate_up,
+                    &normed2,
+                    n,
+                    &group(2),
+                    pack(2),
+                    &tr.lora_t[2],
+                    &dgu,
+                    Some(&mut dn2),
+                ),
             );
             pool::give(normed2);
             rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, &dn2, &mut dx);
             // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            record(l, Self::group_backward(&layer.o, &tr.attn, n, &group(1), &tr.lora_t[1], &dx, Some(&mut dattn)));
+            record(
+                l,
+                Self::group_backward(&layer.o, &tr.attn, n, &group(1), pack(1), &tr.lora_t[1], &dx, Some(&mut dattn)),
+            );
             let mut dqkv = self.attention_backward(batch, tr, &dattn);
             rope_rows(&mut dqkv, &d, &batch.positions, &cos, &sin, -1.0);
             let normed1 = rms_norm_rows(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps);
             // The first layer's input gradient feeds nothing (embeddings are frozen).
             let needs_dx = l > 0;
             let target = if needs_dx { Some(dn1.as_mut_slice()) } else { None };
-            record(l, Self::group_backward(&layer.qkv, &normed1, n, &group(0), &tr.lora_t[0], &dqkv, target));
+            record(l, Self::group_backward(&layer.qkv, &normed1, n, &group(0), pack(0), &tr.lora_t[0], &dqkv, target));
             if needs_dx {
                 rms_norm_backward_into(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps, &dn1, &mut dx);
             }

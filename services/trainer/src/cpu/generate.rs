@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::engine::{CpuModel, adapted_of, rms_norm_rows, rope_rows, swiglu};
+use super::engine::{CpuModel, GroupPacks, adapted_of, rms_norm_rows, rope_rows, swiglu};
 use super::gemm::{MatA, gemm};
 use super::simd;
 use crate::lora::LoraAdapter;
@@ -183,9 +183,10 @@ impl CpuModel {
                 for &i in members {
                     xs.extend_from_slice(&x[i * slot.inp..(i + 1) * slot.inp]);
                 }
-                let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), &adapted, ldy) else { continue };
+                let packs = GroupPacks::of(&adapted, ldy, false);
+                let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), packs.as_ref()) else { continue };
                 let mut ys = vec![0.0f32; members.len() * ldy];
-                gemm(MatA::rows(&t, l.k()), members.len(), &l, &mut ys, ldy, false);
+                gemm(MatA::rows(&t, l.k()), members.len(), l, &mut ys, ldy, false);
                 for (j, &i) in members.iter().enumerate() {
                     let (dst, src) = (&mut y[i * ldy..(i + 1) * ldy], &ys[j * ldy..(j + 1) * ldy]);
                     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
