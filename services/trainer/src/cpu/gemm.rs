@@ -1050,27 +1050,33 @@ mod avx512 {
         (lo, hi)
     }
 
-    /// Adds (or stores) the sums into `c`'s first `rows` rows and `cols`
-    /// columns.
-    ///
-    /// # Safety
-    /// AVX-512F; `c` valid for `rows` rows of `cols` values at stride `ldc`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn write(acc: &[[__m512; 2]; MR], c: *mut f32, ldc: usize, rows: usize, cols: usize, accumulate: bool) {
-        let (m0, m1) = masks(cols);
-        for (i, pair) in acc.iter().enumerate().take(rows) {
-            // SAFETY: row i < rows and the masks cover only columns < cols.
-            unsafe {
-                let p = c.add(i * ldc);
-                let (mut v0, mut v1) = (pair[0], pair[1]);
-                if accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+    /// Adds (or stores) the sums `acc` into `c`'s first `rows` rows and
+    /// `cols` columns (AVX-512F; `c` valid for `rows` rows of `cols` values
+    /// at stride `ldc`). A macro because the sums must stay in registers: a
+    /// call (which cannot be `inline(always)` with `target_feature`) took
+    /// them by reference, so each tile zero-filled a 1.5 KiB stack array
+    /// with `memset` and went through it (1–2 % of a training step).
+    macro_rules! write_tile {
+        ($acc:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $accumulate:expr) => {{
+            let (m0, m1) = masks($cols);
+            for (i, pair) in $acc.iter().enumerate() {
+                if i >= $rows {
+                    break;
                 }
-                _mm512_mask_storeu_ps(p, m0, v0);
-                _mm512_mask_storeu_ps(p.add(16), m1, v1);
+                // SAFETY: row i < rows and the masks cover only columns <
+                // cols, inside `c` by the kernel's contract.
+                unsafe {
+                    let p = $c.add(i * $ldc);
+                    let (mut v0, mut v1) = (pair[0], pair[1]);
+                    if $accumulate {
+                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+                    }
+                    _mm512_mask_storeu_ps(p, m0, v0);
+                    _mm512_mask_storeu_ps(p.add(16), m1, v1);
+                }
             }
-        }
+        }};
     }
 
     /// `b` is f32 rows of `NR` values, or (`WIDE`) rows of `NR / 2` words
@@ -1124,8 +1130,7 @@ mod avx512 {
                 }
             }
         }
-        // SAFETY: forwarded from this function's contract.
-        unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+        write_tile!(acc, c, ldc, rows, cols, accumulate);
     }
 
     /// `2 · MR` rows of `a` (as in `tile_f32`) times the first 16 columns
@@ -1212,8 +1217,7 @@ mod avx512 {
                 }
             }
         }
-        // SAFETY: forwarded from this function's contract.
-        unsafe { write(&acc, c, ldc, rows, cols, accumulate) }
+        write_tile!(acc, c, ldc, rows, cols, accumulate);
     }
 
     /// `n` floats from `src` rounded to bf16 (`vcvtne2ps2bf16`: to nearest
