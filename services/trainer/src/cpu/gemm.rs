@@ -589,8 +589,11 @@ fn gemm_with(
     }
     let blocks = m.div_ceil(MR);
     if blocks >= 2 * threads {
-        // Split rows: each task owns whole rows of C.
-        let per = blocks.div_ceil(threads) * MR;
+        // Split rows: each task owns whole rows of C, as even a share as
+        // blocks of 4 rows allow (the kernels run 4, 8 or 12 rows). Whole
+        // blocks of 12 gave 256 rows 11 and 10⅓ blocks' work (a last block
+        // of 4 rows ran as 12), so one thread waited a block's time.
+        let per = m.div_ceil(threads).next_multiple_of(4);
         c.par_chunks_mut(per * ldc).enumerate().for_each(|(t, chunk)| {
             let r0 = t * per;
             let rows = per.min(m - r0);
@@ -908,9 +911,14 @@ fn tile_f32(
     match (isa, b) {
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512 | Isa::Avx512Bf16, _) => {
-            let kernel = match b {
-                PanelRef::F32(_) => avx512::tile_f32::<false>,
-                PanelRef::Bf16Wide(_) => avx512::tile_f32::<true>,
+            // As in `tile_bf16`: a kernel of as many rows as the block has.
+            let kernel = match (b, rows) {
+                (PanelRef::F32(_), 0..=4) => avx512::tile_f32::<false, 4>,
+                (PanelRef::F32(_), 5..=8) => avx512::tile_f32::<false, 8>,
+                (PanelRef::F32(_), _) => avx512::tile_f32::<false, MR>,
+                (PanelRef::Bf16Wide(_), 0..=4) => avx512::tile_f32::<true, 4>,
+                (PanelRef::Bf16Wide(_), 5..=8) => avx512::tile_f32::<true, 8>,
+                (PanelRef::Bf16Wide(_), _) => avx512::tile_f32::<true, MR>,
             };
             // SAFETY: the CPU has AVX-512F (detected); the asserts above
             // bound every read of `a` and `b` (`kc` rows of either layout)
@@ -998,9 +1006,14 @@ fn tile_bf16(
         Isa::Avx512Bf16 => {
             // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected); the
             // asserts above bound every access.
-            unsafe {
-                avx512::tile_bf16(kc, a.as_ptr(), rs, b.as_ptr(), fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate)
-            }
+            // A block of a few rows runs a kernel of that many: the same
+            // sums, in the same order, for a third or two thirds of the work.
+            let kernel = match rows {
+                0..=4 => avx512::tile_bf16::<4>,
+                5..=8 => avx512::tile_bf16::<8>,
+                _ => avx512::tile_bf16::<MR>,
+            };
+            unsafe { kernel(kc, a.as_ptr(), rs, b.as_ptr(), fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate) }
         }
         _ => {
             let mut acc = [[0.0f32; NR]; MR];
@@ -1089,7 +1102,7 @@ mod avx512 {
     /// `i < MR`, `kk < kc`; `b` holds `kc` rows; `c` as in `write`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_f32<const WIDE: bool>(
+    pub(super) unsafe fn tile_f32<const WIDE: bool, const R: usize>(
         kc: usize,
         a: *const f32,
         rs: usize,
@@ -1102,10 +1115,10 @@ mod avx512 {
         cols: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let mut rows_at = [a; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut rows_at = [a; R];
         for (i, r) in rows_at.iter_mut().enumerate() {
-            // SAFETY: row i < MR starts inside `a` (the caller's bound).
+            // SAFETY: row i < R ≤ MR starts inside `a` (the caller's bound).
             *r = unsafe { a.add(i * rs) };
         }
         let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
@@ -1183,7 +1196,7 @@ mod avx512 {
     /// `kc · NR · 2` values, `c` as in `write`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_bf16(
+    pub(super) unsafe fn tile_bf16<const R: usize>(
         kc: usize,
         a: *const u32,
         rs: usize,
@@ -1195,10 +1208,10 @@ mod avx512 {
         cols: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let mut rows_at = [a; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut rows_at = [a; R];
         for (i, r) in rows_at.iter_mut().enumerate() {
-            // SAFETY: row i < MR starts inside `a` (the caller's bound).
+            // SAFETY: row i < R ≤ MR starts inside `a` (the caller's bound).
             *r = unsafe { a.add(i * rs) };
         }
         for q in 0..kc {
@@ -1537,6 +1550,48 @@ mod tests {
                         assert_eq!(got, want, "{m}x{k}x{n} {precision:?} {threads} threads");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_of_fewer_rows_gives_the_bits_of_those_rows_of_a_full_block() {
+        // The kernels run 4, 8 or 12 rows: each row count must give the same
+        // sums as a full tile, and write nothing past its rows.
+        let kc = 29;
+        let a = random(kc * MR, 21);
+        let pa: Vec<u32> = a.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-v)) << 16)).collect();
+        let pb: Vec<u16> = random(kc * NR * 2, 22).iter().map(|v| bf16_bits(*v)).collect();
+        let b = random(kc * NR, 23);
+        let words: Vec<u32> =
+            b.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(0.5 * v)) << 16)).collect();
+        let fetch = (std::ptr::null(), 0);
+        let cols = NR - 3;
+        type Run<'a> = Box<dyn Fn(&mut [f32], usize) + 'a>;
+        let kernels: [(&str, Run<'_>); 3] = [
+            (
+                "f32",
+                Box::new(|c, rows| {
+                    tile_f32(Isa::detect(), kc, (&a, 1, MR), PanelRef::F32(&b), fetch, c, NR, rows, cols, true)
+                }),
+            ),
+            (
+                "bf16-weights",
+                Box::new(|c, rows| {
+                    tile_f32(Isa::detect(), kc, (&a, 1, MR), PanelRef::Bf16Wide(&words), fetch, c, NR, rows, cols, true)
+                }),
+            ),
+            ("bf16", Box::new(|c, rows| tile_bf16(Isa::detect(), kc, (&pa, kc), &pb, fetch, c, NR, rows, cols, true))),
+        ];
+        for (name, run) in &kernels {
+            let start = random(MR * NR, 24);
+            let mut full = start.clone();
+            run(&mut full, MR);
+            for rows in 1..=MR {
+                let mut part = start.clone();
+                run(&mut part, rows);
+                assert_eq!(part[..rows * NR], full[..rows * NR], "{name}: {rows} rows");
+                assert_eq!(part[rows * NR..], start[rows * NR..], "{name}: {rows} rows wrote past them");
             }
         }
     }
