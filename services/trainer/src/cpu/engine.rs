@@ -555,10 +555,10 @@ impl CpuModel {
         Ok(x)
     }
 
-    /// The LoRA terms of a group's product (`width` columns) at input
-    /// `t = x · Aᵀ` for `x [rows × in]`: every adapted projection of the
-    /// group side by side, with `L` ([`GroupPacks::up`]) so that the product
-    /// adds `t · L`. `None` when nothing in the group is adapted.
+    /// The LoRA terms of a group's product at input `x [rows × in]`:
+    /// `t = x · Aᵀ`, every adapted projection's side by side, and `L`
+    /// ([`GroupPacks::up`]), so that the product adds `t · L`. `None` when
+    /// nothing in the group is adapted (no packs).
     pub(super) fn lora_forward<'p>(
         x: &[f32],
         rows: usize,
@@ -820,7 +820,7 @@ impl CpuModel {
     /// The LoRA terms of a group's input gradient from the product's
     /// output gradient `dy` (`ldy` wide): `g`, every adapted projection's
     /// `dy · scale · B` side by side, and `L`, their `A`s stacked, so that
-    /// the backward product adds `g · L`. `None` when nothing is adapted.
+    /// the backward product adds `g · L`.
     fn lora_input_grad<'p>(
         dy: &[f32],
         rows: usize,

@@ -1004,8 +1004,6 @@ fn tile_bf16(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => {
-            // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected); the
-            // asserts above bound every access.
             // A block of a few rows runs a kernel of that many: the same
             // sums, in the same order, for a third or two thirds of the work.
             let kernel = match rows {
@@ -1013,6 +1011,8 @@ fn tile_bf16(
                 5..=8 => avx512::tile_bf16::<8>,
                 _ => avx512::tile_bf16::<MR>,
             };
+            // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected); the
+            // asserts above bound every access.
             unsafe { kernel(kc, a.as_ptr(), rs, b.as_ptr(), fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate) }
         }
         _ => {
@@ -1099,7 +1099,7 @@ mod avx512 {
     ///
     /// # Safety
     /// AVX-512F; `a` holds element `(i, kk)` at `i·rs + kk·ks` for every
-    /// `i < MR`, `kk < kc`; `b` holds `kc` rows; `c` as in `write`.
+    /// `i < MR`, `kk < kc`; `b` holds `kc` rows; `c` as in `write_tile!`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn tile_f32<const WIDE: bool, const R: usize>(
@@ -1193,7 +1193,7 @@ mod avx512 {
     ///
     /// # Safety
     /// AVX-512F and AVX512_BF16; `a` holds `(MR - 1) · rs + kc` words, `b`
-    /// `kc · NR · 2` values, `c` as in `write`.
+    /// `kc · NR · 2` values, `c` as in `write_tile!`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn tile_bf16<const R: usize>(
