@@ -22,8 +22,8 @@ use flywheel_core::topics::{Topic, TopicsConfig};
 use flywheel_lake::compact::{CompactOptions, compact};
 use flywheel_lake::store::{Storage, open_storage_with};
 use flywheel_tests::{
-    Reaped, S3Server, TestDir, delta_query, duckdb, lake_runtime, metric, metrics_when, ops_get, read_all, test_topics,
-    unique_topic, with_lake_at, workspace_binary, workspace_root,
+    Reaped, S3Server, TestDir, TestTopics, delta_query, duckdb, lake_runtime, metric, metrics_when, ops_get, read_all,
+    test_topics, unique_topic, with_lake_at, workspace_binary, workspace_root,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -45,6 +45,32 @@ struct Setup {
 }
 
 impl Setup {
+    /// `t`'s topics and a fresh group, with the lake in `t`'s directory.
+    fn local(t: TestTopics, label: &str) -> Setup {
+        let lake = t.dir.join("lake").display().to_string();
+        let group = unique_topic(&format!("{label}-group"));
+        Setup {
+            kafka: t.kafka,
+            topics: t.topics,
+            topics_file: t.file,
+            lake,
+            env: Vec::new(),
+            group,
+            s3: None,
+            _dir: t.dir,
+        }
+    }
+
+    /// One past the last offset of each partition of the rewards topic.
+    fn rewards_ends(&self) -> BTreeMap<i32, i64> {
+        let mut ends = BTreeMap::new();
+        for (p, o, _) in read_all::<Reward>(&self.kafka, &self.topics.name(Topic::Rewards)) {
+            let e = ends.entry(p).or_insert(0);
+            *e = (*e).max(o + 1);
+        }
+        ends
+    }
+
     /// The Delta table's location, for the Python readers.
     fn table(&self) -> String {
         format!("{}/rewards", self.lake.trim_end_matches('/'))
@@ -66,14 +92,13 @@ async fn setup(label: &str, s3: bool) -> Setup {
     let t =
         test_topics(label, &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, PARTITIONS)))
             .await;
-    let group = unique_topic(&format!("{label}-group"));
-    let (lake, env, s3) = if s3 {
+    let mut s = Setup::local(t, label);
+    if s3 {
         let server = tokio::task::spawn_blocking(S3Server::start).await.unwrap();
-        (server.url(&unique_topic(label)), server.env(), Some(server))
-    } else {
-        (t.dir.join("lake").display().to_string(), Vec::new(), None)
-    };
-    Setup { kafka: t.kafka, topics: t.topics, topics_file: t.file, lake, env, group, s3, _dir: t.dir }
+        (s.lake, s.env) = (server.url(&unique_topic(label)), server.env());
+        s.s3 = Some(server);
+    }
+    s
 }
 
 /// A small deterministic generator (xorshift), seeded per run and printed.
@@ -263,16 +288,7 @@ async fn kill_9_rounds(s: Setup) {
     // start-up (signal handlers installed) before it is asked to stop.
     let mut child = spawn_writer(&s);
     produce_batch(&s, &mut rng, next, 100, &mut sent).await;
-    let ends: BTreeMap<i32, i64> = {
-        let all = read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards));
-        let mut ends = BTreeMap::new();
-        for (p, o, _) in all {
-            let e = ends.entry(p).or_insert(0);
-            *e = (*e).max(o + 1);
-        }
-        ends
-    };
-    wait_committed(&s, &ends, 120);
+    wait_committed(&s, &s.rewards_ends(), 120);
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 
@@ -433,18 +449,7 @@ async fn sigterm_commits_every_buffered_record_before_the_writer_exits() {
 async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_from_a_killed_owner() {
     let t =
         test_topics("lake-idle", &[Topic::Rewards, Topic::Shards, Topic::DeadLetters], Some((Topic::Rewards, 1))).await;
-    let group = unique_topic("lake-idle-group");
-    let lake = t.dir.join("lake").display().to_string();
-    let s = Setup {
-        kafka: t.kafka,
-        topics: t.topics,
-        topics_file: t.file,
-        lake,
-        env: Vec::new(),
-        group,
-        s3: None,
-        _dir: t.dir,
-    };
+    let s = Setup::local(t, "lake-idle");
     let addr = || flywheel_devkit::free_local_addr().unwrap();
     let (a_ops, b_ops) = (addr(), addr());
     let a = spawn_writer_on(&s, &a_ops.to_string());
@@ -531,28 +536,12 @@ async fn a_writer_stopped_while_the_broker_hangs_exits_within_its_drain_timeout(
         Some((Topic::Rewards, PARTITIONS)),
     )
     .await;
-    let s = Setup {
-        kafka: t.kafka,
-        topics: t.topics,
-        topics_file: t.file,
-        lake: t.dir.join("lake").display().to_string(),
-        env: Vec::new(),
-        group: unique_topic("lake-hung-group"),
-        s3: None,
-        _dir: t.dir,
-    };
+    let s = Setup::local(t, "lake-hung");
     let ops = flywheel_devkit::free_local_addr().unwrap();
     let mut child = spawn_writer_on(&s, &ops.to_string());
     let mut sent = Sent::default();
     produce_batch(&s, &mut Rng(11), 0, 100, &mut sent).await;
-    let topic = s.topics.name(Topic::Rewards);
-    let ends: BTreeMap<i32, i64> =
-        read_all::<Reward>(&s.kafka, &topic).into_iter().fold(BTreeMap::new(), |mut e, r| {
-            let end = e.entry(r.0).or_insert(0);
-            *end = (*end).max(r.1 + 1);
-            e
-        });
-    wait_committed(&s, &ends, 120);
+    wait_committed(&s, &s.rewards_ends(), 120);
     let nothing_buffered = |exposed: &str| metric(exposed, "lake_writer_buffered_records") == Some(0.0);
     metrics_when(ops, 60, "an empty buffer after the commits", nothing_buffered).await;
     broker.pause();

@@ -588,28 +588,27 @@ pub fn group_leave_limit(session_timeout_ms: u32, drain_timeout: Duration) -> Du
 /// polling so that the rebalance callbacks run. rdkafka's `Drop` does the
 /// same with no time limit, so a coordinator that does not answer (a hung
 /// broker, a rebalance waiting on a dead member) would hold a stopping
-/// service past its drain timeout. After `limit` the consumer is leaked
-/// instead (the process is exiting; nothing it holds needs releasing), and
-/// `false` says the group was not left: its coordinator drops the member
-/// when the session times out.
-pub fn leave_group<C: ConsumerContext>(consumer: BaseConsumer<C>, limit: Duration) -> bool {
+/// service past its drain timeout. After `limit` (or when the close cannot
+/// start) the consumer is leaked instead, with a warning: the process is
+/// exiting, nothing it holds needs releasing, and the coordinator drops the
+/// member when its session times out.
+pub fn leave_group<C: ConsumerContext>(consumer: BaseConsumer<C>, limit: Duration) {
     let started = std::time::Instant::now();
     if let Err(e) = consumer.close_queue() {
-        tracing::warn!(error = %e, "leaving the consumer group failed to start");
+        tracing::warn!(error = %e, "leaving the consumer group failed to start; stopping without it");
         std::mem::forget(consumer);
-        return false;
+        return;
     }
     while !consumer.closed() {
         if started.elapsed() >= limit {
             tracing::warn!(?limit, "the consumer group was not left in time; stopping without it");
             std::mem::forget(consumer);
-            return false;
+            return;
         }
         // Records still delivered are not processed: whatever was not
         // committed is read again by the next owner.
         let _ = consumer.poll(Duration::from_millis(100));
     }
-    true
 }
 
 /// Keeps a consumer-group member from idling while partitions of its topic

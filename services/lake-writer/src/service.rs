@@ -722,7 +722,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Writ
             }
             commit_group_offsets(&consumer, &writer, &mut mirrored);
             tracing::info!("lake writer committed its buffers; leaving the group");
-
             leave_group(consumer, leave_limit);
             Ok(())
         })

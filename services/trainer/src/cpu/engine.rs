@@ -315,10 +315,10 @@ pub(super) fn adapted_of<'a>(
 #[derive(Debug)]
 pub(super) struct GroupPacks {
     /// `Aᵀ` of the group's projections side by side: `t = x · Aᵀ`.
-    pub(super) down: PackedB,
+    down: PackedB,
     /// `L`: each projection's `scale · Bᵀ` at its rows of `t` and its
     /// columns of the product, zero elsewhere; the product adds `t · L`.
-    pub(super) up: PackedB,
+    up: PackedB,
     /// What the backward pass needs, when packed for it.
     backward: Option<BackwardPacks>,
 }
