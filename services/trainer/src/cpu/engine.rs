@@ -2,8 +2,9 @@
 //!
 //! A batch of sequences is one matrix of rows (`N` = every token of every
 //! sequence): each projection is one GEMM over all of them, attention and
-//! RoPE positions stay per sequence, and the LM head runs only on the rows
-//! whose next token is scored (the completion). The math is the reference's
+//! RoPE positions stay per sequence, and the LM head (and the last layer
+//! from its attention output on) runs only on the rows whose next token is
+//! scored (the completion). The math is the reference's
 //! ([`crate::model`], `grad`), checked against it in the tests.
 
 use rayon::prelude::*;
@@ -399,6 +400,26 @@ impl Drop for BatchForward {
     }
 }
 
+/// The scored rows of `m` (`width` wide), in the order of `scored`.
+fn scored_rows(m: &[f32], width: usize, scored: &[(usize, u32, usize)]) -> Vec<f32> {
+    let mut out = pool::take(scored.len() * width);
+    out.par_chunks_mut(width).zip(scored.par_iter()).for_each(|(dst, (r, _, _))| {
+        dst.copy_from_slice(&m[r * width..(r + 1) * width]);
+    });
+    out
+}
+
+/// The inverse of [`scored_rows`]: `n` rows, zero but at the scored ones
+/// (`scored` is in row order).
+fn all_rows(m: &[f32], width: usize, scored: &[(usize, u32, usize)], n: usize) -> Vec<f32> {
+    let mut out = pool::take(n * width);
+    out.par_chunks_mut(width).enumerate().for_each(|(r, dst)| match scored.binary_search_by_key(&r, |s| s.0) {
+        Ok(i) => dst.copy_from_slice(&m[i * width..(i + 1) * width]),
+        Err(_) => dst.fill(0.0),
+    });
+    out
+}
+
 /// `x += delta`, on the pool; when `keep`, also returns `x` before and
 /// after (a layer's residual inputs, for the backward pass).
 fn add_residual(x: &mut [f32], delta: &[f32], width: usize, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
@@ -589,6 +610,7 @@ impl CpuModel {
         let (cos, sin) = rope_tables(max_t, d.hd, c.rope_theta);
         let mut x = self.embed_rows(&batch.tokens)?;
         let mut traces = Vec::new();
+        let last = self.layers.len().wrapping_sub(1);
         // Each group's packs are dropped once its product ran, but for the
         // backward pass's part.
         let mut packs = GroupPacks::of_model(lora, &d, self.layers.len(), traced);
@@ -615,7 +637,18 @@ impl CpuModel {
             used(p0);
             pool::give(normed1);
             rope_rows(&mut qkv, &d, &batch.positions, &cos, &sin, 1.0);
-            let (attn, probs) = self.attention(batch, &qkv);
+            let (mut attn, probs) = self.attention(batch, &qkv);
+            // The last layer's outputs are read only at the scored rows (by
+            // the head): from its attention output on, it runs on those rows
+            // alone, and its input is kept whole for the backward pass.
+            let (n, x_whole) = if l == last {
+                let scored = scored_rows(&attn, d.q, &batch.scored);
+                pool::give(std::mem::replace(&mut attn, scored));
+                let scored = scored_rows(&x, d.h, &batch.scored);
+                (batch.scored.len(), Some(std::mem::replace(&mut x, scored)))
+            } else {
+                (n, None)
+            };
             let mut o = pool::take(n * d.h);
             let p1 = pack(l, 1);
             let lora_o = Self::lora_forward(&attn, n, p1.as_ref());
@@ -646,21 +679,29 @@ impl CpuModel {
             tr.attn = attn;
             tr.gate_up = gu;
             if let Some((x_in, x_mid)) = kept {
-                tr.x_in = x_in;
+                tr.x_in = match x_whole {
+                    Some(whole) => {
+                        pool::give(x_in);
+                        whole
+                    }
+                    None => x_in,
+                };
                 tr.x_mid = x_mid;
                 traces.push(tr);
+            } else if let Some(whole) = x_whole {
+                pool::give(whole);
             }
         }
-        // The head on the scored rows only.
-        let normed = rms_norm_rows(&x, d.h, &self.norm, c.rms_norm_eps);
+        if self.layers.is_empty() {
+            let scored = scored_rows(&x, d.h, &batch.scored);
+            pool::give(std::mem::replace(&mut x, scored));
+        }
+        // The head on the scored rows only (`x` holds only those now).
         let rows = batch.scored.len();
-        let mut hs = vec![0.0f32; rows * d.h];
-        hs.par_chunks_mut(d.h).zip(batch.scored.par_iter()).for_each(|(dst, (r, _, _))| {
-            dst.copy_from_slice(&normed[r * d.h..(r + 1) * d.h]);
-        });
-        pool::give(normed);
+        let hs = rms_norm_rows(&x, d.h, &self.norm, c.rms_norm_eps);
         let mut logits = pool::take(rows * d.vocab);
         self.head.forward(&hs, rows, &mut logits, None);
+        pool::give(hs);
         let lse: Vec<f64> = logits.par_chunks(d.vocab).map(simd::log_sum_exp).collect();
         let mut logps = vec![0.0f64; batch.sequences()];
         for ((row, l), (_, target, s)) in logits.chunks(d.vocab).zip(&lse).zip(&batch.scored) {
@@ -954,12 +995,10 @@ impl CpuModel {
         let mut dhs = vec![0.0f32; rows * d.h];
         self.head.backward(&dlogits, rows, &mut dhs, None);
         pool::give(dlogits);
-        let mut dnormed = vec![0.0f32; n * d.h];
-        for (src, (r, _, _)) in dhs.chunks(d.h).zip(&batch.scored) {
-            dnormed[r * d.h..(r + 1) * d.h].copy_from_slice(src);
-        }
-        let mut dx = vec![0.0f32; n * d.h];
-        rms_norm_backward_into(&fwd.x_final, d.h, &self.norm, c.rms_norm_eps, &dnormed, &mut dx);
+        // At the scored rows only, as the last layer ran from its attention
+        // output on (see `forward`).
+        let mut dx = vec![0.0f32; rows * d.h];
+        rms_norm_backward_into(&fwd.x_final, d.h, &self.norm, c.rms_norm_eps, &dhs, &mut dx);
         let mut grads = LoraGrads::new();
         let mut record = |l: usize, gs: Vec<ProjectionGrads>| {
             for (m, g) in gs {
@@ -973,16 +1012,17 @@ impl CpuModel {
         let mut dn2 = pool::take(n * d.h);
         let mut dattn = pool::take(n * d.q);
         let mut dn1 = pool::take(n * d.h);
+        let last = self.layers.len().wrapping_sub(1);
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let tr = &fwd.layers[l];
             let group = |g: usize| adapted_of(Some(lora), &d, l, GROUPS[g]);
             let pack = |g: usize| fwd.packs.get(l * GROUPS.len() + g).and_then(Option::as_ref);
+            // Rows from the attention output on: the scored ones in the last layer.
+            let m = if l == last { rows } else { n };
+            let (dact, dgu, dn2) = (&mut dact[..m * d.i], &mut dgu[..m * 2 * d.i], &mut dn2[..m * d.h]);
             // MLP: x_out = x_mid + down(silu(gate) · up).
-            let act = swiglu(&tr.gate_up, n, d.i);
-            record(
-                l,
-                Self::group_backward(&layer.down, &act, n, &group(3), pack(3), &tr.lora_t[3], &dx, Some(&mut dact)),
-            );
+            let act = swiglu(&tr.gate_up, m, d.i);
+            record(l, Self::group_backward(&layer.down, &act, m, &group(3), pack(3), &tr.lora_t[3], &dx, Some(dact)));
             pool::give(act);
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
                 |(dst, (gu, da))| {
@@ -994,24 +1034,22 @@ impl CpuModel {
             let normed2 = rms_norm_rows(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps);
             record(
                 l,
-                Self::group_backward(
-                    &layer.gate_up,
-                    &normed2,
-                    n,
-                    &group(2),
-                    pack(2),
-                    &tr.lora_t[2],
-                    &dgu,
-                    Some(&mut dn2),
-                ),
+                Self::group_backward(&layer.gate_up, &normed2, m, &group(2), pack(2), &tr.lora_t[2], dgu, Some(dn2)),
             );
             pool::give(normed2);
-            rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, &dn2, &mut dx);
+            rms_norm_backward_into(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps, dn2, &mut dx);
             // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
+            let dattn_m = &mut dattn[..m * d.q];
             record(
                 l,
-                Self::group_backward(&layer.o, &tr.attn, n, &group(1), pack(1), &tr.lora_t[1], &dx, Some(&mut dattn)),
+                Self::group_backward(&layer.o, &tr.attn, m, &group(1), pack(1), &tr.lora_t[1], &dx, Some(dattn_m)),
             );
+            if m < n {
+                // Back to every row: the others' gradients are zero here.
+                let whole = all_rows(&dattn[..m * d.q], d.q, &batch.scored, n);
+                pool::give(std::mem::replace(&mut dattn, whole));
+                dx = all_rows(&dx, d.h, &batch.scored, n);
+            }
             let mut dqkv = self.attention_backward(batch, tr, &dattn);
             rope_rows(&mut dqkv, &d, &batch.positions, &cos, &sin, -1.0);
             let normed1 = rms_norm_rows(&tr.x_in, d.h, &layer.norm1, c.rms_norm_eps);
