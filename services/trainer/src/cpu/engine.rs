@@ -420,22 +420,22 @@ fn all_rows(m: &[f32], width: usize, scored: &[(usize, u32, usize)], n: usize) -
     out
 }
 
-/// `x += delta`, on the pool; when `keep`, also returns `x` before and
-/// after (a layer's residual inputs, for the backward pass).
-fn add_residual(x: &mut [f32], delta: &[f32], width: usize, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
-    let add = |x: &mut [f32], d: &[f32]| x.iter_mut().zip(d).for_each(|(a, v)| *a += v);
+/// `x += delta`, on the pool. When `keep` (the trace keeps a layer's
+/// residual inputs), the sum goes into a new buffer that replaces `x`, and
+/// the old `x` is returned: moved, where copying it took two passes over
+/// the residual stream per layer.
+fn add_residual(x: &mut Vec<f32>, delta: &[f32], width: usize, keep: bool) -> Option<Vec<f32>> {
     if !keep {
-        x.par_chunks_mut(width).zip(delta.par_chunks(width)).for_each(|(x, d)| add(x, d));
+        x.par_chunks_mut(width).zip(delta.par_chunks(width)).for_each(|(x, d)| {
+            x.iter_mut().zip(d).for_each(|(a, v)| *a += v);
+        });
         return None;
     }
-    let (mut before, mut after) = (pool::take(x.len()), pool::take(x.len()));
-    let kept = before.par_chunks_mut(width).zip(after.par_chunks_mut(width));
-    kept.zip(x.par_chunks_mut(width).zip(delta.par_chunks(width))).for_each(|((b, a), (x, d))| {
-        b.copy_from_slice(x);
-        add(x, d);
-        a.copy_from_slice(x);
+    let mut sum = pool::take(x.len());
+    sum.par_chunks_mut(width).zip(x.par_chunks(width).zip(delta.par_chunks(width))).for_each(|(s, (x, d))| {
+        s.iter_mut().zip(x.iter().zip(d)).for_each(|(s, (a, v))| *s = a + v);
     });
-    Some((before, after))
+    Some(std::mem::replace(x, sum))
 }
 
 pub(super) fn rms_norm_rows(x: &[f32], width: usize, weight: &[f32], eps: f64) -> Vec<f32> {
@@ -655,7 +655,7 @@ impl CpuModel {
             layer.o.forward(&attn, n, &mut o, lora_o.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             tr.lora_t[1] = lora_o.map(|(t, _)| t).unwrap_or_default();
             used(p1);
-            let kept = add_residual(&mut x, &o, d.h, traced);
+            let x_in = add_residual(&mut x, &o, d.h, traced);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = pool::take(n * 2 * d.i);
             let p2 = pack(l, 2);
@@ -671,14 +671,14 @@ impl CpuModel {
             layer.down.forward(&act, n, &mut o, lora_down.as_ref().map(|(t, l)| (t.as_slice(), *l)));
             tr.lora_t[3] = lora_down.map(|(t, _)| t).unwrap_or_default();
             used(p3);
-            add_residual(&mut x, &o, d.h, false);
+            let x_mid = add_residual(&mut x, &o, d.h, traced);
             pool::give(o);
             pool::give(act);
             tr.qkv = qkv;
             tr.probs = probs;
             tr.attn = attn;
             tr.gate_up = gu;
-            if let Some((x_in, x_mid)) = kept {
+            if let (Some(x_in), Some(x_mid)) = (x_in, x_mid) {
                 tr.x_in = match x_whole {
                     Some(whole) => {
                         pool::give(x_in);
@@ -728,44 +728,52 @@ impl CpuModel {
         let d = self.dims;
         let (width, hd, group) = (d.qkv(), d.hd, d.nh / d.nkv);
         let scale = 1.0 / (hd as f32).sqrt();
-        let tasks: Vec<(usize, usize)> = (0..batch.sequences()).flat_map(|s| (0..d.nh).map(move |h| (s, h))).collect();
-        let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        // Per (sequence, key/value head): its keys and values are packed
+        // once for the query heads of its group.
+        let tasks: Vec<(usize, usize)> = (0..batch.sequences()).flat_map(|s| (0..d.nkv).map(move |g| (s, g))).collect();
+        let per_task: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
             .par_iter()
-            .map(|&(s, h)| {
+            .map(|&(s, kvh)| {
                 let (t0, t) = batch.seq(s);
-                let kvh = h / group;
-                let q = &qkv[t0 * width + h * hd..];
                 let k = &qkv[t0 * width + d.q + kvh * hd..];
                 let v = &qkv[t0 * width + d.q + d.kv + kvh * hd..];
-                // Causal: a block of queries needs only the keys up to its
-                // last one (and, below, those values).
                 let keys = PackedB::from_transposed(k, t, hd, width, Precision::F32);
-                let mut p = pool::take(t * t);
-                for (i0, i1) in causal_blocks(t) {
-                    gemm_window(
-                        MatA::rows(&q[i0 * width..], width),
-                        i1 - i0,
-                        &keys,
-                        0..hd,
-                        i1,
-                        &mut p[i0 * t..],
-                        t,
-                        false,
-                    );
-                }
-                for i in 0..t {
-                    let row = &mut p[i * t..(i + 1) * t];
-                    simd::softmax_scaled(&mut row[..=i], scale);
-                    row[i + 1..].fill(0.0);
-                }
                 let values = PackedB::from_rows(v, t, hd, width, Precision::F32);
-                let mut o = vec![0.0f32; t * hd];
-                for (i0, i1) in causal_blocks(t) {
-                    gemm_window(MatA::rows(&p[i0 * t..], t), i1 - i0, &values, 0..i1, hd, &mut o[i0 * hd..], hd, false);
-                }
-                (p, o)
+                (kvh * group..(kvh + 1) * group)
+                    .map(|h| {
+                        let q = &qkv[t0 * width + h * hd..];
+                        // Causal: a block of queries needs only the keys up
+                        // to its last one (and, below, those values).
+                        let mut p = pool::take(t * t);
+                        for (i0, i1) in causal_blocks(t) {
+                            gemm_window(
+                                MatA::rows(&q[i0 * width..], width),
+                                i1 - i0,
+                                &keys,
+                                0..hd,
+                                i1,
+                                &mut p[i0 * t..],
+                                t,
+                                false,
+                            );
+                        }
+                        for i in 0..t {
+                            let row = &mut p[i * t..(i + 1) * t];
+                            simd::softmax_scaled(&mut row[..=i], scale);
+                            row[i + 1..].fill(0.0);
+                        }
+                        let mut o = vec![0.0f32; t * hd];
+                        for (i0, i1) in causal_blocks(t) {
+                            let a = MatA::rows(&p[i0 * t..], t);
+                            gemm_window(a, i1 - i0, &values, 0..i1, hd, &mut o[i0 * hd..], hd, false);
+                        }
+                        (p, o)
+                    })
+                    .collect()
             })
             .collect();
+        // Per (sequence, head), in that order.
+        let results: Vec<(Vec<f32>, Vec<f32>)> = per_task.into_iter().flatten().collect();
         let mut attn = pool::take(batch.rows() * d.q);
         batch.par_rows(&mut attn, d.q).for_each(|(s, i, row)| {
             for (h, dst) in row.chunks_exact_mut(hd).enumerate() {
