@@ -1350,24 +1350,40 @@ mod tests {
 
     #[test]
     fn products_match_a_float64_reference_at_awkward_shapes() {
-        for &(m, k, n) in
-            &[(1, 1, 1), (5, 7, 3), (13, 385, 33), (12, 64, 32), (40, 1000, 70), (3, 2, 100), (61, 50, 16)]
-        {
+        // Last blocks of rows of every size, `A` as rows and as a transpose.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 385, 33),
+            (12, 64, 32),
+            (40, 1000, 70),
+            (3, 2, 100),
+            (61, 50, 16),
+            (20, 40, 50),
+            (44, 300, 33),
+        ] {
             let (a, b) = (random(m * k, 1 + m as u64), random(k * n, 2 + n as u64));
+            let mut at = vec![0.0f32; k * m];
+            for (i, row) in a.chunks(k).enumerate() {
+                row.iter().enumerate().for_each(|(kk, v)| at[kk * m + i] = *v);
+            }
             for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
                 let round = precision != Precision::F32;
                 let want = reference(&a, m, k, &b, n, precision);
                 let packed = PackedB::from_rows(&b, k, n, n, precision);
-                let mut c = vec![f32::NAN; m * n];
-                gemm(MatA::rows(&a, k), m, &packed, &mut c, n, false);
-                let tol = if round { 1e-4 } else { 1e-5 } * (k as f64).sqrt();
-                for (got, want) in c.iter().zip(&want) {
-                    assert!((f64::from(*got) - want).abs() <= tol, "{m}x{k}x{n} {precision:?}: {got} vs {want}");
-                }
-                // Accumulating adds the same product again.
-                gemm(MatA::rows(&a, k), m, &packed, &mut c, n, true);
-                for (got, want) in c.iter().zip(&want) {
-                    assert!((f64::from(*got) - 2.0 * want).abs() <= 2.0 * tol, "accumulate {m}x{k}x{n}");
+                for a in [MatA::rows(&a, k), MatA::transposed(&at, m)] {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(a, m, &packed, &mut c, n, false);
+                    let tol = if round { 1e-4 } else { 1e-5 } * (k as f64).sqrt();
+                    let what = format!("{m}x{k}x{n} {precision:?}, transposed {}", a.transposed);
+                    for (got, want) in c.iter().zip(&want) {
+                        assert!((f64::from(*got) - want).abs() <= tol, "{what}: {got} vs {want}");
+                    }
+                    // Accumulating adds the same product again.
+                    gemm(a, m, &packed, &mut c, n, true);
+                    for (got, want) in c.iter().zip(&want) {
+                        assert!((f64::from(*got) - 2.0 * want).abs() <= 2.0 * tol, "accumulate {what}");
+                    }
                 }
             }
         }
