@@ -1028,8 +1028,15 @@ impl CpuModel {
             // Rows from the attention output on: the scored ones in the last layer.
             let m = if l == last { rows } else { n };
             let (dact, dgu, dn2) = (&mut dact[..m * d.i], &mut dgu[..m * 2 * d.i], &mut dn2[..m * d.h]);
-            // MLP: x_out = x_mid + down(silu(gate) · up).
-            let act = swiglu(&tr.gate_up, m, d.i);
+            // MLP: x_out = x_mid + down(silu(gate) · up). The sigmoid of
+            // `gate` waits in `dgu`'s gate half for the SwiGLU backward.
+            let mut act = pool::take(m * d.i);
+            act.par_chunks_mut(d.i).zip(dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i))).for_each(
+                |(a, (dst, gu))| {
+                    let (gate, up) = gu.split_at(d.i);
+                    simd::silu_mul_keeping_sigmoid(gate, up, a, &mut dst[..d.i]);
+                },
+            );
             record(l, Self::group_backward(&layer.down, &act, m, &group(3), pack(3), &tr.lora_t[3], &dx, Some(dact)));
             pool::give(act);
             dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(

@@ -74,11 +74,24 @@ dispatch! {
 }
 
 dispatch! {
+    /// [`silu_mul`], also writing `sig = sigmoid(gate)` for
+    /// [`silu_mul_backward`] (which then need not compute it again).
+    pub fn silu_mul_keeping_sigmoid(gate: &[f32], up: &[f32], out: &mut [f32], sig: &mut [f32]) {
+        for (((o, s), g), u) in out.iter_mut().zip(sig.iter_mut()).zip(gate).zip(up) {
+            let v = sigmoid(*g);
+            *s = v;
+            *o = g * v * u;
+        }
+    }
+}
+
+dispatch! {
     /// SwiGLU backward: from `dact` for `act = silu(gate) · up`, the
-    /// gradients of `gate` and `up`.
+    /// gradients of `gate` and `up`. `dgate` holds `sigmoid(gate)` on entry
+    /// (see [`silu_mul_keeping_sigmoid`]).
     pub fn silu_mul_backward(gate: &[f32], up: &[f32], dact: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
         for ((((dg, du), g), u), d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
-            let sig = sigmoid(*g);
+            let sig = *dg;
             *dg = d * u * sig * (1.0 + g * (1.0 - sig));
             *du = d * g * sig;
         }
@@ -390,6 +403,24 @@ mod tests {
         for ((o, g), u) in out.iter().zip(&gate).zip(&up) {
             let want = g / (1.0 + (-g).exp()) * u;
             assert!((o - want).abs() <= 1e-6 * want.abs().max(1.0), "{o} vs {want}");
+        }
+        // The same values when the sigmoid is kept, and the backward pass
+        // from it against the derivatives in f64.
+        let (mut kept, mut dgate, mut dup) = (vec![0.0; 1000], vec![0.0; 1000], vec![0.0; 1000]);
+        silu_mul_keeping_sigmoid(&gate, &up, &mut kept, &mut dgate);
+        assert_eq!(kept, out);
+        let dact: Vec<f32> = (0..1000).map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0).collect();
+        silu_mul_backward(&gate, &up, &dact, &mut dgate, &mut dup);
+        for i in 0..1000 {
+            let (g, u, d) = (f64::from(gate[i]), f64::from(up[i]), f64::from(dact[i]));
+            let sig = 1.0 / (1.0 + (-g).exp());
+            let (want_g, want_u) = (d * u * sig * (1.0 + g * (1.0 - sig)), d * g * sig);
+            assert!(
+                (f64::from(dgate[i]) - want_g).abs() <= 1e-5 * want_g.abs().max(1.0),
+                "{i}: {} vs {want_g}",
+                dgate[i]
+            );
+            assert!((f64::from(dup[i]) - want_u).abs() <= 1e-5 * want_u.abs().max(1.0), "{i}: {} vs {want_u}", dup[i]);
         }
         let lse = log_sum_exp(&gate);
         let want = gate.iter().map(|v| f64::from(*v).exp()).sum::<f64>().ln();
