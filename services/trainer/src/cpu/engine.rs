@@ -227,7 +227,9 @@ impl PackedBatch {
 
 /// What the backward pass needs of one layer's forward pass (inputs of the
 /// norms, the fused products' outputs; norm outputs and the SwiGLU product
-/// are recomputed, which is cheaper than keeping them).
+/// are recomputed, which is cheaper than keeping them). In the last layer,
+/// what follows attention (`attn`, `x_mid`, `gate_up`, the last three
+/// `lora_t`) holds the scored rows only.
 #[derive(Debug, Default)]
 struct LayerTrace {
     x_in: Vec<f32>,
