@@ -743,22 +743,9 @@ impl CpuModel {
                 let values = PackedB::from_rows(v, t, hd, width, Precision::F32);
                 (kvh * group..(kvh + 1) * group)
                     .map(|h| {
-                        let q = &qkv[t0 * width + h * hd..];
                         // Causal: a block of queries needs only the keys up
                         // to its last one (and, below, those values).
-                        let mut p = pool::take(t * t);
-                        for (i0, i1) in causal_blocks(t) {
-                            gemm_window(
-                                MatA::rows(&q[i0 * width..], width),
-                                i1 - i0,
-                                &keys,
-                                0..hd,
-                                i1,
-                                &mut p[i0 * t..],
-                                t,
-                                false,
-                            );
-                        }
+                        let mut p = causal_product(&qkv[t0 * width + h * hd..], width, &keys, t);
                         for i in 0..t {
                             let row = &mut p[i * t..(i + 1) * t];
                             simd::softmax_scaled(&mut row[..=i], scale);
@@ -807,19 +794,7 @@ impl CpuModel {
                     let p = &tr.probs[s * d.nh + h];
                     let dout = &dattn[t0 * d.q + h * hd..];
                     let q = &tr.qkv[t0 * width + h * hd..];
-                    let mut ds = pool::take(t * t);
-                    for (i0, i1) in causal_blocks(t) {
-                        gemm_window(
-                            MatA::rows(&dout[i0 * d.q..], d.q),
-                            i1 - i0,
-                            &v_t,
-                            0..hd,
-                            i1,
-                            &mut ds[i0 * t..],
-                            t,
-                            false,
-                        );
-                    }
+                    let mut ds = causal_product(dout, d.q, &v_t, t);
                     for i in 0..t {
                         let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
                         simd::softmax_backward_scaled(&prow[..=i], &mut drow[..=i], scale);
@@ -1166,6 +1141,18 @@ impl CpuModel {
 /// threads steal from: +3 % tokens/s at the ~110M shape on 2 cores.
 pub(super) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
+}
+
+/// `S [t × t] = A · B` where causal attention reads it: each block of rows
+/// ([`causal_blocks`]) up to its last row's column; the rest of `S` is left
+/// as it was taken from the pool. `A` holds `t` rows `ld` apart, `B` is
+/// `[k × t]`.
+fn causal_product(a: &[f32], ld: usize, b: &PackedB, t: usize) -> Vec<f32> {
+    let mut s = pool::take(t * t);
+    for (i0, i1) in causal_blocks(t) {
+        gemm_window(MatA::rows(&a[i0 * ld..], ld), i1 - i0, b, 0..b.k(), i1, &mut s[i0 * t..], t, false);
+    }
+    s
 }
 
 /// Blocks of rows `i0..i1` of a causal `t × t` matrix: row `i` of block
