@@ -3,7 +3,8 @@
 //! active request), and a few completions to read. The PyTorch side is
 //! `bench/hf_generate_bench.py`; `bench/run_cpu_bench.sh` runs both.
 //!
-//! Usage: `generate_bench MODEL_DIR [BATCH] [MAX_NEW_TOKENS] [f32|bf16|auto]`.
+//! Usage: `generate_bench MODEL_DIR [BATCH] [MAX_NEW_TOKENS] [f32|bf16|auto]`;
+//! `GENERATE_BENCH_ADAPTER=1` serves every request through an adapter.
 //! Prints one JSON line last.
 
 #![allow(clippy::print_stdout)]
@@ -14,7 +15,8 @@ use std::time::Instant;
 use flywheel_trainer::cpu::engine::CpuModel;
 use flywheel_trainer::cpu::gemm::PrecisionChoice;
 use flywheel_trainer::cpu::generate::{GenerateRequest, Sampling};
-use flywheel_trainer::model::Model;
+use flywheel_trainer::lora::LoraAdapter;
+use flywheel_trainer::model::{Model, PROJECTIONS};
 use flywheel_trainer::tokenize::TextTokenizer;
 
 /// Questions of the kind an assistant product gets (the same list as the
@@ -43,6 +45,16 @@ fn main() {
     let model = Model::load(&dir).unwrap();
     let tokenizer = TextTokenizer::load(&dir, model.config.vocab_size).unwrap();
     let packed = CpuModel::new(&model, choice.resolve()).unwrap();
+    // `GENERATE_BENCH_ADAPTER=1`: every request through one rank-16 adapter
+    // on all seven projections (as the simulated product serves a
+    // candidate); its `B` small and non-zero, so that it changes the output.
+    let adapter = std::env::var("GENERATE_BENCH_ADAPTER").is_ok_and(|v| v == "1").then(|| {
+        let mut lora = LoraAdapter::init(&model.config, 16, 32.0, &PROJECTIONS, 3).unwrap();
+        for (_, b) in lora.weights.values_mut() {
+            b.iter_mut().enumerate().for_each(|(i, v)| *v = ((i * 7) % 13) as f32 * 1e-3);
+        }
+        lora
+    });
     drop(model);
     let stop: Vec<u32> = tokenizer.token_id("<|im_end|>").into_iter().collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
@@ -56,7 +68,7 @@ fn main() {
         .enumerate()
         .map(|(i, p)| GenerateRequest {
             prompt: p,
-            adapter: None,
+            adapter: adapter.as_ref(),
             max_new_tokens: max_new,
             sampling: Sampling { temperature: 0.7, top_p: 0.9, seed: i as u64 },
             stop: &stop,

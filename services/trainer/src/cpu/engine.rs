@@ -263,7 +263,8 @@ impl Drop for LayerTrace {
 /// The projections of a layer that read the same input, in the order their
 /// adapters are stacked: one product computes `x · Aᵀ` for all of them,
 /// one `dA`, one `dx`, and the input is packed once for all.
-const GROUPS: [&[&str]; 4] = [&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]];
+pub(super) const GROUPS: [&[&str]; 4] =
+    [&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]];
 
 /// An adapted projection: where its output lives and its adapter.
 #[derive(Debug, Clone, Copy)]
@@ -363,8 +364,18 @@ impl GroupPacks {
         Some(GroupPacks { down, up, backward })
     }
 
+    /// The width of the group's input.
+    pub(super) fn input_width(&self) -> usize {
+        self.down.k()
+    }
+
     /// Every layer's packs (layer-major, [`GROUPS`] order).
-    fn of_model(lora: Option<&LoraAdapter>, d: &Dims, layers: usize, backward: bool) -> Vec<Option<GroupPacks>> {
+    pub(super) fn of_model(
+        lora: Option<&LoraAdapter>,
+        d: &Dims,
+        layers: usize,
+        backward: bool,
+    ) -> Vec<Option<GroupPacks>> {
         if lora.is_none() {
             return Vec::new();
         }

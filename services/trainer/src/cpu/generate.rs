@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::engine::{CpuModel, GroupPacks, adapted_of, rms_norm_rows, rope_rows, swiglu};
+use super::engine::{CpuModel, GROUPS, GroupPacks, rms_norm_rows, rope_rows, swiglu};
 use super::gemm::{MatA, gemm};
 use super::simd;
 use crate::lora::LoraAdapter;
@@ -121,6 +121,10 @@ impl CpuModel {
                 })
             })
             .collect();
+        // Each adapter's operands, packed once for every step of the
+        // generation (they were packed again at every step, per module).
+        let packs: Vec<Vec<Option<GroupPacks>>> =
+            adapters.iter().map(|a| GroupPacks::of_model(Some(*a), &self.dims, self.layers.len(), false)).collect();
         let mut caches: Vec<Cache> = requests
             .iter()
             .map(|_| Cache { k: vec![Vec::new(); self.layers.len()], v: vec![Vec::new(); self.layers.len()] })
@@ -134,7 +138,7 @@ impl CpuModel {
             .flat_map(|(s, r)| r.prompt.iter().enumerate().map(move |(p, &t)| Row { seq: s, token: t, pos: p }))
             .collect();
         while !rows.is_empty() {
-            let logits = self.step(&rows, &adapter_of, &adapters, &mut caches, &cos, &sin)?;
+            let logits = self.step(&rows, &adapter_of, &packs, &mut caches, &cos, &sin)?;
             let mut next = Vec::new();
             for (seq, row_logits) in logits {
                 let r = &requests[seq];
@@ -158,7 +162,7 @@ impl CpuModel {
         &self,
         rows: &[Row],
         adapter_of: &[Option<usize>],
-        adapters: &[&LoraAdapter],
+        packs: &[Vec<Option<GroupPacks>>],
         caches: &mut [Cache],
         cos: &[f32],
         sin: &[f32],
@@ -175,16 +179,17 @@ impl CpuModel {
                 groups.entry(a).or_default().push(i);
             }
         }
-        let lora = |x: &[f32], l: usize, module: &'static str, y: &mut [f32], ldy: usize| {
-            let slot = d.slot(module);
+        // The LoRA terms of group `g` of layer `l` ([`GROUPS`]) at input `x`,
+        // added to its product `y`.
+        let lora = |x: &[f32], l: usize, g: usize, y: &mut [f32], ldy: usize| {
             for (a, members) in &groups {
-                let adapted = adapted_of(Some(adapters[*a]), &d, l, &[module]);
-                let mut xs = Vec::with_capacity(members.len() * slot.inp);
+                let Some(p) = packs[*a][l * GROUPS.len() + g].as_ref() else { continue };
+                let inp = p.input_width();
+                let mut xs = Vec::with_capacity(members.len() * inp);
                 for &i in members {
-                    xs.extend_from_slice(&x[i * slot.inp..(i + 1) * slot.inp]);
+                    xs.extend_from_slice(&x[i * inp..(i + 1) * inp]);
                 }
-                let packs = GroupPacks::of(&adapted, ldy, false);
-                let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), packs.as_ref()) else { continue };
+                let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), Some(p)) else { continue };
                 let mut ys = vec![0.0f32; members.len() * ldy];
                 gemm(MatA::rows(&t, l.k()), members.len(), l, &mut ys, ldy, false);
                 for (j, &i) in members.iter().enumerate() {
@@ -202,9 +207,7 @@ impl CpuModel {
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
-            for m in ["q_proj", "k_proj", "v_proj"] {
-                lora(&normed1, l, m, &mut qkv, width);
-            }
+            lora(&normed1, l, 0, &mut qkv, width);
             rope_rows(&mut qkv, &d, &positions, cos, sin, 1.0);
             for (i, r) in rows.iter().enumerate() {
                 let row = &qkv[i * width..(i + 1) * width];
@@ -216,17 +219,15 @@ impl CpuModel {
             let attn = self.cached_attention(rows, &qkv, caches, l);
             let mut o = vec![0.0f32; n * d.h];
             layer.o.forward(&attn, n, &mut o, None);
-            lora(&attn, l, "o_proj", &mut o, d.h);
+            lora(&attn, l, 1, &mut o, d.h);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = vec![0.0f32; n * 2 * d.i];
             layer.gate_up.forward(&normed2, n, &mut gu, None);
-            for m in ["gate_proj", "up_proj"] {
-                lora(&normed2, l, m, &mut gu, 2 * d.i);
-            }
+            lora(&normed2, l, 2, &mut gu, 2 * d.i);
             let act = swiglu(&gu, n, d.i);
             layer.down.forward(&act, n, &mut o, None);
-            lora(&act, l, "down_proj", &mut o, d.h);
+            lora(&act, l, 3, &mut o, d.h);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         // Logits of each sequence's last row in this step.
