@@ -337,9 +337,10 @@ struct BackwardPacks {
 }
 
 impl GroupPacks {
-    /// The packs of `group`, whose product is `width` wide; `None` when
-    /// nothing in it is adapted.
-    pub(super) fn of(group: &[Adapted<'_>], width: usize, backward: bool) -> Option<GroupPacks> {
+    /// The packs of `group`, whose product is `width` wide, with the terms
+    /// the base products add (`up`, and `a` for the backward pass) in
+    /// `terms`; `None` when nothing in the group is adapted.
+    pub(super) fn of(group: &[Adapted<'_>], width: usize, backward: bool, terms: Precision) -> Option<GroupPacks> {
         let inp = group.first()?.slot.inp;
         let ranks: usize = group.iter().map(Adapted::rank).sum();
         let stacked = stacked_a(group);
@@ -353,13 +354,13 @@ impl GroupPacks {
             }
             row += m.rank();
         }
-        let up = PackedB::from_rows(&l, ranks, width, width, Precision::F32);
+        let up = PackedB::from_rows(&l, ranks, width, width, terms);
         let backward = backward.then(|| BackwardPacks {
             b: group
                 .iter()
                 .map(|m| PackedB::from_rows(&m.scaled_b(), m.slot.out, m.rank(), m.rank(), Precision::F32))
                 .collect(),
-            a: PackedB::from_rows(&stacked, ranks, inp, inp, Precision::F32),
+            a: PackedB::from_rows(&stacked, ranks, inp, inp, terms),
         });
         Some(GroupPacks { down, up, backward })
     }
@@ -369,13 +370,9 @@ impl GroupPacks {
         self.down.k()
     }
 
-    /// Every layer's packs (layer-major, [`GROUPS`] order).
-    pub(super) fn of_model(
-        lora: Option<&LoraAdapter>,
-        d: &Dims,
-        layers: usize,
-        backward: bool,
-    ) -> Vec<Option<GroupPacks>> {
+    /// Every layer's packs (layer-major, [`GROUPS`] order) for `model`.
+    pub(super) fn of_model(lora: Option<&LoraAdapter>, model: &CpuModel, backward: bool) -> Vec<Option<GroupPacks>> {
+        let (d, layers, terms) = (&model.dims, model.layers.len(), model.lora_term_precision());
         if lora.is_none() {
             return Vec::new();
         }
@@ -384,7 +381,7 @@ impl GroupPacks {
             .into_par_iter()
             .map(|i| {
                 let (l, g) = (i / GROUPS.len(), i % GROUPS.len());
-                GroupPacks::of(&adapted_of(lora, d, l, GROUPS[g]), widths[g], backward)
+                GroupPacks::of(&adapted_of(lora, d, l, GROUPS[g]), widths[g], backward, terms)
             })
             .collect()
     }
@@ -569,6 +566,17 @@ impl CpuModel {
         self.precision
     }
 
+    /// The precision of the LoRA terms the base products add (`t · scale·Bᵀ`
+    /// forward, `g · A` backward): bf16 pairs on a bf16 base, whose products
+    /// already round their inputs to bf16, f32 otherwise. The adapters' own
+    /// products (`x · Aᵀ`, `g`, `dA`, `dB`) stay f32 at every precision.
+    pub(super) fn lora_term_precision(&self) -> Precision {
+        match self.precision {
+            Precision::Bf16 => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+
     /// Bytes of packed weights.
     pub fn bytes(&self) -> usize {
         let layers: usize =
@@ -626,7 +634,7 @@ impl CpuModel {
         let last = self.layers.len().wrapping_sub(1);
         // Each group's packs are dropped once its product ran, but for the
         // backward pass's part.
-        let mut packs = GroupPacks::of_model(lora, &d, self.layers.len(), traced);
+        let mut packs = GroupPacks::of_model(lora, self, traced);
         let keep_backward = traced && !packs.is_empty();
         let mut backward_packs = Vec::with_capacity(packs.len());
         let mut pack = |l: usize, g: usize| packs.get_mut(l * GROUPS.len() + g).and_then(Option::take);
@@ -1305,6 +1313,40 @@ mod tests {
             // bf16 keeps 8 bits of mantissa: per-token log-probs move by
             // about 1 %.
             assert!(close(*g, *w, 0.03, 0.05), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn bf16_engine_gradients_stay_within_bf16_tolerance_of_the_reference() {
+        // bf16 products round their inputs (and, on this base, the LoRA
+        // terms the products add) to 8 bits of mantissa: each projection's
+        // gradient, as a whole, stays within a few per cent of the f32
+        // reference's on the same bf16-rounded weights.
+        let model = bf16_rounded(&tiny_model(5).unwrap());
+        let lora = adapter(&model);
+        let engine = CpuModel::new(&model, Precision::Bf16).unwrap();
+        let batch = examples(256);
+        let packed = PackedBatch::of(&batch).unwrap();
+        let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
+        let coefs = [0.5f32, -1.0, 0.25, 2.0];
+        let grads = engine.backward(&packed, &lora, &fwd, &coefs).unwrap();
+        let mut want = LoraGrads::new();
+        for (ex, coef) in batch.iter().zip(coefs) {
+            let (_, g) = completion_logprob_grad(&model, &lora, &ex.tokens, ex.prompt_len, coef).unwrap();
+            for (k, (a, b)) in g {
+                let e = want.entry(k).or_insert_with(|| (vec![0.0; a.len()], vec![0.0; b.len()]));
+                e.0.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
+                e.1.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            }
+        }
+        assert_eq!(grads.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        for (k, (wa, wb)) in &want {
+            let (ga, gb) = &grads[k];
+            for (got, w) in [(ga, wa), (gb, wb)] {
+                let norm = w.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                let err = got.iter().zip(w).map(|(g, w)| f64::from(g - w).powi(2)).sum::<f64>().sqrt();
+                assert!(norm > 0.0 && err <= 0.05 * norm, "{k:?}: error {err} against a gradient of norm {norm}");
+            }
         }
     }
 

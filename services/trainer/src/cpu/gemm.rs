@@ -409,6 +409,14 @@ impl PackedB {
         }
     }
 
+    /// Panel `p`'s pairs of steps `q0..q0 + qc` of a bf16 dot-product
+    /// operand (`None` for the f32 kernel's panels).
+    fn bf16_panel(&self, p: usize, q0: usize, qc: usize) -> Option<&[u16]> {
+        let Panels::Bf16(d) = &self.panels else { return None };
+        let base = p * self.k.div_ceil(2) * NR * 2;
+        Some(&d[base + q0 * NR * 2..base + (q0 + qc) * NR * 2])
+    }
+
     /// Panel `p`'s steps `k0..k0 + kc`, for the f32 kernel (`None` for
     /// bf16 dot-product panels).
     fn f32_panel(&self, p: usize, k0: usize, kc: usize) -> Option<PanelRef<'_>> {
@@ -461,6 +469,8 @@ struct Scratch {
     pairs: Vec<u32>,
     /// The last partial block of a second product's `A`.
     extra: Vec<f32>,
+    /// A bf16 second product's `A`, every block, in pairs of steps.
+    extra_pairs: Vec<u32>,
     /// Whole blocks of an f32 `A` over one `k` block, when `A`'s rows are
     /// not read in place.
     blocks: Vec<f32>,
@@ -471,7 +481,8 @@ struct Extra<'a> {
     a: MatA<'a>,
     b: &'a PackedB,
     /// Per panel of `b`: its rows holding any non-zero value (a
-    /// block-diagonal `b` adds each block's columns from its own rows only).
+    /// block-diagonal `b` adds each block's columns from its own rows only),
+    /// in pairs of rows when `b` is a bf16 dot-product operand.
     spans: Vec<(usize, usize)>,
 }
 
@@ -521,13 +532,13 @@ impl Window {
     }
 }
 
-/// `C (+)= A · B + A₂ · B₂` for a narrow f32 second product (a LoRA term:
-/// `A₂ [m × r]`, `B₂ [r × n]` packed in f32): each tile adds it right after
-/// its own last block of `A · B`, while the tile is still in L1, instead of
-/// a second pass over all of `C`. `B₂`'s all-zero rows are skipped per
-/// panel, so a block-diagonal `B₂` costs only its blocks. The sums are
-/// those of `gemm` followed by a `gemm` of the second product accumulating
-/// into `C`.
+/// `C (+)= A · B + A₂ · B₂` for a narrow second product (a LoRA term:
+/// `A₂ [m × r]`, `B₂ [r × n]` packed in f32, or in bf16 dot-product pairs):
+/// each tile adds it right after its own last block of `A · B`, while the
+/// tile is still in L1, instead of a second pass over all of `C`. `B₂`'s
+/// all-zero rows (pairs of rows, in bf16) are skipped per panel, so a
+/// block-diagonal `B₂` costs only its blocks. The sums are those of `gemm`
+/// followed by a `gemm` of the second product accumulating into `C`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_plus(
     a: MatA<'_>,
@@ -539,18 +550,24 @@ pub fn gemm_plus(
     (a2, b2): (MatA<'_>, &PackedB),
 ) {
     assert!(b2.n == b.n && b.k > 0, "the second product must have the first's columns and a non-empty first");
-    let Panels::F32(data) = &b2.panels else { panic!("the second product of gemm_plus is packed in f32") };
-    let (k2, panels) = (b2.k, b2.n.div_ceil(NR));
-    let spans = (0..panels)
-        .map(|p| {
-            let panel = &data[p * k2 * NR..(p + 1) * k2 * NR];
-            let used = |kk: &usize| panel[kk * NR..(kk + 1) * NR].iter().any(|v| *v != 0.0);
-            match (0..k2).find(used) {
-                Some(lo) => (lo, (0..k2).rev().find(used).map_or(lo, |hi| hi + 1)),
-                None => (0, 0),
-            }
-        })
-        .collect();
+    let panels = b2.n.div_ceil(NR);
+    // Per panel: its rows (f32) or pairs of rows (bf16) as slices, and the
+    // span of those holding any non-zero value.
+    fn span<T: PartialEq + Default>(rows: std::slice::Chunks<'_, T>) -> (usize, usize) {
+        let used: Vec<bool> = rows.map(|r| r.iter().any(|v| *v != T::default())).collect();
+        match used.iter().position(|u| *u) {
+            Some(lo) => (lo, used.iter().rposition(|u| *u).map_or(lo, |hi| hi + 1)),
+            None => (0, 0),
+        }
+    }
+    let spans = match &b2.panels {
+        Panels::F32(data) => data.chunks(b2.k * NR).take(panels).map(|p| span(p.chunks(NR))).collect(),
+        Panels::Bf16(data) => {
+            data.chunks(b2.k.div_ceil(2) * NR * 2).take(panels).map(|p| span(p.chunks(NR * 2))).collect()
+        }
+        Panels::Bf16Wide(_) => panic!("the second product of gemm_plus is packed in f32 or bf16 pairs"),
+    };
+    let k2 = b2.k;
     check_a(a2, m, k2);
     gemm_with(a, m, b, Window::all(b), c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
 }
@@ -664,20 +681,40 @@ fn gemm_rows(
         let full = rows / MR;
         // Adds the extra product to tile (`p`, `blk`) of `c` at `off`.
         let extra_tail = &mut scratch.extra;
-        if let Some(e) = extra.filter(|_| full < blocks) {
-            extra_tail.clear();
-            extra_tail.resize(e.b.k * MR, 0.0);
-            pack_a(e.a, r0 + full * MR, rows - full * MR, e.b.k, |_, kk, i, v| extra_tail[kk * MR + i] = v);
+        let extra_pairs = &mut scratch.extra_pairs;
+        let extra_bf16 = extra.is_some_and(|e| matches!(e.b.panels, Panels::Bf16(_)));
+        match extra {
+            Some(e) if extra_bf16 => {
+                // Every block's rows in pairs of steps, as the main bf16
+                // product packs its `A` (zero rows past the last).
+                let len = blocks * MR * e.b.k.div_ceil(2);
+                if extra_pairs.len() < len {
+                    extra_pairs.resize(len, 0);
+                }
+                pack_a_bf16(isa, e.a, r0, rows, e.b.k, &mut extra_pairs[..len]);
+            }
+            Some(e) if full < blocks => {
+                extra_tail.clear();
+                extra_tail.resize(e.b.k * MR, 0.0);
+                pack_a(e.a, r0 + full * MR, rows - full * MR, e.b.k, |_, kk, i, v| extra_tail[kk * MR + i] = v);
+            }
+            _ => {}
         }
-        let extra_tail = &*extra_tail;
+        let (extra_tail, extra_pairs) = (&*extra_tail, &*extra_pairs);
         let finish = |p: usize, blk: usize, c: &mut [f32], tile_rows: usize, cols: usize| {
             let Some(e) = extra else { return };
             let (lo, hi) = e.spans[p];
             if hi == lo {
                 return;
             }
+            if let Some(panel) = e.b.bf16_panel(p, lo, hi - lo) {
+                let pairs = e.b.k.div_ceil(2);
+                let sliver = (&extra_pairs[blk * MR * pairs + lo..], pairs);
+                tile_bf16(isa, hi - lo, sliver, panel, (std::ptr::null(), 0), c, ldc, tile_rows, cols, true);
+                return;
+            }
             let sliver = a_sliver(e.a, extra_tail, (r0, blk, full), lo);
-            let Some(panel) = e.b.f32_panel(p, lo, hi - lo) else { unreachable!("checked f32 in gemm_plus") };
+            let Some(panel) = e.b.f32_panel(p, lo, hi - lo) else { unreachable!("checked in gemm_plus") };
             tile_f32(isa, hi - lo, sliver, panel, (std::ptr::null(), 0), c, ldc, tile_rows, cols, true);
         };
         match &b.panels {
@@ -1552,18 +1589,24 @@ mod tests {
                     tt[j * m + i] = t[i * r + j];
                 }
             }
-            let second = PackedB::from_rows(&l, r, n, n, Precision::F32);
-            for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+            // The second operand in f32 and in bf16 pairs (whose pair of
+            // rows 2 and 3 straddles the two blocks).
+            let seconds = [Precision::F32, Precision::Bf16].map(|p| PackedB::from_rows(&l, r, n, n, p));
+            for (precision, second) in [Precision::F32, Precision::Bf16, Precision::Bf16Weights]
+                .into_iter()
+                .flat_map(|p| seconds.iter().map(move |s| (p, s)))
+            {
                 let first = PackedB::from_rows(&b, k, n, n, precision);
                 let mut want = vec![0.0f32; m * n];
                 gemm(MatA::rows(&a, k), m, &first, &mut want, n, false);
-                gemm(MatA::rows(&t, r), m, &second, &mut want, n, true);
+                gemm(MatA::rows(&t, r), m, second, &mut want, n, true);
+                let second_precision = second.precision();
                 for threads in [1, 2] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     for a2 in [MatA::rows(&t, r), MatA::transposed(&tt, m)] {
                         let mut got = vec![f32::NAN; m * n];
-                        pool.install(|| gemm_plus(MatA::rows(&a, k), m, &first, &mut got, n, false, (a2, &second)));
-                        assert_eq!(got, want, "{m}x{k}x{n} {precision:?} {threads} threads");
+                        pool.install(|| gemm_plus(MatA::rows(&a, k), m, &first, &mut got, n, false, (a2, second)));
+                        assert_eq!(got, want, "{m}x{k}x{n} {precision:?} + {second_precision:?} {threads} threads");
                     }
                 }
             }

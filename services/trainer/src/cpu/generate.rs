@@ -124,7 +124,7 @@ impl CpuModel {
         // Each adapter's operands, packed once for every step of the
         // generation (they were packed again at every step, per module).
         let packs: Vec<Vec<Option<GroupPacks>>> =
-            adapters.iter().map(|a| GroupPacks::of_model(Some(*a), &self.dims, self.layers.len(), false)).collect();
+            adapters.iter().map(|a| GroupPacks::of_model(Some(*a), self, false)).collect();
         let mut caches: Vec<Cache> = requests
             .iter()
             .map(|_| Cache { k: vec![Vec::new(); self.layers.len()], v: vec![Vec::new(); self.layers.len()] })
