@@ -323,6 +323,7 @@ impl PackedB {
         }
         let source = (m, k, n, ld, transposed);
         let panels = match precision {
+            Precision::F32 if k * n < 1 << 16 => Panels::F32(small_f32_panels(source, count)),
             Precision::F32 => {
                 Panels::F32(panels(source, count, k * NR, |panel: &mut [f32], kk, j, v| panel[kk * NR + j] = v))
             }
@@ -430,6 +431,26 @@ impl PackedB {
             Panels::Bf16(_) => None,
         }
     }
+}
+
+/// The f32 panels of a small `B` (attention's per-head keys and values,
+/// the adapters' narrow factors: packed anew at every step), written in
+/// order: runs of a row's values where `B`'s rows are stored, no zero fill
+/// before (only the last panel's missing columns are zeros).
+fn small_f32_panels((m, k, n, ld, transposed): (&[f32], usize, usize, usize, bool), count: usize) -> Vec<f32> {
+    let mut data = Vec::with_capacity(count * k * NR);
+    for p in 0..count {
+        let (c0, cols) = (p * NR, NR.min(n - p * NR));
+        for kk in 0..k {
+            if transposed {
+                data.extend((c0..c0 + cols).map(|j| m[j * ld + kk]));
+            } else {
+                data.extend_from_slice(&m[kk * ld + c0..kk * ld + c0 + cols]);
+            }
+            data.extend(std::iter::repeat_n(0.0, NR - cols));
+        }
+    }
+    data
 }
 
 /// Column `j` (of its panel) of a `Bf16Wide` word.
