@@ -77,6 +77,7 @@ fn main() {
     let shape = args.get(1).map_or("smollm2", String::as_str);
     let engine = args.get(2).map_or("bf16", String::as_str);
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+    assert!(steps >= 1, "STEPS must be at least 1: a warm-up step runs first and is not counted");
     let (config, size, len) = match shape {
         "tiny" => (tiny_config(), 16, 64),
         "medium" => (llama(768, 2048, 12, 12, 4, 32_000, false), 2, 128),
