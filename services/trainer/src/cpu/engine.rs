@@ -1235,6 +1235,23 @@ mod tests {
         Model::from_tensors(model.config.clone(), tensors).unwrap()
     }
 
+    /// The one-sequence reference's log-probability of each example and
+    /// its gradients of `Σ coef · log π`, summed over the batch.
+    fn reference_grads(model: &Model, lora: &LoraAdapter, batch: &[Example], coefs: &[f32]) -> (Vec<f64>, LoraGrads) {
+        let mut logps = Vec::with_capacity(batch.len());
+        let mut sum = LoraGrads::new();
+        for (ex, coef) in batch.iter().zip(coefs) {
+            let (lp, g) = completion_logprob_grad(model, lora, &ex.tokens, ex.prompt_len, *coef).unwrap();
+            logps.push(lp);
+            for (k, (a, b)) in g {
+                let e = sum.entry(k).or_insert_with(|| (vec![0.0; a.len()], vec![0.0; b.len()]));
+                e.0.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
+                e.1.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            }
+        }
+        (logps, sum)
+    }
+
     #[test]
     fn f32_engine_matches_the_reference_in_logprobs_and_every_gradient() {
         // The tiny model has q/k/v biases and an untied head; a tied GQA
@@ -1254,16 +1271,9 @@ mod tests {
             let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
             let coefs = [0.5f32, -1.0, 0.25, 2.0];
             let grads = engine.backward(&packed, &lora, &fwd, &coefs).unwrap();
-            let mut want = LoraGrads::new();
-            for (s, (ex, coef)) in batch.iter().zip(coefs).enumerate() {
-                let (lp, g) = completion_logprob_grad(&model, &lora, &ex.tokens, ex.prompt_len, coef).unwrap();
-                let got = fwd.logps[s];
-                assert!(close(got, lp, 1e-5, 1e-5), "{precision:?}: logp {got} vs {lp}");
-                for (k, (a, b)) in g {
-                    let e = want.entry(k).or_insert_with(|| (vec![0.0; a.len()], vec![0.0; b.len()]));
-                    e.0.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
-                    e.1.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                }
+            let (logps, want) = reference_grads(&model, &lora, &batch, &coefs);
+            for (got, lp) in fwd.logps.iter().zip(logps) {
+                assert!(close(*got, lp, 1e-5, 1e-5), "{precision:?}: logp {got} vs {lp}");
             }
             assert_eq!(grads.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
             for (k, (wa, wb)) in &want {
@@ -1330,15 +1340,7 @@ mod tests {
         let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
         let coefs = [0.5f32, -1.0, 0.25, 2.0];
         let grads = engine.backward(&packed, &lora, &fwd, &coefs).unwrap();
-        let mut want = LoraGrads::new();
-        for (ex, coef) in batch.iter().zip(coefs) {
-            let (_, g) = completion_logprob_grad(&model, &lora, &ex.tokens, ex.prompt_len, coef).unwrap();
-            for (k, (a, b)) in g {
-                let e = want.entry(k).or_insert_with(|| (vec![0.0; a.len()], vec![0.0; b.len()]));
-                e.0.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
-                e.1.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            }
-        }
+        let (_, want) = reference_grads(&model, &lora, &batch, &coefs);
         assert_eq!(grads.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
         for (k, (wa, wb)) in &want {
             let (ga, gb) = &grads[k];

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::engine::{CpuModel, GROUPS, GroupPacks, rms_norm_rows, rope_rows, swiglu};
-use super::gemm::{MatA, PackedB, gemm};
+use super::engine::{CpuModel, GROUPS, GroupPacks, PackedWeight, rms_norm_rows, rope_rows, swiglu};
+use super::gemm::{MatA, gemm};
 use super::simd;
 use crate::lora::LoraAdapter;
 use crate::model::ops::rope_tables;
@@ -179,33 +179,35 @@ impl CpuModel {
                 groups.entry(a).or_default().push(i);
             }
         }
-        // One adapter for every row (the common case: a model served through
-        // its current adapter): its terms are added inside the base
-        // products' tiles, as in training, with no gather and no second pass.
+        // One adapter for every row: the common case, a model served through
+        // its current adapter.
         let shared = match groups.iter().next() {
             Some((a, members)) if groups.len() == 1 && members.len() == n => Some(*a),
             _ => None,
         };
-        let fused = |x: &[f32], l: usize, g: usize| {
-            shared.and_then(|a| CpuModel::lora_forward(x, n, packs[a][l * GROUPS.len() + g].as_ref()))
-        };
-        // Otherwise the LoRA terms of group `g` of layer `l` ([`GROUPS`]) at
-        // input `x`, per adapter on its rows, added to its product `y`.
-        let lora = |x: &[f32], l: usize, g: usize, y: &mut [f32], ldy: usize| {
-            if shared.is_some() {
+        // `y = x · Wᵀ` for group `g` of layer `l` ([`GROUPS`]), with the
+        // adapters' terms. A shared adapter's are added inside the product's
+        // tiles, as in training. Otherwise each adapter's rows get theirs as
+        // a product of their own, added after: the same bits (a tile adds its
+        // sums to `C` as it stores them), so a completion does not depend on
+        // the batch it is served in.
+        let product = |w: &PackedWeight, x: &[f32], l: usize, g: usize, y: &mut [f32]| {
+            let pack = |a: usize| packs[a][l * GROUPS.len() + g].as_ref();
+            if let Some(a) = shared {
+                let term = CpuModel::lora_forward(x, n, pack(a));
+                w.forward(x, n, y, term.as_ref().map(|(t, l)| (t.as_slice(), *l)));
                 return;
             }
+            w.forward(x, n, y, None);
+            let ldy = y.len() / n;
             for (a, members) in &groups {
-                let Some(p) = packs[*a][l * GROUPS.len() + g].as_ref() else { continue };
+                let Some(p) = pack(*a) else { continue };
                 let inp = p.input_width();
                 let mut xs = Vec::with_capacity(members.len() * inp);
                 for &i in members {
                     xs.extend_from_slice(&x[i * inp..(i + 1) * inp]);
                 }
                 let Some((t, l)) = CpuModel::lora_forward(&xs, members.len(), Some(p)) else { continue };
-                // The product's sums added to `y`: the bits the fused term
-                // gives (a tile adds its sums to `C` as it stores them), so a
-                // completion does not depend on the batch it is served in.
                 let mut ys = vec![0.0f32; members.len() * ldy];
                 gemm(MatA::rows(&t, l.k()), members.len(), l, &mut ys, ldy, false);
                 for (j, &i) in members.iter().enumerate() {
@@ -219,8 +221,7 @@ impl CpuModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let normed1 = rms_norm_rows(&x, d.h, &layer.norm1, c.rms_norm_eps);
             let mut qkv = vec![0.0f32; n * width];
-            layer.qkv.forward(&normed1, n, &mut qkv, Self::term(&fused(&normed1, l, 0)));
-            lora(&normed1, l, 0, &mut qkv, width);
+            product(&layer.qkv, &normed1, l, 0, &mut qkv);
             if let Some(bias) = &layer.qkv_bias {
                 qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
@@ -234,16 +235,13 @@ impl CpuModel {
             }
             let attn = self.cached_attention(rows, &qkv, caches, l);
             let mut o = vec![0.0f32; n * d.h];
-            layer.o.forward(&attn, n, &mut o, Self::term(&fused(&attn, l, 1)));
-            lora(&attn, l, 1, &mut o, d.h);
+            product(&layer.o, &attn, l, 1, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed2 = rms_norm_rows(&x, d.h, &layer.norm2, c.rms_norm_eps);
             let mut gu = vec![0.0f32; n * 2 * d.i];
-            layer.gate_up.forward(&normed2, n, &mut gu, Self::term(&fused(&normed2, l, 2)));
-            lora(&normed2, l, 2, &mut gu, 2 * d.i);
+            product(&layer.gate_up, &normed2, l, 2, &mut gu);
             let act = swiglu(&gu, n, d.i);
-            layer.down.forward(&act, n, &mut o, Self::term(&fused(&act, l, 3)));
-            lora(&act, l, 3, &mut o, d.h);
+            product(&layer.down, &act, l, 3, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         // Logits of each sequence's last row in this step.
@@ -260,11 +258,6 @@ impl CpuModel {
         let mut logits = vec![0.0f32; picked.len() * d.vocab];
         self.head.forward(&hs, picked.len(), &mut logits, None);
         Ok(picked.iter().zip(logits.chunks(d.vocab)).map(|((s, _), l)| (*s, l.to_vec())).collect())
-    }
-
-    /// A product's fused LoRA term as [`super::engine::PackedWeight::forward`] takes it.
-    fn term<'a>(fused: &'a Option<(Vec<f32>, &'a PackedB)>) -> Option<(&'a [f32], &'a PackedB)> {
-        fused.as_ref().map(|(t, l)| (t.as_slice(), *l))
     }
 
     /// Each row's query heads over its sequence's cached keys and values
