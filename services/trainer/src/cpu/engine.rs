@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{MatA, NR, PackedB, Precision, gemm, gemm_plus, gemm_window};
+use super::gemm::{MatA, PackedB, Precision, Triangle, gemm, gemm_plus, gemm_triangular};
 use super::pool;
 use super::simd;
 use crate::TrainerError;
@@ -764,17 +764,16 @@ impl CpuModel {
                     .map(|h| {
                         // Causal: a block of queries needs only the keys up
                         // to its last one (and, below, those values).
-                        let mut p = causal_product(&qkv[t0 * width + h * hd..], width, &keys, t);
+                        let mut p = pool::take(t * t);
+                        let q = MatA::rows(&qkv[t0 * width + h * hd..], width);
+                        gemm_triangular(q, t, &keys, &mut p, t, false, Triangle::Output);
                         for i in 0..t {
                             let row = &mut p[i * t..(i + 1) * t];
                             simd::softmax_scaled(&mut row[..=i], scale);
                             row[i + 1..].fill(0.0);
                         }
                         let mut o = vec![0.0f32; t * hd];
-                        for (i0, i1) in causal_blocks(t) {
-                            let a = MatA::rows(&p[i0 * t..], t);
-                            gemm_window(a, i1 - i0, &values, 0..i1, hd, &mut o[i0 * hd..], hd, false);
-                        }
+                        gemm_triangular(MatA::rows(&p, t), t, &values, &mut o, hd, false, Triangle::LowerA);
                         (p, o)
                     })
                     .collect()
@@ -807,13 +806,14 @@ impl CpuModel {
                 let v_t = PackedB::from_transposed(v, t, hd, width, Precision::F32);
                 let (mut dk, mut dv) = (vec![0.0f32; t * hd], vec![0.0f32; t * hd]);
                 let mut dqs = Vec::with_capacity(group);
-                // Causal: query block i0..i1 reaches keys ..i1; key block
-                // j0..j1 is reached by queries j0.. only.
+                // Causal: query i reaches keys ..=i; key j is reached by
+                // queries j.. only.
                 for (j, h) in (kvh * group..(kvh + 1) * group).enumerate() {
                     let p = &tr.probs[s * d.nh + h];
                     let dout = &dattn[t0 * d.q + h * hd..];
                     let q = &tr.qkv[t0 * width + h * hd..];
-                    let mut ds = causal_product(dout, d.q, &v_t, t);
+                    let mut ds = pool::take(t * t);
+                    gemm_triangular(MatA::rows(dout, d.q), t, &v_t, &mut ds, t, false, Triangle::Output);
                     for i in 0..t {
                         let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
                         simd::softmax_backward_scaled(&prow[..=i], &mut drow[..=i], scale);
@@ -824,23 +824,10 @@ impl CpuModel {
                         PackedB::from_rows(q, t, hd, width, Precision::F32),
                         PackedB::from_rows(dout, t, hd, d.q, Precision::F32),
                     );
-                    for (i0, i1) in causal_blocks(t) {
-                        let rows = i1 - i0;
-                        gemm_window(
-                            MatA::rows(&ds[i0 * t..], t),
-                            rows,
-                            &k_rows,
-                            0..i1,
-                            hd,
-                            &mut dq[i0 * hd..],
-                            hd,
-                            false,
-                        );
-                        let (dsk, pk) =
-                            (MatA::transposed(&ds[i0 * t + i0..], t), MatA::transposed(&p[i0 * t + i0..], t));
-                        gemm_window(dsk, rows, &q_rows, i0..t, hd, &mut dk[i0 * hd..], hd, j > 0);
-                        gemm_window(pk, rows, &dout_rows, i0..t, hd, &mut dv[i0 * hd..], hd, j > 0);
-                    }
+                    gemm_triangular(MatA::rows(&ds, t), t, &k_rows, &mut dq, hd, false, Triangle::LowerA);
+                    let (ds_t, p_t) = (MatA::transposed(&ds, t), MatA::transposed(p, t));
+                    gemm_triangular(ds_t, t, &q_rows, &mut dk, hd, j > 0, Triangle::UpperA);
+                    gemm_triangular(p_t, t, &dout_rows, &mut dv, hd, j > 0, Triangle::UpperA);
                     pool::give(ds);
                     dqs.push(dq);
                 }
@@ -1160,24 +1147,6 @@ impl CpuModel {
 /// threads steal from: +3 % tokens/s at the ~110M shape on 2 cores.
 pub(super) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
-}
-
-/// `S [t × t] = A · B` where causal attention reads it: each block of rows
-/// ([`causal_blocks`]) up to its last row's column; the rest of `S` is left
-/// as it was taken from the pool. `A` holds `t` rows `ld` apart, `B` is
-/// `[k × t]`.
-fn causal_product(a: &[f32], ld: usize, b: &PackedB, t: usize) -> Vec<f32> {
-    let mut s = pool::take(t * t);
-    for (i0, i1) in causal_blocks(t) {
-        gemm_window(MatA::rows(&a[i0 * ld..], ld), i1 - i0, b, 0..b.k(), i1, &mut s[i0 * t..], t, false);
-    }
-    s
-}
-
-/// Blocks of rows `i0..i1` of a causal `t × t` matrix: row `i` of block
-/// `i0..i1` needs columns `..i1` only; 32 rows (one panel of columns) each.
-fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t).step_by(NR).map(move |i0| (i0, (i0 + NR).min(t)))
 }
 
 /// An adapted projection's name and its gradients (`dA`, `dB`).

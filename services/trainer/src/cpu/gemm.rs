@@ -253,7 +253,15 @@ enum PanelRef<'a> {
     Bf16Wide(&'a [u32]),
 }
 
-impl PanelRef<'_> {
+impl<'a> PanelRef<'a> {
+    /// The panel from its step `steps` on.
+    fn skip_steps(self, steps: usize) -> PanelRef<'a> {
+        match self {
+            PanelRef::F32(d) => PanelRef::F32(&d[steps * NR..]),
+            PanelRef::Bf16Wide(d) => PanelRef::Bf16Wide(&d[steps * NR / 2..]),
+        }
+    }
+
     /// Start address and length in bytes (for prefetching).
     fn span(self) -> (*const u8, usize) {
         match self {
@@ -515,42 +523,57 @@ thread_local! {
 /// row stride `ldc`. Splits over rows (or, for few rows, columns) of `C`
 /// across the current rayon pool.
 pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
-    gemm_with(a, m, b, Window::all(b), c, ldc, accumulate, None);
+    gemm_with(a, m, (b, Triangle::None), c, ldc, accumulate, None);
 }
 
-/// `C[m × n] (+)= A[m × ks.len()] · B[ks, ..n]`: a window of `B`, its rows
-/// `ks` and first `n` columns, packed once for the whole matrix (causal
-/// attention multiplies growing windows of one packed operand). `A`'s
-/// column 0 meets `B`'s row `ks.start`. f32 and bf16-stored operands only
-/// (bf16 dot-product panels pair their rows).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_window(
+/// The zeros of a causal-attention product (one sequence's `t × t`
+/// scores, probabilities or their gradients) that its tiles skip. Row
+/// indices are `A`'s and `C`'s, column indices `C`'s or `A`'s steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triangle {
+    /// A full product.
+    None,
+    /// Row `i` of `C` is read only up to column `i` (`Q · Kᵀ`): a block of
+    /// rows skips the panels past its last row; those columns are left as
+    /// they were.
+    Output,
+    /// Row `i` of `A` is zero past step `i` (`P · V`): a block of rows stops
+    /// after its last row's step.
+    LowerA,
+    /// Row `i` of `A` is zero before step `i` (`Pᵀ · dO`): a block of rows
+    /// starts at its first row's step.
+    UpperA,
+}
+
+impl Triangle {
+    /// The steps `lo..hi` (of `k`) that rows `g0..g1` multiply: never empty,
+    /// so a tile is always written.
+    fn steps(self, g0: usize, g1: usize, k: usize) -> (usize, usize) {
+        match self {
+            Triangle::None | Triangle::Output => (0, k),
+            Triangle::LowerA => (0, g1.clamp(1, k)),
+            Triangle::UpperA => (g0.min(k - 1), k),
+        }
+    }
+
+    /// Whether rows `..g1` need panel `p`.
+    fn needs(self, p: usize, g1: usize) -> bool {
+        self != Triangle::Output || p * NR < g1
+    }
+}
+
+/// `C (+)= A · B` skipping the zeros (or unread outputs) `triangle` names;
+/// the sums of the rest are those of [`gemm`].
+pub fn gemm_triangular(
     a: MatA<'_>,
     m: usize,
     b: &PackedB,
-    ks: std::ops::Range<usize>,
-    n: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
+    triangle: Triangle,
 ) {
-    assert!(ks.start <= ks.end && ks.end <= b.k && n <= b.n, "window {ks:?} x ..{n} outside {} x {}", b.k, b.n);
-    assert!(!matches!(b.panels, Panels::Bf16(_)), "a window of a bf16 dot-product operand");
-    gemm_with(a, m, b, Window { k0: ks.start, k: ks.len(), n }, c, ldc, accumulate, None);
-}
-
-/// The part of `B` a product uses: rows `k0..k0 + k`, columns `..n`.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    k0: usize,
-    k: usize,
-    n: usize,
-}
-
-impl Window {
-    fn all(b: &PackedB) -> Window {
-        Window { k0: 0, k: b.k, n: b.n }
-    }
+    gemm_with(a, m, (b, triangle), c, ldc, accumulate, None);
 }
 
 /// `C (+)= A · B + A₂ · B₂` for a narrow second product (a LoRA term:
@@ -590,7 +613,7 @@ pub fn gemm_plus(
     };
     let k2 = b2.k;
     check_a(a2, m, k2);
-    gemm_with(a, m, b, Window::all(b), c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
+    gemm_with(a, m, (b, Triangle::None), c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
 }
 
 fn check_a(a: MatA<'_>, m: usize, k: usize) {
@@ -605,14 +628,13 @@ fn check_a(a: MatA<'_>, m: usize, k: usize) {
 fn gemm_with(
     a: MatA<'_>,
     m: usize,
-    b: &PackedB,
-    win: Window,
+    (b, tri): (&PackedB, Triangle),
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
     extra: Option<&Extra<'_>>,
 ) {
-    let (k, n) = (win.k, win.n);
+    let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
     }
@@ -622,7 +644,7 @@ fn gemm_with(
     let threads = rayon::current_num_threads();
     let work = m * n * k.max(1);
     if threads <= 1 || work < PARALLEL_WORK {
-        gemm_rows(a, 0, m, (b, win), 0, n.div_ceil(NR), c, ldc, accumulate, extra);
+        gemm_rows(a, 0, m, (b, tri), 0, n.div_ceil(NR), c, ldc, accumulate, extra);
         return;
     }
     let blocks = m.div_ceil(MR);
@@ -635,7 +657,7 @@ fn gemm_with(
         c.par_chunks_mut(per * ldc).enumerate().for_each(|(t, chunk)| {
             let r0 = t * per;
             let rows = per.min(m - r0);
-            gemm_rows(a, r0, rows, (b, win), 0, n.div_ceil(NR), chunk, ldc, accumulate, extra);
+            gemm_rows(a, r0, rows, (b, tri), 0, n.div_ceil(NR), chunk, ldc, accumulate, extra);
         });
     } else {
         // Few rows: split panels into narrow column strips; each task sums
@@ -656,7 +678,7 @@ fn gemm_with(
                         part[i * width..(i + 1) * width].copy_from_slice(&c[i * ldc + c0..i * ldc + c1]);
                     }
                 }
-                gemm_rows(a, 0, m, (b, win), p0, p1, &mut part, width, accumulate, extra);
+                gemm_rows(a, 0, m, (b, tri), p0, p1, &mut part, width, accumulate, extra);
                 (c0, width, part)
             })
             .collect();
@@ -676,7 +698,7 @@ fn gemm_rows(
     a: MatA<'_>,
     r0: usize,
     rows: usize,
-    (b, win): (&PackedB, Window),
+    (b, tri): (&PackedB, Triangle),
     p0: usize,
     p1: usize,
     c: &mut [f32],
@@ -684,7 +706,7 @@ fn gemm_rows(
     accumulate: bool,
     extra: Option<&Extra<'_>>,
 ) {
-    let (k, n) = (win.k, win.n);
+    let (k, n) = (b.k, b.n);
     let blocks = rows.div_ceil(MR);
     let col0 = p0 * NR;
     if k == 0 {
@@ -764,7 +786,7 @@ fn gemm_rows(
                 let order = (p0..p1).step_by(NC_PANELS).flat_map(|g| {
                     (0..k).step_by(KC).flat_map(move |k0| (g..(g + NC_PANELS).min(p1)).map(move |p| (p, k0)))
                 });
-                let panel_at = |(p, k0): (usize, usize)| b.f32_panel(p, win.k0 + k0, KC.min(k - k0));
+                let panel_at = |(p, k0): (usize, usize)| b.f32_panel(p, k0, KC.min(k - k0));
                 let mut next = order.clone().skip(1);
                 for (p, k0) in order {
                     let kc = KC.min(k - k0);
@@ -782,15 +804,24 @@ fn gemm_rows(
                             a_sliver(a, tail, (r0, blk, full), k0)
                         }
                     };
-                    let acc = accumulate || k0 > 0;
                     let cols = NR.min(n - p * NR);
                     let Some(panel) = panel_at((p, k0)) else { unreachable!("f32 kernel on a bf16 dot-product panel") };
                     let ahead = next.next().and_then(panel_at).map_or((std::ptr::null(), 0), PanelRef::span);
                     // A panel of at most half the columns (a LoRA rank of
                     // 16) runs two blocks of rows at once at full width.
-                    let narrow = cols <= NR / 2 && matches!(panel, PanelRef::F32(_));
+                    let narrow = cols <= NR / 2 && matches!(panel, PanelRef::F32(_)) && tri == Triangle::None;
                     let mut blk = 0;
                     while blk < blocks {
+                        let tile_rows = MR.min(rows - blk * MR);
+                        let g0 = r0 + blk * MR;
+                        let (lo, hi) = tri.steps(g0, g0 + tile_rows, k);
+                        let (s0, s1) = (lo.max(k0), hi.min(k0 + kc));
+                        if s0 >= s1 || !tri.needs(p, g0 + tile_rows) {
+                            blk += 1;
+                            continue;
+                        }
+                        // The first block of steps this tile multiplies sets it.
+                        let acc = accumulate || s0 > lo;
                         let (sliver, rs, ks) = source(blk);
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
@@ -806,8 +837,19 @@ fn gemm_rows(
                             blk += 2;
                             continue;
                         }
-                        let tile_rows = MR.min(rows - blk * MR);
-                        tile_f32(isa, kc, (sliver, rs, ks), panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
+                        let (sliver, panel) = (&sliver[(s0 - k0) * ks..], panel.skip_steps(s0 - k0));
+                        tile_f32(
+                            isa,
+                            s1 - s0,
+                            (sliver, rs, ks),
+                            panel,
+                            fetch,
+                            &mut c[off..],
+                            ldc,
+                            tile_rows,
+                            cols,
+                            acc,
+                        );
                         if k0 + kc == k {
                             finish(p, blk, &mut c[off..], tile_rows, cols);
                         }
@@ -839,7 +881,6 @@ fn gemm_rows(
                 let mut next = order.clone().skip(1);
                 for (p, q0) in order {
                     let qc = kcp.min(pairs - q0);
-                    let acc = accumulate || q0 > 0;
                     let cols = NR.min(n - p * NR);
                     let panel = panel_at((p, q0));
                     let ahead = next
@@ -848,10 +889,20 @@ fn gemm_rows(
                         .map_or((std::ptr::null(), 0), |d| (d.as_ptr().cast::<u8>(), std::mem::size_of_val(d)));
                     for blk in 0..blocks {
                         let tile_rows = MR.min(rows - blk * MR);
-                        let sliver = (&packed[blk * MR * pairs + q0..], pairs);
+                        let g0 = r0 + blk * MR;
+                        // In pairs: a pair past a triangle's edge multiplies a zero of `A`.
+                        let (lo, hi) = tri.steps(g0, g0 + tile_rows, k);
+                        let (lo, hi) = (lo / 2, hi.div_ceil(2));
+                        let (s0, s1) = (lo.max(q0), hi.min(q0 + qc));
+                        if s0 >= s1 || !tri.needs(p, g0 + tile_rows) {
+                            continue;
+                        }
+                        let acc = accumulate || s0 > lo;
+                        let sliver = (&packed[blk * MR * pairs + s0..], pairs);
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
-                        tile_bf16(isa, qc, sliver, panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
+                        let panel = &panel[(s0 - q0) * NR * 2..];
+                        tile_bf16(isa, s1 - s0, sliver, panel, fetch, &mut c[off..], ldc, tile_rows, cols, acc);
                         if q0 + qc == pairs {
                             finish(p, blk, &mut c[off..], tile_rows, cols);
                         }
@@ -1566,25 +1617,45 @@ mod tests {
     }
 
     #[test]
-    fn a_window_multiplies_only_its_rows_and_columns_of_b() {
-        // Windows inside one panel, across panels and k blocks, at the edge.
-        let (k, n) = (900, 100);
-        let b = random(k * n, 31);
-        for precision in [Precision::F32, Precision::Bf16Weights] {
-            let packed = PackedB::from_rows(&b, k, n, n, precision);
-            for &(m, k0, k1, cols) in &[(7, 0, 900, 100), (30, 5, 33, 17), (300, 100, 899, 64), (2, 450, 451, 99)] {
-                let a = random(m * (k1 - k0), 32);
-                let window: Vec<f32> = (k0..k1).flat_map(|kk| b[kk * n..kk * n + cols].to_vec()).collect();
-                let want = reference(&a, m, k1 - k0, &window, cols, precision);
-                let mut c = vec![f32::NAN; m * (cols + 3)];
-                gemm_window(MatA::rows(&a, k1 - k0), m, &packed, k0..k1, cols, &mut c, cols + 3, false);
-                let tol = 1e-5 * ((k1 - k0) as f64).sqrt();
-                for i in 0..m {
-                    for j in 0..cols {
-                        let got = f64::from(c[i * (cols + 3) + j]);
-                        assert!((got - want[i * cols + j]).abs() <= tol, "{m} {k0}..{k1} {cols} {precision:?}");
+    fn a_triangular_product_skips_only_what_its_triangle_makes_zero_or_unread() {
+        // Square products as causal attention runs them: one block of
+        // rows, several with a partial last one, k blocks (t > KC), row and
+        // column splits on two threads; `A` stored as rows and transposed.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(t, n) in &[(1, 5), (7, 64), (45, 32), (128, 64), (400, 64), (40, 700)] {
+            let b = random(t * n, 41);
+            for tri in [Triangle::Output, Triangle::LowerA, Triangle::UpperA] {
+                // A's zeros where the triangle says; any values elsewhere.
+                let zero = |i: usize, j: usize| match tri {
+                    Triangle::LowerA => j > i,
+                    Triangle::UpperA => j < i,
+                    _ => false,
+                };
+                let mut a = random(t * t, 42);
+                for (x, v) in a.iter_mut().enumerate() {
+                    if zero(x / t, x % t) {
+                        *v = 0.0;
                     }
-                    assert!(c[i * (cols + 3) + cols..(i + 1) * (cols + 3)].iter().all(|v| v.is_nan()), "wrote past n");
+                }
+                let a_t: Vec<f32> = (0..t * t).map(|x| a[(x % t) * t + x / t]).collect();
+                for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+                    let packed = PackedB::from_rows(&b, t, n, n, precision);
+                    let want = reference(&a, t, t, &b, n, precision);
+                    for operand in [MatA::rows(&a, t), MatA::transposed(&a_t, t)] {
+                        let mut c = vec![f32::NAN; t * (n + 3)];
+                        pool.install(|| gemm_triangular(operand, t, &packed, &mut c, n + 3, false, tri));
+                        let tol = 1e-5 * (t as f64).sqrt();
+                        for i in 0..t {
+                            // `Output` computes at least columns ..=i.
+                            let cols = if tri == Triangle::Output { (i + 1).min(n) } else { n };
+                            for j in 0..cols {
+                                let got = f64::from(c[i * (n + 3) + j]);
+                                let case = format!("{t}x{n} {tri:?} {precision:?} row {i} col {j}");
+                                assert!((got - want[i * n + j]).abs() <= tol, "{case}: {got} vs {}", want[i * n + j]);
+                            }
+                            assert!(c[i * (n + 3) + n..(i + 1) * (n + 3)].iter().all(|v| v.is_nan()), "wrote past n");
+                        }
+                    }
                 }
             }
         }
