@@ -173,6 +173,15 @@ async fn produce_batch(s: &Setup, rng: &mut Rng, from: u64, n: u64, sent: &mut S
 /// The writers' drain timeout: a writer asked to stop must be gone by then.
 const DRAIN_TIMEOUT_SECS: u64 = 30;
 
+/// How long a live writer may take to own and commit partitions a killed one
+/// held. Its `GroupWatch` rejoins after the stall (6 s session + 2 × 2.7 s +
+/// 5 s = 16.4 s), then backs off to 2× and 4× the stall while partitions stay
+/// stalled, so its fourth rejoin comes about 180 s after the last progress
+/// (16.4 + 32.8 + 65.6 + 65.6). The broker sometimes leaves partitions with a
+/// killed member through a rejoin or two (see `GroupWatch`): a deadline of
+/// 120 s, two rejoins, was once missed on a loaded machine.
+const CATCH_UP_SECS: u64 = 240;
+
 fn spawn_writer(s: &Setup) -> Reaped {
     spawn_writer_on(s, "127.0.0.1:0")
 }
@@ -288,7 +297,7 @@ async fn kill_9_rounds(s: Setup) {
     // start-up (signal handlers installed) before it is asked to stop.
     let mut child = spawn_writer(&s);
     produce_batch(&s, &mut rng, next, 100, &mut sent).await;
-    wait_committed(&s, &s.rewards_ends(), 120);
+    wait_committed(&s, &s.rewards_ends(), CATCH_UP_SECS);
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 
@@ -513,7 +522,7 @@ async fn a_writer_holding_nothing_says_so_stays_out_of_the_way_and_takes_over_fr
     owner.wait().unwrap();
     produce_batch(&s, &mut rng, next, 60, &mut sent).await;
     let end = read_all::<Reward>(&s.kafka, &s.topics.name(Topic::Rewards)).last().map(|(_, o, _)| o + 1).unwrap();
-    wait_committed(&s, &BTreeMap::from([(0, end)]), 120);
+    wait_committed(&s, &BTreeMap::from([(0, end)]), CATCH_UP_SECS);
     assert_eq!(ops_get(idle_ops, "/readyz").await.0, 200, "the new owner is ready");
     let _ = Command::new("kill").args(["-TERM", &idle.id().to_string()]).status();
     assert!(idle.wait().unwrap().success(), "clean exit on SIGTERM");
@@ -541,7 +550,7 @@ async fn a_writer_stopped_while_the_broker_hangs_exits_within_its_drain_timeout(
     let mut child = spawn_writer_on(&s, &ops.to_string());
     let mut sent = Sent::default();
     produce_batch(&s, &mut Rng(11), 0, 100, &mut sent).await;
-    wait_committed(&s, &s.rewards_ends(), 120);
+    wait_committed(&s, &s.rewards_ends(), CATCH_UP_SECS);
     let nothing_buffered = |exposed: &str| metric(exposed, "lake_writer_buffered_records") == Some(0.0);
     metrics_when(ops, 60, "an empty buffer after the commits", nothing_buffered).await;
     broker.pause();
