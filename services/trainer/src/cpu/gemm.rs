@@ -534,8 +534,8 @@ pub enum Triangle {
     /// A full product.
     None,
     /// Row `i` of `C` is read only up to column `i` (`Q · Kᵀ`): a block of
-    /// rows skips the panels past its last row; those columns are left as
-    /// they were.
+    /// rows skips the panels past its last row, whose columns then hold
+    /// anything (the caller overwrites them).
     Output,
     /// Row `i` of `A` is zero past step `i` (`P · V`): a block of rows stops
     /// after its last row's step.
