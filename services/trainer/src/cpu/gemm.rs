@@ -546,19 +546,29 @@ pub enum Triangle {
 }
 
 impl Triangle {
-    /// The steps `lo..hi` (of `k`) that rows `g0..g1` multiply: never empty,
-    /// so a tile is always written.
-    fn steps(self, g0: usize, g1: usize, k: usize) -> (usize, usize) {
-        match self {
+    /// The part of block `q0..q0 + qc` of `k` steps, counted in units of
+    /// `unit` steps (2 for bf16 pairs), that the tile of rows `g0..g1` in
+    /// panel `p` multiplies, and whether it is the tile's first (which sets
+    /// the tile rather than adding to it); `None` where the tile skips the
+    /// block. Every tile multiplies at least one unit, so each is written.
+    fn tile_steps(
+        self,
+        (g0, g1): (usize, usize),
+        p: usize,
+        k: usize,
+        unit: usize,
+        (q0, qc): (usize, usize),
+    ) -> Option<(usize, usize, bool)> {
+        let (lo, hi) = match self {
+            Triangle::Output if p * NR >= g1 => return None,
             Triangle::None | Triangle::Output => (0, k),
             Triangle::LowerA => (0, g1.clamp(1, k)),
             Triangle::UpperA => (g0.min(k - 1), k),
-        }
-    }
-
-    /// Whether rows `..g1` need panel `p`.
-    fn needs(self, p: usize, g1: usize) -> bool {
-        self != Triangle::Output || p * NR < g1
+        };
+        // A unit past a triangle's edge multiplies a zero of `A`.
+        let (lo, hi) = (lo / unit, hi.div_ceil(unit));
+        let (s0, s1) = (lo.max(q0), hi.min(q0 + qc));
+        (s0 < s1).then_some((s0, s1, s0 == lo))
     }
 }
 
@@ -814,14 +824,11 @@ fn gemm_rows(
                     while blk < blocks {
                         let tile_rows = MR.min(rows - blk * MR);
                         let g0 = r0 + blk * MR;
-                        let (lo, hi) = tri.steps(g0, g0 + tile_rows, k);
-                        let (s0, s1) = (lo.max(k0), hi.min(k0 + kc));
-                        if s0 >= s1 || !tri.needs(p, g0 + tile_rows) {
+                        let Some((s0, s1, first)) = tri.tile_steps((g0, g0 + tile_rows), p, k, 1, (k0, kc)) else {
                             blk += 1;
                             continue;
-                        }
-                        // The first block of steps this tile multiplies sets it.
-                        let acc = accumulate || s0 > lo;
+                        };
+                        let acc = accumulate || !first;
                         let (sliver, rs, ks) = source(blk);
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
@@ -890,14 +897,10 @@ fn gemm_rows(
                     for blk in 0..blocks {
                         let tile_rows = MR.min(rows - blk * MR);
                         let g0 = r0 + blk * MR;
-                        // In pairs: a pair past a triangle's edge multiplies a zero of `A`.
-                        let (lo, hi) = tri.steps(g0, g0 + tile_rows, k);
-                        let (lo, hi) = (lo / 2, hi.div_ceil(2));
-                        let (s0, s1) = (lo.max(q0), hi.min(q0 + qc));
-                        if s0 >= s1 || !tri.needs(p, g0 + tile_rows) {
+                        let Some((s0, s1, first)) = tri.tile_steps((g0, g0 + tile_rows), p, k, 2, (q0, qc)) else {
                             continue;
-                        }
-                        let acc = accumulate || s0 > lo;
+                        };
+                        let acc = accumulate || !first;
                         let sliver = (&packed[blk * MR * pairs + s0..], pairs);
                         let off = blk * MR * ldc + (p * NR - col0);
                         let fetch = fetch_share(ahead, blk, blocks);
