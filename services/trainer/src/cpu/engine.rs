@@ -240,6 +240,10 @@ struct LayerTrace {
     attn: Vec<f32>,
     x_mid: Vec<f32>,
     gate_up: Vec<f32>,
+    /// `silu(gate) · up`, the down projection's input.
+    act: Vec<f32>,
+    /// `sigmoid(gate)`.
+    sig: Vec<f32>,
     /// `x · Aᵀ` of each group's adapted projections, side by side
     /// (`[rows × Σ r]`, in [`GROUPS`] order).
     lora_t: [Vec<f32>; 4],
@@ -249,12 +253,9 @@ impl Drop for LayerTrace {
     fn drop(&mut self) {
         let lora_t = self.lora_t.iter_mut().map(std::mem::take);
         let probs = std::mem::take(&mut self.probs);
-        for v in [&mut self.x_in, &mut self.qkv, &mut self.attn, &mut self.x_mid, &mut self.gate_up]
-            .into_iter()
-            .map(std::mem::take)
-            .chain(lora_t)
-            .chain(probs)
-        {
+        let kept = [&mut self.x_in, &mut self.qkv, &mut self.attn, &mut self.x_mid, &mut self.gate_up];
+        let swiglu = [&mut self.act, &mut self.sig];
+        for v in kept.into_iter().chain(swiglu).map(std::mem::take).chain(lora_t).chain(probs) {
             pool::give(v);
         }
     }
@@ -481,6 +482,17 @@ pub(super) fn rope_rows(qkv: &mut [f32], d: &Dims, positions: &[usize], cos: &[f
     });
 }
 
+/// [`swiglu`] and `sigmoid(gate)` (both `[n × i]`), for the backward pass.
+fn swiglu_keeping_sigmoid(gate_up: &[f32], n: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut act, mut sig) = (pool::take(n * i), pool::take(n * i));
+    let rows = act.par_chunks_mut(i).zip(sig.par_chunks_mut(i));
+    rows.zip(gate_up.par_chunks(2 * i)).for_each(|((a, s), g)| {
+        let (gate, up) = g.split_at(i);
+        simd::silu_mul_keeping_sigmoid(gate, up, a, s);
+    });
+    (act, sig)
+}
+
 /// `silu(gate) · up` of every row of a fused gate/up matrix `[n × 2i]`.
 pub(super) fn swiglu(gate_up: &[f32], n: usize, i: usize) -> Vec<f32> {
     let mut act = pool::take(n * i);
@@ -685,7 +697,11 @@ impl CpuModel {
             tr.lora_t[2] = lora_gu.map(|(t, _)| t).unwrap_or_default();
             used(p2);
             pool::give(normed2);
-            let act = swiglu(&gu, n, d.i);
+            // The backward pass reads the activation and the sigmoid of
+            // `gate` as they are here: computing them again took ~1 % of a
+            // step (+2 · rows × intermediate floats a layer kept).
+            let (act, sig) =
+                if traced { swiglu_keeping_sigmoid(&gu, n, d.i) } else { (swiglu(&gu, n, d.i), Vec::new()) };
             // `o`'s buffer is reused for the down projection.
             let p3 = pack(l, 3);
             let lora_down = Self::lora_forward(&act, n, p3.as_ref());
@@ -694,7 +710,11 @@ impl CpuModel {
             used(p3);
             let x_mid = add_residual(&mut x, &o, d.h, traced);
             pool::give(o);
-            pool::give(act);
+            if traced {
+                (tr.act, tr.sig) = (act, sig);
+            } else {
+                pool::give(act);
+            }
             tr.qkv = qkv;
             tr.probs = probs;
             tr.attn = attn;
@@ -1011,24 +1031,16 @@ impl CpuModel {
             // Rows from the attention output on: the scored ones in the last layer.
             let m = if l == last { rows } else { n };
             let (dact, dgu, dn2) = (&mut dact[..m * d.i], &mut dgu[..m * 2 * d.i], &mut dn2[..m * d.h]);
-            // MLP: x_out = x_mid + down(silu(gate) · up). The sigmoid of
-            // `gate` waits in `dgu`'s gate half for the SwiGLU backward.
-            let mut act = pool::take(m * d.i);
-            act.par_chunks_mut(d.i).zip(dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i))).for_each(
-                |(a, (dst, gu))| {
-                    let (gate, up) = gu.split_at(d.i);
-                    simd::silu_mul_keeping_sigmoid(gate, up, a, &mut dst[..d.i]);
-                },
-            );
-            record(l, Self::group_backward(&layer.down, &act, m, &group(3), pack(3), &tr.lora_t[3], &dx, Some(dact)));
-            pool::give(act);
-            dgu.par_chunks_mut(2 * d.i).zip(tr.gate_up.par_chunks(2 * d.i).zip(dact.par_chunks(d.i))).for_each(
-                |(dst, (gu, da))| {
-                    let (gate, up) = gu.split_at(d.i);
-                    let (dg, du) = dst.split_at_mut(d.i);
-                    simd::silu_mul_backward(gate, up, da, dg, du);
-                },
-            );
+            // MLP: x_out = x_mid + down(silu(gate) · up), its activation and
+            // the sigmoid of `gate` kept by the forward pass.
+            let (act, sig) = (&tr.act, &tr.sig);
+            record(l, Self::group_backward(&layer.down, act, m, &group(3), pack(3), &tr.lora_t[3], &dx, Some(dact)));
+            let swiglu_in = tr.gate_up.par_chunks(2 * d.i).zip(sig.par_chunks(d.i));
+            dgu.par_chunks_mut(2 * d.i).zip(swiglu_in.zip(dact.par_chunks(d.i))).for_each(|(dst, ((gu, s), da))| {
+                let (gate, up) = gu.split_at(d.i);
+                let (dg, du) = dst.split_at_mut(d.i);
+                simd::silu_mul_backward(gate, up, s, da, dg, du);
+            });
             let normed2 = rms_norm_rows(&tr.x_mid, d.h, &layer.norm2, c.rms_norm_eps);
             record(
                 l,

@@ -87,11 +87,12 @@ dispatch! {
 
 dispatch! {
     /// SwiGLU backward: from `dact` for `act = silu(gate) · up`, the
-    /// gradients of `gate` and `up`. `dgate` holds `sigmoid(gate)` on entry
-    /// (see [`silu_mul_keeping_sigmoid`]).
-    pub fn silu_mul_backward(gate: &[f32], up: &[f32], dact: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-        for ((((dg, du), g), u), d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
-            let sig = *dg;
+    /// gradients of `gate` and `up`, given `sig = sigmoid(gate)` (see
+    /// [`silu_mul_keeping_sigmoid`]).
+    pub fn silu_mul_backward(gate: &[f32], up: &[f32], sig: &[f32], dact: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+        let inputs = gate.iter().zip(up).zip(sig).zip(dact);
+        for ((dg, du), (((g, u), sig), d)) in dgate.iter_mut().zip(dup.iter_mut()).zip(inputs) {
+            let sig = *sig;
             *dg = d * u * sig * (1.0 + g * (1.0 - sig));
             *du = d * g * sig;
         }
@@ -406,11 +407,12 @@ mod tests {
         }
         // The same values when the sigmoid is kept, and the backward pass
         // from it against the derivatives in f64.
-        let (mut kept, mut dgate, mut dup) = (vec![0.0; 1000], vec![0.0; 1000], vec![0.0; 1000]);
-        silu_mul_keeping_sigmoid(&gate, &up, &mut kept, &mut dgate);
+        let (mut kept, mut sig) = (vec![0.0; 1000], vec![0.0; 1000]);
+        silu_mul_keeping_sigmoid(&gate, &up, &mut kept, &mut sig);
         assert_eq!(kept, out);
         let dact: Vec<f32> = (0..1000).map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0).collect();
-        silu_mul_backward(&gate, &up, &dact, &mut dgate, &mut dup);
+        let (mut dgate, mut dup) = (vec![0.0; 1000], vec![0.0; 1000]);
+        silu_mul_backward(&gate, &up, &sig, &dact, &mut dgate, &mut dup);
         for i in 0..1000 {
             let (g, u, d) = (f64::from(gate[i]), f64::from(up[i]), f64::from(dact[i]));
             let sig = 1.0 / (1.0 + (-g).exp());
