@@ -253,9 +253,16 @@ impl Drop for LayerTrace {
     fn drop(&mut self) {
         let lora_t = self.lora_t.iter_mut().map(std::mem::take);
         let probs = std::mem::take(&mut self.probs);
-        let kept = [&mut self.x_in, &mut self.qkv, &mut self.attn, &mut self.x_mid, &mut self.gate_up];
-        let swiglu = [&mut self.act, &mut self.sig];
-        for v in kept.into_iter().chain(swiglu).map(std::mem::take).chain(lora_t).chain(probs) {
+        let kept = [
+            &mut self.x_in,
+            &mut self.qkv,
+            &mut self.attn,
+            &mut self.x_mid,
+            &mut self.gate_up,
+            &mut self.act,
+            &mut self.sig,
+        ];
+        for v in kept.into_iter().map(std::mem::take).chain(lora_t).chain(probs) {
             pool::give(v);
         }
     }

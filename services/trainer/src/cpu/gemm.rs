@@ -312,22 +312,32 @@ impl PackedB {
             }
         }
         /// `count` zeroed panels of `len` values, each filled by
-        /// `put(panel, kk, j, value)` for its every element of `B`; on the
-        /// pool for large matrices.
+        /// `one(panel index, panel)`; on the pool for large matrices.
+        fn each_panel<T: Copy + Default + Send>(
+            count: usize,
+            len: usize,
+            large: bool,
+            one: impl Fn((usize, &mut [T])) + Sync + Send,
+        ) -> Vec<T> {
+            let mut data = vec![T::default(); count * len];
+            if large {
+                data.par_chunks_mut(len.max(1)).enumerate().for_each(one);
+            } else {
+                data.chunks_mut(len.max(1)).enumerate().for_each(one);
+            }
+            data
+        }
+        /// [`each_panel`] filled by `put(panel, kk, j, value)` for every
+        /// element of `B`.
         fn panels<T: Copy + Default + Send>(
             (m, k, n, ld, transposed): (&[f32], usize, usize, usize, bool),
             count: usize,
             len: usize,
             put: impl Fn(&mut [T], usize, usize, f32) + Sync,
         ) -> Vec<T> {
-            let mut data = vec![T::default(); count * len];
-            let one = |(p, panel): (usize, &mut [T])| fill(m, k, n, ld, transposed, p, |kk, j, v| put(panel, kk, j, v));
-            if k * n >= 1 << 16 {
-                data.par_chunks_mut(len.max(1)).enumerate().for_each(one);
-            } else {
-                data.chunks_mut(len.max(1)).enumerate().for_each(one);
-            }
-            data
+            each_panel(count, len, k * n >= 1 << 16, |(p, panel): (usize, &mut [T])| {
+                fill(m, k, n, ld, transposed, p, |kk, j, v| put(panel, kk, j, v));
+            })
         }
         let source = (m, k, n, ld, transposed);
         let panels = match precision {
@@ -340,8 +350,6 @@ impl PackedB {
                 // Two rows at a time into pairs, vectorised: the adapters'
                 // terms are packed anew at every step (~2 % of a ~110M step
                 // element by element).
-                let len = k.div_ceil(2) * NR * 2;
-                let mut data = vec![0u16; count * len];
                 let one = |(p, panel): (usize, &mut [u16])| {
                     let (c0, cols) = (p * NR, NR.min(n - p * NR));
                     for (q, dst) in panel.chunks_exact_mut(NR * 2).enumerate() {
@@ -354,12 +362,7 @@ impl PackedB {
                         unsafe { avx512::bf16_row_pair(first, second, cols, dst.as_mut_ptr().cast()) }
                     }
                 };
-                if k * n >= 1 << 16 {
-                    data.par_chunks_mut(len.max(1)).enumerate().for_each(one);
-                } else {
-                    data.chunks_mut(len.max(1)).enumerate().for_each(one);
-                }
-                Panels::Bf16(data)
+                Panels::Bf16(each_panel(count, k.div_ceil(2) * NR * 2, k * n >= 1 << 16, one))
             }
             Precision::Bf16 => {
                 Panels::Bf16(panels(source, count, k.div_ceil(2) * NR * 2, |panel: &mut [u16], kk, j, v| {
@@ -762,15 +765,17 @@ fn gemm_rows(
         let extra_tail = &mut scratch.extra;
         let extra_pairs = &mut scratch.extra_pairs;
         let extra_bf16 = extra.is_some_and(|e| matches!(e.b.panels, Panels::Bf16(_)));
+        // Words between rows of a bf16 extra product's packed `A`.
+        let extra_stride = extra.map_or(0, |e| pair_stride(e.b.k.div_ceil(2)));
         match extra {
             Some(e) if extra_bf16 => {
                 // Every block's rows in pairs of steps, as the main bf16
                 // product packs its `A` (zero rows past the last).
-                let len = blocks * MR * pair_stride(e.b.k.div_ceil(2));
+                let len = blocks * MR * extra_stride;
                 if extra_pairs.len() < len {
                     extra_pairs.resize(len, 0);
                 }
-                pack_a_bf16(isa, e.a, r0, rows, e.b.k, pair_stride(e.b.k.div_ceil(2)), &mut extra_pairs[..len]);
+                pack_a_bf16(isa, e.a, r0, rows, e.b.k, extra_stride, &mut extra_pairs[..len]);
             }
             Some(e) if full < blocks => {
                 extra_tail.clear();
@@ -787,8 +792,7 @@ fn gemm_rows(
                 return;
             }
             if let Some(panel) = e.b.bf16_panel(p, lo, hi - lo) {
-                let stride = pair_stride(e.b.k.div_ceil(2));
-                let sliver = (&extra_pairs[blk * MR * stride + lo..], stride);
+                let sliver = (&extra_pairs[blk * MR * extra_stride + lo..], extra_stride);
                 tile_bf16(isa, hi - lo, sliver, panel, (std::ptr::null(), 0), c, ldc, tile_rows, cols, true);
                 return;
             }
