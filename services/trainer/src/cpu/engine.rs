@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{MatA, PackedB, Precision, Triangle, gemm, gemm_plus, gemm_triangular};
+use super::gemm::{MatA, PackedB, Precision, Product, Triangle, gemm, gemm_batch, gemm_plus, gemm_triangular};
 use super::pool;
 use super::simd;
 use crate::TrainerError;
@@ -937,30 +937,32 @@ impl CpuModel {
         let inp = first.slot.inp;
         let ranks: usize = group.iter().map(Adapted::rank).sum();
         // dAᵀ = xᵀ · g: `x` read in place and only the narrow `g` packed
-        // (`dA = gᵀ · x` would pack all of `x` for a product of `Σ r` rows).
+        // (`dA = gᵀ · x` would pack all of `x` for a product of `Σ r` rows);
+        // dB = dyᵀ · t per projection. All in one parallel region.
+        let packs: Vec<PackedB> = (0..=group.len())
+            .into_par_iter()
+            .map(|j| match j {
+                0 => PackedB::from_rows(g, rows, ranks, ranks, Precision::F32),
+                _ => {
+                    let col: usize = group[..j - 1].iter().map(Adapted::rank).sum();
+                    PackedB::from_rows(&t[col..], rows, group[j - 1].rank(), ranks, Precision::F32)
+                }
+            })
+            .collect();
         let mut dat = vec![0.0f32; inp * ranks];
-        gemm(
-            MatA::transposed(x, inp),
-            inp,
-            &PackedB::from_rows(g, rows, ranks, ranks, Precision::F32),
-            &mut dat,
-            ranks,
-            false,
-        );
+        let mut dbs: Vec<Vec<f32>> = group.iter().map(|m| vec![0.0f32; m.slot.out * m.rank()]).collect();
+        let mut products = vec![Product { a: MatA::transposed(x, inp), m: inp, b: &packs[0], c: &mut dat, ldc: ranks }];
+        for ((m, db), b) in group.iter().zip(dbs.iter_mut()).zip(&packs[1..]) {
+            let a = MatA::transposed(&dy[m.slot.col..], ldy);
+            products.push(Product { a, m: m.slot.out, b, c: db, ldc: m.rank() });
+        }
+        gemm_batch(products);
         let mut col = 0;
         group
             .iter()
-            .map(|m| {
-                let (r, out) = (m.rank(), m.slot.out);
-                let mut db = vec![0.0f32; out * r];
-                gemm(
-                    MatA::transposed(&dy[m.slot.col..], ldy),
-                    out,
-                    &PackedB::from_rows(&t[col..], rows, r, ranks, Precision::F32),
-                    &mut db,
-                    r,
-                    false,
-                );
+            .zip(dbs)
+            .map(|(m, mut db)| {
+                let r = m.rank();
                 db.iter_mut().for_each(|v| *v *= m.scale);
                 // 16 rows of `dat` (3 KiB at most) at a time, each column of
                 // them into a run of `da`'s row: `dat` is read once, from L1,

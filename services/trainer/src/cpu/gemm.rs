@@ -555,6 +555,59 @@ pub fn gemm(a: MatA<'_>, m: usize, b: &PackedB, c: &mut [f32], ldc: usize, accum
     gemm_with(a, m, (b, Triangle::None), c, ldc, accumulate, None);
 }
 
+/// One product of a [`gemm_batch`]: `C[m × n] = A[m × k] · B`, `C`
+/// row-major with row stride `ldc` (overwritten).
+#[derive(Debug)]
+pub struct Product<'a> {
+    /// `A`.
+    pub a: MatA<'a>,
+    /// Rows of `A` and `C`.
+    pub m: usize,
+    /// `B`, packed.
+    pub b: &'a PackedB,
+    /// `C`.
+    pub c: &'a mut [f32],
+    /// Row stride of `C`.
+    pub ldc: usize,
+}
+
+/// Independent products in one parallel region: each is cut into pieces of
+/// rows of about equal work, and each piece runs on one thread. For narrow
+/// products (a LoRA rank of columns) split one call at a time, the second
+/// thread's share was too short to pay for its wake-up: two threads ran
+/// them 1.0–1.5× as fast as one. The sums are [`gemm`]'s (a row's sum does
+/// not depend on which piece holds it).
+pub fn gemm_batch(products: Vec<Product<'_>>) {
+    let threads = rayon::current_num_threads();
+    let work: usize = products.iter().map(|p| p.m * p.b.n * p.b.k).sum();
+    // About four pieces per thread, so that uneven ones even out.
+    let target = work.div_ceil(4 * threads).max(PARALLEL_WORK / 8);
+    let mut pieces = Vec::new();
+    for Product { a, m, b, c, ldc } in products {
+        if m == 0 || b.n == 0 {
+            continue;
+        }
+        assert!(ldc >= b.n && c.len() >= (m - 1) * ldc + b.n, "C smaller than {m} x {} (ldc {ldc})", b.n);
+        check_a(a, m, b.k);
+        // Whole pairs of row blocks (the narrow kernel's unit) per piece.
+        let count = (m * b.n * b.k).div_ceil(target).max(1);
+        let per = m.div_ceil(count).next_multiple_of(2 * MR);
+        let c = &mut c[..(m - 1) * ldc + b.n];
+        for (i, chunk) in c.chunks_mut(per * ldc).enumerate() {
+            let r0 = i * per;
+            pieces.push((a, r0, per.min(m - r0), b, chunk, ldc));
+        }
+    }
+    let run = |(a, r0, rows, b, c, ldc): (MatA<'_>, usize, usize, &PackedB, &mut [f32], usize)| {
+        gemm_rows(a, r0, rows, (b, Triangle::None), 0, b.n.div_ceil(NR), c, ldc, false, None);
+    };
+    if threads <= 1 || work < PARALLEL_WORK {
+        pieces.into_iter().for_each(run);
+    } else {
+        pieces.into_par_iter().for_each(run);
+    }
+}
+
 /// The zeros of a causal-attention product (one sequence's `t × t`
 /// scores, probabilities or their gradients) that its tiles skip. Row
 /// indices are `A`'s and `C`'s, column indices `C`'s or `A`'s steps.
@@ -817,7 +870,12 @@ fn gemm_rows(
                 // or 4,096 wide activations and their gradients: 256 × 2,048
                 // × 768 took 6.1 ms, 3.8 at `k` = 2,040). Those rows are
                 // copied, per `k` block, into rows `kc` apart.
-                let copied = !a.transposed && full > 0 && (a.ld * 4).is_multiple_of(64 * LINE);
+                // A product of one narrow panel (a LoRA rank) runs 24 rows
+                // at a time (below), which a multiple of 32 lines (`k` =
+                // 1,536) already folds into two sets: those are copied too.
+                let narrow_b = n <= NR / 2 && matches!(b.panels, Panels::F32(_)) && tri == Triangle::None;
+                let set_stride = if narrow_b { 32 * LINE } else { 64 * LINE };
+                let copied = !a.transposed && full > 0 && (a.ld * 4).is_multiple_of(set_stride);
                 let copy = &mut scratch.blocks;
                 if copied {
                     copy.resize(full * MR * KC.min(k), 0.0);
@@ -1682,9 +1740,9 @@ mod tests {
         // `k` = 1,024 f32s: rows 4 KiB apart, copied per `k` block (three
         // blocks, the last partial); the same rows inside wider ones are
         // read in place. Row split (60 rows, 2 threads), column split (30),
-        // one narrow panel and several.
-        let k = 1024;
-        for &(m, n) in &[(60, 16), (60, 70), (30, 40)] {
+        // one narrow panel and several. At `k` = 512 (2 KiB apart) only the
+        // narrow panel's rows are copied.
+        for &(k, m, n) in &[(1024, 60, 16), (1024, 60, 70), (1024, 30, 40), (512, 60, 16), (512, 60, 40)] {
             let (a, b) = (random(m * k, 21), random(k * n, 22));
             let mut wide = vec![0.0f32; m * (k + 1)];
             for i in 0..m {
@@ -1702,6 +1760,46 @@ mod tests {
             assert_eq!(copied, run(MatA::rows(&wide, k + 1)), "{m}x{k}x{n}");
             for (got, want) in copied.iter().zip(&want) {
                 assert!((f64::from(*got) - want).abs() <= 1e-5 * (k as f64).sqrt(), "{m}x{k}x{n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_each_products_sums_bit_for_bit() {
+        // Narrow and wide panels, `A` as rows (one with rows 2 KiB apart)
+        // and transposed, `C` inside wider rows, and an empty product; one
+        // thread and two.
+        let shapes =
+            [(600, 512, 16, false), (50, 300, 48, true), (1000, 64, 16, true), (37, 200, 70, false), (0, 8, 16, false)];
+        let operands: Vec<(Vec<f32>, Vec<f32>)> =
+            shapes.iter().map(|&(m, k, n, _)| (random(m * k, 31 + m as u64), random(k * n, 32 + n as u64))).collect();
+        let packs: Vec<PackedB> = shapes
+            .iter()
+            .zip(&operands)
+            .map(|(&(_, k, n, _), (_, b))| PackedB::from_rows(b, k, n, n, Precision::F32))
+            .collect();
+        let a_of = |i: usize| {
+            let (m, k, _, transposed) = shapes[i];
+            if transposed { MatA::transposed(&operands[i].0, m) } else { MatA::rows(&operands[i].0, k) }
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut batched: Vec<Vec<f32>> = shapes.iter().map(|&(m, _, n, _)| vec![f32::NAN; m * (n + 3)]).collect();
+            let products = batched.iter_mut().enumerate().map(|(i, c)| Product {
+                a: a_of(i),
+                m: shapes[i].0,
+                b: &packs[i],
+                c,
+                ldc: shapes[i].2 + 3,
+            });
+            pool.install(|| gemm_batch(products.collect()));
+            for (i, got) in batched.iter().enumerate() {
+                let (m, _, n, _) = shapes[i];
+                let mut want = vec![f32::NAN; m * (n + 3)];
+                pool.install(|| gemm(a_of(i), m, &packs[i], &mut want, n + 3, false));
+                for (r, (g, w)) in got.chunks(n + 3).zip(want.chunks(n + 3)).enumerate() {
+                    assert_eq!(g[..n], w[..n], "product {i}, row {r}, {threads} threads");
+                }
             }
         }
     }
