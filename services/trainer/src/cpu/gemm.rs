@@ -575,7 +575,7 @@ pub struct Product<'a> {
 /// rows of about equal work, and each piece runs on one thread. For narrow
 /// products (a LoRA rank of columns) split one call at a time, the second
 /// thread's share was too short to pay for its wake-up: two threads ran
-/// them 1.0–1.5× as fast as one. The sums are [`gemm`]'s (a row's sum does
+/// them 1.0–1.8× as fast as one. The sums are [`gemm`]'s (a row's sum does
 /// not depend on which piece holds it).
 pub fn gemm_batch(products: Vec<Product<'_>>) {
     let threads = rayon::current_num_threads();
