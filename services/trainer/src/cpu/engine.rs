@@ -938,7 +938,7 @@ impl CpuModel {
         let ranks: usize = group.iter().map(Adapted::rank).sum();
         // dAᵀ = xᵀ · g: `x` read in place and only the narrow `g` packed
         // (`dA = gᵀ · x` would pack all of `x` for a product of `Σ r` rows);
-        // dB = dyᵀ · t per projection. All in one parallel region.
+        // dB = dyᵀ · t per projection. The products run as one batch.
         let packs: Vec<PackedB> = (0..=group.len())
             .into_par_iter()
             .map(|j| match j {
