@@ -938,17 +938,17 @@ impl CpuModel {
         let ranks: usize = group.iter().map(Adapted::rank).sum();
         // dAᵀ = xᵀ · g: `x` read in place and only the narrow `g` packed
         // (`dA = gᵀ · x` would pack all of `x` for a product of `Σ r` rows);
-        // dB = dyᵀ · t per projection. The products run as one batch.
-        let packs: Vec<PackedB> = (0..=group.len())
-            .into_par_iter()
-            .map(|j| match j {
-                0 => PackedB::from_rows(g, rows, ranks, ranks, Precision::F32),
-                _ => {
-                    let col: usize = group[..j - 1].iter().map(Adapted::rank).sum();
-                    PackedB::from_rows(&t[col..], rows, group[j - 1].rank(), ranks, Precision::F32)
-                }
-            })
-            .collect();
+        // dB = dyᵀ · t per projection. Their `B`s (`g`, then each
+        // projection's columns of `t`) are packed side by side, and the
+        // products run as one batch.
+        let mut operands = vec![(g, ranks)];
+        let mut col = 0;
+        for m in group {
+            operands.push((&t[col..], m.rank()));
+            col += m.rank();
+        }
+        let packs: Vec<PackedB> =
+            operands.par_iter().map(|&(v, n)| PackedB::from_rows(v, rows, n, ranks, Precision::F32)).collect();
         let mut dat = vec![0.0f32; inp * ranks];
         let mut dbs: Vec<Vec<f32>> = group.iter().map(|m| vec![0.0f32; m.slot.out * m.rank()]).collect();
         let mut products = vec![Product { a: MatA::transposed(x, inp), m: inp, b: &packs[0], c: &mut dat, ldc: ranks }];

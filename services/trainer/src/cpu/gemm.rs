@@ -584,15 +584,10 @@ pub fn gemm_batch(products: Vec<Product<'_>>) {
     let target = work.div_ceil(4 * threads).max(PARALLEL_WORK / 8);
     let mut pieces = Vec::new();
     for Product { a, m, b, c, ldc } in products {
-        if m == 0 || b.n == 0 {
-            continue;
-        }
-        assert!(ldc >= b.n && c.len() >= (m - 1) * ldc + b.n, "C smaller than {m} x {} (ldc {ldc})", b.n);
-        check_a(a, m, b.k);
+        let Some(c) = checked(a, m, b, c, ldc) else { continue };
         // Whole pairs of row blocks (the narrow kernel's unit) per piece.
         let count = (m * b.n * b.k).div_ceil(target).max(1);
         let per = m.div_ceil(count).next_multiple_of(2 * MR);
-        let c = &mut c[..(m - 1) * ldc + b.n];
         for (i, chunk) in c.chunks_mut(per * ldc).enumerate() {
             let r0 = i * per;
             pieces.push((a, r0, per.min(m - r0), b, chunk, ldc));
@@ -708,6 +703,18 @@ pub fn gemm_plus(
     gemm_with(a, m, (b, Triangle::None), c, ldc, accumulate, Some(&Extra { a: a2, b: b2, spans }));
 }
 
+/// `C` cut to the `m × n` product's rows, after checking that `C` and `A`
+/// hold them; `None` for an empty product.
+fn checked<'c>(a: MatA<'_>, m: usize, b: &PackedB, c: &'c mut [f32], ldc: usize) -> Option<&'c mut [f32]> {
+    let n = b.n;
+    if m == 0 || n == 0 {
+        return None;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C smaller than {m} x {n} (ldc {ldc})");
+    check_a(a, m, b.k);
+    Some(&mut c[..(m - 1) * ldc + n])
+}
+
 fn check_a(a: MatA<'_>, m: usize, k: usize) {
     if !a.transposed {
         assert!(k == 0 || a.data.len() >= (m - 1) * a.ld + k, "A smaller than {m} x {k}");
@@ -727,12 +734,7 @@ fn gemm_with(
     extra: Option<&Extra<'_>>,
 ) {
     let (k, n) = (b.k, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C smaller than {m} x {n} (ldc {ldc})");
-    check_a(a, m, k);
-    let c = &mut c[..(m - 1) * ldc + n];
+    let Some(c) = checked(a, m, b, c, ldc) else { return };
     let threads = rayon::current_num_threads();
     let work = m * n * k.max(1);
     if threads <= 1 || work < PARALLEL_WORK {
