@@ -70,12 +70,16 @@ pub enum Isa {
     Avx512Bf16,
     /// AVX-512F FMA; bf16 products are widened to f32 first.
     Avx512,
+    /// AVX2 and FMA (AMD Zen 2 and 3, Intel client CPUs): the f32 kernel
+    /// eight lanes wide, bf16-stored weights widened in it; bf16 dot
+    /// products run portably.
+    Avx2,
     /// Plain Rust loops (any CPU).
     Portable,
 }
 
 impl Isa {
-    /// The best instruction set of this CPU (`FLYWHEEL_GEMM_ISA=portable|avx512`
+    /// The best instruction set of this CPU (`FLYWHEEL_GEMM_ISA=portable|avx2|avx512`
     /// forces a lesser one, for comparisons).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
@@ -85,6 +89,7 @@ impl Isa {
             match (forced.as_str(), best) {
                 ("portable", _) => Isa::Portable,
                 ("avx512", Isa::Avx512Bf16) => Isa::Avx512,
+                ("avx2", Isa::Avx512Bf16 | Isa::Avx512) => Isa::Avx2,
                 _ => best,
             }
         })
@@ -97,6 +102,8 @@ fn best_isa() -> Isa {
         Isa::Avx512Bf16
     } else if is_x86_feature_detected!("avx512f") {
         Isa::Avx512
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        Isa::Avx2
     } else {
         Isa::Portable
     }
@@ -146,7 +153,7 @@ fn auto_precision() -> Precision {
     match Isa::detect() {
         Isa::Avx512Bf16 if cpu_vendor() == "AuthenticAMD" => Precision::Bf16,
         Isa::Avx512Bf16 | Isa::Avx512 => Precision::Bf16Weights,
-        Isa::Portable => Precision::F32,
+        Isa::Avx2 | Isa::Portable => Precision::F32,
     }
 }
 
@@ -165,11 +172,12 @@ pub(crate) fn cpu_vendor() -> String {
 }
 
 /// Seconds the f32 and the bf16 micro-kernels take for the same number of
-/// multiply-adds on cache-resident operands (best of five); `None` without
-/// AVX512_BF16.
-pub fn kernel_times() -> Option<(f64, f64)> {
+/// multiply-adds (`2 · MR · NR · 256 · 200`) on cache-resident operands
+/// (best of five); the bf16 one only with AVX512_BF16, neither on the
+/// portable kernel.
+pub fn kernel_times() -> Option<(f64, Option<f64>)> {
     let isa = Isa::detect();
-    if isa != Isa::Avx512Bf16 {
+    if isa == Isa::Portable {
         return None;
     }
     let kc = 256;
@@ -204,7 +212,7 @@ pub fn kernel_times() -> Option<(f64, f64)> {
         }
         best
     };
-    Some((time(false), time(true)))
+    Some((time(false), (isa == Isa::Avx512Bf16).then(|| time(true))))
 }
 
 /// f32 → bf16 bits as `vcvtneps2bf16` converts: to nearest even, NaN stays
@@ -1141,6 +1149,17 @@ fn tile_f32(
             // and every write of `c`.
             unsafe { kernel(kc, a.as_ptr(), rs, ks, b.span().0, fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate) }
         }
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, _) => {
+            let kernel = match b {
+                PanelRef::F32(_) => avx2::tile_f32::<false>,
+                PanelRef::Bf16Wide(_) => avx2::tile_f32::<true>,
+            };
+            // SAFETY: the CPU has AVX2 and FMA (detected); the asserts above
+            // bound every read of `a` (all `MR` rows) and `b` and every
+            // write of `c`.
+            unsafe { kernel(kc, a.as_ptr(), rs, ks, b.span().0, fetch, c.as_mut_ptr(), ldc, rows, cols, accumulate) }
+        }
         _ => {
             let mut acc = [[0.0f32; NR]; MR];
             let mut brow = [0.0f32; NR];
@@ -1256,6 +1275,127 @@ fn store(acc: &[[f32; NR]; MR], c: &mut [f32], ldc: usize, rows: usize, cols: us
             out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
         } else {
             out.copy_from_slice(&row[..cols]);
+        }
+    }
+}
+
+/// The f32 tile kernel for AVX2 and FMA. A `MR × NR` tile's 48 eight-lane
+/// sums are three times the 16 vector registers, so it runs as up to four
+/// `6 × 16` quarters (12 sums, two vectors of `B` and one of `A` in
+/// registers: 12 multiply-adds to 8 loads a step), each over all `kc`
+/// steps. Every sum is the portable kernel's: one fused multiply-add a step,
+/// in step order.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{LINE, MR, NR};
+
+    /// Rows and columns of a quarter tile.
+    const ROWS: usize = MR / 2;
+    const COLS: usize = NR / 2;
+
+    /// Lanes below `n` of an eight-lane mask.
+    #[target_feature(enable = "avx2")]
+    fn lanes(n: usize) -> __m256i {
+        let n = n.min(8) as i32;
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// As `avx512::tile_f32` (same arguments, same contract), for AVX2.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a` holds element `(i, kk)` at `i·rs + kk·ks` for every
+    /// `i < MR`, `kk < kc`; `b` holds `kc` rows; `c` is valid for `rows`
+    /// rows of `cols` values at stride `ldc`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_f32<const WIDE: bool>(
+        kc: usize,
+        a: *const f32,
+        rs: usize,
+        ks: usize,
+        b: *const u8,
+        fetch: (*const u8, usize),
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        // Columns outside: the half panel of `B` (24 KiB at `kc` = 384)
+        // stays in L1 for the second half of the rows.
+        for c0 in (0..cols).step_by(COLS) {
+            for r0 in (0..rows).step_by(ROWS) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+                let mut rows_at = [a; ROWS];
+                for (i, r) in rows_at.iter_mut().enumerate() {
+                    // SAFETY: row r0 + i < MR starts inside `a` (the caller's bound).
+                    *r = unsafe { a.add((r0 + i) * rs) };
+                }
+                // One step of the quarter.
+                let step = |acc: &mut [[__m256; 2]; ROWS], kk: usize| {
+                    // SAFETY: kk < kc and r0 + i < MR: inside `a` and `b`
+                    // (the caller's bounds); a wide row's 16 words hold
+                    // columns 0..16 in their low halves, 16..32 in their high.
+                    unsafe {
+                        let (b0, b1) = if WIDE {
+                            let words = b.add(kk * NR * 2).cast::<__m256i>();
+                            let (w0, w1) = (_mm256_loadu_si256(words), _mm256_loadu_si256(words.add(1)));
+                            if c0 == 0 {
+                                (_mm256_slli_epi32::<16>(w0), _mm256_slli_epi32::<16>(w1))
+                            } else {
+                                (_mm256_and_si256(w0, high), _mm256_and_si256(w1, high))
+                            }
+                        } else {
+                            let row = b.add(kk * NR * 4).cast::<f32>().add(c0);
+                            (
+                                _mm256_castps_si256(_mm256_loadu_ps(row)),
+                                _mm256_castps_si256(_mm256_loadu_ps(row.add(8))),
+                            )
+                        };
+                        let (b0, b1) = (_mm256_castsi256_ps(b0), _mm256_castsi256_ps(b1));
+                        for (pair, row) in acc.iter_mut().zip(&rows_at) {
+                            let av = _mm256_set1_ps(*row.add(kk * ks));
+                            pair[0] = _mm256_fmadd_ps(av, b0, pair[0]);
+                            pair[1] = _mm256_fmadd_ps(av, b1, pair[1]);
+                        }
+                    }
+                };
+                // The first quarter asks for the next panel block's lines,
+                // one a step, in a loop of its own (a test a step cost more).
+                let fetch_lines = if r0 == 0 && c0 == 0 { fetch.1.min(kc) } else { 0 };
+                for kk in 0..fetch_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(fetch.0.wrapping_add(kk * LINE).cast());
+                    step(&mut acc, kk);
+                }
+                for kk in fetch_lines..kc {
+                    step(&mut acc, kk);
+                }
+                // Masked moves only at a tile's last columns: on Zen 3 a
+                // masked store costs many times a plain one.
+                let width = cols - c0;
+                let (m0, m1) = (lanes(width), lanes(width.saturating_sub(8)));
+                for (i, pair) in acc.iter().enumerate().take(rows - r0) {
+                    // SAFETY: row r0 + i < rows and the stores cover only
+                    // columns < cols (plainly where all eight are), inside
+                    // `c` by the contract.
+                    unsafe {
+                        let p = c.add((r0 + i) * ldc + c0);
+                        for (h, (v, m)) in [(pair[0], m0), (pair[1], m1)].into_iter().enumerate() {
+                            let at = p.add(8 * h);
+                            if width >= 8 * (h + 1) {
+                                let v = if accumulate { _mm256_add_ps(v, _mm256_loadu_ps(at)) } else { v };
+                                _mm256_storeu_ps(at, v);
+                            } else if width > 8 * h {
+                                let v = if accumulate { _mm256_add_ps(v, _mm256_maskload_ps(at, m)) } else { v };
+                                _mm256_maskstore_ps(at, m, v);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -1993,7 +2133,7 @@ mod tests {
             }
             assert_eq!(pair, single);
         } else {
-            assert_eq!(Isa::detect(), Isa::Portable, "the narrow kernel runs wherever AVX-512 does");
+            assert!(matches!(Isa::detect(), Isa::Avx2 | Isa::Portable), "the narrow kernel runs wherever AVX-512 does");
         }
         let pa: Vec<u32> = a.iter().map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(-v)) << 16)).collect();
         let pb: Vec<u16> = random(kc * NR * 2, 9).iter().map(|v| bf16_bits(*v)).collect();
@@ -2001,6 +2141,60 @@ mod tests {
         tile_bf16(Isa::Portable, kc, (&pa, kc), &pb, fetch, &mut slow, cols, rows, cols, false);
         for (x, y) in fast.iter().zip(&slow) {
             assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
+        }
+    }
+
+    /// The AVX2 kernel (what CPUs without AVX-512 run) computes the
+    /// portable kernel's bits: the same fused multiply-add per step, in
+    /// step order, at every tile size its quarters and masks cut.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx2_kernel_gives_the_portable_kernels_bits_at_every_tile_size() {
+        assert!(
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            "this x86-64 CPU lacks AVX2 or FMA: the AVX2 kernel cannot be checked here"
+        );
+        let kc = 29;
+        let ldc = NR + 3;
+        let a = random(kc * MR * 2, 21);
+        let b = random(kc * NR, 22);
+        let words: Vec<u32> = random(kc * NR / 2, 23)
+            .iter()
+            .map(|v| u32::from(bf16_bits(*v)) | (u32::from(bf16_bits(0.5 - v)) << 16))
+            .collect();
+        for (rs, ks) in [(1, 2 * MR), (kc, 1)] {
+            for panel in [PanelRef::F32(&b), PanelRef::Bf16Wide(&words)] {
+                for rows in [1, 5, 6, 7, MR] {
+                    for cols in [1, 8, 9, 16, 17, 25, NR] {
+                        for accumulate in [false, true] {
+                            let start = random(MR * ldc, 24);
+                            let (mut fast, mut slow) = (start.clone(), start.clone());
+                            let fetch = (b.as_ptr().cast(), 2);
+                            tile_f32(Isa::Avx2, kc, (&a, rs, ks), panel, fetch, &mut fast, ldc, rows, cols, accumulate);
+                            tile_f32(
+                                Isa::Portable,
+                                kc,
+                                (&a, rs, ks),
+                                panel,
+                                fetch,
+                                &mut slow,
+                                ldc,
+                                rows,
+                                cols,
+                                accumulate,
+                            );
+                            let same = fast.iter().zip(&slow).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "rows {rows}, cols {cols}, rs {rs}, accumulate {accumulate}");
+                            // Outside the tile nothing is written.
+                            for (i, (x, s)) in fast.iter().zip(&start).enumerate() {
+                                if i / ldc >= rows || i % ldc >= cols {
+                                    assert_eq!(x.to_bits(), s.to_bits(), "wrote outside the tile at {i}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Element-wise passes of the engine (SwiGLU, softmax rows), written once in
-//! plain Rust and compiled twice: for any x86-64 and, behind a run-time CPU
-//! check, with AVX-512 enabled so the loops vectorise 16 lanes wide. The two
-//! builds do the same IEEE operations in the same order (Rust never fuses a
-//! multiply and an add by itself), so results do not depend on which runs.
+//! plain Rust and compiled three times: for any x86-64 and, behind a
+//! run-time CPU check, with AVX-512 enabled (16 lanes wide) or with AVX2
+//! (8 lanes wide). The three builds do the same IEEE operations in the same
+//! order (Rust never fuses a multiply and an add by itself), so results do
+//! not depend on which runs.
 //!
 //! `exp` is computed here instead of through libm so that loops over it
 //! vectorise: libm's `expf` is a call per element, and the engine takes
@@ -42,7 +43,7 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// Runs `body` compiled with AVX-512 when this CPU has it, else as is.
+/// Runs `body` compiled with AVX-512 or AVX2 when this CPU has it, else as is.
 macro_rules! dispatch {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
@@ -54,10 +55,18 @@ macro_rules! dispatch {
             fn wide($($arg: $ty),*) $(-> $ret)? {
                 generic($($arg),*)
             }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn narrow($($arg: $ty),*) $(-> $ret)? {
+                generic($($arg),*)
+            }
             match Isa::detect() {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has AVX-512F (detected at run time).
                 Isa::Avx512 | Isa::Avx512Bf16 => unsafe { wide($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+                Isa::Avx2 => unsafe { narrow($($arg),*) },
                 _ => generic($($arg),*),
             }
         }
