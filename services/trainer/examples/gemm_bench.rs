@@ -21,8 +21,7 @@ fn main() {
     };
     println!("isa {:?}, threads {}", Isa::detect(), rayon::current_num_threads());
     if let Some((f, b)) = flywheel_trainer::cpu::gemm::kernel_times() {
-        // 12 × 32 tiles, 256 steps, 200 times: 39.3 M multiply-adds.
-        let flops = 2.0 * 12.0 * 32.0 * 256.0 * 200.0;
+        let flops = flywheel_trainer::cpu::gemm::KERNEL_TIMES_FLOPS;
         print!("micro-kernels, same work, one thread: f32 {:.3} ms ({:.0} GFLOP/s)", f * 1e3, flops / f / 1e9);
         match b {
             Some(b) => println!(", bf16 {:.3} ms ({:.0} GFLOP/s)", b * 1e3, flops / b / 1e9),

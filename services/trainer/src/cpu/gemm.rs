@@ -171,10 +171,13 @@ pub(crate) fn cpu_vendor() -> String {
     String::new()
 }
 
-/// Seconds the f32 and the bf16 micro-kernels take for the same number of
-/// multiply-adds (`2 · MR · NR · 256 · 200`) on cache-resident operands
-/// (best of five); the bf16 one only with AVX512_BF16, neither on the
-/// portable kernel.
+/// Floating-point operations of each of [`kernel_times`]' runs: 200 tiles
+/// of 256 steps.
+pub const KERNEL_TIMES_FLOPS: f64 = (2 * MR * NR * 256 * 200) as f64;
+
+/// Seconds the f32 and the bf16 micro-kernels take for the same work
+/// ([`KERNEL_TIMES_FLOPS`]) on cache-resident operands (best of five); the
+/// bf16 one only with AVX512_BF16, neither on the portable kernel.
 pub fn kernel_times() -> Option<(f64, Option<f64>)> {
     let isa = Isa::detect();
     if isa == Isa::Portable {
@@ -1342,20 +1345,15 @@ mod avx2 {
                     unsafe {
                         let (b0, b1) = if WIDE {
                             let words = b.add(kk * NR * 2).cast::<__m256i>();
-                            let (w0, w1) = (_mm256_loadu_si256(words), _mm256_loadu_si256(words.add(1)));
-                            if c0 == 0 {
-                                (_mm256_slli_epi32::<16>(w0), _mm256_slli_epi32::<16>(w1))
-                            } else {
-                                (_mm256_and_si256(w0, high), _mm256_and_si256(w1, high))
-                            }
+                            let widen = |w: __m256i| {
+                                let w = if c0 == 0 { _mm256_slli_epi32::<16>(w) } else { _mm256_and_si256(w, high) };
+                                _mm256_castsi256_ps(w)
+                            };
+                            (widen(_mm256_loadu_si256(words)), widen(_mm256_loadu_si256(words.add(1))))
                         } else {
                             let row = b.add(kk * NR * 4).cast::<f32>().add(c0);
-                            (
-                                _mm256_castps_si256(_mm256_loadu_ps(row)),
-                                _mm256_castps_si256(_mm256_loadu_ps(row.add(8))),
-                            )
+                            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
                         };
-                        let (b0, b1) = (_mm256_castsi256_ps(b0), _mm256_castsi256_ps(b1));
                         for (pair, row) in acc.iter_mut().zip(&rows_at) {
                             let av = _mm256_set1_ps(*row.add(kk * ks));
                             pair[0] = _mm256_fmadd_ps(av, b0, pair[0]);
@@ -2170,19 +2168,11 @@ mod tests {
                             let start = random(MR * ldc, 24);
                             let (mut fast, mut slow) = (start.clone(), start.clone());
                             let fetch = (b.as_ptr().cast(), 2);
-                            tile_f32(Isa::Avx2, kc, (&a, rs, ks), panel, fetch, &mut fast, ldc, rows, cols, accumulate);
-                            tile_f32(
-                                Isa::Portable,
-                                kc,
-                                (&a, rs, ks),
-                                panel,
-                                fetch,
-                                &mut slow,
-                                ldc,
-                                rows,
-                                cols,
-                                accumulate,
-                            );
+                            let run = |isa, c: &mut [f32]| {
+                                tile_f32(isa, kc, (&a, rs, ks), panel, fetch, c, ldc, rows, cols, accumulate);
+                            };
+                            run(Isa::Avx2, &mut fast);
+                            run(Isa::Portable, &mut slow);
                             let same = fast.iter().zip(&slow).all(|(x, y)| x.to_bits() == y.to_bits());
                             assert!(same, "rows {rows}, cols {cols}, rs {rs}, accumulate {accumulate}");
                             // Outside the tile nothing is written.

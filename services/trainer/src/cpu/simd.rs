@@ -57,7 +57,7 @@ macro_rules! dispatch {
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            fn narrow($($arg: $ty),*) $(-> $ret)? {
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
                 generic($($arg),*)
             }
             match Isa::detect() {
@@ -66,7 +66,7 @@ macro_rules! dispatch {
                 Isa::Avx512 | Isa::Avx512Bf16 => unsafe { wide($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-                Isa::Avx2 => unsafe { narrow($($arg),*) },
+                Isa::Avx2 => unsafe { avx2($($arg),*) },
                 _ => generic($($arg),*),
             }
         }
