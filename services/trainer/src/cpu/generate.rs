@@ -8,7 +8,7 @@
 //! is summed over `k` in the same order whatever the rows), so a request's
 //! completion depends only on its prompt, adapter and seed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rayon::prelude::*;
 
@@ -68,6 +68,15 @@ struct Cache {
     v: Vec<Vec<f32>>,
 }
 
+impl Cache {
+    /// An empty cache with room for `positions` rows of `width` values per
+    /// layer.
+    fn with_room(layers: usize, positions: usize, width: usize) -> Cache {
+        let room = || (0..layers).map(|_| Vec::with_capacity(positions * width)).collect();
+        Cache { k: room(), v: room() }
+    }
+}
+
 /// One row to run: its sequence, token and position.
 #[derive(Debug, Clone, Copy)]
 struct Row {
@@ -125,9 +134,23 @@ impl CpuModel {
         // generation (they were packed again at every step, per module).
         let packs: Vec<Vec<Option<GroupPacks>>> =
             adapters.iter().map(|a| GroupPacks::of_model(Some(*a), self, false)).collect();
+        // Requests with the same prompt and adapter (users asking the same
+        // question of the same model) share one pass over the prompt: the
+        // first of them runs it and the others start from copies of its cache
+        // and logits. A row's numbers do not depend on its batch, so each
+        // copy holds the bits its own pass would have given.
+        let mut first_asker: HashMap<(&[u32], Option<usize>), usize> = HashMap::new();
+        let source: Vec<usize> = requests
+            .iter()
+            .zip(&adapter_of)
+            .enumerate()
+            .map(|(s, (r, a))| *first_asker.entry((r.prompt, *a)).or_insert(s))
+            .collect();
+        // Room for every position up front: a cache grown row by row was
+        // copied to a new allocation again and again.
         let mut caches: Vec<Cache> = requests
             .iter()
-            .map(|_| Cache { k: vec![Vec::new(); self.layers.len()], v: vec![Vec::new(); self.layers.len()] })
+            .map(|r| Cache::with_room(self.layers.len(), r.prompt.len() + r.max_new_tokens, self.dims.kv))
             .collect();
         let mut rngs: Vec<SplitMix> = requests.iter().map(|r| SplitMix(r.sampling.seed)).collect();
         let mut out: Vec<Generated> =
@@ -135,20 +158,38 @@ impl CpuModel {
         let mut rows: Vec<Row> = requests
             .iter()
             .enumerate()
+            .filter(|(s, _)| source[*s] == *s)
             .flat_map(|(s, r)| r.prompt.iter().enumerate().map(move |(p, &t)| Row { seq: s, token: t, pos: p }))
             .collect();
+        let mut prompts_done = false;
         while !rows.is_empty() {
             let logits = self.step(&rows, &adapter_of, &packs, &mut caches, &cos, &sin)?;
+            let logits: Vec<(usize, &[f32])> = if std::mem::replace(&mut prompts_done, true) {
+                logits.iter().map(|(s, l)| (*s, l.as_slice())).collect()
+            } else {
+                let at: HashMap<usize, &[f32]> = logits.iter().map(|(s, l)| (*s, l.as_slice())).collect();
+                for (s, &from) in source.iter().enumerate().filter(|(s, from)| *s != **from) {
+                    // The first asker comes first: `from < s`.
+                    let (before, rest) = caches.split_at_mut(s);
+                    let (src, to) = (&before[from], &mut rest[0]);
+                    for (to, src) in to.k.iter_mut().zip(&src.k).chain(to.v.iter_mut().zip(&src.v)) {
+                        to.extend_from_slice(src);
+                    }
+                }
+                source.iter().enumerate().map(|(s, from)| (s, at[from])).collect()
+            };
             let mut next = Vec::new();
             for (seq, row_logits) in logits {
                 let r = &requests[seq];
-                let (token, logprob) = draw(row_logits.as_slice(), r.sampling, r.allowed, &mut rngs[seq]);
+                let (token, logprob) = draw(row_logits, r.sampling, r.allowed, &mut rngs[seq]);
                 let g = &mut out[seq];
                 g.tokens.push(token);
                 g.logprob += logprob;
                 g.stopped = r.stop.contains(&token);
                 if !g.stopped && g.tokens.len() < r.max_new_tokens {
                     next.push(Row { seq, token, pos: r.prompt.len() + g.tokens.len() - 1 });
+                } else {
+                    caches[seq] = Cache::default();
                 }
             }
             rows = next;
@@ -423,8 +464,12 @@ mod tests {
             }
         };
         let alone = packed.generate(&[req("main", 5)]).unwrap();
-        let crowd = packed.generate(&[req("other", 1), req("main", 5), req("other", 2)]).unwrap();
+        // Requests sharing a prompt and adapter share its pass: the later
+        // ones start from copies of the first one's cache and logits.
+        let crowd = packed.generate(&[req("other", 1), req("main", 5), req("other", 2), req("main", 7)]).unwrap();
         assert_eq!(alone[0], crowd[1], "{precision:?}");
+        assert_eq!(packed.generate(&[req("main", 7)]).unwrap()[0], crowd[3], "{precision:?}");
+        assert_eq!(packed.generate(&[req("other", 2)]).unwrap()[0], crowd[2], "{precision:?}");
         assert!(alone[0].tokens.iter().all(|&t| allowed[t as usize]));
         assert!(alone[0].stopped == (alone[0].tokens.last() == Some(&u32::from(b' '))));
         assert_ne!(packed.generate(&[req("main", 6)]).unwrap()[0].tokens, alone[0].tokens);
