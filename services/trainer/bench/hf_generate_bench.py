@@ -37,8 +37,10 @@ def main():
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
+    # Each request's own number makes every prompt distinct, as on our side
+    # (which shares one prompt pass among identical requests).
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+        tokenizer.apply_chat_template([{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})"}],
                                       tokenize=False, add_generation_prompt=True)
         for i in range(batch)
     ]

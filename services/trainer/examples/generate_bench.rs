@@ -59,7 +59,11 @@ fn main() {
     let stop: Vec<u32> = tokenizer.token_id("<|im_end|>").into_iter().collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|i| {
-            let text = tokenizer.chat_prompt(&[("user", QUESTIONS[i % QUESTIONS.len()])]).unwrap();
+            // Distinct prompts (the question and the request's number):
+            // identical requests would share one prompt pass, which the
+            // transformers side does not do.
+            let question = format!("{} (#{i})", QUESTIONS[i % QUESTIONS.len()]);
+            let text = tokenizer.chat_prompt(&[("user", &question)]).unwrap();
             tokenizer.encode(&text).unwrap()
         })
         .collect();
