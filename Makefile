@@ -43,7 +43,10 @@ browser: ## Install Debian's chromium for the console's real-browser test (skipp
 nextest: ## Install cargo-nextest if it is missing (the test runner)
 	@$(CARGO) nextest --version >/dev/null 2>&1 || env -u CARGO_TARGET_DIR $(CARGO) install cargo-nextest --locked
 
-tools: $(TANSU_STAMP) ## Install the tansu 0.6.0 Kafka-protocol broker into .tools/ (about 10 min cold)
+# Built at opt-level 1: CI builds it on every run, and on a Zen 3 that took
+# 16.0 min instead of 19.8 at the default 3; the whole suite passed with it
+# (262/262, 2026-12-02; BENCHMARKS.md, eleventh part).
+tools: $(TANSU_STAMP) ## Install the tansu 0.6.0 Kafka-protocol broker into .tools/ (10-16 min cold)
 
 $(TANSU_STAMP):
 	@if [ -x "$(TANSU)" ] && "$(TANSU)" --version 2>/dev/null | grep -q "$(TANSU_VERSION)" \
@@ -51,7 +54,7 @@ $(TANSU_STAMP):
 	  echo "tansu $(TANSU_VERSION) already installed in $(TOOLS_DIR)"; \
 	else \
 	  echo "installing tansu $(TANSU_VERSION) with storage engines (dynostore, libsql) into $(TOOLS_DIR)"; \
-	  env -u CARGO_TARGET_DIR $(CARGO) install tansu --version $(TANSU_VERSION) --locked \
+	  env -u CARGO_TARGET_DIR CARGO_PROFILE_RELEASE_OPT_LEVEL=1 $(CARGO) install tansu --version $(TANSU_VERSION) --locked \
 	    --features dynostore,libsql --root "$(TOOLS_DIR)" && \
 	  "$(TANSU)" --help | grep -q "Storage engines: dynostore, libsql" || \
 	    { echo "tansu was built without a storage engine: it would drop data" >&2; exit 1; }; \
