@@ -108,6 +108,9 @@ impl CpuModel {
                 return Err(TrainerError::Format("temperature must be ≥ 0 and top_p in (0, 1]".into()));
             }
         }
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(0);
         if longest > self.config.max_position_embeddings {
             return Err(TrainerError::Format(format!(
@@ -155,31 +158,12 @@ impl CpuModel {
         let mut rngs: Vec<SplitMix> = requests.iter().map(|r| SplitMix(r.sampling.seed)).collect();
         let mut out: Vec<Generated> =
             requests.iter().map(|_| Generated { tokens: Vec::new(), logprob: 0.0, stopped: false }).collect();
-        let mut rows: Vec<Row> = requests
-            .iter()
-            .enumerate()
-            .filter(|(s, _)| source[*s] == *s)
-            .flat_map(|(s, r)| r.prompt.iter().enumerate().map(move |(p, &t)| Row { seq: s, token: t, pos: p }))
-            .collect();
-        let mut prompts_done = false;
-        while !rows.is_empty() {
-            let logits = self.step(&rows, &adapter_of, &packs, &mut caches, &cos, &sin)?;
-            let logits: Vec<(usize, &[f32])> = if std::mem::replace(&mut prompts_done, true) {
-                logits.iter().map(|(s, l)| (*s, l.as_slice())).collect()
-            } else {
-                let at: HashMap<usize, &[f32]> = logits.iter().map(|(s, l)| (*s, l.as_slice())).collect();
-                for (s, &from) in source.iter().enumerate().filter(|(s, from)| *s != **from) {
-                    // The first asker comes first: `from < s`.
-                    let (before, rest) = caches.split_at_mut(s);
-                    let (src, to) = (&before[from], &mut rest[0]);
-                    for (to, src) in to.k.iter_mut().zip(&src.k).chain(to.v.iter_mut().zip(&src.v)) {
-                        to.extend_from_slice(src);
-                    }
-                }
-                source.iter().enumerate().map(|(s, from)| (s, at[from])).collect()
-            };
+        // Draws each listed sequence's next token from its logits; returns
+        // the rows of the sequences that go on (a finished one's cache is
+        // dropped).
+        let mut advance = |picked: Vec<(usize, &[f32])>, caches: &mut [Cache]| -> Vec<Row> {
             let mut next = Vec::new();
-            for (seq, row_logits) in logits {
+            for (seq, row_logits) in picked {
                 let r = &requests[seq];
                 let (token, logprob) = draw(row_logits, r.sampling, r.allowed, &mut rngs[seq]);
                 let g = &mut out[seq];
@@ -192,7 +176,30 @@ impl CpuModel {
                     caches[seq] = Cache::default();
                 }
             }
-            rows = next;
+            next
+        };
+        // The prompts, once per first asker; then every asker draws from its
+        // first asker's logits, with a copy of its cache.
+        let prompts: Vec<Row> = requests
+            .iter()
+            .enumerate()
+            .filter(|(s, _)| source[*s] == *s)
+            .flat_map(|(s, r)| r.prompt.iter().enumerate().map(move |(p, &t)| Row { seq: s, token: t, pos: p }))
+            .collect();
+        let logits = self.step(&prompts, &adapter_of, &packs, &mut caches, &cos, &sin)?;
+        let at: HashMap<usize, &[f32]> = logits.iter().map(|(s, l)| (*s, l.as_slice())).collect();
+        for (s, &from) in source.iter().enumerate().filter(|(s, from)| *s != **from) {
+            // The first asker comes first: `from < s`.
+            let (before, rest) = caches.split_at_mut(s);
+            let (src, to) = (&before[from], &mut rest[0]);
+            for (to, src) in to.k.iter_mut().zip(&src.k).chain(to.v.iter_mut().zip(&src.v)) {
+                to.extend_from_slice(src);
+            }
+        }
+        let mut rows = advance(source.iter().enumerate().map(|(s, from)| (s, at[from])).collect(), &mut caches);
+        while !rows.is_empty() {
+            let logits = self.step(&rows, &adapter_of, &packs, &mut caches, &cos, &sin)?;
+            rows = advance(logits.iter().map(|(s, l)| (*s, l.as_slice())).collect(), &mut caches);
         }
         Ok(out)
     }
