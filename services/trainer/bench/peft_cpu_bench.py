@@ -9,6 +9,11 @@ batch; the first step warms up and is not counted; medians.
 
 Variants: `fp32` (PEFT defaults, fp32 weights) and `bf16` (base weights in
 bf16, activations in bf16, adapters in fp32 as PEFT's autocast keeps them).
+
+The LM head runs on the completion positions only (`logits_to_keep`, as
+TRL's trainers call it), as ours does; HEAD=all computes every position's
+logits and slices them afterwards, the way results before 2026-12-02 were
+measured.
 Peak memory is the process's maximum resident set (ru_maxrss), so run one
 variant per process (`run_cpu_bench.sh` does).
 
@@ -75,10 +80,14 @@ def main():
     rewards = torch.tensor([0.75 if i % 2 == 0 else -0.25 for i in range(batch)])
     advantage = rewards - rewards.mean()
     prompt = seq // 2
+    all_logits = os.environ.get("HEAD", "completion") == "all"
     rates = []
     for step in range(steps + 1):
         started = time.perf_counter()
-        logits = model(input_ids=tokens).logits[:, prompt - 1:-1].float()
+        if all_logits:
+            logits = model(input_ids=tokens).logits[:, prompt - 1:-1].float()
+        else:
+            logits = model(input_ids=tokens, logits_to_keep=seq - prompt + 1).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, prompt:].unsqueeze(-1)).squeeze(-1).sum(-1)
         loss = -(advantage * logp).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -93,7 +102,7 @@ def main():
         "impl": "pytorch+peft", "variant": variant, "shape": shape, "batch": batch, "seq": seq,
         "threads": threads, "tokens_per_s": round(median, 1), "gflops": round(flops / 1e9, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch": torch.__version__, "steps": steps,
+        "torch": torch.__version__, "steps": steps, "head": "all" if all_logits else "completion",
     }))
 
 

@@ -4,7 +4,9 @@
 //! sequence): each projection is one GEMM over all of them, attention and
 //! RoPE positions stay per sequence, and the LM head (and the last layer
 //! from its attention output on) runs only on the rows whose next token is
-//! scored (the completion). The math is the reference's
+//! scored (the completion). Tokens that every sequence of the batch starts
+//! with (a chat product's system prompt) are rows computed once, read as
+//! context by every sequence's attention. The math is the reference's
 //! ([`crate::model`], `grad`), checked against it in the tests.
 
 use rayon::prelude::*;
@@ -163,7 +165,13 @@ pub struct CpuModel {
     embed: Option<PackedB>,
 }
 
-/// Sequences packed as rows: sequence `s` is rows `offsets[s]..offsets[s + 1]`.
+/// Sequences packed as rows. The tokens every sequence starts with (a chat
+/// product's system prompt) are rows `0..shared`, computed once for all:
+/// sequence `s`'s own rows are `offsets[s]..offsets[s + 1]`, at positions
+/// `shared..`, and its attention reads the shared rows' keys and values
+/// before its own. A row depends only on the tokens up to it, so this is
+/// the same math as a copy of the prefix per sequence; in the backward
+/// pass the shared rows receive the sum of every sequence's gradient.
 #[derive(Debug, Clone)]
 pub struct PackedBatch {
     tokens: Vec<u32>,
@@ -172,13 +180,24 @@ pub struct PackedBatch {
     positions: Vec<usize>,
     /// Rows whose next token is scored: (row, next token, sequence).
     scored: Vec<(usize, u32, usize)>,
+    /// Rows of the common prefix.
+    shared: usize,
+}
+
+/// Rows that attend among themselves, causally, after `context` rows
+/// (those of the shared prefix) that every one of them reads.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: usize,
+    len: usize,
+    context: usize,
 }
 
 impl PackedBatch {
-    /// Packs examples; the completion tokens of each are scored.
+    /// Packs examples; the completion tokens of each are scored. A prefix
+    /// common to all of them, up to the first scored row, is packed once.
     pub fn of(examples: &[Example]) -> Result<PackedBatch, TrainerError> {
-        let mut b = PackedBatch { tokens: Vec::new(), offsets: vec![0], positions: Vec::new(), scored: Vec::new() };
-        for (s, ex) in examples.iter().enumerate() {
+        for ex in examples {
             let t = ex.tokens.len();
             if ex.prompt_len == 0 || ex.prompt_len >= t {
                 return Err(TrainerError::Format(format!(
@@ -186,12 +205,30 @@ impl PackedBatch {
                     ex.prompt_len
                 )));
             }
-            let base = b.tokens.len();
-            for p in ex.prompt_len - 1..t - 1 {
-                b.scored.push((base + p, ex.tokens[p + 1], s));
+        }
+        let shared = match examples {
+            [first, _, ..] => {
+                let limit = examples.iter().map(|e| e.prompt_len - 1).min().unwrap_or(0);
+                (0..limit).take_while(|&p| examples.iter().all(|e| e.tokens[p] == first.tokens[p])).count()
             }
-            b.tokens.extend_from_slice(&ex.tokens);
-            b.positions.extend(0..t);
+            _ => 0,
+        };
+        let prefix = examples.first().map_or(&[][..], |e| &e.tokens[..shared]);
+        let mut b = PackedBatch {
+            tokens: prefix.to_vec(),
+            offsets: vec![shared],
+            positions: (0..shared).collect(),
+            scored: Vec::new(),
+            shared,
+        };
+        for (s, ex) in examples.iter().enumerate() {
+            let t = ex.tokens.len();
+            // The row of position `p` (>= shared) of this sequence.
+            let row = |p: usize| b.tokens.len() + p - shared;
+            let scored: Vec<_> = (ex.prompt_len - 1..t - 1).map(|p| (row(p), ex.tokens[p + 1], s)).collect();
+            b.scored.extend(scored);
+            b.tokens.extend_from_slice(&ex.tokens[shared..]);
+            b.positions.extend(shared..t);
             b.offsets.push(b.tokens.len());
         }
         Ok(b)
@@ -207,21 +244,49 @@ impl PackedBatch {
         self.offsets.len() - 1
     }
 
-    fn seq(&self, s: usize) -> (usize, usize) {
-        (self.offsets[s], self.offsets[s + 1] - self.offsets[s])
+    /// Rows of the prefix every sequence shares (0 when none is shared).
+    pub fn shared_rows(&self) -> usize {
+        self.shared
+    }
+
+    /// One past the largest position.
+    fn positions_end(&self) -> usize {
+        self.positions.iter().max().map_or(0, |p| p + 1)
+    }
+
+    /// The rows that attend together: the shared prefix (when there is
+    /// one), then every sequence's own rows.
+    fn segments(&self) -> Vec<Segment> {
+        let bounds = self.segment_bounds();
+        bounds
+            .windows(2)
+            .enumerate()
+            .map(|(g, w)| Segment {
+                start: w[0],
+                len: w[1] - w[0],
+                context: if self.shared > 0 && g > 0 { self.shared } else { 0 },
+            })
+            .collect()
+    }
+
+    /// Where each segment starts, and where the last one ends.
+    fn segment_bounds(&self) -> Vec<usize> {
+        let prefix = if self.shared > 0 { Some(0) } else { None };
+        prefix.into_iter().chain(self.offsets.iter().copied()).collect()
     }
 
     /// The rows of `m` (`width` wide, one per token), on the pool, each
-    /// with its sequence and its position there.
+    /// with its segment and its index there.
     fn par_rows<'a>(
         &'a self,
         m: &'a mut [f32],
         width: usize,
     ) -> impl IndexedParallelIterator<Item = (usize, usize, &'a mut [f32])> + 'a {
-        m.par_chunks_mut(width)
-            .zip(self.positions.par_iter())
-            .enumerate()
-            .map(|(r, (row, &i))| (self.offsets.partition_point(|&o| o <= r) - 1, i, row))
+        let bounds = self.segment_bounds();
+        m.par_chunks_mut(width).enumerate().map(move |(r, row)| {
+            let g = bounds.partition_point(|&o| o <= r) - 1;
+            (g, r - bounds[g], row)
+        })
     }
 }
 
@@ -235,7 +300,7 @@ struct LayerTrace {
     x_in: Vec<f32>,
     /// q and k after RoPE, v.
     qkv: Vec<f32>,
-    /// Attention probabilities per (sequence, head), `[t × t]`.
+    /// Attention probabilities per (segment, head), `[len × (context + len)]`.
     probs: Vec<Vec<f32>>,
     attn: Vec<f32>,
     x_mid: Vec<f32>,
@@ -643,7 +708,7 @@ impl CpuModel {
         let c = &self.config;
         let d = self.dims;
         let n = batch.rows();
-        let max_t = (0..batch.sequences()).map(|s| batch.seq(s).1).max().unwrap_or(0);
+        let max_t = batch.positions_end();
         if max_t > c.max_position_embeddings {
             return Err(TrainerError::Format(format!("{max_t} tokens exceed {} positions", c.max_position_embeddings)));
         }
@@ -770,48 +835,61 @@ impl CpuModel {
         Ok(BatchForward { logps, layers: traces, x_final: x, logits, lse, packs: backward_packs })
     }
 
-    /// Causal attention within each sequence; returns `[rows × q]` and the
-    /// probabilities per (sequence, head).
+    /// Causal attention within each segment (after the shared prefix, for a
+    /// sequence's own rows); returns `[rows × q]` and the probabilities per
+    /// (segment, head), `[len × (context + len)]`.
     fn attention(&self, batch: &PackedBatch, qkv: &[f32]) -> (Vec<f32>, Vec<Vec<f32>>) {
         let d = self.dims;
         let (width, hd, group) = (d.qkv(), d.hd, d.nh / d.nkv);
         let scale = 1.0 / (hd as f32).sqrt();
-        // Per (sequence, key/value head): its keys and values are packed
+        let segments = batch.segments();
+        // Per (segment, key/value head): its keys and values are packed
         // once for the query heads of its group.
-        let tasks: Vec<(usize, usize)> = (0..batch.sequences()).flat_map(|s| (0..d.nkv).map(move |g| (s, g))).collect();
+        let tasks: Vec<(Segment, usize)> = segments.iter().flat_map(|&g| (0..d.nkv).map(move |h| (g, h))).collect();
         let per_task: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
             .par_iter()
-            .map(|&(s, kvh)| {
-                let (t0, t) = batch.seq(s);
-                let k = &qkv[t0 * width + d.q + kvh * hd..];
-                let v = &qkv[t0 * width + d.q + d.kv + kvh * hd..];
-                let keys = PackedB::from_transposed(k, t, hd, width, Precision::F32);
-                let values = PackedB::from_rows(v, t, hd, width, Precision::F32);
+            .map(|&(Segment { start: t0, len: t, context: c }, kvh)| {
+                let cols = c + t;
+                let k = |row: usize| &qkv[row * width + d.q + kvh * hd..];
+                let v = |row: usize| &qkv[row * width + d.q + d.kv + kvh * hd..];
+                let keys = PackedB::from_transposed(k(t0), t, hd, width, Precision::F32);
+                let values = PackedB::from_rows(v(t0), t, hd, width, Precision::F32);
+                let context = (c > 0).then(|| {
+                    let keys = PackedB::from_transposed(k(0), c, hd, width, Precision::F32);
+                    (keys, PackedB::from_rows(v(0), c, hd, width, Precision::F32))
+                });
                 (kvh * group..(kvh + 1) * group)
                     .map(|h| {
                         // Causal: a block of queries needs only the keys up
-                        // to its last one (and, below, those values).
-                        let mut p = pool::take(t * t);
+                        // to its last one (and, below, those values); every
+                        // query reads all of the context.
+                        let mut p = pool::take(t * cols);
                         let q = MatA::rows(&qkv[t0 * width + h * hd..], width);
-                        gemm_triangular(q, t, &keys, &mut p, t, false, Triangle::Output);
+                        if let Some((keys, _)) = &context {
+                            gemm(q, t, keys, &mut p, cols, false);
+                        }
+                        gemm_triangular(q, t, &keys, &mut p[c..], cols, false, Triangle::Output);
                         for i in 0..t {
-                            let row = &mut p[i * t..(i + 1) * t];
-                            simd::softmax_scaled(&mut row[..=i], scale);
-                            row[i + 1..].fill(0.0);
+                            let row = &mut p[i * cols..(i + 1) * cols];
+                            simd::softmax_scaled(&mut row[..=c + i], scale);
+                            row[c + i + 1..].fill(0.0);
                         }
                         let mut o = vec![0.0f32; t * hd];
-                        gemm_triangular(MatA::rows(&p, t), t, &values, &mut o, hd, false, Triangle::LowerA);
+                        if let Some((_, values)) = &context {
+                            gemm(MatA::rows(&p, cols), t, values, &mut o, hd, false);
+                        }
+                        gemm_triangular(MatA::rows(&p[c..], cols), t, &values, &mut o, hd, c > 0, Triangle::LowerA);
                         (p, o)
                     })
                     .collect()
             })
             .collect();
-        // Per (sequence, head), in that order.
+        // Per (segment, head), in that order.
         let results: Vec<(Vec<f32>, Vec<f32>)> = per_task.into_iter().flatten().collect();
         let mut attn = pool::take(batch.rows() * d.q);
-        batch.par_rows(&mut attn, d.q).for_each(|(s, i, row)| {
+        batch.par_rows(&mut attn, d.q).for_each(|(g, i, row)| {
             for (h, dst) in row.chunks_exact_mut(hd).enumerate() {
-                dst.copy_from_slice(&results[s * d.nh + h].1[i * hd..(i + 1) * hd]);
+                dst.copy_from_slice(&results[g * d.nh + h].1[i * hd..(i + 1) * hd]);
             }
         });
         (attn, results.into_iter().map(|(p, _)| p).collect())
@@ -822,55 +900,87 @@ impl CpuModel {
         let d = self.dims;
         let (width, hd, group) = (d.qkv(), d.hd, d.nh / d.nkv);
         let scale = 1.0 / (hd as f32).sqrt();
-        let tasks: Vec<(usize, usize)> = (0..batch.sequences()).flat_map(|s| (0..d.nkv).map(move |g| (s, g))).collect();
-        let results: Vec<GroupGrads> = tasks
+        let segments = batch.segments();
+        let tasks: Vec<(usize, Segment, usize)> =
+            segments.iter().enumerate().flat_map(|(g, &s)| (0..d.nkv).map(move |h| (g, s, h))).collect();
+        let mut results: Vec<GroupGrads> = tasks
             .par_iter()
-            .map(|&(s, kvh)| {
-                let (t0, t) = batch.seq(s);
-                let k = &tr.qkv[t0 * width + d.q + kvh * hd..];
-                let v = &tr.qkv[t0 * width + d.q + d.kv + kvh * hd..];
-                let k_rows = PackedB::from_rows(k, t, hd, width, Precision::F32);
-                let v_t = PackedB::from_transposed(v, t, hd, width, Precision::F32);
-                let (mut dk, mut dv) = (vec![0.0f32; t * hd], vec![0.0f32; t * hd]);
-                let mut dqs = Vec::with_capacity(group);
+            .map(|&(g, Segment { start: t0, len: t, context: c }, kvh)| {
+                let cols = c + t;
+                let k = |row: usize| &tr.qkv[row * width + d.q + kvh * hd..];
+                let v = |row: usize| &tr.qkv[row * width + d.q + d.kv + kvh * hd..];
+                let k_rows = PackedB::from_rows(k(t0), t, hd, width, Precision::F32);
+                let v_t = PackedB::from_transposed(v(t0), t, hd, width, Precision::F32);
+                let context = (c > 0).then(|| {
+                    let k_rows = PackedB::from_rows(k(0), c, hd, width, Precision::F32);
+                    (k_rows, PackedB::from_transposed(v(0), c, hd, width, Precision::F32))
+                });
+                let mut grads = GroupGrads {
+                    dq: Vec::with_capacity(group),
+                    dk: vec![0.0; t * hd],
+                    dv: vec![0.0; t * hd],
+                    dk_context: vec![0.0; c * hd],
+                    dv_context: vec![0.0; c * hd],
+                };
                 // Causal: query i reaches keys ..=i; key j is reached by
-                // queries j.. only.
+                // queries j.. only; the context's keys by every query.
                 for (j, h) in (kvh * group..(kvh + 1) * group).enumerate() {
-                    let p = &tr.probs[s * d.nh + h];
-                    let dout = &dattn[t0 * d.q + h * hd..];
+                    let p = &tr.probs[g * d.nh + h];
+                    let dout = MatA::rows(&dattn[t0 * d.q + h * hd..], d.q);
                     let q = &tr.qkv[t0 * width + h * hd..];
-                    let mut ds = pool::take(t * t);
-                    gemm_triangular(MatA::rows(dout, d.q), t, &v_t, &mut ds, t, false, Triangle::Output);
+                    let mut ds = pool::take(t * cols);
+                    if let Some((_, v_t)) = &context {
+                        gemm(dout, t, v_t, &mut ds, cols, false);
+                    }
+                    gemm_triangular(dout, t, &v_t, &mut ds[c..], cols, false, Triangle::Output);
                     for i in 0..t {
-                        let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-                        simd::softmax_backward_scaled(&prow[..=i], &mut drow[..=i], scale);
-                        drow[i + 1..].fill(0.0);
+                        let (prow, drow) = (&p[i * cols..(i + 1) * cols], &mut ds[i * cols..(i + 1) * cols]);
+                        simd::softmax_backward_scaled(&prow[..=c + i], &mut drow[..=c + i], scale);
+                        drow[c + i + 1..].fill(0.0);
                     }
                     let mut dq = vec![0.0f32; t * hd];
                     let (q_rows, dout_rows) = (
                         PackedB::from_rows(q, t, hd, width, Precision::F32),
-                        PackedB::from_rows(dout, t, hd, d.q, Precision::F32),
+                        PackedB::from_rows(dout.data, t, hd, d.q, Precision::F32),
                     );
-                    gemm_triangular(MatA::rows(&ds, t), t, &k_rows, &mut dq, hd, false, Triangle::LowerA);
-                    let (ds_t, p_t) = (MatA::transposed(&ds, t), MatA::transposed(p, t));
-                    gemm_triangular(ds_t, t, &q_rows, &mut dk, hd, j > 0, Triangle::UpperA);
-                    gemm_triangular(p_t, t, &dout_rows, &mut dv, hd, j > 0, Triangle::UpperA);
+                    if let Some((k_rows, _)) = &context {
+                        gemm(MatA::rows(&ds, cols), t, k_rows, &mut dq, hd, false);
+                        gemm(MatA::transposed(&ds, cols), c, &q_rows, &mut grads.dk_context, hd, j > 0);
+                        gemm(MatA::transposed(p, cols), c, &dout_rows, &mut grads.dv_context, hd, j > 0);
+                    }
+                    let (ds_own, p_own) = (&ds[c..], &p[c..]);
+                    gemm_triangular(MatA::rows(ds_own, cols), t, &k_rows, &mut dq, hd, c > 0, Triangle::LowerA);
+                    let (ds_t, p_t) = (MatA::transposed(ds_own, cols), MatA::transposed(p_own, cols));
+                    gemm_triangular(ds_t, t, &q_rows, &mut grads.dk, hd, j > 0, Triangle::UpperA);
+                    gemm_triangular(p_t, t, &dout_rows, &mut grads.dv, hd, j > 0, Triangle::UpperA);
                     pool::give(ds);
-                    dqs.push(dq);
+                    grads.dq.push(dq);
                 }
-                (dqs, dk, dv)
+                grads
             })
             .collect();
+        // The shared prefix's keys and values: its own gradient plus every
+        // sequence's, added in sequence order (the same sums on any number
+        // of threads).
+        if batch.shared > 0 {
+            let (prefix, sequences) = results.split_at_mut(d.nkv);
+            for seq in sequences.chunks(d.nkv) {
+                for (own, read) in prefix.iter_mut().zip(seq) {
+                    own.dk.iter_mut().zip(&read.dk_context).for_each(|(a, b)| *a += b);
+                    own.dv.iter_mut().zip(&read.dv_context).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
         let mut dqkv = pool::take(batch.rows() * width);
-        batch.par_rows(&mut dqkv, width).for_each(|(s, i, row)| {
+        batch.par_rows(&mut dqkv, width).for_each(|(g, i, row)| {
             let at = i * hd..(i + 1) * hd;
-            for (kvh, (dqs, dk, dv)) in results[s * d.nkv..(s + 1) * d.nkv].iter().enumerate() {
-                for (j, dq) in dqs.iter().enumerate() {
+            for (kvh, grads) in results[g * d.nkv..(g + 1) * d.nkv].iter().enumerate() {
+                for (j, dq) in grads.dq.iter().enumerate() {
                     let h = kvh * group + j;
                     row[h * hd..(h + 1) * hd].copy_from_slice(&dq[at.clone()]);
                 }
-                row[d.q + kvh * hd..d.q + (kvh + 1) * hd].copy_from_slice(&dk[at.clone()]);
-                row[d.q + d.kv + kvh * hd..d.q + d.kv + (kvh + 1) * hd].copy_from_slice(&dv[at.clone()]);
+                row[d.q + kvh * hd..d.q + (kvh + 1) * hd].copy_from_slice(&grads.dk[at.clone()]);
+                row[d.q + d.kv + kvh * hd..d.q + d.kv + (kvh + 1) * hd].copy_from_slice(&grads.dv[at.clone()]);
             }
         });
         dqkv
@@ -1002,7 +1112,7 @@ impl CpuModel {
                 "backward needs a traced forward pass of the same batch with the adapter".into(),
             ));
         }
-        let (cos, sin) = rope_tables(batch.positions.iter().max().map_or(0, |p| p + 1), d.hd, c.rope_theta);
+        let (cos, sin) = rope_tables(batch.positions_end(), d.hd, c.rope_theta);
         // d(coef · log softmax[target]) / d logits = coef · (onehot − softmax).
         let mut dlogits = pool::take(fwd.logits.len());
         let rows_in = fwd.logits.par_chunks(d.vocab).zip(fwd.lse.par_iter()).zip(batch.scored.par_iter());
@@ -1173,8 +1283,16 @@ pub(super) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// An adapted projection's name and its gradients (`dA`, `dB`).
 type ProjectionGrads = (&'static str, (Vec<f32>, Vec<f32>));
 
-/// Per (sequence, key/value head): dq of each query head of the group, dk, dv.
-type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+/// Attention gradients of one (segment, key/value head).
+struct GroupGrads {
+    /// Of each query head of the group.
+    dq: Vec<Vec<f32>>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// Of the shared prefix's keys and values, from this segment's queries.
+    dk_context: Vec<f32>,
+    dv_context: Vec<f32>,
+}
 
 #[cfg(test)]
 mod tests {
@@ -1198,6 +1316,53 @@ mod tests {
                 behavior_logprob: None,
             })
             .collect()
+    }
+
+    /// Four examples whose first `common` tokens are the same, with prompts
+    /// of 6 to 9 tokens (so at most 5 rows can be shared).
+    fn sharing_a_prefix(vocab: u32, common: usize) -> Vec<Example> {
+        let mut rng = SplitMix(7);
+        let start: Vec<u32> = (0..common).map(|_| rng.below(u64::from(vocab)) as u32).collect();
+        [(12usize, 6usize), (14, 9), (9, 7), (11, 8)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(len, prompt))| Example {
+                tokens: start
+                    .iter()
+                    .copied()
+                    .chain((common..len).map(|_| rng.below(u64::from(vocab)) as u32))
+                    .collect(),
+                prompt_len: prompt,
+                reward: [0.75, -0.25, 0.5, -1.0][i],
+                accepted: i % 2 == 0,
+                behavior_logprob: None,
+            })
+            .collect()
+    }
+
+    /// The test batches and the rows each shares: none, a common start of
+    /// 4 tokens, and one longer than the shortest prompt allows.
+    fn batches(vocab: u32) -> [(Vec<Example>, usize); 3] {
+        [(examples(vocab), 0), (sharing_a_prefix(vocab, 4), 4), (sharing_a_prefix(vocab, 8), 5)]
+    }
+
+    #[test]
+    fn a_common_prefix_is_packed_once() {
+        for (batch, shared) in batches(256) {
+            let packed = PackedBatch::of(&batch).unwrap();
+            assert_eq!(packed.shared_rows(), shared);
+            let tokens: usize = batch.iter().map(|e| e.tokens.len()).sum();
+            assert_eq!(packed.rows(), tokens - (batch.len() - 1) * shared);
+            let scored: usize = batch.iter().map(|e| e.tokens.len() - e.prompt_len).sum();
+            assert_eq!(packed.scored.len(), scored);
+            for &(row, next, s) in &packed.scored {
+                let position = packed.positions[row];
+                assert_eq!(batch[s].tokens[position + 1], next);
+                assert_eq!(batch[s].tokens[position], packed.tokens[row]);
+            }
+        }
+        // One sequence shares with nobody.
+        assert_eq!(PackedBatch::of(&sharing_a_prefix(256, 4)[..1]).unwrap().shared_rows(), 0);
     }
 
     fn adapter(model: &Model) -> LoraAdapter {
@@ -1256,22 +1421,27 @@ mod tests {
             let engine = CpuModel::new(given, precision).unwrap();
             let model = if precision == Precision::F32 { given.clone() } else { bf16_rounded(given) };
             let lora = adapter(&model);
-            let batch = examples(model.config.vocab_size as u32);
-            let packed = PackedBatch::of(&batch).unwrap();
-            let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
-            let coefs = [0.5f32, -1.0, 0.25, 2.0];
-            let grads = engine.backward(&packed, &lora, &fwd, &coefs).unwrap();
-            let (logps, want) = reference_grads(&model, &lora, &batch, &coefs);
-            for (got, lp) in fwd.logps.iter().zip(logps) {
-                assert!(close(*got, lp, 1e-5, 1e-5), "{precision:?}: logp {got} vs {lp}");
-            }
-            assert_eq!(grads.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-            for (k, (wa, wb)) in &want {
-                let (ga, gb) = &grads[k];
-                let scale = wa.iter().chain(wb).fold(0.0f32, |m, v| m.max(v.abs())) as f64;
-                for (g, w) in ga.iter().chain(gb).zip(wa.iter().chain(wb)) {
-                    let tol = 1e-5 * scale.max(1e-3);
-                    assert!(close(f64::from(*g), f64::from(*w), 1e-3, tol), "{precision:?} {k:?}: {g} vs {w}");
+            for (batch, shared) in batches(model.config.vocab_size as u32) {
+                let packed = PackedBatch::of(&batch).unwrap();
+                assert_eq!(packed.shared_rows(), shared);
+                let fwd = engine.forward(&packed, Some(&lora), true).unwrap();
+                let coefs = [0.5f32, -1.0, 0.25, 2.0];
+                let grads = engine.backward(&packed, &lora, &fwd, &coefs).unwrap();
+                let (logps, want) = reference_grads(&model, &lora, &batch, &coefs);
+                for (got, lp) in fwd.logps.iter().zip(logps) {
+                    assert!(close(*got, lp, 1e-5, 1e-5), "{precision:?} {shared}: logp {got} vs {lp}");
+                }
+                assert_eq!(grads.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+                for (k, (wa, wb)) in &want {
+                    let (ga, gb) = &grads[k];
+                    let scale = wa.iter().chain(wb).fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                    for (g, w) in ga.iter().chain(gb).zip(wa.iter().chain(wb)) {
+                        let tol = 1e-5 * scale.max(1e-3);
+                        assert!(
+                            close(f64::from(*g), f64::from(*w), 1e-3, tol),
+                            "{precision:?} {shared} {k:?}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
@@ -1346,9 +1516,11 @@ mod tests {
     fn adapters_are_bit_identical_across_thread_counts() {
         let model = tiny_model(5).unwrap();
         let lora = adapter(&model);
-        let batch = examples(256);
         let objective = Objective::Reinforce { kl_coef: 0.0, ppo_clip: None, reject_floor: None };
-        for precision in [Precision::F32, Precision::Bf16, Precision::Bf16Weights] {
+        for ((batch, _), precision) in batches(256)
+            .into_iter()
+            .flat_map(|b| [Precision::F32, Precision::Bf16, Precision::Bf16Weights].map(|p| (b.clone(), p)))
+        {
             let engine = CpuModel::new(&model, precision).unwrap();
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

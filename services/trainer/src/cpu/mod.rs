@@ -6,7 +6,8 @@
 //! rows (every GEMM has `M` = all tokens of the batch, attention stays within
 //! each sequence), with the frozen base packed once in f32 or bf16
 //! ([`gemm::Precision`]), q/k/v and gate/up fused into one product each, and
-//! the LM head evaluated only on the positions that carry loss.
+//! the LM head evaluated only on the positions that carry loss. A prefix
+//! every sequence of the batch shares (a system prompt) is computed once.
 //!
 //! - [`generate`]: batched decoding with a key/value cache, an adapter per request;
 //! - [`gemm`]: the matrix-product kernels (the only `unsafe` of the trainer);
