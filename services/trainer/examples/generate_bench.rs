@@ -40,6 +40,7 @@ fn main() {
     let choice = match args.get(4).map(String::as_str) {
         Some("f32") => PrecisionChoice::F32,
         Some("bf16") => PrecisionChoice::Bf16,
+        Some("bf16-weights") => PrecisionChoice::Bf16Weights,
         _ => PrecisionChoice::Auto,
     };
     let model = Model::load(&dir).unwrap();
