@@ -73,7 +73,7 @@ impl Metrics {
         r.register("job_loss", "Loss of the last training step", metrics.loss.clone());
         r.register(
             "job_tokens_per_second",
-            "Training throughput of the running job",
+            "Training throughput of the running job: tokens of its examples per second (a prefix the batch shares counted per example, though computed once)",
             metrics.tokens_per_second.clone(),
         );
         r.register("job_eta_seconds", "Estimated time left in the running job", metrics.eta_seconds.clone());
