@@ -1,8 +1,8 @@
 //! A Llama-family model packed for batched CPU training and evaluation.
 //!
 //! A batch of sequences is one matrix of rows (`N` = every token of every
-//! sequence): each projection is one GEMM over all of them, attention and
-//! RoPE positions stay per sequence, and the LM head (and the last layer
+//! sequence, a shared prefix counted once): each projection is one GEMM over
+//! all of them, attention and RoPE positions stay per sequence, and the LM head (and the last layer
 //! from its attention output on) runs only on the rows whose next token is
 //! scored (the completion). Tokens that every sequence of the batch starts
 //! with (a chat product's system prompt) are rows computed once, read as
@@ -194,8 +194,9 @@ struct Segment {
 }
 
 impl PackedBatch {
-    /// Packs examples; the completion tokens of each are scored. A prefix
-    /// common to all of them, up to the first scored row, is packed once.
+    /// Packs examples; the completion tokens of each are scored. The tokens
+    /// all of them start with, up to (not including) the earliest scored
+    /// row of any, are packed once.
     pub fn of(examples: &[Example]) -> Result<PackedBatch, TrainerError> {
         for ex in examples {
             let t = ex.tokens.len();

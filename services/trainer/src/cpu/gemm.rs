@@ -616,8 +616,9 @@ pub fn gemm_batch(products: Vec<Product<'_>>) {
     }
 }
 
-/// The zeros of a causal-attention product (one sequence's `t × t`
-/// scores, probabilities or their gradients) that its tiles skip. Row
+/// The zeros of a causal-attention product (a segment's own `t × t` block
+/// of scores, probabilities or their gradients, stored with a row stride
+/// that may also hold a shared prefix's columns) that its tiles skip. Row
 /// indices are `A`'s and `C`'s, column indices `C`'s or `A`'s steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Triangle {
