@@ -121,8 +121,7 @@ pub enum PrecisionChoice {
     /// FMAs (AMD Zen 4 and later with AVX512_BF16); bf16-stored weights with
     /// f32 arithmetic on other AVX-512 CPUs (Intel Xeons without AMX run
     /// `vdpbf16ps` at about half their FMA rate; see [`kernel_times`] and
-    /// BENCHMARKS.md) and with AVX2 (as fast as f32 there); f32 on CPUs
-    /// without AVX2.
+    /// BENCHMARKS.md); f32 without AVX-512.
     #[default]
     Auto,
     /// f32 weights (the reference precision).
@@ -146,16 +145,16 @@ impl PrecisionChoice {
 }
 
 /// bf16 on AMD CPUs with AVX512_BF16, bf16-stored weights on other AVX-512
-/// CPUs and with AVX2 (as fast as f32 there, in 20-30 % less memory, and
-/// exact for checkpoints stored in bf16), f32 elsewhere (the portable kernel
-/// widens bf16 slowly). Decided from the CPU's identity, not
+/// CPUs (as fast as f32 there, in 30 % less memory), f32 elsewhere (the
+/// portable kernel widens bf16 slowly; on AVX2, bf16-weights trained within
+/// a few per cent of f32 either way, see BENCHMARKS.md, twelfth part). Decided from the CPU's identity, not
 /// by timing, so the same machine always trains the same way (a timed choice
 /// could differ between an optimised and a debug build).
 fn auto_precision() -> Precision {
     match Isa::detect() {
         Isa::Avx512Bf16 if cpu_vendor() == "AuthenticAMD" => Precision::Bf16,
-        Isa::Avx512Bf16 | Isa::Avx512 | Isa::Avx2 => Precision::Bf16Weights,
-        Isa::Portable => Precision::F32,
+        Isa::Avx512Bf16 | Isa::Avx512 => Precision::Bf16Weights,
+        Isa::Avx2 | Isa::Portable => Precision::F32,
     }
 }
 
