@@ -165,7 +165,9 @@ async fn the_product_gets_better_with_use_and_a_degraded_candidate_is_rolled_bac
     let adapter = LoraAdapter::load_peft(Path::new(&live.adapter_uri), &model.config).unwrap();
     let mut backend = CpuBackend::new(&model, PrecisionChoice::F32, adapter, 0.0).unwrap();
     let mut objective = request.objective.clone(); // the demo's REINFORCE settings
-    objective.max_steps = 40;
+    // 40 steps once left it only a little worse than the live adapter
+    // (0.200 vs 0.227 accepted), undecided when the test stopped waiting.
+    objective.max_steps = 80;
     let bad = tokio::task::block_in_place(|| {
         train_steps(&mut backend, &inverted, &objective, &mut |_| {}).unwrap();
         backend.adapter().unwrap()
