@@ -2,9 +2,9 @@
 //!
 //! A batch of sequences is one matrix of rows (`N` = every token of every
 //! sequence, a shared prefix counted once): each projection is one GEMM over
-//! all of them, attention and RoPE positions stay per sequence, and the LM head (and the last layer
-//! from its attention output on) runs only on the rows whose next token is
-//! scored (the completion). Tokens that every sequence of the batch starts
+//! all of them, attention and RoPE positions stay per sequence, and the LM
+//! head (and the last layer from its attention output on) runs only on the
+//! rows whose next token is scored (the completion). Tokens that every sequence of the batch starts
 //! with (a chat product's system prompt) are rows computed once, read as
 //! context by every sequence's attention. The math is the reference's
 //! ([`crate::model`], `grad`), checked against it in the tests.
@@ -166,9 +166,9 @@ pub struct CpuModel {
 }
 
 /// Sequences packed as rows. The tokens every sequence starts with (a chat
-/// product's system prompt) are rows `0..shared`, computed once for all:
-/// sequence `s`'s own rows are `offsets[s]..offsets[s + 1]`, at positions
-/// `shared..`, and its attention reads the shared rows' keys and values
+/// product's system prompt) are rows `0..offsets[0]`, computed once for
+/// all: sequence `s`'s own rows are `offsets[s]..offsets[s + 1]`, at
+/// positions `offsets[0]..`, and its attention reads the shared rows' keys and values
 /// before its own. A row depends only on the tokens up to it, so this is
 /// the same math as a copy of the prefix per sequence; in the backward
 /// pass the shared rows receive the sum of every sequence's gradient.
@@ -180,8 +180,6 @@ pub struct PackedBatch {
     positions: Vec<usize>,
     /// Rows whose next token is scored: (row, next token, sequence).
     scored: Vec<(usize, u32, usize)>,
-    /// Rows of the common prefix.
-    shared: usize,
 }
 
 /// Rows that attend among themselves, causally, after `context` rows
@@ -220,14 +218,12 @@ impl PackedBatch {
             offsets: vec![shared],
             positions: (0..shared).collect(),
             scored: Vec::new(),
-            shared,
         };
         for (s, ex) in examples.iter().enumerate() {
             let t = ex.tokens.len();
-            // The row of position `p` (>= shared) of this sequence.
-            let row = |p: usize| b.tokens.len() + p - shared;
-            let scored: Vec<_> = (ex.prompt_len - 1..t - 1).map(|p| (row(p), ex.tokens[p + 1], s)).collect();
-            b.scored.extend(scored);
+            // Position `p` (>= shared) of this sequence is row `first + p`.
+            let first = b.tokens.len() - shared;
+            b.scored.extend((ex.prompt_len - 1..t - 1).map(|p| (first + p, ex.tokens[p + 1], s)));
             b.tokens.extend_from_slice(&ex.tokens[shared..]);
             b.positions.extend(shared..t);
             b.offsets.push(b.tokens.len());
@@ -247,7 +243,7 @@ impl PackedBatch {
 
     /// Rows of the prefix every sequence shares (0 when none is shared).
     pub fn shared_rows(&self) -> usize {
-        self.shared
+        self.offsets[0]
     }
 
     /// One past the largest position.
@@ -258,21 +254,16 @@ impl PackedBatch {
     /// The rows that attend together: the shared prefix (when there is
     /// one), then every sequence's own rows.
     fn segments(&self) -> Vec<Segment> {
-        let bounds = self.segment_bounds();
-        bounds
+        let shared = self.shared_rows();
+        self.segment_bounds()
             .windows(2)
-            .enumerate()
-            .map(|(g, w)| Segment {
-                start: w[0],
-                len: w[1] - w[0],
-                context: if self.shared > 0 && g > 0 { self.shared } else { 0 },
-            })
+            .map(|w| Segment { start: w[0], len: w[1] - w[0], context: if w[0] > 0 { shared } else { 0 } })
             .collect()
     }
 
     /// Where each segment starts, and where the last one ends.
     fn segment_bounds(&self) -> Vec<usize> {
-        let prefix = if self.shared > 0 { Some(0) } else { None };
+        let prefix = (self.shared_rows() > 0).then_some(0);
         prefix.into_iter().chain(self.offsets.iter().copied()).collect()
     }
 
@@ -963,7 +954,7 @@ impl CpuModel {
         // The shared prefix's keys and values: its own gradient plus every
         // sequence's, added in sequence order (the same sums on any number
         // of threads).
-        if batch.shared > 0 {
+        if batch.shared_rows() > 0 {
             let (prefix, sequences) = results.split_at_mut(d.nkv);
             for seq in sequences.chunks(d.nkv) {
                 for (own, read) in prefix.iter_mut().zip(seq) {

@@ -147,9 +147,10 @@ impl PrecisionChoice {
 /// bf16 on AMD CPUs with AVX512_BF16, bf16-stored weights on other AVX-512
 /// CPUs (as fast as f32 there, in 30 % less memory), f32 elsewhere (the
 /// portable kernel widens bf16 slowly; on AVX2, bf16-weights trained within
-/// a few per cent of f32 either way, see BENCHMARKS.md, twelfth part). Decided from the CPU's identity, not
-/// by timing, so the same machine always trains the same way (a timed choice
-/// could differ between an optimised and a debug build).
+/// a few per cent of f32 either way: BENCHMARKS.md, twelfth part). Decided
+/// from the CPU's identity, not by timing, so the same machine always trains
+/// the same way (a timed choice could differ between an optimised and a
+/// debug build).
 fn auto_precision() -> Precision {
     match Isa::detect() {
         Isa::Avx512Bf16 if cpu_vendor() == "AuthenticAMD" => Precision::Bf16,
